@@ -1,0 +1,153 @@
+"""Start, watch and stop the real processes of a toot topology (Redis, web, workers)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until it is true, or raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # Linux: the child gets SIGTERM when the process that started it dies, so that a
+    # test run killed with -9 leaves no server behind.
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    os.setsid()
+
+
+class Process:
+    """One child process with its output in a log file."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                 cwd: Path = ROOT, log_dir: Path | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
+        log_dir = log_dir or Path(tempfile.mkdtemp(prefix="toot-"))
+        self.log_path = log_dir / f"{name}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
+        self.popen = subprocess.Popen(
+            self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        )
+        log.close()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        def seen() -> bool:
+            if not self.running:
+                raise RuntimeError(f"{self.name} exited early:\n{self.log()[-3000:]}")
+            return text in self.log()
+        wait_for(seen, timeout, f"{self.name} to log {text!r}")
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process and every process it started."""
+        if self.popen is not None:
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a crash, not a shutdown."""
+        self.signal(signal.SIGKILL)
+        if self.popen is not None:
+            self.popen.wait()
+
+    def stop(self, timeout: float = 15) -> None:
+        if not self.running:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.signal(signal.SIGKILL)  # anything the leader left behind
+
+
+def http_ready(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            urllib.request.urlopen(url, timeout=1)  # noqa: S310 - loopback only
+        except urllib.error.HTTPError:
+            return True  # it answered
+        except OSError:
+            return False
+        return True
+    return check
+
+
+def web_server(name: str, settings_module: str, port: int, env: Mapping[str, str],
+               workers: int = 2, threads: int = 4, log_dir: Path | None = None) -> Process:
+    """gunicorn serving the project of ``settings_module``; started and answering."""
+    argv = [
+        sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
+        "--workers", str(workers), "--threads", str(threads), "--worker-class", "gthread",
+        "--access-logfile", "-", "--graceful-timeout", "5",
+        "example_project.wsgi:application",
+    ]
+    process = Process(name, argv, {**env, "DJANGO_SETTINGS_MODULE": settings_module},
+                      cwd=ROOT / "example_project", log_dir=log_dir).start()
+    def up() -> bool:
+        if not process.running:
+            raise RuntimeError(f"{name} exited early:\n{process.log()[-3000:]}")
+        return http_ready(f"http://127.0.0.1:{port}/")()
+    wait_for(up, 60, f"{name} on port {port}")
+    return process
+
+
+def celery_worker(name: str, settings_module: str, env: Mapping[str, str], concurrency: int = 2,
+                  pool: str = "prefork", log_dir: Path | None = None) -> Process:
+    """A Celery worker of the example project's app; started and ready."""
+    argv = [
+        sys.executable, "-m", "celery", "-A", "example_project", "worker",
+        "--loglevel", "INFO", "--concurrency", str(concurrency), "--pool", pool,
+        "--hostname", f"{name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]
+    process = Process(name, argv, {**env, "DJANGO_SETTINGS_MODULE": settings_module},
+                      cwd=ROOT / "example_project", log_dir=log_dir).start()
+    process.wait_for_log(" ready.", timeout=60)
+    return process

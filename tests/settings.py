@@ -1,0 +1,44 @@
+"""Settings for toot's own tests: Redis and the database come from the environment."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import environ
+
+from devtools.redis_server import ensure_redis_url
+
+env = environ.Env()
+
+# One id per test run, shared with the processes the run starts: Redis keys and Celery
+# queues carry it, so that runs never see each other's data.
+RUN_ID = os.environ.setdefault("TOOT_TEST_RUN_ID", uuid.uuid4().hex[:12])
+REDIS_URL = ensure_redis_url("TOOT_TEST_REDIS_URL")
+
+SECRET_KEY = "toot-tests"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+INSTALLED_APPS = ["django.contrib.contenttypes", "toot"]
+ROOT_URLCONF = "tests.urls"
+DATABASES = {"default": env.db("DATABASE_URL", default="sqlite://:memory:")}
+USE_TZ = True
+STATIC_URL = "/static/"
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_DEFAULT_QUEUE = f"toot-test-{RUN_ID}"
+CELERY_TASK_IGNORE_RESULT = True
+
+TOOT = {
+    "CHANNEL_PREFIX": "org.example.test.",
+    "CALLBACK_URL": "http://testserver/toot/callbacks",
+    "SOURCES": {
+        "publisher": {
+            "SUBSCRIPTION_URL": "http://publisher.example/toot/subscriptions",
+            "CHANNEL_PREFIX": "org.example.publisher.",
+        },
+    },
+    "REDIS_URL": REDIS_URL,
+    "KEY_PREFIX": f"toot-test-{RUN_ID}:",
+    "RETRY_SCHEDULE": [0.1, 0.2, 0.4],
+}

@@ -1,0 +1,125 @@
+"""System checks for the ``TOOT`` setting and the local subscriptions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning
+
+from toot.conf import DEFAULTS, SOURCE_KEYS, conf
+from toot.exceptions import ConfigError
+from toot.registry import registry
+from toot.validation import CHANNEL_RE, url_error
+
+DOCS_HINT = "See the Configuration section of toot's README."
+
+
+def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    if not hasattr(settings, "TOOT"):
+        return [
+            Error(
+                "The TOOT setting is missing.",
+                hint='Add TOOT = {"CHANNEL_PREFIX": ..., ...} to your settings. ' + DOCS_HINT,
+                id="toot.E001",
+            )
+        ]
+    try:
+        raw = conf.raw
+    except ConfigError as exc:
+        return [Error(str(exc), hint=DOCS_HINT, id="toot.E001")]
+
+    messages: list[CheckMessage] = [
+        Warning(
+            f'TOOT["{key}"] is not a toot setting.',
+            hint=f"Known settings: {', '.join(DEFAULTS)}.",
+            id="toot.W001",
+        )
+        for key in raw
+        if key not in DEFAULTS
+    ]
+    for key in DEFAULTS:
+        try:
+            getattr(conf, key)
+        except ConfigError as exc:
+            messages.append(Error(str(exc), hint=DOCS_HINT, id="toot.E002"))
+    if any(message.id == "toot.E002" for message in messages):
+        return messages  # the checks below read the same values
+
+    messages += _url_errors()
+    prefixes = [("CHANNEL_PREFIX", conf.CHANNEL_PREFIX)] + [
+        (f'SOURCES["{s.name}"]["CHANNEL_PREFIX"]', s.channel_prefix) for s in conf.SOURCES.values()
+    ]
+    messages += [
+        Error(
+            f'TOOT["{name}"] may hold only printable ASCII characters without spaces: {prefix!r}.',
+            hint='Use a reverse-DNS prefix such as "org.example.publisher.".',
+            id="toot.E006",
+        )
+        for name, prefix in prefixes
+        if prefix and not CHANNEL_RE.fullmatch(prefix)
+    ]
+    for source, keys in ((name, options) for name, options in raw.get("SOURCES", {}).items()):
+        messages += [
+            Warning(
+                f'TOOT["SOURCES"]["{source}"]["{key}"] is not a source setting.',
+                hint=f"Known source settings: {', '.join(SOURCE_KEYS)}.",
+                id="toot.W002",
+            )
+            for key in keys
+            if key not in SOURCE_KEYS
+        ]
+    return messages
+
+
+def _url_errors() -> list[CheckMessage]:
+    urls = [("CALLBACK_URL", conf.CALLBACK_URL)] + [
+        (f'SOURCES["{s.name}"]["SUBSCRIPTION_URL"]', s.subscription_url) for s in conf.SOURCES.values()
+    ]
+    messages: list[CheckMessage] = []
+    for name, url in urls:
+        error = url is not None and url_error(url, name=f'TOOT["{name}"]')
+        if error:
+            messages.append(Error(f"{error}: {url!r}.", hint="Give an absolute http(s) URL.", id="toot.E005"))
+    redis_scheme = urlsplit(conf.REDIS_URL).scheme
+    if redis_scheme not in ("redis", "rediss", "unix"):
+        messages.append(
+            Error(
+                f'TOOT["REDIS_URL"] must be a redis://, rediss:// or unix:// URL: {conf.REDIS_URL!r}.',
+                hint="For example redis://127.0.0.1:6379/0.",
+                id="toot.E005",
+            )
+        )
+    return messages
+
+
+def check_subscriptions(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    try:
+        sources = conf.SOURCES
+        callback_url = conf.CALLBACK_URL
+    except ConfigError:
+        return []  # check_settings reports it
+    messages: list[CheckMessage] = []
+    if registry.subscriptions and not callback_url:
+        messages.append(
+            Error(
+                'There are toot subscriptions but TOOT["CALLBACK_URL"] is not set.',
+                hint="Set it to the absolute URL of toot's callbacks endpoint, "
+                'e.g. "https://sub.example.org/toot/callbacks".',
+                id="toot.E003",
+            )
+        )
+    messages += [
+        Error(
+            f'Subscription to "{sub.channel}" names the undefined source "{sub.source}".',
+            hint=f'Define it in TOOT["SOURCES"]["{sub.source}"].',
+            obj=sub.handler,
+            id="toot.E004",
+        )
+        for sub in registry.subscriptions
+        if sub.source not in sources
+    ]
+    return messages

@@ -1,0 +1,75 @@
+"""Local subscriptions: which handler runs for which source's channel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar, overload
+
+from toot.conf import conf
+from toot.events import Event
+from toot.validation import check_channel
+
+Handler = Callable[[Event], object]
+H = TypeVar("H", bound=Handler)
+
+
+class Subscription(NamedTuple):
+    source: str
+    channel: str  # the suffix; the source's CHANNEL_PREFIX completes it
+    handler: Handler
+
+    @property
+    def full_channel(self) -> str:
+        return conf.source(self.source).channel_prefix + self.channel
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._subscriptions: list[Subscription] = []
+
+    def register(self, source: str, channel: str, handler: Handler) -> None:
+        if not callable(handler):
+            raise TypeError(f"toot handler must be callable, not {handler!r}")
+        subscription = Subscription(source, channel, handler)
+        check_channel(subscription.full_channel)  # raises ConfigError for an unknown source
+        if subscription not in self._subscriptions:
+            self._subscriptions.append(subscription)
+
+    def reset(self) -> None:
+        """Forget every subscription (for tests)."""
+        self._subscriptions.clear()
+
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        return tuple(self._subscriptions)
+
+    def handlers_for(self, channel: str) -> list[Handler]:
+        sources = conf.SOURCES
+        # A subscription whose source has since gone from the settings matches nothing;
+        # the system check toot.E004 reports it.
+        return [
+            sub.handler
+            for sub in self._subscriptions
+            if sub.source in sources and sources[sub.source].channel_prefix + sub.channel == channel
+        ]
+
+
+registry = Registry()
+
+
+@overload
+def subscribe(source: str, channel: str) -> Callable[[H], H]: ...
+@overload
+def subscribe(source: str, channel: str, handler: H) -> H: ...
+def subscribe(source: str, channel: str, handler: H | None = None) -> H | Callable[[H], H]:
+    """Run ``handler(event)`` for every event on ``channel`` of ``source``.
+
+    Use it as ``@subscribe(source, channel)`` or ``subscribe(source, channel, handler)``,
+    from an ``AppConfig.ready()`` so that web and worker processes both see it.
+    """
+
+    def decorator(func: H) -> H:
+        registry.register(source, channel, func)
+        return func
+
+    return decorator if handler is None else decorator(handler)

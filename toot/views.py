@@ -1,0 +1,149 @@
+"""The two endpoints of the protocol: subscriptions (publisher) and callbacks (subscriber).
+
+Every refusal is a 4xx with a JSON body ``{"error": ...}`` naming what was wrong; a
+failing store or broker is a 503, so that the peer retries and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.decorators import method_decorator
+from django.views import View
+from django.views.decorators.csrf import csrf_exempt
+from kombu.exceptions import OperationalError
+
+from toot import store
+from toot.conf import conf
+from toot.events import Event
+from toot.exceptions import InvalidEvent
+from toot.registry import registry
+from toot.tasks import handle
+from toot.validation import channel_error, url_error
+
+logger = logging.getLogger(__name__)
+
+# A registration is two short strings; nothing legitimate comes near this.
+MAX_SUBSCRIPTION_BYTES = 16 * 1024
+
+
+class Refused(Exception):
+    """Ends a request with ``status`` and a JSON error body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> JsonResponse:
+    return JsonResponse({"error": message}, status=status)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json(request: HttpRequest, max_bytes: int) -> Any:
+    """The request body as JSON, refusing oversized and malformed bodies."""
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise Refused(400, "Content-Length is not a number") from None
+    if declared > max_bytes:
+        raise Refused(413, f"body is larger than {max_bytes} bytes")
+    try:
+        body = request.body
+    except RequestDataTooBig:  # DATA_UPLOAD_MAX_MEMORY_SIZE is lower than ours
+        raise Refused(413, "body is larger than the server accepts") from None
+    if len(body) > max_bytes:
+        raise Refused(413, f"body is larger than {max_bytes} bytes")
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise Refused(400, "body is not valid JSON") from None
+
+
+@method_decorator(csrf_exempt, name="dispatch")
+class TootView(View):
+    """Turns Refused, store and broker failures into JSON answers."""
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            return super().dispatch(request, *args, **kwargs)
+        except Refused as refused:
+            return error_response(refused.status, refused.message)
+        except (redis.RedisError, OperationalError) as exc:
+            logger.error("%s %s: store or broker unavailable: %s", request.method, request.path, exc)
+            return error_response(503, "toot is unavailable, try again later")
+
+    def http_method_not_allowed(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        response = error_response(405, f"method {request.method} is not allowed")
+        response["Allow"] = ", ".join(m.upper() for m in self.http_method_names)
+        return response
+
+
+class SubscriptionsView(TootView):
+    """Publisher side: subscribers add, list and remove callback URLs per channel."""
+
+    http_method_names = ["get", "post", "delete"]
+
+    def get(self, request: HttpRequest) -> HttpResponse:
+        if "application/json" not in request.headers.get("Accept", ""):
+            raise Refused(406, "only application/json is served; send Accept: application/json")
+        subscriptions = store.subscriptions(conf.CHANNEL_PREFIX)
+        return JsonResponse({"channels": list(subscriptions), "subscriptions": subscriptions})
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        data = read_json(request, MAX_SUBSCRIPTION_BYTES)
+        if not isinstance(data, dict):
+            raise Refused(422, "body must be a JSON object with channel and callback_url")
+        channel, callback_url = self._fields(data.get("channel"), data.get("callback_url"), 422)
+        added = store.add(channel, callback_url)
+        logger.info("Subscription %s to %s %s", callback_url, channel, "added" if added else "already there")
+        return HttpResponse(status=201 if added else 204)
+
+    def delete(self, request: HttpRequest) -> HttpResponse:
+        channel, callback_url = self._fields(
+            request.GET.get("channel"), request.GET.get("callback_url"), 400
+        )
+        if not store.remove(channel, callback_url):
+            raise Refused(404, f"{callback_url} is not subscribed to {channel}")
+        logger.info("Subscription %s to %s removed", callback_url, channel)
+        return HttpResponse(status=204)
+
+    @staticmethod
+    def _fields(channel: object, callback_url: object, missing_status: int) -> tuple[str, str]:
+        missing = [name for name, value in (("channel", channel), ("callback_url", callback_url)) if value in (None, "")]
+        if missing:
+            raise Refused(missing_status, f"{' and '.join(missing)} required")
+        error = channel_error(channel) or url_error(callback_url)
+        if error:
+            raise Refused(422, error)
+        return channel, callback_url  # type: ignore[return-value]
+
+
+class CallbackView(TootView):
+    """Subscriber side: accept an event and enqueue the job that runs its handlers."""
+
+    http_method_names = ["post"]
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        data = read_json(request, conf.MAX_EVENT_BYTES)
+        try:
+            event = Event.from_dict(data)
+        except InvalidEvent as exc:
+            raise Refused(422, str(exc)) from None
+        if not registry.handlers_for(event.channel):
+            logger.info("Event %s on %s: no local subscription, asking to unsubscribe", event.id, event.channel)
+            response = HttpResponse(status=200)
+            response["X-Toot-Unsubscribe"] = "True"
+            return response
+        handle.delay(event.to_dict())
+        logger.info("Event %s on %s: received, handlers enqueued", event.id, event.channel)
+        return HttpResponse(status=200)
