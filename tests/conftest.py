@@ -6,7 +6,7 @@ from django.conf import settings
 
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
-from toot import store
+from toot import relay, retries, store
 from toot.registry import registry
 
 
@@ -35,7 +35,11 @@ def _worker_session():
     """A real Celery worker in this process, consuming this run's queue."""
     with start_worker(celery_app, pool="threads", concurrency=4, perform_ping_check=False,
                       shutdown_timeout=30) as worker:
+        # The CLI worker starts the relay on worker_ready. Its outbox step needs the
+        # database, which most tests may not touch; test_outbox runs that step itself.
+        relay.start(celery_app, steps=[retries.relay_due])
         yield worker
+        relay.stop()
     client = store.get_redis()
     client.delete(settings.CELERY_TASK_DEFAULT_QUEUE)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Union
+from typing import Any
 
 from devtools.processes import free_port
 
@@ -33,12 +34,13 @@ class RecordedRequest:
     path: str
     headers: Any  # an email.message.Message: case-insensitive, like HTTP headers
     body: bytes
+    received_at: float = field(default_factory=time.monotonic)
 
     def json(self) -> Any:
         return json.loads(self.body)
 
 
-ReplySpec = Union[Reply, Callable[[RecordedRequest], Reply]]
+ReplySpec = Reply | Callable[[RecordedRequest], Reply]
 
 
 def in_order(*replies: Reply) -> Callable[[RecordedRequest], Reply]:
@@ -110,9 +112,13 @@ class HTTPServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = 30  # an idle keep-alive connection ends, and its thread with it
 
             def handle_one_request(self) -> None:
-                self.raw_requestline = self.rfile.readline(65537)
+                try:
+                    self.raw_requestline = self.rfile.readline(65537)
+                except TimeoutError:
+                    self.raw_requestline = b""
                 if not self.raw_requestline:
                     self.close_connection = True
                     return

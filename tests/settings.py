@@ -19,7 +19,33 @@ REDIS_URL = ensure_redis_url("TOOT_TEST_REDIS_URL")
 SECRET_KEY = "toot-tests"
 DEBUG = False
 ALLOWED_HOSTS = ["*"]
-INSTALLED_APPS = ["django.contrib.contenttypes", "toot"]
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.messages",
+    "django.contrib.sessions",
+    "toot",
+]
+# What django.contrib.admin needs, for the dead letter admin's tests.
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
 ROOT_URLCONF = "tests.urls"
 DATABASES = {"default": env.db("DATABASE_URL", default="sqlite://:memory:")}
 USE_TZ = True
@@ -41,4 +67,5 @@ TOOT = {
     "REDIS_URL": REDIS_URL,
     "KEY_PREFIX": f"toot-test-{RUN_ID}:",
     "RETRY_SCHEDULE": [0.1, 0.2, 0.4],
+    "RELAY_INTERVAL": 0.05,
 }

@@ -50,12 +50,13 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
         return messages  # the checks below read the same values
 
     messages += _url_errors()
-    prefixes = [("CHANNEL_PREFIX", conf.CHANNEL_PREFIX)] + [
-        (f'SOURCES["{s.name}"]["CHANNEL_PREFIX"]', s.channel_prefix) for s in conf.SOURCES.values()
+    prefixes = [('TOOT["CHANNEL_PREFIX"]', conf.CHANNEL_PREFIX)] + [
+        (f'TOOT["SOURCES"]["{s.name}"]["CHANNEL_PREFIX"]', s.channel_prefix)
+        for s in conf.SOURCES.values()
     ]
     messages += [
         Error(
-            f'TOOT["{name}"] may hold only printable ASCII characters without spaces: {prefix!r}.',
+            f"{name} may hold only printable ASCII characters without spaces: {prefix!r}.",
             hint='Use a reverse-DNS prefix such as "org.example.publisher.".',
             id="toot.E006",
         )
@@ -76,15 +77,19 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 
 
 def _url_errors() -> list[CheckMessage]:
-    urls = [("CALLBACK_URL", conf.CALLBACK_URL)] + [
-        (f'SOURCES["{s.name}"]["SUBSCRIPTION_URL"]', s.subscription_url) for s in conf.SOURCES.values()
+    urls = [('TOOT["CALLBACK_URL"]', conf.CALLBACK_URL)] + [
+        (f'TOOT["SOURCES"]["{s.name}"]["SUBSCRIPTION_URL"]', s.subscription_url)
+        for s in conf.SOURCES.values()
     ]
     messages: list[CheckMessage] = []
     for name, url in urls:
-        error = url is not None and url_error(url, name=f'TOOT["{name}"]')
+        error = url is not None and url_error(url, name=name)
         if error:
             messages.append(Error(f"{error}: {url!r}.", hint="Give an absolute http(s) URL.", id="toot.E005"))
-    redis_scheme = urlsplit(conf.REDIS_URL).scheme
+    try:
+        redis_scheme = urlsplit(conf.REDIS_URL).scheme
+    except ValueError:  # e.g. an unclosed IPv6 bracket: report it, don't crash the checks
+        redis_scheme = ""
     if redis_scheme not in ("redis", "rediss", "unix"):
         messages.append(
             Error(

@@ -43,7 +43,9 @@ class Response:
         return 200 <= self.status < 300
 
     def excerpt(self, limit: int = 200) -> str:
-        return self.body[:limit].decode("utf-8", "replace")
+        # One line of printable text: it comes from a peer and ends up in logs and command output.
+        text = self.body[:limit].decode("utf-8", "replace")
+        return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
 
 
 def post_json(url: str, body: bytes | str) -> Response:

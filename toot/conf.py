@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -27,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "REDIS_TIMEOUT": 5.0,
     "MAX_EVENT_BYTES": 256 * 1024,
     "RETRY_SCHEDULE": DEFAULT_RETRY_SCHEDULE,
+    "DEDUPE_TTL": 3 * 24 * 3600,
+    "RELAY_INTERVAL": 1.0,
 }
 SOURCE_KEYS = ("SUBSCRIPTION_URL", "CHANNEL_PREFIX")
 
@@ -63,9 +66,16 @@ class Settings:
 
     def _positive(self, key: str) -> float:
         value = self.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not 0 < value < math.inf:  # NaN and infinity are not timeouts
             raise ConfigError(f'TOOT["{key}"] must be a positive number, not {value!r}.')
         return float(value)
+
+    def _whole(self, key: str) -> int:
+        value = self._positive(key)
+        if value != int(value):  # 0.5 would otherwise become 0
+            raise ConfigError(f'TOOT["{key}"] must be a whole number, not {value!r}.')
+        return int(value)
 
     @property
     def CHANNEL_PREFIX(self) -> str:
@@ -137,17 +147,27 @@ class Settings:
 
     @property
     def MAX_EVENT_BYTES(self) -> int:
-        return int(self._positive("MAX_EVENT_BYTES"))
+        return self._whole("MAX_EVENT_BYTES")
 
     @property
     def RETRY_SCHEDULE(self) -> tuple[float, ...]:
         value = self.get("RETRY_SCHEDULE")
         if not isinstance(value, (list, tuple)) or not all(
-            isinstance(delay, (int, float)) and not isinstance(delay, bool) and delay >= 0
+            isinstance(delay, (int, float)) and not isinstance(delay, bool)
+            and 0 <= delay < math.inf
             for delay in value
         ):
             raise ConfigError('TOOT["RETRY_SCHEDULE"] must be a list of delays in seconds (>= 0).')
         return tuple(float(delay) for delay in value)
+
+    @property
+    def DEDUPE_TTL(self) -> int:
+        """Seconds a handled event id is remembered; must outlast the publisher's retries."""
+        return self._whole("DEDUPE_TTL")
+
+    @property
+    def RELAY_INTERVAL(self) -> float:
+        return self._positive("RELAY_INTERVAL")
 
 
 conf = Settings()

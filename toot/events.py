@@ -12,7 +12,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from toot.exceptions import InvalidEvent
-from toot.validation import channel_error
+from toot.validation import CHANNEL_RE, channel_error
 
 
 def parse_timestamp(value: str) -> dt.datetime:
@@ -96,6 +96,9 @@ class Event:
             raise InvalidEvent("id must be a non-empty string")
         if event_id is not None and len(event_id) > 255:
             raise InvalidEvent("id is longer than 255 characters")
+        if event_id is not None and not CHANNEL_RE.fullmatch(event_id):
+            # Ids end up in Redis keys and log lines, like channel names.
+            raise InvalidEvent("id may hold only printable ASCII characters without spaces")
         timestamp = data.get("timestamp")
         if timestamp is not None and not isinstance(timestamp, str):
             raise InvalidEvent("timestamp must be a string")

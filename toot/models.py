@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+
+class DeadLetter(models.Model):
+    """A delivery or a handler run that failed every attempt of the retry schedule.
+
+    It stays until it is redelivered successfully or an operator deletes it.
+    """
+
+    class Kind(models.TextChoices):
+        DELIVERY = "delivery", _("delivery to a subscriber")
+        HANDLER = "handler", _("local handler")
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    event_id = models.CharField(max_length=255, db_index=True)
+    channel = models.CharField(max_length=255, db_index=True)
+    callback_url = models.CharField(max_length=2048, blank=True, db_index=True)
+    handler = models.CharField(max_length=255, blank=True)
+    event = models.JSONField(help_text=_("The event's wire JSON."))
+    attempts = models.PositiveIntegerField()
+    last_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    first_attempt_at = models.DateTimeField()
+    last_attempt_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-last_attempt_at"]
+        verbose_name = _("dead letter")
+
+    def __str__(self) -> str:
+        target = self.callback_url or self.handler
+        return f"{self.event_id} on {self.channel} -> {target}"
+
+
+class OutboxEvent(models.Model):
+    """An event published while the broker was unreachable, waiting for the relay."""
+
+    event = models.JSONField(help_text=_("The event's wire JSON."))
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name = _("outbox event")
+
+    def __str__(self) -> str:
+        event: dict[str, Any] = self.event
+        return f"{event.get('id')} on {event.get('channel')}"

@@ -1,104 +1,104 @@
 """Celery tasks: fan an event out to its subscribers, deliver it, run local handlers.
 
 Tasks are ``shared_task``s, so they bind to whatever Celery app the project has. They
-take the event's wire dict, never objects, and are acknowledged late so that a worker
-killed mid-task leaves the message to be redelivered.
+take the event's wire dict, never objects. They are acknowledged late and rejected when
+their worker is lost, so that a worker killed mid-task leaves the message to be
+redelivered (see "Deployment" in the README for the broker's ``visibility_timeout``).
+A failed attempt is not retried with a Celery countdown but written to
+``toot.retries``, which survives any worker.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 from typing import Any
 
-import requests
-from celery import Task, shared_task
+import redis
+from celery import shared_task
+from django.utils import timezone
+from kombu.exceptions import OperationalError
 
-from toot import client, store
-from toot.conf import conf
+import toot.relay  # noqa: F401 - connects the relay to the worker's signals
+from toot import deadletters, delivery, handling, retries, store
 from toot.events import Event
-from toot.exceptions import CallbackFailure
-from toot.registry import registry
 
 logger = logging.getLogger(__name__)
 
-RELIABLE = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
-JITTER = 0.2
+RELIABLE: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
+# Short, bounded retries for our own infrastructure (Redis, the broker) being briefly away.
+INFRASTRUCTURE = {
+    "autoretry_for": (redis.RedisError, OperationalError),
+    "retry_backoff": 1,
+    "retry_backoff_max": 60,
+    "max_retries": 20,
+}
 
 
-def retry_delay(attempt: int) -> float | None:
-    """Seconds before retry number ``attempt`` (0-based), ±20 %; None once the schedule is spent."""
-    schedule = conf.RETRY_SCHEDULE
-    if attempt >= len(schedule):
-        return None
-    return schedule[attempt] * random.uniform(1 - JITTER, 1 + JITTER)
-
-
-@shared_task(name="toot.fan_out", **RELIABLE)
+@shared_task(name="toot.fan_out", **RELIABLE, **INFRASTRUCTURE)
 def fan_out(event: dict[str, Any]) -> int:
     """Start one delivery per callback URL subscribed to the event's channel."""
     urls = store.callback_urls(event["channel"])
     for url in urls:
         deliver.delay(event, url)
-    logger.info(
-        "Event %s on %s: %d deliveries started", event["id"], event["channel"], len(urls)
-    )
+    logger.info("Event %s on %s: %d deliveries started", event["id"], event["channel"], len(urls))
     return len(urls)
 
 
-@shared_task(bind=True, name="toot.deliver", **RELIABLE)
-def deliver(self: Task[Any, Any], event: dict[str, Any], callback_url: str) -> int:
+@shared_task(name="toot.deliver", **RELIABLE, **INFRASTRUCTURE)
+def deliver(
+    event: dict[str, Any], callback_url: str, attempts: int = 0, first_attempt_at: str | None = None
+) -> None:
+    """One attempt to POST the event; a failure is scheduled again or dead-lettered."""
     event_id, channel = event["id"], event["channel"]
-    attempt = self.request.retries + 1
-    try:
-        response = client.post_json(callback_url, json.dumps(event, separators=(",", ":")))
-        if not response.ok:
-            raise CallbackFailure(callback_url, response.status, response.excerpt())
-    except (CallbackFailure, requests.RequestException) as exc:
-        delay = retry_delay(self.request.retries)
-        if delay is None:
-            logger.error(
-                "Event %s on %s: delivery to %s failed for good after %d attempts: %s",
-                event_id, channel, callback_url, attempt, exc,
-            )
-            raise
-        logger.warning(
-            "Event %s on %s: delivery to %s failed (attempt %d), retrying in %.1fs: %s",
-            event_id, channel, callback_url, attempt, delay, exc,
-        )
-        raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
-    logger.info(
-        "Event %s on %s: delivered to %s (status %d, attempt %d)",
-        event_id, channel, callback_url, response.status, attempt,
-    )
-    if "X-Toot-Unsubscribe" in response.headers:
-        store.remove(channel, callback_url)
+    attempts += 1
+    first_attempt_at = first_attempt_at or timezone.now().isoformat()
+    outcome = delivery.attempt(event, callback_url)
+    if outcome.ok or outcome.gone:
         logger.info(
-            "Event %s on %s: %s asked to unsubscribe; removed", event_id, channel, callback_url
+            "Event %s on %s: delivered to %s (status %s, attempt %d)",
+            event_id, channel, callback_url, outcome.status, attempts,
         )
-    return response.status
+        return
+    delay = delivery.next_delay(attempts, outcome.retry_after)
+    if delay is None:
+        deadletters.bury_delivery(event, callback_url, attempts, outcome, first_attempt_at)
+        return
+    retries.schedule(
+        "toot.deliver", [event, callback_url], {"attempts": attempts, "first_attempt_at": first_attempt_at}, delay
+    )
+    logger.warning(
+        "Event %s on %s: delivery to %s failed (attempt %d, status %s: %s), retrying in %.1fs",
+        event_id, channel, callback_url, attempts, outcome.status, outcome.error, delay,
+    )
 
 
-@shared_task(name="toot.handle", **RELIABLE)
-def handle(event: dict[str, Any]) -> int:
-    """Run every local handler subscribed to the event's channel.
-
-    Every handler runs even if one raises; the first error is raised again afterwards so
-    that the task is marked failed.
-    """
+@shared_task(name="toot.handle", **RELIABLE, **INFRASTRUCTURE)
+def handle(
+    event: dict[str, Any],
+    handlers: list[str] | None = None,
+    attempts: int = 0,
+    first_attempt_at: str | None = None,
+) -> None:
+    """Run the event's local handlers (on a retry, only those that failed)."""
     ev = Event.from_dict(event)
-    handlers = registry.handlers_for(ev.channel)
-    errors: list[Exception] = []
-    for handler in handlers:
-        try:
-            handler(ev)
-        except Exception as exc:
-            logger.exception(
-                "Event %s on %s: handler %s raised", ev.id, ev.channel, getattr(handler, "__qualname__", handler)
-            )
-            errors.append(exc)
-    if errors:
-        raise errors[0]
-    logger.info("Event %s on %s: %d handlers ran", ev.id, ev.channel, len(handlers))
-    return len(handlers)
+    attempts += 1
+    first_attempt_at = first_attempt_at or timezone.now().isoformat()
+    failures = handling.run(ev, handlers)
+    if not failures:
+        logger.info("Event %s on %s: handled", ev.id, ev.channel)
+        return
+    delay = delivery.next_delay(attempts)
+    if delay is None:
+        for name, error in failures.items():
+            deadletters.bury_handler(event, name, attempts, error, first_attempt_at)
+        return
+    retries.schedule(
+        "toot.handle",
+        [event],
+        {"handlers": sorted(failures), "attempts": attempts, "first_attempt_at": first_attempt_at},
+        delay,
+    )
+    logger.warning(
+        "Event %s on %s: %d handlers failed (attempt %d), retrying them in %.1fs",
+        ev.id, ev.channel, len(failures), attempts, delay,
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 import redis
@@ -49,6 +50,13 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Python reads inf, which no JSON peer can read back
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def read_json(request: HttpRequest, max_bytes: int) -> Any:
     """The request body as JSON, refusing oversized and malformed bodies."""
     try:
@@ -64,7 +72,7 @@ def read_json(request: HttpRequest, max_bytes: int) -> Any:
     if len(body) > max_bytes:
         raise Refused(413, f"body is larger than {max_bytes} bytes")
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise Refused(400, "body is not valid JSON") from None
 

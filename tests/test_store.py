@@ -1,0 +1,257 @@
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis as redis_py
+from django.conf import settings
+from django.test import override_settings
+
+from devtools.processes import free_port
+from toot import store
+
+CHANNEL = "org.example.test.users.updated.v1"
+OTHER_CHANNEL = "org.example.test.orders.created.v1"
+SUB_A = "http://a.example/toot/callbacks"
+SUB_B = "https://b.example/toot/callbacks"
+REDIS_URL = settings.TOOT["REDIS_URL"]
+
+
+def toot_settings(**options):
+    return override_settings(TOOT={**settings.TOOT, **options})
+
+
+def other_db_url():
+    """The tests' Redis server, in a database the store does not use by default."""
+    parts = urlsplit(REDIS_URL)
+    db = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{(db + 1) % 16}"))
+
+
+def other_db_client():
+    """The TOOT["REDIS_CONNECTION"] of these tests: a client of another database."""
+    return redis_py.Redis.from_url(other_db_url())
+
+
+def unreachable_client():
+    return redis_py.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+
+
+def keys(client):
+    return sorted(key.decode() for key in client.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}*"))
+
+
+@pytest.fixture
+def other_db():
+    client = other_db_client()
+    yield client
+    found = list(client.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}*"))
+    if found:
+        client.delete(*found)
+    client.close()
+
+
+@pytest.fixture
+def fresh_clients(monkeypatch):
+    """An empty client cache, so that the clients a test creates go away with it."""
+    clients = {}
+    monkeypatch.setattr(store, "_clients", clients)
+    yield clients
+    for client in clients.values():
+        client.close()
+
+
+def test_add_returns_true_when_added(redis):
+    assert store.add(CHANNEL, SUB_A) is True
+    assert store.callback_urls(CHANNEL) == [SUB_A]
+
+
+def test_add_returns_false_when_already_there(redis):
+    store.add(CHANNEL, SUB_A)
+
+    assert store.add(CHANNEL, SUB_A) is False
+    assert store.callback_urls(CHANNEL) == [SUB_A]
+
+
+def test_remove_returns_true_when_removed(redis):
+    store.add(CHANNEL, SUB_A)
+    store.add(CHANNEL, SUB_B)
+
+    assert store.remove(CHANNEL, SUB_A) is True
+    assert store.callback_urls(CHANNEL) == [SUB_B]
+
+
+def test_remove_returns_false_when_not_there(redis):
+    store.add(CHANNEL, SUB_A)
+
+    assert store.remove(CHANNEL, SUB_B) is False
+    assert store.remove(OTHER_CHANNEL, SUB_A) is False
+    assert store.callback_urls(CHANNEL) == [SUB_A]
+
+
+def test_remove_twice(redis):
+    store.add(CHANNEL, SUB_A)
+
+    assert store.remove(CHANNEL, SUB_A) is True
+    assert store.remove(CHANNEL, SUB_A) is False
+
+
+def test_callback_urls_per_channel_sorted(redis):
+    store.add(CHANNEL, SUB_B)
+    store.add(CHANNEL, SUB_A)
+    store.add(OTHER_CHANNEL, SUB_B)
+
+    assert store.callback_urls(CHANNEL) == [SUB_A, SUB_B]
+    assert store.callback_urls(OTHER_CHANNEL) == [SUB_B]
+    assert store.callback_urls("org.example.test.nothing.v1") == []
+
+
+def test_non_ascii_callback_url_round_trips(redis):
+    url = "https://bücher.example/toot/callbacks"
+
+    assert store.add(CHANNEL, url) is True
+    assert store.callback_urls(CHANNEL) == [url]
+    assert store.subscriptions() == {CHANNEL: [url]}
+
+
+def test_subscriptions(redis):
+    store.add(CHANNEL, SUB_B)
+    store.add(CHANNEL, SUB_A)
+    store.add(OTHER_CHANNEL, SUB_A)
+
+    assert store.subscriptions() == {OTHER_CHANNEL: [SUB_A], CHANNEL: [SUB_A, SUB_B]}
+    assert list(store.subscriptions()) == [OTHER_CHANNEL, CHANNEL]  # channels sorted
+
+
+def test_subscriptions_empty(redis):
+    assert store.subscriptions() == {}
+    assert store.subscriptions("org.example.test.") == {}
+
+
+def test_subscriptions_filters_by_prefix(redis):
+    store.add(CHANNEL, SUB_A)
+    store.add("org.example.other.users.updated.v1", SUB_B)
+    store.add("org.example.testing.users.updated.v1", SUB_B)
+
+    assert store.subscriptions("org.example.test.") == {CHANNEL: [SUB_A]}
+    assert store.subscriptions("org.example.other.") == {
+        "org.example.other.users.updated.v1": [SUB_B]
+    }
+    assert store.subscriptions("org.example.test") == {
+        CHANNEL: [SUB_A],
+        "org.example.testing.users.updated.v1": [SUB_B],
+    }
+    assert store.subscriptions("com.") == {}
+
+
+def test_removing_the_last_url_removes_the_channel(redis):
+    store.add(CHANNEL, SUB_A)
+    store.add(CHANNEL, SUB_B)
+    store.add(OTHER_CHANNEL, SUB_A)
+
+    store.remove(CHANNEL, SUB_A)
+    assert CHANNEL in store.subscriptions()
+
+    store.remove(CHANNEL, SUB_B)
+    assert store.subscriptions() == {OTHER_CHANNEL: [SUB_A]}
+
+    store.remove(OTHER_CHANNEL, SUB_A)
+    assert store.subscriptions() == {}
+    assert keys(redis) == []  # nothing left behind: no empty set, no channel index
+
+
+def test_channel_can_come_back_after_its_last_url_left(redis):
+    store.add(CHANNEL, SUB_A)
+    store.remove(CHANNEL, SUB_A)
+
+    assert store.add(CHANNEL, SUB_B) is True
+    assert store.subscriptions() == {CHANNEL: [SUB_B]}
+
+
+def test_keys_live_under_key_prefix(redis):
+    store.add(CHANNEL, SUB_A)
+
+    prefix = settings.TOOT["KEY_PREFIX"]
+    assert keys(redis) == [f"{prefix}channels", f"{prefix}subscriptions:{CHANNEL}"]
+    assert not redis.exists(CHANNEL)  # unlike Ruby toot, not keyed by the bare channel
+
+
+def test_key_prefixes_do_not_see_each_other(redis):
+    # Both namespaces sit under the run's KEY_PREFIX, so that the redis fixture cleans both.
+    first = settings.TOOT["KEY_PREFIX"] + "first:"
+    second = settings.TOOT["KEY_PREFIX"] + "second:"
+    with toot_settings(KEY_PREFIX=first):
+        store.add(CHANNEL, SUB_A)
+    with toot_settings(KEY_PREFIX=second):
+        assert store.callback_urls(CHANNEL) == []
+        assert store.subscriptions() == {}
+        assert store.remove(CHANNEL, SUB_A) is False
+        assert store.add(CHANNEL, SUB_B) is True
+        assert store.subscriptions() == {CHANNEL: [SUB_B]}
+    with toot_settings(KEY_PREFIX=first):
+        assert store.subscriptions() == {CHANNEL: [SUB_A]}
+
+
+# get_redis()
+
+
+def test_get_redis_uses_redis_url(fresh_clients):
+    client = store.get_redis()
+
+    assert client.ping()
+    assert client.connection_pool.connection_kwargs["port"] == urlsplit(REDIS_URL).port
+
+
+def test_one_client_per_url(fresh_clients):
+    first = store.get_redis()
+    assert store.get_redis() is first
+
+    with toot_settings(REDIS_URL=other_db_url()):
+        other = store.get_redis()
+        assert store.get_redis() is other
+    assert other is not first
+    assert store.get_redis() is first
+
+
+def test_redis_timeout_applies_to_the_client(fresh_clients):
+    with toot_settings(REDIS_TIMEOUT=1.5):
+        client = store.get_redis()
+    assert client.connection_pool.connection_kwargs["socket_timeout"] == 1.5
+    assert client.connection_pool.connection_kwargs["socket_connect_timeout"] == 1.5
+    assert store.get_redis() is not client
+
+
+def test_redis_connection_setting_names_the_client_factory(redis, other_db):
+    with toot_settings(REDIS_CONNECTION="tests.test_store.other_db_client"):
+        assert store.add(CHANNEL, SUB_A) is True
+        assert store.callback_urls(CHANNEL) == [SUB_A]
+
+    assert store.callback_urls(CHANNEL) == []  # not in the store's own database
+    assert other_db.smembers(f"{settings.TOOT['KEY_PREFIX']}subscriptions:{CHANNEL}") == {
+        SUB_A.encode()
+    }
+
+
+def test_redis_connection_setting_wins_over_redis_url(other_db):
+    with toot_settings(
+        REDIS_CONNECTION="tests.test_store.other_db_client", REDIS_URL="redis://127.0.0.1:1/0"
+    ):
+        store.add(CHANNEL, SUB_A)
+
+    assert other_db.exists(f"{settings.TOOT['KEY_PREFIX']}subscriptions:{CHANNEL}")
+
+
+def test_unreachable_server_raises_connection_error(fresh_clients):
+    with toot_settings(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"):
+        with pytest.raises(redis_py.ConnectionError):
+            store.add(CHANNEL, SUB_A)
+        with pytest.raises(redis_py.ConnectionError):
+            store.subscriptions()
+
+
+def test_unreachable_client_from_redis_connection_raises_connection_error():
+    with toot_settings(REDIS_CONNECTION="tests.test_store.unreachable_client"):
+        with pytest.raises(redis_py.ConnectionError):
+            store.callback_urls(CHANNEL)
+        with pytest.raises(redis_py.ConnectionError):
+            store.remove(CHANNEL, SUB_A)

@@ -1,0 +1,94 @@
+"""Dead letters: what failed every attempt, kept in the database until replayed or removed."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from toot import delivery, handling
+from toot.events import Event
+
+if TYPE_CHECKING:
+    from toot.models import DeadLetter
+
+logger = logging.getLogger(__name__)
+
+
+def _when(value: str | None) -> Any:
+    return (parse_datetime(value) if value else None) or timezone.now()
+
+
+def bury_delivery(
+    event: dict[str, Any], callback_url: str, attempts: int, outcome: delivery.Outcome, first_attempt_at: str | None
+) -> DeadLetter:
+    from toot.models import DeadLetter
+
+    logger.error(
+        "Event %s on %s: delivery to %s failed for good after %d attempts (status %s: %s); dead-lettered",
+        event["id"], event["channel"], callback_url, attempts, outcome.status, outcome.error,
+    )
+    return DeadLetter.objects.create(
+        kind=DeadLetter.Kind.DELIVERY,
+        event_id=event["id"],
+        channel=event["channel"],
+        callback_url=callback_url,
+        event=event,
+        attempts=attempts,
+        last_status=outcome.status,
+        last_error=outcome.error,
+        first_attempt_at=_when(first_attempt_at),
+        last_attempt_at=timezone.now(),
+    )
+
+
+def bury_handler(
+    event: dict[str, Any], handler: str, attempts: int, error: Exception, first_attempt_at: str | None
+) -> DeadLetter:
+    from toot.models import DeadLetter
+
+    logger.error(
+        "Event %s on %s: handler %s failed for good after %d attempts (%r); dead-lettered",
+        event["id"], event["channel"], handler, attempts, error,
+    )
+    return DeadLetter.objects.create(
+        kind=DeadLetter.Kind.HANDLER,
+        event_id=event["id"],
+        channel=event["channel"],
+        handler=handler,
+        event=event,
+        attempts=attempts,
+        last_error=repr(error),
+        first_attempt_at=_when(first_attempt_at),
+        last_attempt_at=timezone.now(),
+    )
+
+
+def redeliver(letter: DeadLetter) -> bool:
+    """Replay one dead letter now, in this process; deleted on success, else updated.
+
+    Each replay counts as an attempt.
+    """
+    if letter.kind == letter.Kind.DELIVERY:
+        outcome = delivery.attempt(letter.event, letter.callback_url)
+        ok = outcome.ok or outcome.gone
+        status, error = outcome.status, outcome.error
+    elif letter.handler not in handling.handlers_by_name(letter.channel):
+        ok, status, error = False, None, f"{letter.handler} is not subscribed to {letter.channel} here"
+    else:
+        failures = handling.run(Event.from_dict(letter.event), [letter.handler])
+        ok, status = not failures, None
+        error = repr(failures[letter.handler]) if failures else ""
+    if ok:
+        logger.info("Event %s on %s: dead letter %s redelivered", letter.event_id, letter.channel, letter.pk)
+        letter.delete()
+        return True
+    letter.attempts += 1
+    letter.last_status = status
+    letter.last_error = error
+    letter.last_attempt_at = timezone.now()
+    letter.save(update_fields=["attempts", "last_status", "last_error", "last_attempt_at"])
+    logger.warning("Event %s on %s: dead letter %s failed again: %s", letter.event_id, letter.channel, letter.pk, error)
+    return False

@@ -1,0 +1,89 @@
+"""One delivery attempt to a callback URL, and when to try again after a failure."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import random
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import requests
+
+from toot import client, store
+from toot.conf import conf
+
+logger = logging.getLogger(__name__)
+
+JITTER = 0.2
+# A subscriber may ask for a longer pause than the schedule's, but not for ever.
+MAX_RETRY_AFTER_EXTRA = 2 * 3600.0
+
+
+@dataclass
+class Outcome:
+    status: int | None = None
+    error: str = ""
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def gone(self) -> bool:
+        return self.status == 410
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
+
+
+def attempt(event: dict[str, Any], callback_url: str) -> Outcome:
+    """POST the event once; honours X-Toot-Unsubscribe and 410 Gone by unsubscribing."""
+    event_id, channel = event["id"], event["channel"]
+    try:
+        response = client.post_json(callback_url, json.dumps(event, separators=(",", ":")))
+    except requests.RequestException as exc:
+        return Outcome(error=f"{type(exc).__name__}: {exc}")
+    outcome = Outcome(status=response.status)
+    if not outcome.ok:
+        outcome.error = response.excerpt()
+        if response.status in (429, 503):
+            outcome.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    if outcome.gone or (outcome.ok and "X-Toot-Unsubscribe" in response.headers):
+        store.remove(channel, callback_url)
+        logger.info(
+            "Event %s on %s: %s asked to unsubscribe (status %d); removed",
+            event_id, channel, callback_url, response.status,
+        )
+    return outcome
+
+
+def next_delay(attempts: int, retry_after: float | None = None) -> float | None:
+    """Seconds to wait after ``attempts`` failed attempts; None once the schedule is spent.
+
+    ``RETRY_SCHEDULE[n]`` ±20 % follows attempt n+1. A Retry-After (429/503) is honoured
+    when longer, up to two hours beyond the schedule's delay.
+    """
+    schedule = conf.RETRY_SCHEDULE
+    if attempts > len(schedule):
+        return None
+    backoff = schedule[attempts - 1] * random.uniform(1 - JITTER, 1 + JITTER)
+    if retry_after is not None:
+        return min(max(backoff, retry_after), backoff + MAX_RETRY_AFTER_EXTRA)
+    return backoff

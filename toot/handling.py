@@ -1,0 +1,73 @@
+"""Running local handlers at most once per event, whatever the publisher retries.
+
+Each (event id, handler) is claimed with Redis ``SET NX`` before the handler runs and
+marked done for ``DEDUPE_TTL`` seconds after; the TTL must outlast the publisher's retry
+window, so that a delivery retried after the handler ran does not run it again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from toot.conf import conf
+from toot.events import Event
+from toot.registry import Handler, registry
+from toot.store import get_redis
+
+logger = logging.getLogger(__name__)
+
+DONE = "done"
+# How long a claim protects a running handler; a worker that dies mid-handler leaves
+# the claim behind, and the retry after it expires runs the handler again.
+CLAIM_SECONDS = 600
+
+
+class AlreadyRunning(Exception):
+    """Another execution holds the claim on this (event, handler)."""
+
+
+def handler_name(handler: Handler) -> str:
+    return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', repr(handler))}"
+
+
+def handlers_by_name(channel: str) -> dict[str, Handler]:
+    """The channel's handlers by stable name; same-named ones (lambdas) get #2, #3..."""
+    named: dict[str, Handler] = {}
+    for handler in registry.handlers_for(channel):
+        name = base = handler_name(handler)
+        n = 1
+        while name in named:
+            n += 1
+            name = f"{base}#{n}"
+        named[name] = handler
+    return named
+
+
+def _key(event: Event, name: str) -> str:
+    return f"{conf.KEY_PREFIX}handled:{event.id}:{name}"
+
+
+def run(event: Event, names: list[str] | None = None) -> dict[str, Exception]:
+    """Run the event's handlers (only ``names`` if given); returns the failures by name."""
+    client = get_redis()
+    failures: dict[str, Exception] = {}
+    for name, handler in handlers_by_name(event.channel).items():
+        if names is not None and name not in names:
+            continue
+        key = _key(event, name)
+        if not client.set(key, "running", nx=True, ex=CLAIM_SECONDS):
+            state = client.get(key)
+            if state in (DONE, DONE.encode()):
+                logger.info("Event %s on %s: %s already handled it, skipped", event.id, event.channel, name)
+                continue
+            failures[name] = AlreadyRunning(f"{name} is already running for event {event.id}")
+            continue
+        try:
+            handler(event)
+        except Exception as exc:
+            client.delete(key)
+            logger.exception("Event %s on %s: handler %s raised", event.id, event.channel, name)
+            failures[name] = exc
+        else:
+            client.set(key, DONE, ex=conf.DEDUPE_TTL)
+    return failures

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from toot.deadletters import redeliver
+from toot.models import DeadLetter
+
+
+class Command(BaseCommand):
+    help = "Replay dead letters now: by id, by channel, by callback URL, or all of them."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("ids", nargs="*", type=int, help="Dead letter ids.")
+        parser.add_argument("--channel", help="Every dead letter of this full channel.")
+        parser.add_argument("--callback-url", help="Every dead letter for this callback URL.")
+        parser.add_argument("--all", action="store_true", help="Every dead letter.")
+
+    def handle(self, *args: Any, ids: list[int], channel: str | None, callback_url: str | None,
+               all: bool, **options: Any) -> None:  # noqa: A002 - the option's name
+        if not (ids or channel or callback_url or all):
+            raise CommandError("Say which dead letters: ids, --channel, --callback-url or --all.")
+        letters = DeadLetter.objects.order_by("id")
+        if ids:
+            letters = letters.filter(pk__in=ids)
+        if channel:
+            letters = letters.filter(channel=channel)
+        if callback_url:
+            letters = letters.filter(callback_url=callback_url)
+        total = letters.count()
+        failed = 0
+        for number, letter in enumerate(letters.iterator(), start=1):
+            target = letter.callback_url or letter.handler
+            if redeliver(letter):
+                outcome = self.style.SUCCESS("delivered")
+            else:
+                failed += 1
+                outcome = self.style.ERROR(f"failed again ({letter.last_status or letter.last_error})")
+            self.stdout.write(f"[{number}/{total}] {letter.event_id} on {letter.channel} -> {target}: {outcome}")
+        self.stdout.write(f"{total - failed} of {total} redelivered.")
+        if failed:
+            raise CommandError(f"{failed} dead letters failed again and were kept.")

@@ -1,0 +1,97 @@
+"""Durable retries: pending attempts wait in Redis, not in Celery ETA messages.
+
+With the Redis broker an ETA task is held by the worker that fetched it: a worker
+killed with -9 loses it, and one whose delay exceeds ``visibility_timeout`` runs twice
+(celery/celery#2599, #4400, #7009, #3501). So a retry is written to a sorted set scored
+by its due time, and a relay in every worker moves due entries onto the queue.
+
+A relay claims entries with one atomic move into a "claimed" set, so two relays never
+send the same attempt; an entry whose relay died between claim and send goes back to
+the due set after ``CLAIM_TIMEOUT`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from celery import Celery, current_app
+
+from toot.conf import conf
+from toot.store import get_redis
+
+logger = logging.getLogger(__name__)
+
+CLAIM_TIMEOUT = 60.0
+BATCH = 500
+
+# KEYS: due, claimed, data; ARGV: now, limit. Moves due ids to claimed and returns
+# [id, data, id, data, ...].
+CLAIM_SCRIPT = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZADD', KEYS[2], ARGV[1], id)
+  table.insert(out, id)
+  table.insert(out, redis.call('HGET', KEYS[3], id) or '')
+end
+return out
+"""
+# KEYS: claimed, due; ARGV: stale-before, now. Gives back what a dead relay claimed.
+RECOVER_SCRIPT = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZADD', KEYS[2], ARGV[2], id)
+end
+return #ids
+"""
+
+
+def _keys() -> tuple[str, str, str]:
+    prefix = conf.KEY_PREFIX
+    return f"{prefix}retries:due", f"{prefix}retries:claimed", f"{prefix}retries:data"
+
+
+def schedule(task: str, args: list[Any], kwargs: dict[str, Any], delay: float) -> str:
+    """Run ``task(*args, **kwargs)`` in ``delay`` seconds, surviving any worker crash."""
+    due, _, data = _keys()
+    retry_id = uuid.uuid4().hex
+    with get_redis().pipeline(transaction=True) as pipe:
+        pipe.hset(data, retry_id, json.dumps({"task": task, "args": args, "kwargs": kwargs}))
+        pipe.zadd(due, {retry_id: time.time() + delay})
+        pipe.execute()
+    return retry_id
+
+
+def pending() -> int:
+    """How many retries wait, claimed or not."""
+    due, claimed, _ = _keys()
+    client = get_redis()
+    return int(client.zcard(due)) + int(client.zcard(claimed))
+
+
+def relay_due(app: Celery | None = None, limit: int = BATCH) -> int:
+    """Send every retry that is due through ``app`` (default: the current app)."""
+    due, claimed, data = _keys()
+    client = get_redis()
+    now = time.time()
+    client.eval(RECOVER_SCRIPT, 2, claimed, due, now - CLAIM_TIMEOUT, now)
+    claimed_items = client.eval(CLAIM_SCRIPT, 3, due, claimed, data, now, limit)
+    sent = 0
+    for retry_id, raw in zip(claimed_items[::2], claimed_items[1::2]):
+        if raw:
+            entry = json.loads(raw)
+            (app or current_app).tasks[entry["task"]].apply_async(entry["args"], entry["kwargs"])
+            sent += 1
+        with client.pipeline(transaction=True) as pipe:
+            pipe.zrem(claimed, retry_id)
+            pipe.hdel(data, retry_id)
+            pipe.execute()
+    if sent:
+        logger.info("Relayed %d due retries", sent)
+    return sent
