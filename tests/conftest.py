@@ -6,7 +6,7 @@ from django.conf import settings
 
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
-from toot import relay, retries, store
+from toot import relay, store
 from toot.registry import registry
 
 
@@ -37,7 +37,7 @@ def _worker_session():
                       shutdown_timeout=30) as worker:
         # The CLI worker starts the relay on worker_ready. Its outbox step needs the
         # database, which most tests may not touch; test_outbox runs that step itself.
-        relay.start(celery_app, steps=[retries.relay_due])
+        relay.start(celery_app, [settings.CELERY_TASK_DEFAULT_QUEUE], outbox=False)
         yield worker
         relay.stop()
     client = store.get_redis()

@@ -9,104 +9,24 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+import uuid
 
 import pytest
 import requests
-from django.conf import settings
 
-from devtools.processes import ROOT, celery_worker, free_port, wait_for, web_server
+from devtools.processes import wait_for
 from tests.http_server import HTTPServer, Reply
-
-PREFIX = "org.example.publisher."
-
-
-class Topology:
-    def __init__(self) -> None:
-        run = f"{settings.RUN_ID}-e2e"
-        self.log_dir = Path(tempfile.mkdtemp(prefix="toot-e2e-"))
-        self.publisher_port, self.subscriber_port = free_port(), free_port()
-        self.publisher_url = f"http://127.0.0.1:{self.publisher_port}"
-        self.subscriber_url = f"http://127.0.0.1:{self.subscriber_port}"
-        self.callback_url = f"{self.subscriber_url}/toot/callbacks"
-        self.subscriptions_url = f"{self.publisher_url}/toot/subscriptions"
-        self.receipts_key = f"toot-test-{run}:receipts"
-        self.key_prefix = f"toot-test-{run}:"
-        self.queues = [f"toot-test-{run}-publisher", f"toot-test-{run}-subscriber"]
-        common = {
-            "TOOT_REDIS_URL": settings.REDIS_URL,
-            "TOOT_KEY_PREFIX": self.key_prefix,
-            "TOOT_RETRY_SCHEDULE": "0.2,0.5,1,1,1",
-            "TOOT_CALLBACK_URL": self.callback_url,
-            "TOOT_PUBLISHER_SUBSCRIPTION_URL": self.subscriptions_url,
-            "EXAMPLE_RECEIPTS_KEY": self.receipts_key,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example_project")]),
-        }
-        self.publisher_env = {**common, "CELERY_QUEUE": self.queues[0]}
-        self.subscriber_env = {**common, "CELERY_QUEUE": self.queues[1]}
-        self.processes = []
-
-    def start(self) -> None:
-        pub, sub = "example_project.publisher", "example_project.subscriber"
-        self.processes = [
-            web_server("publisher-web", pub, self.publisher_port, self.publisher_env, log_dir=self.log_dir),
-            web_server("subscriber-web", sub, self.subscriber_port, self.subscriber_env, log_dir=self.log_dir),
-            celery_worker("publisher-worker", pub, self.publisher_env, log_dir=self.log_dir),
-            celery_worker("subscriber-worker", sub, self.subscriber_env, log_dir=self.log_dir),
-        ]
-
-    def stop(self, redis) -> None:
-        for process in self.processes:
-            process.stop()
-        keys = list(redis.scan_iter(match=f"{self.key_prefix}*", count=1000))
-        redis.delete(*keys, *self.queues, self.receipts_key)
-
-    def manage(self, role: str, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, **(self.publisher_env if role == "publisher" else self.subscriber_env),
-               "DJANGO_SETTINGS_MODULE": f"example_project.{role}"}
-        return subprocess.run(
-            [sys.executable, "manage.py", *args], cwd=ROOT / "example_project", env=env,
-            capture_output=True, text=True, timeout=60,
-        )
-
-    def publish(self, channel: str, payload) -> dict:
-        """toot.publish() in a publisher process; the event's wire form."""
-        code = f"import json, toot; print(toot.publish({channel!r}, {payload!r}).to_json())"
-        result = self.manage("publisher", "shell", "-c", code)
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    def subscriptions(self) -> dict[str, list[str]]:
-        response = requests.get(self.subscriptions_url, headers={"Accept": "application/json"}, timeout=5)
-        response.raise_for_status()
-        return response.json()["subscriptions"]
-
-    def receipts(self, redis) -> list[dict]:
-        return [json.loads(item) for item in redis.lrange(self.receipts_key, 0, -1)]
-
-    def unsubscribe(self, channel: str, callback_url: str) -> None:
-        response = requests.delete(self.subscriptions_url, params={"channel": channel, "callback_url": callback_url}, timeout=5)
-        assert response.status_code == 204, response.text
-
-    def subscribe(self, channel: str, callback_url: str) -> None:
-        response = requests.post(self.subscriptions_url, json={"channel": channel, "callback_url": callback_url}, timeout=5)
-        assert response.status_code == 201, response.text
+from tests.topology import PREFIX, Topology
 
 
 @pytest.fixture(scope="module")
 def topology():
     from toot.store import get_redis
 
-    topology = Topology()
+    topology = Topology("e2e")
     try:
         topology.start()
-        registered = topology.manage("subscriber", "toot_register_subscriptions")
-        assert registered.returncode == 0, registered.stdout + registered.stderr
-        topology.registration_output = registered.stdout
+        topology.registration_output = topology.register()
         yield topology
     finally:
         topology.stop(get_redis())
@@ -126,13 +46,13 @@ def test_register_subscriptions_reaches_the_publisher(topology):
 
 
 def test_published_event_reaches_the_subscribers_handler(topology, receipts):
-    sent = topology.publish("users.updated.v1", {"id": 123})
+    [sent] = topology.publish("users.updated.v1", {"id": 123})
 
     wait_for(receipts, 30, "the handler to run")
     [receipt] = receipts()
     assert receipt["id"] == sent["id"]
     assert receipt["channel"] == f"{PREFIX}users.updated.v1"
-    assert receipt["payload"] == {"id": 123}
+    assert receipt["payload"] == {"id": 123, "n": 0}
     assert dt.datetime.fromisoformat(receipt["timestamp"]) == dt.datetime.fromisoformat(sent["timestamp"])
 
 
@@ -160,13 +80,13 @@ def test_failed_delivery_is_retried_until_the_subscriber_answers_200(topology, r
         topology.unsubscribe(channel, topology.callback_url)
         topology.subscribe(channel, flaky.url)
         try:
-            sent = topology.publish("users.deleted.v1", {"id": 7})
+            [sent] = topology.publish("users.deleted.v1", {"id": 7})
             wait_for(receipts, 30, "the retried delivery to reach the handler")
         finally:
             topology.unsubscribe(channel, flaky.url)
             topology.subscribe(channel, topology.callback_url)
     assert [r.json()["id"] for r in flaky.requests] == [sent["id"]] * 3
-    assert [(r["id"], r["payload"]) for r in receipts()] == [(sent["id"], {"id": 7})]
+    assert [(r["id"], r["payload"]) for r in receipts()] == [(sent["id"], {"id": 7, "n": 0})]
 
 
 @pytest.mark.parametrize(
@@ -178,7 +98,7 @@ def test_failed_delivery_is_retried_until_the_subscriber_answers_200(topology, r
     ids=["ruby", "iso8601"],
 )
 def test_ruby_publisher_timestamps_reach_the_handler_as_aware_datetimes(topology, receipts, timestamp, expected):
-    event = {"id": f"ruby-{timestamp}", "timestamp": timestamp, "payload": {"id": 5},
+    event = {"id": str(uuid.uuid4()), "timestamp": timestamp, "payload": {"id": 5},
              "channel": f"{PREFIX}users.updated.v1"}
 
     response = requests.post(topology.callback_url, json=event, timeout=5)

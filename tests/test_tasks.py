@@ -114,7 +114,7 @@ def test_gone_removes_the_subscription_at_once(celery_worker, eventually, channe
         eventually(lambda: store.callback_urls(channel) == [])
         assert len(gone.requests) == 1
     assert not DeadLetter.objects.exists()
-    assert retries.pending() == 0
+    assert retries.pending(settings.CELERY_TASK_DEFAULT_QUEUE) == 0
 
 
 def test_retry_after_is_honoured(celery_worker, eventually):

@@ -33,14 +33,14 @@ def relay_outbox(app: Celery) -> int:
         close_old_connections()  # this thread's connection would otherwise go stale
 
 
-STEPS: tuple[Callable[[Celery], int], ...] = (retries.relay_due, relay_outbox)
-
-
 class Relay(threading.Thread):
-    def __init__(self, app: Celery, steps: Sequence[Callable[[Celery], int]] = STEPS) -> None:
+    def __init__(self, app: Celery, queues: Sequence[str], *, outbox: bool = True) -> None:
         super().__init__(name="toot-relay", daemon=True)
         self.app = app
-        self.steps = steps
+        self.queues = queues
+        self.steps: list[Callable[[], int]] = [lambda: retries.relay_due(app, queues)]
+        if outbox:
+            self.steps.append(lambda: relay_outbox(app))
         self.stopping = threading.Event()
         self._last_complaint = 0.0
 
@@ -48,7 +48,7 @@ class Relay(threading.Thread):
         while not self.stopping.wait(conf.RELAY_INTERVAL):
             for step in self.steps:
                 try:
-                    step(self.app)
+                    step()
                 except Exception as exc:  # keep relaying once Redis or the database is back
                     if time.monotonic() - self._last_complaint > QUIET_SECONDS:
                         self._last_complaint = time.monotonic()
@@ -58,11 +58,11 @@ class Relay(threading.Thread):
 _relay: Relay | None = None
 
 
-def start(app: Celery, steps: Sequence[Callable[[Celery], int]] = STEPS) -> None:
-    """Start this process's relay, sending through ``app``."""
+def start(app: Celery, queues: Sequence[str], *, outbox: bool = True) -> None:
+    """Start this process's relay for the ``queues`` its worker consumes."""
     global _relay
     if _relay is None or not _relay.is_alive():
-        _relay = Relay(app, steps)
+        _relay = Relay(app, queues, outbox=outbox)
         _relay.start()
 
 
@@ -77,7 +77,7 @@ def stop() -> None:
 @worker_ready.connect(dispatch_uid="toot.relay.start")
 def _on_worker_ready(sender: Any, **kwargs: Any) -> None:
     # The worker's app, not current_app: a new thread would see the default app.
-    start(sender.app)
+    start(sender.app, [queue.name for queue in sender.task_consumer.queues])
 
 
 @worker_shutting_down.connect(dispatch_uid="toot.relay.stop")

@@ -16,9 +16,10 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
-from celery import Celery, current_app
+from celery import Celery
 
 from toot.conf import conf
 from toot.store import get_redis
@@ -52,14 +53,16 @@ return #ids
 """
 
 
-def _keys() -> tuple[str, str, str]:
-    prefix = conf.KEY_PREFIX
-    return f"{prefix}retries:due", f"{prefix}retries:claimed", f"{prefix}retries:data"
+def _keys(queue: str) -> tuple[str, str, str]:
+    # Per queue: projects that share a Redis and a KEY_PREFIX (and so the retry sets)
+    # each relay only what their own workers consume.
+    base = f"{conf.KEY_PREFIX}retries:{queue}:"
+    return f"{base}due", f"{base}claimed", f"{base}data"
 
 
-def schedule(task: str, args: list[Any], kwargs: dict[str, Any], delay: float) -> str:
-    """Run ``task(*args, **kwargs)`` in ``delay`` seconds, surviving any worker crash."""
-    due, _, data = _keys()
+def schedule(task: str, args: list[Any], kwargs: dict[str, Any], delay: float, queue: str) -> str:
+    """Send ``task(*args, **kwargs)`` to ``queue`` in ``delay`` seconds, surviving any worker crash."""
+    due, _, data = _keys(queue)
     retry_id = uuid.uuid4().hex
     with get_redis().pipeline(transaction=True) as pipe:
         pipe.hset(data, retry_id, json.dumps({"task": task, "args": args, "kwargs": kwargs}))
@@ -68,30 +71,31 @@ def schedule(task: str, args: list[Any], kwargs: dict[str, Any], delay: float) -
     return retry_id
 
 
-def pending() -> int:
-    """How many retries wait, claimed or not."""
-    due, claimed, _ = _keys()
+def pending(queue: str) -> int:
+    """How many retries for ``queue`` wait, claimed or not."""
+    due, claimed, _ = _keys(queue)
     client = get_redis()
     return int(client.zcard(due)) + int(client.zcard(claimed))
 
 
-def relay_due(app: Celery | None = None, limit: int = BATCH) -> int:
-    """Send every retry that is due through ``app`` (default: the current app)."""
-    due, claimed, data = _keys()
+def relay_due(app: Celery, queues: Iterable[str], limit: int = BATCH) -> int:
+    """Send every retry that is due for ``queues`` through ``app``; returns how many."""
     client = get_redis()
-    now = time.time()
-    client.eval(RECOVER_SCRIPT, 2, claimed, due, now - CLAIM_TIMEOUT, now)
-    claimed_items = client.eval(CLAIM_SCRIPT, 3, due, claimed, data, now, limit)
     sent = 0
-    for retry_id, raw in zip(claimed_items[::2], claimed_items[1::2]):
-        if raw:
-            entry = json.loads(raw)
-            (app or current_app).tasks[entry["task"]].apply_async(entry["args"], entry["kwargs"])
-            sent += 1
-        with client.pipeline(transaction=True) as pipe:
-            pipe.zrem(claimed, retry_id)
-            pipe.hdel(data, retry_id)
-            pipe.execute()
+    for queue in queues:
+        due, claimed, data = _keys(queue)
+        now = time.time()
+        client.eval(RECOVER_SCRIPT, 2, claimed, due, now - CLAIM_TIMEOUT, now)
+        claimed_items = client.eval(CLAIM_SCRIPT, 3, due, claimed, data, now, limit)
+        for retry_id, raw in zip(claimed_items[::2], claimed_items[1::2]):
+            if raw:
+                entry = json.loads(raw)
+                app.tasks[entry["task"]].apply_async(entry["args"], entry["kwargs"], queue=queue)
+                sent += 1
+            with client.pipeline(transaction=True) as pipe:
+                pipe.zrem(claimed, retry_id)
+                pipe.hdel(data, retry_id)
+                pipe.execute()
     if sent:
         logger.info("Relayed %d due retries", sent)
     return sent

@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 import redis
-from celery import shared_task
+from celery import Task, shared_task
 from django.utils import timezone
 from kombu.exceptions import OperationalError
 
@@ -44,8 +44,18 @@ def fan_out(event: dict[str, Any]) -> int:
     return len(urls)
 
 
-@shared_task(name="toot.deliver", **RELIABLE, **INFRASTRUCTURE)
+def origin_queue(task: Task[Any, Any]) -> str:
+    """The queue ``task``'s message came from: its retries go back there."""
+    routing_key = (task.request.delivery_info or {}).get("routing_key")
+    for queue in task.app.amqp.queues.values():
+        if routing_key in (queue.name, queue.routing_key):
+            return str(queue.name)
+    return str(task.app.conf.task_default_queue)
+
+
+@shared_task(bind=True, name="toot.deliver", **RELIABLE, **INFRASTRUCTURE)
 def deliver(
+    self: Task[Any, Any],
     event: dict[str, Any], callback_url: str, attempts: int = 0, first_attempt_at: str | None = None
 ) -> None:
     """One attempt to POST the event; a failure is scheduled again or dead-lettered."""
@@ -64,7 +74,11 @@ def deliver(
         deadletters.bury_delivery(event, callback_url, attempts, outcome, first_attempt_at)
         return
     retries.schedule(
-        "toot.deliver", [event, callback_url], {"attempts": attempts, "first_attempt_at": first_attempt_at}, delay
+        "toot.deliver",
+        [event, callback_url],
+        {"attempts": attempts, "first_attempt_at": first_attempt_at},
+        delay,
+        origin_queue(self),
     )
     logger.warning(
         "Event %s on %s: delivery to %s failed (attempt %d, status %s: %s), retrying in %.1fs",
@@ -72,8 +86,9 @@ def deliver(
     )
 
 
-@shared_task(name="toot.handle", **RELIABLE, **INFRASTRUCTURE)
+@shared_task(bind=True, name="toot.handle", **RELIABLE, **INFRASTRUCTURE)
 def handle(
+    self: Task[Any, Any],
     event: dict[str, Any],
     handlers: list[str] | None = None,
     attempts: int = 0,
@@ -97,6 +112,7 @@ def handle(
         [event],
         {"handlers": sorted(failures), "attempts": attempts, "first_attempt_at": first_attempt_at},
         delay,
+        origin_queue(self),
     )
     logger.warning(
         "Event %s on %s: %d handlers failed (attempt %d), retrying them in %.1fs",
