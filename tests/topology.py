@@ -49,6 +49,8 @@ class Topology:
             "TOOT_PUBLISHER_SUBSCRIPTION_URL": self.subscriptions_url,
             "EXAMPLE_RECEIPTS_KEY": self.receipts_key,
             "CELERY_VISIBILITY_TIMEOUT": str(visibility_timeout),
+            "CELERY_UNACKED_RESTORE_INTERVAL": "1",
+            "CELERY_UNACKED_RESTORE_THROTTLE": "1",
         }
         self.env = {
             role: {
@@ -146,9 +148,11 @@ class Topology:
     def receipts(self, redis) -> list[dict]:
         return [json.loads(item) for item in redis.lrange(self.receipts_key, 0, -1)]
 
-    def dead_letters(self, role: str) -> int:
-        code = "from toot.models import DeadLetter; print(DeadLetter.objects.count())"
-        return int(self.manage(role, "shell", "-c", code, check=True).stdout.strip())
+    def count_rows(self, role: str, model: str) -> int:
+        """Rows of a toot model in ``role``'s database."""
+        code = f"from toot.models import {model}; print({model}.objects.count())"
+        # Django 5.2's shell may print its automatic imports first.
+        return int(self.manage(role, "shell", "-c", code, check=True).stdout.split()[-1])
 
 
 def count(sent: list[dict], receipts: list[dict]) -> dict[str, int]:

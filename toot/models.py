@@ -42,6 +42,9 @@ class OutboxEvent(models.Model):
 
     event = models.JSONField(help_text=_("The event's wire JSON."))
     created_at = models.DateTimeField(auto_now_add=True)
+    # Set by the relay that is sending the row; another relay may take it over once stale.
+    claim = models.CharField(max_length=32, blank=True, db_index=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]

@@ -7,15 +7,19 @@ answers again.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import uuid
 from typing import Any
 
 from celery import Celery, current_app
-from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
 
 logger = logging.getLogger(__name__)
 
 BATCH = 500
+CLAIM_TIMEOUT = 60.0
 
 
 def keep(event: dict[str, Any], error: Exception) -> None:
@@ -28,14 +32,29 @@ def keep(event: dict[str, Any], error: Exception) -> None:
 
 
 def relay(app: Celery | None = None, limit: int = BATCH) -> int:
-    """Send up to ``limit`` outbox events to the fan-out task through ``app``."""
+    """Send up to ``limit`` outbox events to the fan-out task through ``app``.
+
+    Rows are claimed with one UPDATE, so that relays in several workers never send the
+    same row, and no transaction stays open while the broker is called (SQLite would
+    lock publishers out meanwhile). A claim older than CLAIM_TIMEOUT is taken over.
+    """
     from toot.models import OutboxEvent
     from toot.tasks import fan_out
 
-    with transaction.atomic():
-        rows = list(OutboxEvent.objects.select_for_update(skip_locked=True)[:limit])
-        for row in rows:
+    now = timezone.now()
+    free = Q(claimed_at__isnull=True) | Q(claimed_at__lt=now - dt.timedelta(seconds=CLAIM_TIMEOUT))
+    ids = list(OutboxEvent.objects.filter(free).values_list("pk", flat=True)[:limit])
+    if not ids:
+        return 0
+    token = uuid.uuid4().hex
+    OutboxEvent.objects.filter(free, pk__in=ids).update(claim=token, claimed_at=now)
+    sent = 0
+    try:
+        for row in OutboxEvent.objects.filter(claim=token):
             (app or current_app).tasks[fan_out.name].apply_async((row.event,), retry=False)
+            row.delete()
+            sent += 1
             logger.info("Event %s on %s: sent from the outbox", row.event.get("id"), row.event.get("channel"))
-        OutboxEvent.objects.filter(pk__in=[row.pk for row in rows]).delete()
-    return len(rows)
+    finally:
+        OutboxEvent.objects.filter(claim=token).update(claim="", claimed_at=None)
+    return sent
