@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -17,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PR_SET_PDEATHSIG = 1
+# What a Celery worker logs once it consumes.
+WORKER_READY = " ready."
 
 
 def free_port() -> int:
@@ -25,7 +28,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
+def wait_for(
+    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02
+) -> None:
     """Poll ``predicate`` until it is true, or raise TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -35,20 +40,25 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    # Linux: the child gets SIGTERM when the process that started it dies, so that a
-    # test run killed with -9 leaves no server behind.
-    try:
+    # Linux: the child gets SIGTERM when the thread that started it dies, so that a
+    # test run killed with -9 leaves no server behind. (The *thread*: start children from
+    # a thread that outlives them, e.g. the main thread.)
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
     os.setsid()
 
 
 class Process:
     """One child process with its output in a log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-                 cwd: Path = ROOT, log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
+        log_dir: Path | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = {**os.environ, **(env or {})}
@@ -60,8 +70,13 @@ class Process:
     def start(self) -> Process:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
         self.popen = subprocess.Popen(
-            self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         return self
@@ -81,15 +96,14 @@ class Process:
             if not self.running:
                 raise RuntimeError(f"{self.name} exited early:\n{self.log()[-3000:]}")
             return text in self.log()
+
         wait_for(seen, timeout, f"{self.name} to log {text!r}")
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process and every process it started."""
         if self.popen is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def kill(self) -> None:
         """SIGKILL the whole process group: a crash, not a shutdown."""
@@ -117,37 +131,117 @@ def http_ready(url: str) -> Callable[[], bool]:
         except OSError:
             return False
         return True
+
     return check
 
 
-def web_server(name: str, settings_module: str, port: int, env: Mapping[str, str],
-               workers: int = 2, threads: int = 4, log_dir: Path | None = None) -> Process:
-    """gunicorn serving the project of ``settings_module``; started and answering."""
+def project_env(env: Mapping[str, str], settings_module: str) -> dict[str, str]:
+    """``env`` for a process of the example project, importing toot from this checkout."""
+    paths = [str(ROOT), *filter(None, [env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))])]
+    return {
+        **env,
+        "DJANGO_SETTINGS_MODULE": settings_module,
+        "PYTHONPATH": os.pathsep.join(paths),
+    }
+
+
+def web_server(
+    name: str,
+    settings_module: str,
+    port: int,
+    env: Mapping[str, str],
+    workers: int = 2,
+    threads: int = 4,
+    log_dir: Path | None = None,
+    wait: bool = True,
+) -> Process:
+    """gunicorn serving the project of ``settings_module``; started and, with wait, answering."""
     argv = [
-        sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
-        "--workers", str(workers), "--threads", str(threads), "--worker-class", "gthread",
-        "--access-logfile", "-", "--graceful-timeout", "5",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--worker-class",
+        "gthread",
+        "--access-logfile",
+        "-",
+        "--graceful-timeout",
+        "5",
         "example_project.wsgi:application",
     ]
-    process = Process(name, argv, {**env, "DJANGO_SETTINGS_MODULE": settings_module},
-                      cwd=ROOT / "example_project", log_dir=log_dir).start()
+    process = Process(
+        name,
+        argv,
+        project_env(env, settings_module),
+        cwd=ROOT / "example_project",
+        log_dir=log_dir,
+    ).start()
+    if wait:
+        _ready_or_stopped(process, lambda: wait_for_http(process, f"http://127.0.0.1:{port}/"))
+    return process
+
+
+def wait_for_http(process: Process, url: str, timeout: float = 60) -> None:
+    """Wait until ``url`` answers, or raise with the log if ``process`` exits first."""
+
     def up() -> bool:
         if not process.running:
-            raise RuntimeError(f"{name} exited early:\n{process.log()[-3000:]}")
-        return http_ready(f"http://127.0.0.1:{port}/")()
-    wait_for(up, 60, f"{name} on port {port}")
-    return process
+            raise RuntimeError(f"{process.name} exited early:\n{process.log()[-3000:]}")
+        return http_ready(url)()
+
+    wait_for(up, timeout, f"{process.name} at {url}")
 
 
-def celery_worker(name: str, settings_module: str, env: Mapping[str, str], concurrency: int = 2,
-                  pool: str = "prefork", log_dir: Path | None = None) -> Process:
-    """A Celery worker of the example project's app; started and ready."""
+def celery_worker(
+    name: str,
+    settings_module: str,
+    env: Mapping[str, str],
+    concurrency: int = 2,
+    pool: str = "prefork",
+    log_dir: Path | None = None,
+    wait: bool = True,
+) -> Process:
+    """A Celery worker of the example project's app; started and, with wait, ready."""
     argv = [
-        sys.executable, "-m", "celery", "-A", "example_project", "worker",
-        "--loglevel", "INFO", "--concurrency", str(concurrency), "--pool", pool,
-        "--hostname", f"{name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "example_project",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--hostname",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
     ]
-    process = Process(name, argv, {**env, "DJANGO_SETTINGS_MODULE": settings_module},
-                      cwd=ROOT / "example_project", log_dir=log_dir).start()
-    process.wait_for_log(" ready.", timeout=60)
+    process = Process(
+        name,
+        argv,
+        project_env(env, settings_module),
+        cwd=ROOT / "example_project",
+        log_dir=log_dir,
+    ).start()
+    if wait:
+        _ready_or_stopped(process, lambda: process.wait_for_log(WORKER_READY, timeout=60))
     return process
+
+
+def _ready_or_stopped(process: Process, wait: Callable[[], None]) -> None:
+    """Run ``wait``; if it fails, stop the process so that no caller leaks it."""
+    try:
+        wait()
+    except BaseException:
+        process.stop()
+        raise

@@ -38,16 +38,32 @@ def _answers(port: int) -> bool:
         return False
 
 
-def start_redis(log_dir: Path | None = None) -> tuple[Process, str]:
-    port = free_port()
+def start_redis(log_dir: Path | None = None, port: int | None = None) -> tuple[Process, str]:
+    """A redis-server on ``port`` (default: a free one); restartable on the same port."""
+    port = port or free_port()
     workdir = tempfile.mkdtemp(prefix="toot-redis-")
     process = Process(
         "redis",
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir],
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
         log_dir=log_dir,
     ).start()
-    wait_for(lambda: _answers(port), 20, f"redis-server on port {port}")
+    try:
+        wait_for(lambda: _answers(port), 20, f"redis-server on port {port}")
+    except BaseException:
+        process.stop()
+        raise
     return process, f"redis://127.0.0.1:{port}/0"
 
 
