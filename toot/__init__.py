@@ -6,6 +6,8 @@ from toot.events import Event
 from toot.exceptions import (
     CallbackFailure,
     ConfigError,
+    EventTooLarge,
+    InvalidCallback,
     InvalidChannel,
     InvalidEvent,
     RegisterSubscriptionFailure,
@@ -21,6 +23,8 @@ __all__ = [
     "CallbackFailure",
     "ConfigError",
     "Event",
+    "EventTooLarge",
+    "InvalidCallback",
     "InvalidChannel",
     "InvalidEvent",
     "RegisterSubscriptionFailure",

@@ -9,7 +9,6 @@ from django.http import HttpRequest
 from toot.deadletters import redeliver
 from toot.models import DeadLetter
 
-
 if TYPE_CHECKING:
     ModelAdmin = admin.ModelAdmin[DeadLetter]
 else:
@@ -18,7 +17,16 @@ else:
 
 @admin.register(DeadLetter)
 class DeadLetterAdmin(ModelAdmin):
-    list_display = ["event_id", "channel", "kind", "callback_url", "handler", "attempts", "last_status", "last_attempt_at"]
+    list_display = [
+        "event_id",
+        "channel",
+        "kind",
+        "callback_url",
+        "handler",
+        "attempts",
+        "last_status",
+        "last_attempt_at",
+    ]
     list_filter = ["kind", "channel", "last_status", "callback_url"]
     search_fields = ["event_id", "channel", "callback_url", "handler"]
     date_hierarchy = "last_attempt_at"
@@ -36,4 +44,6 @@ class DeadLetterAdmin(ModelAdmin):
         if delivered:
             self.message_user(request, f"{delivered} redelivered.", messages.SUCCESS)
         if failed:
-            self.message_user(request, f"{failed} failed again; see their last error.", messages.WARNING)
+            self.message_user(
+                request, f"{failed} failed again; see their last error.", messages.WARNING
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -9,16 +10,26 @@ from urllib.parse import urlsplit
 from django.apps import AppConfig
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
+from django.urls import NoReverseMatch, reverse
 
 from toot.conf import DEFAULTS, SOURCE_KEYS, conf
 from toot.exceptions import ConfigError
 from toot.registry import registry
+from toot.signing import secret_error
 from toot.validation import CHANNEL_RE, url_error
 
 DOCS_HINT = "See the Configuration section of toot's README."
+# Where clouds serve instance metadata, credentials included: most clouds, AWS over IPv6,
+# Alibaba Cloud.
+METADATA_ADDRESSES = tuple(
+    ipaddress.ip_address(address)
+    for address in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
+)
 
 
-def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     if not hasattr(settings, "TOOT"):
         return [
             Error(
@@ -73,7 +84,48 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
             for key in keys
             if key not in SOURCE_KEYS
         ]
+    messages += _secret_errors(raw)
+    messages += _allowed_network_warnings()
     return messages
+
+
+def _allowed_network_warnings() -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    for network in conf.ALLOWED_CALLBACK_NETWORKS:
+        reached = [str(address) for address in METADATA_ADDRESSES if address in network]
+        if reached:
+            messages.append(
+                Warning(
+                    f'TOOT["ALLOWED_CALLBACK_NETWORKS"] allows {network}, which holds '
+                    f"{', '.join(reached)}: a subscriber could make deliveries reach your "
+                    "cloud's instance metadata service, credentials included.",
+                    hint="Allow only the networks your subscribers are in, or name their "
+                    'hosts in TOOT["ALLOWED_CALLBACK_HOSTS"].',
+                    id="toot.W004",
+                )
+            )
+    return messages
+
+
+def _secret_errors(raw: Any) -> list[CheckMessage]:
+    named = [(f'TOOT["SIGNING_SECRETS"][{i}]', s) for i, s in enumerate(conf.SIGNING_SECRETS)]
+    for source in conf.SOURCES.values():
+        if "SECRET" in raw["SOURCES"][source.name]:
+            named.append((f'TOOT["SOURCES"]["{source.name}"]["SECRET"]', source.secrets[0]))
+        else:
+            key = f'TOOT["SOURCES"]["{source.name}"]["SECRETS"]'
+            named += [(f"{key}[{i}]", secret) for i, secret in enumerate(source.secrets)]
+    # The message never quotes the secret: check output ends up in CI logs.
+    return [
+        Error(
+            f"{name} {error}.",
+            hint='Generate one with: python -c "import base64, secrets; '
+            "print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\"",
+            id="toot.E007",
+        )
+        for name, secret in named
+        if (error := secret_error(secret))
+    ]
 
 
 def _url_errors() -> list[CheckMessage]:
@@ -85,7 +137,9 @@ def _url_errors() -> list[CheckMessage]:
     for name, url in urls:
         error = url is not None and url_error(url, name=name)
         if error:
-            messages.append(Error(f"{error}: {url!r}.", hint="Give an absolute http(s) URL.", id="toot.E005"))
+            messages.append(
+                Error(f"{error}: {url!r}.", hint="Give an absolute http(s) URL.", id="toot.E005")
+            )
     try:
         redis_scheme = urlsplit(conf.REDIS_URL).scheme
     except ValueError:  # e.g. an unclosed IPv6 bracket: report it, don't crash the checks
@@ -93,7 +147,8 @@ def _url_errors() -> list[CheckMessage]:
     if redis_scheme not in ("redis", "rediss", "unix"):
         messages.append(
             Error(
-                f'TOOT["REDIS_URL"] must be a redis://, rediss:// or unix:// URL: {conf.REDIS_URL!r}.',
+                'TOOT["REDIS_URL"] must be a redis://, rediss:// or unix:// URL: '
+                f"{conf.REDIS_URL!r}.",
                 hint="For example redis://127.0.0.1:6379/0.",
                 id="toot.E005",
             )
@@ -101,7 +156,9 @@ def _url_errors() -> list[CheckMessage]:
     return messages
 
 
-def check_subscriptions(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_subscriptions(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     try:
         sources = conf.SOURCES
         callback_url = conf.CALLBACK_URL
@@ -128,3 +185,27 @@ def check_subscriptions(app_configs: Sequence[AppConfig] | None = None, **kwargs
         if sub.source not in sources
     ]
     return messages
+
+
+def check_security(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    try:
+        auth = conf.SUBSCRIPTIONS_AUTH
+    except ConfigError:
+        return []  # check_settings reports it
+    if auth is not None or settings.DEBUG:
+        return []
+    try:
+        reverse("toot:subscriptions")
+    except NoReverseMatch:
+        return []  # the project serves no subscriptions endpoint
+    return [
+        Warning(
+            "toot's subscriptions endpoint is open: anyone who can reach it can subscribe any URL "
+            "to your events, list the subscribers and remove them.",
+            hint='Set TOOT["SUBSCRIPTIONS_AUTH"] to {"TOKENS": [...]} (each subscriber sends '
+            'its source\'s TOKEN) or to a callable; see "Securing toot" in the README.',
+            id="toot.W003",
+        )
+    ]

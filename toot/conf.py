@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+import re
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.conf import settings
+from django.utils.module_loading import import_string
 
 from toot.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from django.http import HttpRequest
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # Svix / Standard Webhooks schedule: about 28 hours in all.
@@ -30,8 +36,21 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_SCHEDULE": DEFAULT_RETRY_SCHEDULE,
     "DEDUPE_TTL": 3 * 24 * 3600,
     "RELAY_INTERVAL": 1.0,
+    "SIGNING_SECRETS": (),
+    "SUBSCRIPTIONS_AUTH": None,
+    "ALLOWED_CALLBACK_HOSTS": (),
+    "ALLOWED_CALLBACK_NETWORKS": (),
 }
-SOURCE_KEYS = ("SUBSCRIPTION_URL", "CHANNEL_PREFIX")
+REQUIRED_SOURCE_KEYS = ("SUBSCRIPTION_URL", "CHANNEL_PREFIX")
+SOURCE_KEYS = (*REQUIRED_SOURCE_KEYS, "SECRET", "SECRETS", "TOKEN")
+# What can travel in "Authorization: Bearer <token>" unambiguously: printable ASCII, no space.
+TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+
+Authenticator = Callable[["HttpRequest"], bool]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# An ALLOWED_CALLBACK_HOSTS entry: a host name as it appears in a URL (ASCII, IDNA-encoded),
+# a leading dot for a domain and its subdomains, as in Django's ALLOWED_HOSTS.
+HOST_PATTERN_RE = re.compile(r"\.?[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
 
 
 class Source(NamedTuple):
@@ -40,6 +59,40 @@ class Source(NamedTuple):
     name: str
     subscription_url: str
     channel_prefix: str
+    # whsec_ secrets its deliveries must be signed with; none: unsigned ones are accepted.
+    secrets: tuple[str, ...] = ()
+    # Sent as "Authorization: Bearer <token>" when registering with it.
+    token: str | None = None
+
+    def __repr__(self) -> str:
+        # Sources end up in logs and error messages; their secrets must not.
+        hidden = ", secrets=***" if self.secrets else ""
+        hidden += ", token=***" if self.token else ""
+        return f"Source({self.name!r}, {self.subscription_url!r}, {self.channel_prefix!r}{hidden})"
+
+
+def _secret_list(value: object, name: str) -> tuple[str, ...]:
+    # Only the shape: what makes a secret well formed is checked by toot.E007.
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(
+            f'{name} must be a list of "whsec_..." strings, not {type(value).__name__}.'
+        )
+    return tuple(value)
+
+
+def _token(value: object, name: str) -> str:
+    if not isinstance(value, str) or not TOKEN_RE.fullmatch(value):
+        # Never the value itself: it is a credential.
+        raise ConfigError(f"{name} must be a non-empty string of printable ASCII without spaces.")
+    return value
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class Settings:
@@ -94,11 +147,43 @@ class Settings:
         for name, options in value.items():
             if not isinstance(options, Mapping):
                 raise ConfigError(f'TOOT["SOURCES"]["{name}"] must be a dict.')
-            for key in SOURCE_KEYS:
+            for key in REQUIRED_SOURCE_KEYS:
                 if not isinstance(options.get(key), str):
-                    raise ConfigError(f'TOOT["SOURCES"]["{name}"]["{key}"] must be set to a string.')
-            sources[name] = Source(name, options["SUBSCRIPTION_URL"], options["CHANNEL_PREFIX"])
+                    raise ConfigError(
+                        f'TOOT["SOURCES"]["{name}"]["{key}"] must be set to a string.'
+                    )
+            sources[name] = Source(
+                name,
+                options["SUBSCRIPTION_URL"],
+                options["CHANNEL_PREFIX"],
+                secrets=self._source_secrets(name, options),
+                token=self._source_token(name, options),
+            )
         return sources
+
+    @staticmethod
+    def _source_secrets(name: str, options: Mapping[str, Any]) -> tuple[str, ...]:
+        secret, secrets = options.get("SECRET"), options.get("SECRETS")
+        if secret is not None and secrets is not None:
+            raise ConfigError(
+                f'TOOT["SOURCES"]["{name}"] sets both "SECRET" and "SECRETS"; '
+                "list every secret in SECRETS."
+            )
+        if secret is not None:
+            return _secret_list([secret], f'TOOT["SOURCES"]["{name}"]["SECRET"]')
+        if secrets is not None:
+            return _secret_list(secrets, f'TOOT["SOURCES"]["{name}"]["SECRETS"]')
+        return ()
+
+    @staticmethod
+    def _source_token(name: str, options: Mapping[str, Any]) -> str | None:
+        token = options.get("TOKEN")
+        return None if token is None else _token(token, f'TOOT["SOURCES"]["{name}"]["TOKEN"]')
+
+    def source_for_channel(self, channel: str) -> Source | None:
+        """The source whose CHANNEL_PREFIX starts ``channel``, the longest if several do."""
+        matching = [s for s in self.SOURCES.values() if channel.startswith(s.channel_prefix)]
+        return max(matching, key=lambda s: len(s.channel_prefix), default=None)
 
     def source(self, name: str) -> Source:
         try:
@@ -110,7 +195,7 @@ class Settings:
 
     @property
     def REDIS_URL(self) -> str:
-        """The explicit setting, else $TOOT_REDIS_URL, else a Redis Celery broker, else the default."""
+        """The setting, else $TOOT_REDIS_URL, else a Redis Celery broker, else the default."""
         value = self._optional_str("REDIS_URL")
         if value:
             return value
@@ -150,10 +235,39 @@ class Settings:
         return self._whole("MAX_EVENT_BYTES")
 
     @property
+    def ALLOWED_CALLBACK_HOSTS(self) -> tuple[str, ...]:
+        """Callback hosts exempt from the SSRF address rules, and allowed over plain http."""
+        value = self.get("ALLOWED_CALLBACK_HOSTS")
+        # Not a bare string, which would be read letter by letter; a URL or a port never matches.
+        if isinstance(value, (list, tuple)):
+            hosts = tuple(h.lower().strip("[]") if isinstance(h, str) else "" for h in value)
+            if all(HOST_PATTERN_RE.fullmatch(host) or _is_ip(host) for host in hosts):
+                return hosts
+        raise ConfigError(
+            'TOOT["ALLOWED_CALLBACK_HOSTS"] must be a list of host names such as '
+            f'["hooks.internal", ".corp.example", "10.1.2.3"], not {value!r}.'
+        )
+
+    @property
+    def ALLOWED_CALLBACK_NETWORKS(self) -> tuple[IPNetwork, ...]:
+        """Networks whose addresses callbacks may resolve to although they are not public."""
+        value = self.get("ALLOWED_CALLBACK_NETWORKS")
+        if isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value):
+            try:
+                return tuple(ipaddress.ip_network(network, strict=False) for network in value)
+            except ValueError:
+                pass
+        raise ConfigError(
+            'TOOT["ALLOWED_CALLBACK_NETWORKS"] must be a list of networks such as '
+            f'["10.0.0.0/8", "fd00::/8"], not {value!r}.'
+        )
+
+    @property
     def RETRY_SCHEDULE(self) -> tuple[float, ...]:
         value = self.get("RETRY_SCHEDULE")
         if not isinstance(value, (list, tuple)) or not all(
-            isinstance(delay, (int, float)) and not isinstance(delay, bool)
+            isinstance(delay, (int, float))
+            and not isinstance(delay, bool)
             and 0 <= delay < math.inf
             for delay in value
         ):
@@ -168,6 +282,40 @@ class Settings:
     @property
     def RELAY_INTERVAL(self) -> float:
         return self._positive("RELAY_INTERVAL")
+
+    @property
+    def SIGNING_SECRETS(self) -> tuple[str, ...]:
+        """``whsec_`` secrets every delivery is signed with; none: deliveries go unsigned."""
+        return _secret_list(self.get("SIGNING_SECRETS"), 'TOOT["SIGNING_SECRETS"]')
+
+    @property
+    def SUBSCRIPTIONS_AUTH(self) -> tuple[str, ...] | Authenticator | None:
+        """None (an open endpoint), the accepted bearer tokens, or a callable that decides."""
+        value = self.get("SUBSCRIPTIONS_AUTH")
+        name = 'TOOT["SUBSCRIPTIONS_AUTH"]'
+        if value is None:
+            return None
+        if isinstance(value, Mapping):
+            if set(value) != {"TOKENS"}:
+                raise ConfigError(f'{name} must be a dict with the one key "TOKENS".')
+            tokens = value["TOKENS"]
+            if not isinstance(tokens, (list, tuple)) or not tokens:
+                raise ConfigError(f'{name}["TOKENS"] must be a non-empty list of tokens.')
+            return tuple(_token(token, f'{name}["TOKENS"][{i}]') for i, token in enumerate(tokens))
+        if isinstance(value, str):
+            try:
+                authenticate = import_string(value)
+            except ImportError as exc:
+                raise ConfigError(
+                    f"{name} names {value!r}, which cannot be imported: {exc}"
+                ) from None
+            if not callable(authenticate):
+                raise ConfigError(f"{name} names {value!r}, which is not callable.")
+            return authenticate  # type: ignore[no-any-return]
+        raise ConfigError(
+            f'{name} must be None, {{"TOKENS": [...]}} or the dotted path of a callable, '
+            f"not {type(value).__name__}."
+        )
 
 
 conf = Settings()

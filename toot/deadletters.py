@@ -22,15 +22,25 @@ def _when(value: str | None) -> Any:
 
 
 def bury_delivery(
-    event: dict[str, Any], callback_url: str, attempts: int, outcome: delivery.Outcome, first_attempt_at: str | None
+    event: dict[str, Any],
+    callback_url: str,
+    attempts: int,
+    outcome: delivery.Outcome,
+    first_attempt_at: str | None,
 ) -> DeadLetter:
     from toot.models import DeadLetter
 
     logger.error(
-        "Event %s on %s: delivery to %s failed for good after %d attempts (status %s: %s); dead-lettered",
-        event["id"], event["channel"], callback_url, attempts, outcome.status, outcome.error,
+        "Event %s on %s: delivery to %s failed for good after %d attempts (status %s: %s); "
+        "dead-lettered",
+        event["id"],
+        event["channel"],
+        callback_url,
+        attempts,
+        outcome.status,
+        outcome.error,
     )
-    return DeadLetter.objects.create(
+    letter: DeadLetter = DeadLetter.objects.create(
         kind=DeadLetter.Kind.DELIVERY,
         event_id=event["id"],
         channel=event["channel"],
@@ -42,18 +52,27 @@ def bury_delivery(
         first_attempt_at=_when(first_attempt_at),
         last_attempt_at=timezone.now(),
     )
+    return letter
 
 
 def bury_handler(
-    event: dict[str, Any], handler: str, attempts: int, error: Exception, first_attempt_at: str | None
+    event: dict[str, Any],
+    handler: str,
+    attempts: int,
+    error: Exception,
+    first_attempt_at: str | None,
 ) -> DeadLetter:
     from toot.models import DeadLetter
 
     logger.error(
         "Event %s on %s: handler %s failed for good after %d attempts (%r); dead-lettered",
-        event["id"], event["channel"], handler, attempts, error,
+        event["id"],
+        event["channel"],
+        handler,
+        attempts,
+        error,
     )
-    return DeadLetter.objects.create(
+    letter: DeadLetter = DeadLetter.objects.create(
         kind=DeadLetter.Kind.HANDLER,
         event_id=event["id"],
         channel=event["channel"],
@@ -64,6 +83,7 @@ def bury_handler(
         first_attempt_at=_when(first_attempt_at),
         last_attempt_at=timezone.now(),
     )
+    return letter
 
 
 def redeliver(letter: DeadLetter) -> bool:
@@ -71,18 +91,24 @@ def redeliver(letter: DeadLetter) -> bool:
 
     Each replay counts as an attempt.
     """
-    if letter.kind == letter.Kind.DELIVERY:
+    if letter.kind == "delivery":  # DeadLetter.Kind.DELIVERY
         outcome = delivery.attempt(letter.event, letter.callback_url)
         ok = outcome.ok or outcome.gone
         status, error = outcome.status, outcome.error
     elif letter.handler not in handling.handlers_by_name(letter.channel):
-        ok, status, error = False, None, f"{letter.handler} is not subscribed to {letter.channel} here"
+        ok, status, error = (
+            False,
+            None,
+            f"{letter.handler} is not subscribed to {letter.channel} here",
+        )
     else:
         failures = handling.run(Event.from_dict(letter.event), [letter.handler])
         ok, status = not failures, None
         error = repr(failures[letter.handler]) if failures else ""
     if ok:
-        logger.info("Event %s on %s: dead letter %s redelivered", letter.event_id, letter.channel, letter.pk)
+        logger.info(
+            "Event %s on %s: dead letter %s redelivered", letter.event_id, letter.channel, letter.pk
+        )
         letter.delete()
         return True
     letter.attempts += 1
@@ -90,5 +116,11 @@ def redeliver(letter: DeadLetter) -> bool:
     letter.last_error = error
     letter.last_attempt_at = timezone.now()
     letter.save(update_fields=["attempts", "last_status", "last_error", "last_attempt_at"])
-    logger.warning("Event %s on %s: dead letter %s failed again: %s", letter.event_id, letter.channel, letter.pk, error)
+    logger.warning(
+        "Event %s on %s: dead letter %s failed again: %s",
+        letter.event_id,
+        letter.channel,
+        letter.pk,
+        error,
+    )
     return False

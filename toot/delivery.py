@@ -12,8 +12,9 @@ from typing import Any
 
 import requests
 
-from toot import client, store
+from toot import client, signing, ssrf, store
 from toot.conf import conf
+from toot.exceptions import ConfigError, InvalidCallback
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,10 @@ class Outcome:
     status: int | None = None
     error: str = ""
     retry_after: float | None = None
+    # Refused by the SSRF guard: no request was sent, and none is retried. A retry would
+    # only hide the refusal for a day; the dead letter shows it at once, and can be
+    # replayed once the URL or the allow-lists are fixed.
+    refused: bool = False
 
     @property
     def ok(self) -> bool:
@@ -42,7 +47,7 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²", a latin-1 header byte, is isdigit() too
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -56,8 +61,25 @@ def parse_retry_after(value: str | None) -> float | None:
 def attempt(event: dict[str, Any], callback_url: str) -> Outcome:
     """POST the event once; honours X-Toot-Unsubscribe and 410 Gone by unsubscribing."""
     event_id, channel = event["id"], event["channel"]
+    body = json.dumps(event, separators=(",", ":")).encode()
     try:
-        response = client.post_json(callback_url, json.dumps(event, separators=(",", ":")))
+        # Signed at each attempt: webhook-timestamp must be fresh when the subscriber reads it.
+        headers = signing.signature_headers(event_id, body, conf.SIGNING_SECRETS)
+    except ConfigError as exc:  # a bad secret: retried like a failure, so a fix loses nothing
+        logger.error("Event %s on %s: cannot sign the delivery: %s", event_id, channel, exc)
+        return Outcome(error=f"{type(exc).__name__}: {exc}")
+    try:
+        # Checked again at each attempt: DNS and the allow-lists may have changed since.
+        target = ssrf.target(callback_url)
+    except InvalidCallback as exc:
+        logger.error(
+            "Event %s on %s: refused to deliver to %s: %s", event_id, channel, callback_url, exc
+        )
+        return Outcome(error=f"{type(exc).__name__}: {exc}", refused=True)
+    except OSError as exc:  # the host does not resolve (now): retried like a connection error
+        return Outcome(error=f"{type(exc).__name__}: cannot resolve {callback_url}: {exc}")
+    try:
+        response = client.post_json(callback_url, body, headers, target=target)
     except requests.RequestException as exc:
         return Outcome(error=f"{type(exc).__name__}: {exc}")
     outcome = Outcome(status=response.status)
@@ -69,7 +91,10 @@ def attempt(event: dict[str, Any], callback_url: str) -> Outcome:
         store.remove(channel, callback_url)
         logger.info(
             "Event %s on %s: %s asked to unsubscribe (status %d); removed",
-            event_id, channel, callback_url, response.status,
+            event_id,
+            channel,
+            callback_url,
+            response.status,
         )
     return outcome
 

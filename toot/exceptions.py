@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
 
 
 class TootError(Exception):
@@ -17,6 +17,26 @@ class InvalidEvent(TootError, ValueError):
 
 class InvalidChannel(TootError, ValueError):
     """A channel name is too long or holds characters the protocol forbids."""
+
+
+class EventTooLarge(TootError, ValueError):
+    """An event whose wire JSON is over ``TOOT["MAX_EVENT_BYTES"]``: subscribers refuse it."""
+
+    def __init__(self, channel: str, size: int, limit: int) -> None:
+        self.channel = channel
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f'event on {channel} is {size} bytes of JSON, over TOOT["MAX_EVENT_BYTES"] ({limit})'
+        )
+
+
+class InvalidCallback(TootError, ValueError):
+    """A callback URL toot will not call: bad scheme, credentials, a non-public address (SSRF)."""
+
+
+class InvalidSignature(TootError, SuspiciousOperation):
+    """A callback's Standard Webhooks signature headers are missing, stale or do not match."""
 
 
 class CallbackFailure(TootError):

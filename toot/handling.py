@@ -27,7 +27,9 @@ class AlreadyRunning(Exception):
 
 
 def handler_name(handler: Handler) -> str:
-    return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', repr(handler))}"
+    # A callable object goes by its class: its repr holds an address, different in each process.
+    named = handler if hasattr(handler, "__qualname__") else type(handler)
+    return f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', '?')}"
 
 
 def handlers_by_name(channel: str) -> dict[str, Handler]:
@@ -58,7 +60,9 @@ def run(event: Event, names: list[str] | None = None) -> dict[str, Exception]:
         if not client.set(key, "running", nx=True, ex=CLAIM_SECONDS):
             state = client.get(key)
             if state in (DONE, DONE.encode()):
-                logger.info("Event %s on %s: %s already handled it, skipped", event.id, event.channel, name)
+                logger.info(
+                    "Event %s on %s: %s already handled it, skipped", event.id, event.channel, name
+                )
                 continue
             failures[name] = AlreadyRunning(f"{name} is already running for event {event.id}")
             continue

@@ -27,7 +27,10 @@ def keep(event: dict[str, Any], error: Exception) -> None:
 
     OutboxEvent.objects.create(event=event)
     logger.warning(
-        "Event %s on %s: broker unreachable (%s); kept in the outbox", event["id"], event["channel"], error
+        "Event %s on %s: broker unreachable (%s); kept in the outbox",
+        event["id"],
+        event["channel"],
+        error,
     )
 
 
@@ -54,7 +57,11 @@ def relay(app: Celery | None = None, limit: int = BATCH) -> int:
             (app or current_app).tasks[fan_out.name].apply_async((row.event,), retry=False)
             row.delete()
             sent += 1
-            logger.info("Event %s on %s: sent from the outbox", row.event.get("id"), row.event.get("channel"))
+            logger.info(
+                "Event %s on %s: sent from the outbox",
+                row.event.get("id"),
+                row.event.get("channel"),
+            )
     finally:
         OutboxEvent.objects.filter(claim=token).update(claim="", claimed_at=None)
     return sent

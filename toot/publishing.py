@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -12,6 +13,7 @@ from kombu.exceptions import OperationalError
 from toot import outbox
 from toot.conf import conf
 from toot.events import Event
+from toot.exceptions import EventTooLarge, InvalidEvent
 from toot.tasks import fan_out
 from toot.validation import check_channel
 
@@ -20,21 +22,43 @@ logger = logging.getLogger(__name__)
 BROKER_ERRORS = (OperationalError, redis.RedisError, OSError)
 
 
+def check_size(wire: dict[str, Any]) -> None:
+    """Refuse, before anything is enqueued, an event that subscribers would refuse.
+
+    A toot subscriber answers 413 to a body over its MAX_EVENT_BYTES, and every retry would
+    fail the same way; so would a payload that is not JSON (NaN included, which no JSON
+    parser reads back).
+    """
+    try:
+        # As deliveries send it; ensure_ascii makes its length in characters its size in bytes.
+        size = len(json.dumps(wire, separators=(",", ":"), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"payload is not JSON: {exc}") from None
+    if size > conf.MAX_EVENT_BYTES:
+        raise EventTooLarge(wire["channel"], size, conf.MAX_EVENT_BYTES)
+
+
 def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> Event:
     """Publish ``payload`` on ``CHANNEL_PREFIX + channel`` (or ``prefix + channel``).
 
     Returns at once with the event. Inside ``transaction.atomic()`` the event is sent
     only when the transaction commits, so a rolled-back change announces nothing. When
-    the broker is unreachable the event waits in the database outbox instead.
+    the broker is unreachable the event waits in the database outbox instead. An event
+    whose JSON is over ``MAX_EVENT_BYTES`` raises EventTooLarge, a payload that is not
+    JSON InvalidEvent, and nothing is sent.
     """
     full_channel = check_channel((conf.CHANNEL_PREFIX if prefix is None else prefix) + channel)
     event = Event(full_channel, payload)
     wire = event.to_dict()
+    check_size(wire)
 
     def send() -> None:
         try:
-            # No retry loop inside the caller's request: the outbox is the retry.
-            fan_out.apply_async((wire,), retry=False)
+            # No retry loop inside the caller's request: the outbox is the retry. Even with
+            # retry=False kombu retries connecting for the connect timeout (~6 s an event).
+            with fan_out.app.producer_or_acquire() as producer:
+                producer.connection.ensure_connection(max_retries=0)
+                fan_out.apply_async((wire,), retry=False, producer=producer)
         except BROKER_ERRORS as exc:
             outbox.keep(wire, exc)
         else:

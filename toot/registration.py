@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import requests
 
-from toot import client
+from toot import auth, client
 from toot.conf import conf
 from toot.exceptions import ConfigError, RegisterSubscriptionFailure
 from toot.registry import registry
+from toot.validation import check_channel
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def planned_registrations() -> list[Registration]:
     planned: dict[tuple[str, str], Registration] = {}
     for subscription in registry.subscriptions:
         source = conf.source(subscription.source)
-        channel = source.channel_prefix + subscription.channel
+        # Checked again: the source's CHANNEL_PREFIX may have changed since subscribe().
+        channel = check_channel(source.channel_prefix + subscription.channel)
         planned.setdefault(
             (source.subscription_url, channel),
             Registration(source.name, source.subscription_url, channel, callback_url),
@@ -56,9 +58,15 @@ def planned_registrations() -> list[Registration]:
 def register(registration: Registration) -> Registration:
     """Send one registration; a non-2xx answer raises RegisterSubscriptionFailure.
 
-    A connection failure is raised as requests raised it, as the Ruby gem does.
+    A connection failure is raised as requests raised it, as the Ruby gem does. The
+    source's ``TOKEN``, if any, goes along as a bearer token.
     """
-    response = client.post_json(registration.subscription_url, registration.body)
+    token = conf.source(registration.source).token
+    # Not through the SSRF guard (toot.ssrf): the operator chose this URL in TOOT["SOURCES"],
+    # no peer did, and it is often an internal address.
+    response = client.post_json(
+        registration.subscription_url, registration.body, auth.authorization_header(token)
+    )
     registration.status = response.status
     if not response.ok:
         raise RegisterSubscriptionFailure(
@@ -66,7 +74,10 @@ def register(registration: Registration) -> Registration:
         )
     logger.info(
         "Registered %s for %s at %s (status %d)",
-        registration.callback_url, registration.channel, registration.subscription_url, response.status,
+        registration.callback_url,
+        registration.channel,
+        registration.subscription_url,
+        response.status,
     )
     return registration
 
@@ -86,7 +97,12 @@ def register_subscriptions(
             try:
                 register(registration)
             except (RegisterSubscriptionFailure, requests.RequestException) as exc:
-                logger.warning("Registering %s at %s failed: %s", registration.channel, registration.subscription_url, exc)
+                logger.warning(
+                    "Registering %s at %s failed: %s",
+                    registration.channel,
+                    registration.subscription_url,
+                    exc,
+                )
                 registration.error = exc
                 first_error = first_error or exc
         if report is not None:

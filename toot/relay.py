@@ -8,6 +8,7 @@ thing.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ class Relay(threading.Thread):
         if outbox:
             self.steps.append(lambda: relay_outbox(app))
         self.stopping = threading.Event()
-        self._last_complaint = 0.0
+        self._last_complaint = -math.inf  # monotonic() starts near 0 at boot: log the first
 
     def run(self) -> None:
         while not self.stopping.wait(conf.RELAY_INTERVAL):
@@ -52,7 +53,9 @@ class Relay(threading.Thread):
                 except Exception as exc:  # keep relaying once Redis or the database is back
                     if time.monotonic() - self._last_complaint > QUIET_SECONDS:
                         self._last_complaint = time.monotonic()
-                        logger.warning("toot relay failed, will keep trying: %s", exc, exc_info=True)
+                        logger.warning(
+                            "toot relay failed, will keep trying: %s", exc, exc_info=True
+                        )
 
 
 _relay: Relay | None = None

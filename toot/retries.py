@@ -61,7 +61,7 @@ def _keys(queue: str) -> tuple[str, str, str]:
 
 
 def schedule(task: str, args: list[Any], kwargs: dict[str, Any], delay: float, queue: str) -> str:
-    """Send ``task(*args, **kwargs)`` to ``queue`` in ``delay`` seconds, surviving any worker crash."""
+    """Send ``task(*args, **kwargs)`` to ``queue`` in ``delay`` seconds, whatever crashes."""
     due, _, data = _keys(queue)
     retry_id = uuid.uuid4().hex
     with get_redis().pipeline(transaction=True) as pipe:
@@ -87,10 +87,17 @@ def relay_due(app: Celery, queues: Iterable[str], limit: int = BATCH) -> int:
         now = time.time()
         client.eval(RECOVER_SCRIPT, 2, claimed, due, now - CLAIM_TIMEOUT, now)
         claimed_items = client.eval(CLAIM_SCRIPT, 3, due, claimed, data, now, limit)
-        for retry_id, raw in zip(claimed_items[::2], claimed_items[1::2]):
+        for retry_id, raw in zip(claimed_items[::2], claimed_items[1::2], strict=True):
             if raw:
-                entry = json.loads(raw)
-                app.tasks[entry["task"]].apply_async(entry["args"], entry["kwargs"], queue=queue)
+                try:
+                    entry = json.loads(raw)
+                    task = app.tasks[entry["task"]]
+                except (ValueError, KeyError):
+                    # Not ours to understand (another toot version?): leave it claimed,
+                    # where the next relay finds it again, and go on with the rest.
+                    logger.error("Retry %s for %s cannot be sent: %.200s", retry_id, queue, raw)
+                    continue
+                task.apply_async(entry["args"], entry["kwargs"], queue=queue)
                 sent += 1
             with client.pipeline(transaction=True) as pipe:
                 pipe.zrem(claimed, retry_id)

@@ -85,8 +85,5 @@ def subscriptions(prefix: str = "") -> dict[str, list[str]]:
         for channel in channels:
             pipe.smembers(_channel_key(channel))
         members = pipe.execute()
-    return {
-        channel: sorted(map(_text, urls))
-        for channel, urls in zip(channels, members)
-        if urls
-    }
+    pairs = zip(channels, members, strict=True)
+    return {channel: sorted(map(_text, urls)) for channel, urls in pairs if urls}

@@ -24,17 +24,24 @@ from toot.events import Event
 
 logger = logging.getLogger(__name__)
 
-RELIABLE: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
-# Short, bounded retries for our own infrastructure (Redis, the broker) being briefly away.
-INFRASTRUCTURE = {
-    "autoretry_for": (redis.RedisError, OperationalError),
-    "retry_backoff": 1,
-    "retry_backoff_max": 60,
-    "max_retries": 20,
-}
+
+class TootTask(Task[Any, Any]):
+    """Acknowledged late and rejected on worker loss, so a killed worker loses no message.
+
+    Errors of our own infrastructure (Redis, the broker) being briefly away get short,
+    bounded Celery retries; failed deliveries and handlers go to ``toot.retries``.
+    """
+
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    autoretry_for = (redis.RedisError, OperationalError)
+    retry_backoff = 1
+    retry_backoff_max = 60
+    max_retries = 20
 
 
-@shared_task(name="toot.fan_out", **RELIABLE, **INFRASTRUCTURE)
+@shared_task(base=TootTask, name="toot.fan_out")
 def fan_out(event: dict[str, Any]) -> int:
     """Start one delivery per callback URL subscribed to the event's channel."""
     urls = store.callback_urls(event["channel"])
@@ -53,10 +60,13 @@ def origin_queue(task: Task[Any, Any]) -> str:
     return str(task.app.conf.task_default_queue)
 
 
-@shared_task(bind=True, name="toot.deliver", **RELIABLE, **INFRASTRUCTURE)
+@shared_task(bind=True, base=TootTask, name="toot.deliver")
 def deliver(
     self: Task[Any, Any],
-    event: dict[str, Any], callback_url: str, attempts: int = 0, first_attempt_at: str | None = None
+    event: dict[str, Any],
+    callback_url: str,
+    attempts: int = 0,
+    first_attempt_at: str | None = None,
 ) -> None:
     """One attempt to POST the event; a failure is scheduled again or dead-lettered."""
     event_id, channel = event["id"], event["channel"]
@@ -66,10 +76,15 @@ def deliver(
     if outcome.ok or outcome.gone:
         logger.info(
             "Event %s on %s: delivered to %s (status %s, attempt %d)",
-            event_id, channel, callback_url, outcome.status, attempts,
+            event_id,
+            channel,
+            callback_url,
+            outcome.status,
+            attempts,
         )
         return
-    delay = delivery.next_delay(attempts, outcome.retry_after)
+    # A URL the SSRF guard refused is dead-lettered at once (see delivery.Outcome.refused).
+    delay = None if outcome.refused else delivery.next_delay(attempts, outcome.retry_after)
     if delay is None:
         deadletters.bury_delivery(event, callback_url, attempts, outcome, first_attempt_at)
         return
@@ -82,11 +97,17 @@ def deliver(
     )
     logger.warning(
         "Event %s on %s: delivery to %s failed (attempt %d, status %s: %s), retrying in %.1fs",
-        event_id, channel, callback_url, attempts, outcome.status, outcome.error, delay,
+        event_id,
+        channel,
+        callback_url,
+        attempts,
+        outcome.status,
+        outcome.error,
+        delay,
     )
 
 
-@shared_task(bind=True, name="toot.handle", **RELIABLE, **INFRASTRUCTURE)
+@shared_task(bind=True, base=TootTask, name="toot.handle")
 def handle(
     self: Task[Any, Any],
     event: dict[str, Any],
@@ -116,5 +137,9 @@ def handle(
     )
     logger.warning(
         "Event %s on %s: %d handlers failed (attempt %d), retrying them in %.1fs",
-        ev.id, ev.channel, len(failures), attempts, delay,
+        ev.id,
+        ev.channel,
+        len(failures),
+        attempts,
+        delay,
     )

@@ -14,15 +14,16 @@ from typing import Any
 import redis
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.response import HttpResponseBase
 from django.utils.decorators import method_decorator
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 from kombu.exceptions import OperationalError
 
-from toot import store
+from toot import auth, signing, ssrf, store
 from toot.conf import conf
 from toot.events import Event
-from toot.exceptions import InvalidEvent
+from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature
 from toot.registry import registry
 from toot.tasks import handle
 from toot.validation import channel_error, url_error
@@ -36,14 +37,17 @@ MAX_SUBSCRIPTION_BYTES = 16 * 1024
 class Refused(Exception):
     """Ends a request with ``status`` and a JSON error body."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
-def error_response(status: int, message: str) -> JsonResponse:
-    return JsonResponse({"error": message}, status=status)
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JsonResponse:
+    return JsonResponse({"error": message}, status=status, headers=headers)
 
 
 def _reject_constant(name: str) -> None:
@@ -81,16 +85,24 @@ def read_json(request: HttpRequest, max_bytes: int) -> Any:
 class TootView(View):
     """Turns Refused, store and broker failures into JSON answers."""
 
-    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         try:
+            self.authenticate(request)
             return super().dispatch(request, *args, **kwargs)
         except Refused as refused:
-            return error_response(refused.status, refused.message)
+            return error_response(refused.status, refused.message, refused.headers)
         except (redis.RedisError, OperationalError) as exc:
-            logger.error("%s %s: store or broker unavailable: %s", request.method, request.path, exc)
+            logger.error(
+                "%s %s: store or broker unavailable: %s", request.method, request.path, exc
+            )
             return error_response(503, "toot is unavailable, try again later")
 
-    def http_method_not_allowed(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    def authenticate(self, request: HttpRequest) -> None:
+        """Raise Refused unless the request may be served; callbacks check signatures later."""
+
+    def http_method_not_allowed(
+        self, request: HttpRequest, *args: Any, **kwargs: Any
+    ) -> HttpResponse:
         response = error_response(405, f"method {request.method} is not allowed")
         response["Allow"] = ", ".join(m.upper() for m in self.http_method_names)
         return response
@@ -100,6 +112,13 @@ class SubscriptionsView(TootView):
     """Publisher side: subscribers add, list and remove callback URLs per channel."""
 
     http_method_names = ["get", "post", "delete"]
+
+    def authenticate(self, request: HttpRequest) -> None:
+        # Before anything else, the method included: a stranger learns nothing here.
+        error = auth.authentication_error(request)
+        if error:
+            logger.warning("%s %s refused: %s", request.method, request.path, error)
+            raise Refused(401, error, {"WWW-Authenticate": "Bearer"})
 
     def get(self, request: HttpRequest) -> HttpResponse:
         if "application/json" not in request.headers.get("Accept", ""):
@@ -112,8 +131,11 @@ class SubscriptionsView(TootView):
         if not isinstance(data, dict):
             raise Refused(422, "body must be a JSON object with channel and callback_url")
         channel, callback_url = self._fields(data.get("channel"), data.get("callback_url"), 422)
+        self._check_callback(callback_url)
         added = store.add(channel, callback_url)
-        logger.info("Subscription %s to %s %s", callback_url, channel, "added" if added else "already there")
+        logger.info(
+            "Subscription %s to %s %s", callback_url, channel, "added" if added else "already there"
+        )
         return HttpResponse(status=201 if added else 204)
 
     def delete(self, request: HttpRequest) -> HttpResponse:
@@ -127,13 +149,31 @@ class SubscriptionsView(TootView):
 
     @staticmethod
     def _fields(channel: object, callback_url: object, missing_status: int) -> tuple[str, str]:
-        missing = [name for name, value in (("channel", channel), ("callback_url", callback_url)) if value in (None, "")]
+        missing = [
+            name
+            for name, value in (("channel", channel), ("callback_url", callback_url))
+            if value in (None, "")
+        ]
         if missing:
             raise Refused(missing_status, f"{' and '.join(missing)} required")
         error = channel_error(channel) or url_error(callback_url)
         if error:
             raise Refused(422, error)
         return channel, callback_url  # type: ignore[return-value]
+
+    @staticmethod
+    def _check_callback(callback_url: str) -> None:
+        """Refuse now a URL that no delivery would be sent to (the SSRF guard, toot.ssrf).
+
+        Only on POST: DELETE must still remove a URL stored before the rules changed.
+        """
+        try:
+            ssrf.check_callback_url(callback_url)
+        except InvalidCallback as exc:
+            logger.warning("Subscription of %s refused: %s", callback_url, exc)
+            raise Refused(422, str(exc)) from None
+        except OSError:  # a temporary resolver failure: the subscriber should try again
+            raise Refused(503, "cannot resolve the callback_url host now; try again") from None
 
 
 class CallbackView(TootView):
@@ -143,15 +183,58 @@ class CallbackView(TootView):
 
     def post(self, request: HttpRequest) -> HttpResponse:
         data = read_json(request, conf.MAX_EVENT_BYTES)
+        self.verify_signature(request, data)
         try:
             event = Event.from_dict(data)
         except InvalidEvent as exc:
             raise Refused(422, str(exc)) from None
         if not registry.handlers_for(event.channel):
-            logger.info("Event %s on %s: no local subscription, asking to unsubscribe", event.id, event.channel)
+            logger.info(
+                "Event %s on %s: no local subscription, asking to unsubscribe",
+                event.id,
+                event.channel,
+            )
             response = HttpResponse(status=200)
             response["X-Toot-Unsubscribe"] = "True"
             return response
         handle.delay(event.to_dict())
         logger.info("Event %s on %s: received, handlers enqueued", event.id, event.channel)
         return HttpResponse(status=200)
+
+    @staticmethod
+    def verify_signature(request: HttpRequest, data: Any) -> None:
+        """Refuse with 401 an event of a source with secrets unless it is signed by one.
+
+        The source is the one whose channel prefix starts the event's channel. A body
+        without a string channel names no source and is refused (422) after this.
+        """
+        sources = {conf.source_for_channel(channel) for channel in _channels(data)}
+        for source in sorted(filter(None, sources)):
+            if not source.secrets:
+                continue  # unsigned, as a Ruby publisher sends
+            try:
+                signing.verify(
+                    request.body,  # the bytes as received: re-encoded JSON would not match
+                    request.headers,
+                    source.secrets,
+                    name=f'a secret of TOOT["SOURCES"]["{source.name}"]',
+                )
+            except InvalidSignature as exc:
+                logger.warning("Callback from source %s refused: %s", source.name, exc)
+                raise Refused(401, str(exc)) from None
+
+
+def _channels(data: Any) -> list[str]:
+    """The channels a callback body names: its own, and its events' if it is a batch.
+
+    Batches (PROTOCOL.md section 7) are included so that no body shape can carry an
+    event past its source's signature check.
+    """
+    if not isinstance(data, dict):
+        return []
+    items = [data, *(data["events"] if isinstance(data.get("events"), list) else [])]
+    return [
+        item["channel"]
+        for item in items
+        if isinstance(item, dict) and isinstance(item.get("channel"), str)
+    ]

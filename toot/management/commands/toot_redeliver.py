@@ -17,8 +17,15 @@ class Command(BaseCommand):
         parser.add_argument("--callback-url", help="Every dead letter for this callback URL.")
         parser.add_argument("--all", action="store_true", help="Every dead letter.")
 
-    def handle(self, *args: Any, ids: list[int], channel: str | None, callback_url: str | None,
-               all: bool, **options: Any) -> None:  # noqa: A002 - the option's name
+    def handle(
+        self,
+        *args: Any,
+        ids: list[int],
+        channel: str | None,
+        callback_url: str | None,
+        all: bool,
+        **options: Any,
+    ) -> None:  # noqa: A002 - the option's name
         if not (ids or channel or callback_url or all):
             raise CommandError("Say which dead letters: ids, --channel, --callback-url or --all.")
         letters = DeadLetter.objects.order_by("id")
@@ -36,8 +43,12 @@ class Command(BaseCommand):
                 outcome = self.style.SUCCESS("delivered")
             else:
                 failed += 1
-                outcome = self.style.ERROR(f"failed again ({letter.last_status or letter.last_error})")
-            self.stdout.write(f"[{number}/{total}] {letter.event_id} on {letter.channel} -> {target}: {outcome}")
+                outcome = self.style.ERROR(
+                    f"failed again ({letter.last_status or letter.last_error})"
+                )
+            self.stdout.write(
+                f"[{number}/{total}] {letter.event_id} on {letter.channel} -> {target}: {outcome}"
+            )
         self.stdout.write(f"{total - failed} of {total} redelivered.")
         if failed:
             raise CommandError(f"{failed} dead letters failed again and were kept.")

@@ -3,10 +3,9 @@ from __future__ import annotations
 from typing import Any
 
 import requests
-
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from toot.exceptions import ConfigError, RegisterSubscriptionFailure
+from toot.exceptions import ConfigError, InvalidChannel, RegisterSubscriptionFailure
 from toot.registration import Registration, register_subscriptions
 
 
@@ -22,7 +21,7 @@ class Command(BaseCommand):
         self.dry_run = dry_run
         try:
             registrations = register_subscriptions(dry_run=dry_run, report=self.report)
-        except ConfigError as exc:
+        except (ConfigError, InvalidChannel) as exc:
             raise CommandError(str(exc)) from exc
         except (RegisterSubscriptionFailure, requests.RequestException) as exc:
             raise CommandError("Some subscriptions could not be registered.") from exc
