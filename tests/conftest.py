@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import socket
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 from celery.contrib.testing.worker import start_worker
 from django.conf import settings
@@ -33,8 +37,9 @@ def _clean_registry():
 @pytest.fixture(scope="session")
 def _worker_session():
     """A real Celery worker in this process, consuming this run's queue."""
-    with start_worker(celery_app, pool="threads", concurrency=4, perform_ping_check=False,
-                      shutdown_timeout=30) as worker:
+    with start_worker(
+        celery_app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30
+    ) as worker:
         # The CLI worker starts the relay on worker_ready. Its outbox step needs the
         # database, which most tests may not touch; test_outbox runs that step itself.
         relay.start(celery_app, [settings.CELERY_TASK_DEFAULT_QUEUE], outbox=False)
@@ -52,6 +57,40 @@ def celery_worker(_worker_session, redis):
 @pytest.fixture
 def eventually():
     """Poll for an outcome with a deadline instead of sleeping."""
+
     def poll(predicate, timeout=20.0, what="the expected outcome"):
         wait_for(predicate, timeout, what)
+
     return poll
+
+
+@pytest.fixture
+def dns(monkeypatch):
+    """DNS answers for chosen names: a list of addresses, an exception, or a function
+    giving either; every other name goes to the real resolver. ``lookups`` lists the
+    chosen names asked for, in order.
+
+    The one stand-in of the suite: no real resolver answers a public and a private address
+    for one name, or changes its answer (DNS rebinding), offline.
+    """
+    answers: dict[str, Any] = {}
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in answers:
+            return real(host, port, family, type, proto, flags)
+        lookups.append(name)
+        answer = answers[name]() if callable(answers[name]) else answers[name]
+        if isinstance(answer, Exception):
+            raise answer
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))
+            if ":" in address
+            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))
+            for address in answer
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return SimpleNamespace(answers=answers, lookups=lookups)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,9 @@ class Reply:
     """What the server answers.
 
     ``hang`` never answers (until the server stops); ``endless`` streams a body that
-    never ends, for as long as the client keeps reading.
+    never ends, for as long as the client keeps reading. ``trickle`` sends the body one
+    byte at a time, that many seconds apart (the status line and headers too, with
+    ``trickle_headers``): each byte comes well within a read timeout, the whole never.
     """
 
     status: int = 200
@@ -26,6 +29,8 @@ class Reply:
     body: bytes = b""
     hang: bool = False
     endless: bool = False
+    trickle: float = 0.0
+    trickle_headers: bool = False
 
 
 @dataclass
@@ -59,13 +64,15 @@ class HTTPServer:
     """An HTTP/1.1 server on a free loopback port, serving from daemon threads.
 
     ``reply`` is a Reply for every request, or a function of the request returning one.
-    Use it as a context manager, or call ``start()`` and ``stop()``.
+    With ``tls`` (a server-side SSLContext) it speaks https. Use it as a context manager,
+    or call ``start()`` and ``stop()``.
     """
 
-    def __init__(self, reply: ReplySpec | None = None) -> None:
+    def __init__(self, reply: ReplySpec | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.reply: ReplySpec = reply or Reply()
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -80,6 +87,13 @@ class HTTPServer:
     def start(self) -> HTTPServer:
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler_class())
         self._server.daemon_threads = True
+        if self.tls is not None:
+            # The handshake happens in the request's thread, on its first read; a client
+            # that refuses the certificate ends it there, which is no error of the server's.
+            self._server.socket = self.tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
+            self._server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -144,6 +158,9 @@ class HTTPServer:
                     server._stopped.wait()
                     self.close_connection = True
                     return
+                if reply.trickle:
+                    self._trickle(reply)
+                    return
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
@@ -162,6 +179,22 @@ class HTTPServer:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(reply.body)
+
+            def _trickle(self, reply: Reply) -> None:
+                self.close_connection = True
+                headers = {**reply.headers, "Content-Length": str(len(reply.body))}
+                head = f"HTTP/1.1 {reply.status} {self.responses[reply.status][0]}\r\n"
+                head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+                data = (head + "Connection: close\r\n\r\n").encode("latin-1") + reply.body
+                at_once = 0 if reply.trickle_headers else len(data) - len(reply.body)
+                try:
+                    self.wfile.write(data[:at_once])
+                    for i in range(at_once, len(data)):
+                        if server._stopped.wait(reply.trickle):
+                            return
+                        self.wfile.write(data[i : i + 1])
+                except OSError:  # the client gave up and closed
+                    pass
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import Any
 
 import environ
 
@@ -51,11 +52,15 @@ DATABASES = {"default": env.db("DATABASE_URL", default="sqlite://:memory:")}
 USE_TZ = True
 STATIC_URL = "/static/"
 
+# The tests' publisher leaves its subscriptions endpoint open, as the Ruby gem does and as
+# most tests need; tests/test_checks.py unsilences the warning where it tests it.
+SILENCED_SYSTEM_CHECKS = ["toot.W003"]
+
 CELERY_BROKER_URL = REDIS_URL
 CELERY_TASK_DEFAULT_QUEUE = f"toot-test-{RUN_ID}"
 CELERY_TASK_IGNORE_RESULT = True
 
-TOOT = {
+TOOT: dict[str, Any] = {
     "CHANNEL_PREFIX": "org.example.test.",
     "CALLBACK_URL": "http://testserver/toot/callbacks",
     "SOURCES": {
@@ -68,4 +73,9 @@ TOOT = {
     "KEY_PREFIX": f"toot-test-{RUN_ID}:",
     "RETRY_SCHEDULE": [0.1, 0.2, 0.4],
     "RELAY_INTERVAL": 0.05,
+    # The tests' subscribers are live servers on loopback, reached over plain http, and
+    # names under the reserved .example domain that nothing delivers to. Allowed
+    # explicitly, as a project must: tests/test_ssrf.py checks the rules without them.
+    "ALLOWED_CALLBACK_HOSTS": ["127.0.0.1", "localhost", "testserver", ".example"],
+    "ALLOWED_CALLBACK_NETWORKS": ["127.0.0.0/8", "::1/128"],
 }

@@ -8,9 +8,11 @@ from django.core.checks import ERROR, WARNING
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
+from django.urls import path
 
 import toot
-from toot.checks import check_settings, check_subscriptions
+from toot.checks import check_security, check_settings, check_subscriptions
+from toot.views import CallbackView
 
 SOURCE = settings.TOOT["SOURCES"]["publisher"]
 
@@ -99,6 +101,9 @@ def test_e001_toot_setting_not_a_dict(value):
         ("REDIS_TIMEOUT", -1),
         ("MAX_EVENT_BYTES", "256k"),
         ("RETRY_SCHEDULE", [1, -5]),
+        ("SIGNING_SECRETS", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        ("SUBSCRIPTIONS_AUTH", {"TOKENS": []}),
+        ("SUBSCRIPTIONS_AUTH", "tests.no_such_module.authorize"),
     ],
 )
 def test_e002_wrong_type(key, value):
@@ -274,6 +279,7 @@ def test_w001_unknown_toot_key():
     assert message.id == "toot.W001"
     assert message.level == WARNING
     assert 'TOOT["CHANEL_PREFIX"]' in message.msg
+    assert message.hint is not None
     assert "CHANNEL_PREFIX" in message.hint
 
 
@@ -283,6 +289,7 @@ def test_w002_unknown_source_key():
     assert message.id == "toot.W002"
     assert message.level == WARNING
     assert 'TOOT["SOURCES"]["publisher"]["CHANNEL"]' in message.msg
+    assert message.hint is not None
     assert "SUBSCRIPTION_URL" in message.hint
 
 
@@ -312,4 +319,167 @@ def test_check_command_runs_check_subscriptions():
 
 def test_check_command_reports_warnings():
     with toot_settings(CHANEL_PREFIX="x."), pytest.raises(SystemCheckError, match=r"toot\.W001"):
+        call_command("check", fail_level="WARNING", stdout=StringIO(), stderr=StringIO())
+
+
+# toot.E007
+
+GOOD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SHORT_SECRET = "whsec_c2hvcnRzZWNyZXQ="  # "shortsecret": 11 bytes
+
+
+@pytest.mark.parametrize(
+    ("options", "named", "error"),
+    [
+        (
+            {"SIGNING_SECRETS": [GOOD_SECRET, SHORT_SECRET]},
+            'TOOT["SIGNING_SECRETS"][1]',
+            "at least 24 random bytes",
+        ),
+        (
+            {"SIGNING_SECRETS": ["MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]},
+            'TOOT["SIGNING_SECRETS"][0]',
+            'start with "whsec_"',
+        ),
+        (
+            {"SOURCES": {"publisher": {**SOURCE, "SECRET": "whsec_!!not-base64!!"}}},
+            'TOOT["SOURCES"]["publisher"]["SECRET"]',
+            "standard base64",
+        ),
+        (
+            {"SOURCES": {"publisher": {**SOURCE, "SECRETS": [GOOD_SECRET, SHORT_SECRET]}}},
+            'TOOT["SOURCES"]["publisher"]["SECRETS"][1]',
+            "at least 24 random bytes",
+        ),
+    ],
+)
+def test_e007_malformed_secret(options, named, error):
+    with toot_settings(**options):
+        [message] = check_settings()
+    assert message.id == "toot.E007"
+    assert message.level == ERROR
+    assert named in message.msg
+    assert error in message.msg
+    assert "whsec_" in (message.hint or "")
+    assert "c2hvcnRzZWNyZXQ" not in message.msg  # the secret itself is never shown
+
+
+def test_e007_each_bad_secret_reported():
+    with toot_settings(
+        SIGNING_SECRETS=[SHORT_SECRET, "x"],
+        SOURCES={"publisher": {**SOURCE, "SECRET": SHORT_SECRET}},
+    ):
+        assert ids(check_settings()) == ["toot.E007"] * 3
+
+
+def test_well_formed_secrets_and_tokens_pass():
+    with toot_settings(
+        SIGNING_SECRETS=[GOOD_SECRET, GOOD_SECRET.rstrip("w") + "x"],
+        SUBSCRIPTIONS_AUTH={"TOKENS": ["t0ken"]},
+        SOURCES={"publisher": {**SOURCE, "SECRETS": [GOOD_SECRET], "TOKEN": "t0ken"}},
+    ):
+        assert run_checks() == []
+
+
+def test_secret_and_token_are_known_source_keys():
+    with with_source(SECRET=GOOD_SECRET, TOKEN="t0ken"):
+        assert check_settings() == []
+
+
+# toot.W003
+
+
+def test_w003_open_subscriptions_endpoint_without_debug():
+    with override_settings(DEBUG=False):
+        [message] = check_security()
+    assert message.id == "toot.W003"
+    assert message.level == WARNING
+    assert "subscriptions endpoint is open" in message.msg
+    assert 'TOOT["SUBSCRIPTIONS_AUTH"]' in (message.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("debug", "auth"),
+    [
+        (True, None),
+        (False, {"TOKENS": ["t0ken"]}),
+        (False, "tests.test_checks.handler"),
+    ],
+)
+def test_no_w003_in_debug_or_with_authentication(debug, auth):
+    with override_settings(DEBUG=debug), toot_settings(SUBSCRIPTIONS_AUTH=auth):
+        assert check_security() == []
+
+
+class CallbacksOnlyURLConf:
+    """A subscriber-only project's URLconf: the callback view mounted alone."""
+
+    urlpatterns = [path("callbacks", CallbackView.as_view())]
+
+
+def test_no_w003_when_the_subscriptions_endpoint_is_not_served():
+    with override_settings(DEBUG=False, ROOT_URLCONF=CallbacksOnlyURLConf):
+        assert check_security() == []
+
+
+def test_no_w003_when_subscriptions_auth_is_malformed():
+    with toot_settings(SUBSCRIPTIONS_AUTH=5):
+        assert check_security() == []
+        assert ids(check_settings()) == ["toot.E002"]  # reported once, there
+
+
+def test_check_command_runs_check_security():
+    with (
+        override_settings(SILENCED_SYSTEM_CHECKS=[]),
+        pytest.raises(SystemCheckError, match=r"toot\.W003"),
+    ):
+        call_command("check", fail_level="WARNING", stdout=StringIO(), stderr=StringIO())
+
+
+# The SSRF guard's allow-lists: toot.E002 and toot.W004
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("ALLOWED_CALLBACK_HOSTS", "localhost"), ("ALLOWED_CALLBACK_NETWORKS", ["intranet"])],
+)
+def test_e002_bad_allow_list(key, value):
+    with toot_settings(**{key: value}):
+        [message] = check_settings()
+    assert message.id == "toot.E002"
+    assert f'TOOT["{key}"]' in message.msg
+
+
+@pytest.mark.parametrize(
+    ("network", "reached"),
+    [
+        ("169.254.0.0/16", "169.254.169.254"),
+        ("169.254.169.254/32", "169.254.169.254"),
+        ("0.0.0.0/0", "169.254.169.254"),
+        ("fd00::/8", "fd00:ec2::254"),
+        ("::/0", "fd00:ec2::254"),
+        ("100.64.0.0/10", "100.100.100.200"),
+    ],
+)
+def test_w004_allowed_network_reaches_cloud_metadata(network, reached):
+    with toot_settings(ALLOWED_CALLBACK_NETWORKS=["10.0.0.0/8", network]):
+        [message] = check_settings()
+    assert message.id == "toot.W004"
+    assert message.level == WARNING
+    assert network in message.msg
+    assert reached in message.msg
+    assert "ALLOWED_CALLBACK_HOSTS" in str(message.hint)
+
+
+def test_private_networks_that_miss_the_metadata_addresses_are_fine():
+    networks = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "fd12::/16"]
+    with toot_settings(ALLOWED_CALLBACK_NETWORKS=networks, ALLOWED_CALLBACK_HOSTS=["x.internal"]):
+        assert check_settings() == []
+
+
+def test_check_command_reports_w004():
+    with (
+        toot_settings(ALLOWED_CALLBACK_NETWORKS=["0.0.0.0/0"]),
+        pytest.raises(SystemCheckError, match=r"toot\.W004"),
+    ):
         call_command("check", fail_level="WARNING", stdout=StringIO(), stderr=StringIO())

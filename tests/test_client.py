@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import select
@@ -13,7 +14,7 @@ from django.conf import settings
 from django.test import override_settings
 
 from devtools.processes import free_port
-from tests.http_server import HTTPServer, Reply
+from tests.http_server import HTTPServer, Reply, in_order
 from toot import client
 from toot.client import MAX_RESPONSE_BYTES, post_json
 
@@ -48,6 +49,15 @@ def test_accepts_bytes(server):
     post_json(server.url, b'{"a": 1}')
 
     assert server.requests[0].json() == {"a": 1}
+
+
+def test_sends_extra_headers_beside_the_json_content_type(server):
+    post_json(server.url, "{}", {"webhook-id": "evt-1", "Authorization": "Bearer t"})
+
+    [request] = server.requests
+    assert request.headers["webhook-id"] == "evt-1"
+    assert request.headers["Authorization"] == "Bearer t"
+    assert request.headers["Content-Type"] == "application/json"
 
 
 def test_returns_status_headers_and_body(server):
@@ -204,3 +214,69 @@ def test_default_session_is_one_per_process():
 
     assert answer == b"new"
     assert client.get_session() is session
+
+
+def test_a_compressed_body_is_capped_once_decompressed(server):
+    server.reply = Reply(200, {"Content-Encoding": "gzip"}, gzip.compress(b"\0" * 10_000_000))
+
+    response = post_json(server.url, "{}")
+
+    assert len(server.reply.body) < MAX_RESPONSE_BYTES
+    assert response.body == b"\0" * MAX_RESPONSE_BYTES
+
+
+# The total deadline: READ_TIMEOUT bounds each read, CONNECT_TIMEOUT + READ_TIMEOUT the call.
+
+# One second in all, while each trickled byte comes within 0.05 s: far within a read timeout.
+ONE_SECOND = {"CONNECT_TIMEOUT": 0.5, "READ_TIMEOUT": 0.5}
+TRICKLE = 0.05
+BODY = b"x" * 2000  # 100 s at that pace
+
+
+@pytest.mark.parametrize("trickle_headers", [False, True], ids=["body", "headers"])
+def test_a_trickling_answer_is_cut_at_the_total_deadline(trickle_headers):
+    reply = Reply(body=BODY, trickle=TRICKLE, trickle_headers=trickle_headers)
+    with HTTPServer(reply) as server, override_settings(TOOT={**settings.TOOT, **ONE_SECOND}):
+        started = time.monotonic()
+        with pytest.raises(requests.ReadTimeout, match="no complete answer within 1 seconds"):
+            post_json(server.url, "{}")
+        elapsed = time.monotonic() - started
+
+    assert 0.9 < elapsed < 5
+
+
+def test_the_deadline_cuts_a_trickle_through_a_users_session_too():
+    reply = Reply(body=BODY, trickle=TRICKLE)
+    with (
+        HTTPServer(reply) as server,
+        override_settings(
+            TOOT={**settings.TOOT, **ONE_SECOND, "HTTP_SESSION": "tests.test_client.marked_session"}
+        ),
+    ):
+        started = time.monotonic()
+        with pytest.raises(requests.ReadTimeout):
+            post_json(server.url, "{}")
+
+    assert time.monotonic() - started < 5
+    assert server.requests[0].headers["X-Test-Session"] == "marked"
+
+
+def test_a_slow_answer_within_the_deadline_is_read_whole():
+    # About 80 bytes, headers included, 0.01 s apart: well within two seconds.
+    reply = Reply(201, body=b"0123456789", trickle=0.01, trickle_headers=True)
+    two_seconds = {"CONNECT_TIMEOUT": 1, "READ_TIMEOUT": 1}
+    with HTTPServer(reply) as server, override_settings(TOOT={**settings.TOOT, **two_seconds}):
+        response = post_json(server.url, "{}")
+
+    assert (response.status, response.body) == (201, b"0123456789")
+
+
+def test_a_call_after_a_cut_one_gets_a_fresh_connection():
+    replies = in_order(Reply(body=BODY, trickle=TRICKLE), Reply(200, body=b"fine"))
+    with HTTPServer(replies) as server, override_settings(TOOT={**settings.TOOT, **ONE_SECOND}):
+        with pytest.raises(requests.ReadTimeout):
+            post_json(server.url, "{}")
+        response = post_json(server.url, "{}")
+
+    assert response.body == b"fine"
+    assert len(server.requests) == 2

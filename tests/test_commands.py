@@ -14,6 +14,11 @@ import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply
 from toot import store
+from toot.deadletters import bury_delivery, bury_handler
+from toot.delivery import Outcome
+from toot.events import Event
+from toot.handling import handler_name
+from toot.models import DeadLetter
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -187,3 +192,139 @@ def test_help(capsys):
     out = capsys.readouterr().out
     assert "Register this app's toot subscriptions" in out
     assert "--dry-run" in out
+
+
+# toot_redeliver
+
+
+def dead_letter(callback_url, channel=USERS):
+    event = Event(channel, {"id": 1}).to_dict()
+    return bury_delivery(event, callback_url, 4, Outcome(status=500, error="down"), None)
+
+
+def redeliver_command(*args):
+    out = StringIO()
+    call_command("toot_redeliver", *args, stdout=out, no_color=True)
+    return out.getvalue().splitlines()
+
+
+def remaining():
+    return set(DeadLetter.objects.values_list("pk", flat=True))
+
+
+def test_redeliver_by_ids(peer):
+    first, second, third = (dead_letter(peer.url) for _ in range(3))
+
+    lines = redeliver_command(str(first.pk), str(third.pk))
+
+    assert lines == [
+        f"[1/2] {first.event_id} on {USERS} -> {peer.url}: delivered",
+        f"[2/2] {third.event_id} on {USERS} -> {peer.url}: delivered",
+        "2 of 2 redelivered.",
+    ]
+    assert remaining() == {second.pk}
+    assert [r.json()["id"] for r in peer.requests] == [first.event_id, third.event_id]
+
+
+def test_redeliver_by_channel(peer):
+    users, orders = dead_letter(peer.url), dead_letter(peer.url, channel=ORDERS)
+
+    lines = redeliver_command("--channel", ORDERS)
+
+    assert lines == [
+        f"[1/1] {orders.event_id} on {ORDERS} -> {peer.url}: delivered",
+        "1 of 1 redelivered.",
+    ]
+    assert remaining() == {users.pk}
+
+
+def test_redeliver_by_callback_url(peer):
+    with HTTPServer() as other:
+        mine, theirs = dead_letter(peer.url), dead_letter(other.url)
+
+        lines = redeliver_command("--callback-url", other.url)
+
+        assert other.requests and not peer.requests
+    assert lines[-1] == "1 of 1 redelivered."
+    assert lines[0].startswith(f"[1/1] {theirs.event_id} on {USERS} -> {other.url}")
+    assert remaining() == {mine.pk}
+
+
+def test_redeliver_all_including_handlers(peer, redis):
+    toot.subscribe("publisher", "users.updated.v1", on_user)
+    delivery = dead_letter(peer.url)
+    handler = bury_handler(
+        Event(USERS, {}).to_dict(), handler_name(on_user), 2, RuntimeError("x"), None
+    )
+
+    lines = redeliver_command("--all")
+
+    assert lines == [  # in the order they were buried
+        f"[1/2] {delivery.event_id} on {USERS} -> {peer.url}: delivered",
+        f"[2/2] {handler.event_id} on {USERS} -> {handler.handler}: delivered",
+        "2 of 2 redelivered.",
+    ]
+    assert remaining() == set()
+
+
+def test_selectors_narrow_each_other(peer):
+    users, orders = dead_letter(peer.url), dead_letter(peer.url, channel=ORDERS)
+
+    assert redeliver_command(str(users.pk), "--channel", ORDERS) == ["0 of 0 redelivered."]
+    assert remaining() == {users.pk, orders.pk}
+    assert peer.requests == []
+
+
+def test_redeliver_without_a_selector_is_a_command_error(peer):
+    letter = dead_letter(peer.url)
+
+    with pytest.raises(CommandError, match="ids, --channel, --callback-url or --all"):
+        redeliver_command()
+
+    assert remaining() == {letter.pk}
+    assert peer.requests == []
+
+
+def test_letters_that_fail_again_are_kept_and_the_command_fails(peer):
+    with HTTPServer(Reply(503, body=b"maintenance")) as down:
+        failing = dead_letter(down.url)
+        delivered = dead_letter(peer.url)
+        closed = dead_letter(f"http://127.0.0.1:{free_port()}/")
+        out = StringIO()
+
+        with pytest.raises(CommandError, match="2 dead letters failed again and were kept"):
+            call_command("toot_redeliver", "--all", stdout=out, no_color=True)
+
+    first, second, third, summary = out.getvalue().splitlines()
+    assert first == f"[1/3] {failing.event_id} on {USERS} -> {down.url}: failed again (503)"
+    assert second == f"[2/3] {delivered.event_id} on {USERS} -> {peer.url}: delivered"
+    assert third.startswith(f"[3/3] {closed.event_id} on {USERS} -> {closed.callback_url}: ")
+    assert "failed again (ConnectionError: " in third
+    assert "Connection refused" in third
+    assert summary == "1 of 3 redelivered."
+    assert remaining() == {failing.pk, closed.pk}
+    failing.refresh_from_db()
+    assert (failing.attempts, failing.last_status, failing.last_error) == (5, 503, "maintenance")
+
+
+def test_redeliver_help(capsys):
+    with pytest.raises(SystemExit):
+        call_command("toot_redeliver", "--help")
+
+    out = capsys.readouterr().out
+    assert "Replay dead letters now" in out
+    for option in ("--channel", "--callback-url", "--all"):
+        assert option in out
+
+
+def test_an_invalid_channel_is_a_command_error(peer):
+    toot.subscribe("publisher", "users.updated.v1", on_user)
+    source = {"SUBSCRIPTION_URL": peer.url, "CHANNEL_PREFIX": "org.example publisher."}
+
+    with (
+        override_settings(TOOT={**settings.TOOT, "SOURCES": {"publisher": source}}),
+        pytest.raises(CommandError, match="printable ASCII"),
+    ):
+        register()
+
+    assert peer.requests == []

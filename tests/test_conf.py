@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -45,6 +47,8 @@ def test_defaults(no_redis_hints):
         assert conf.RETRY_SCHEDULE == DEFAULT_RETRY_SCHEDULE
         assert conf.DEDUPE_TTL == 3 * 24 * 3600
         assert conf.RELAY_INTERVAL == 1.0
+        assert conf.SIGNING_SECRETS == ()
+        assert conf.SUBSCRIPTIONS_AUTH is None
     # about 28 hours in all, as Svix / Standard Webhooks
     assert 27 * 3600 < sum(DEFAULT_RETRY_SCHEDULE) < 29 * 3600
 
@@ -280,3 +284,203 @@ def test_invalid_sources_raise_config_error_naming_the_key(sources, named):
             conf.SOURCES  # noqa: B018
         with pytest.raises(ConfigError, match=named):
             conf.source("pub")
+
+
+# SIGNING_SECRETS, SUBSCRIPTIONS_AUTH and the sources' SECRET, SECRETS and TOKEN
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def authorize(request):
+    """A SUBSCRIPTIONS_AUTH callable of these tests."""
+    return True
+
+
+NOT_CALLABLE = 5
+
+
+@pytest.mark.parametrize("value", [[SECRET], (SECRET, SECRET), []])
+def test_signing_secrets_are_a_tuple(value):
+    with toot(SIGNING_SECRETS=value):
+        secrets = conf.SIGNING_SECRETS
+    assert secrets == tuple(value)
+
+
+@pytest.mark.parametrize("value", [SECRET, None, [SECRET, 5], {"a": SECRET}])
+def test_signing_secrets_of_the_wrong_shape_raise_config_error(value):
+    with toot(SIGNING_SECRETS=value), pytest.raises(ConfigError) as excinfo:
+        conf.SIGNING_SECRETS  # noqa: B018
+    assert 'TOOT["SIGNING_SECRETS"]' in str(excinfo.value)
+    assert "MfKQ9r8" not in str(excinfo.value)  # a secret is never quoted
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"TOKENS": ["abc", "d.e-f_g~h+i/j="]}, ("abc", "d.e-f_g~h+i/j=")),
+        ({"TOKENS": ("abc",)}, ("abc",)),
+        ("tests.test_conf.authorize", authorize),
+        (None, None),
+    ],
+)
+def test_subscriptions_auth_forms(value, expected):
+    with toot(SUBSCRIPTIONS_AUTH=value):
+        auth = conf.SUBSCRIPTIONS_AUTH
+    assert auth == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"TOKEN": ["abc"]}, 'the one key "TOKENS"'),
+        ({"TOKENS": ["abc"], "REALM": "x"}, 'the one key "TOKENS"'),
+        ({}, 'the one key "TOKENS"'),
+        ({"TOKENS": []}, "non-empty list"),
+        ({"TOKENS": "abc"}, "non-empty list"),
+        ({"TOKENS": ["abc", "with space"]}, r'\["TOKENS"\]\[1\] must be a non-empty string'),
+        ({"TOKENS": [""]}, r'\["TOKENS"\]\[0\]'),
+        ({"TOKENS": [None]}, r'\["TOKENS"\]\[0\]'),
+        ({"TOKENS": ["caf\u00e9"]}, "printable ASCII"),
+        ("tests.test_conf.no_such_function", "cannot be imported"),
+        ("no_such_module.authorize", "cannot be imported"),
+        ("authorize", "cannot be imported"),
+        ("tests.test_conf.NOT_CALLABLE", "not callable"),
+        (True, "must be None"),
+        (["abc"], "must be None"),
+    ],
+)
+def test_subscriptions_auth_of_the_wrong_shape_raises_config_error(value, message):
+    with toot(SUBSCRIPTIONS_AUTH=value), pytest.raises(ConfigError, match=message) as excinfo:
+        conf.SUBSCRIPTIONS_AUTH  # noqa: B018
+    assert 'TOOT["SUBSCRIPTIONS_AUTH"]' in str(excinfo.value)
+    assert "with space" not in str(excinfo.value)  # a token is never quoted
+
+
+def test_source_secret_secrets_and_token():
+    sources = {
+        "one": {**PUBLISHER, "SECRET": SECRET, "TOKEN": "t0ken"},
+        "two": {**PUBLISHER, "SECRETS": [SECRET, SECRET[:-1] + "x"]},
+        "none": {**PUBLISHER, "SECRET": None, "SECRETS": None, "TOKEN": None},
+    }
+    with toot(SOURCES=sources):
+        one, two, none = conf.source("one"), conf.source("two"), conf.source("none")
+    assert (one.secrets, one.token) == ((SECRET,), "t0ken")
+    assert (two.secrets, two.token) == ((SECRET, SECRET[:-1] + "x"), None)
+    assert (none.secrets, none.token) == ((), None)
+
+
+def test_a_source_repr_hides_its_secrets_and_token():
+    with toot(SOURCES={"pub": {**PUBLISHER, "SECRET": SECRET, "TOKEN": "t0ken"}}):
+        text = repr(conf.source("pub"))
+    assert "MfKQ9r8" not in text
+    assert "t0ken" not in text
+    assert "secrets=***" in text and "token=***" in text
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"SECRET": 5}, r'\["pub"\]\["SECRET"\]'),
+        ({"SECRET": [SECRET]}, r'\["pub"\]\["SECRET"\]'),
+        ({"SECRETS": SECRET}, r'\["pub"\]\["SECRETS"\]'),
+        ({"SECRETS": [SECRET, None]}, r'\["pub"\]\["SECRETS"\]'),
+        ({"SECRET": SECRET, "SECRETS": [SECRET]}, r'\["pub"\] sets both'),
+        ({"TOKEN": ""}, r'\["pub"\]\["TOKEN"\]'),
+        ({"TOKEN": "two words"}, r'\["pub"\]\["TOKEN"\]'),
+        ({"TOKEN": 5}, r'\["pub"\]\["TOKEN"\]'),
+    ],
+)
+def test_source_secret_and_token_of_the_wrong_shape_raise_config_error(options, named):
+    with toot(SOURCES={"pub": {**PUBLISHER, **options}}), pytest.raises(ConfigError, match=named):
+        conf.SOURCES  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("channel", "source"),
+    [
+        ("org.example.pub.users.v1", "pub"),
+        ("org.example.pub.payments.users.v1", "payments"),
+        ("org.example.pub.payments", "payments"),
+        ("org.example.other.v1", "example"),
+        ("com.elsewhere.v1", None),
+        ("org.example.pu", "example"),
+    ],
+)
+def test_the_source_of_a_channel_is_the_longest_matching_prefix(channel, source):
+    sources = {
+        "example": {**PUBLISHER, "CHANNEL_PREFIX": "org.example."},
+        "payments": {**PUBLISHER, "CHANNEL_PREFIX": "org.example.pub.payments"},
+        "pub": PUBLISHER,
+    }
+    with toot(SOURCES=sources):
+        found = conf.source_for_channel(channel)
+    assert (found.name if found else None) == source
+
+
+def test_an_empty_prefix_is_the_source_of_any_channel_no_other_claims():
+    sources = {"all": {**PUBLISHER, "CHANNEL_PREFIX": ""}, "pub": PUBLISHER}
+    with toot(SOURCES=sources):
+        found = [conf.source_for_channel(c) for c in ("com.elsewhere.v1", "org.example.pub.x.v1")]
+    assert [source.name if source else None for source in found] == ["all", "pub"]
+
+
+# ALLOWED_CALLBACK_HOSTS and ALLOWED_CALLBACK_NETWORKS (the SSRF guard's allow-lists)
+
+
+def test_allow_lists_default_to_empty():
+    with override_settings(TOOT={}):
+        assert conf.ALLOWED_CALLBACK_HOSTS == ()
+        assert conf.ALLOWED_CALLBACK_NETWORKS == ()
+
+
+def test_allowed_callback_hosts_are_normalised():
+    hosts = ["Hooks.Internal", ".corp.example", "10.1.2.3", "[::1]", "localhost."]
+    with toot(ALLOWED_CALLBACK_HOSTS=hosts):
+        normalised = conf.ALLOWED_CALLBACK_HOSTS
+    with toot(ALLOWED_CALLBACK_HOSTS=("hooks.internal",)):
+        from_a_tuple = conf.ALLOWED_CALLBACK_HOSTS
+    assert normalised == (
+        "hooks.internal",
+        ".corp.example",
+        "10.1.2.3",
+        "::1",
+        "localhost.",
+    )
+    assert from_a_tuple == ("hooks.internal",)
+
+
+def test_allowed_callback_networks_are_parsed():
+    with toot(ALLOWED_CALLBACK_NETWORKS=["10.0.0.0/8", "fd00::/8", "192.168.1.7", "10.1.2.3/8"]):
+        networks = conf.ALLOWED_CALLBACK_NETWORKS
+    assert networks == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("fd00::/8"),
+        ipaddress.ip_network("192.168.1.7/32"),
+        ipaddress.ip_network("10.0.0.0/8"),  # host bits are dropped
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("ALLOWED_CALLBACK_HOSTS", "localhost"),  # a string, not a list of them
+        ("ALLOWED_CALLBACK_HOSTS", None),
+        ("ALLOWED_CALLBACK_HOSTS", ["http://hooks.internal"]),
+        ("ALLOWED_CALLBACK_HOSTS", ["hooks.internal:8000"]),
+        ("ALLOWED_CALLBACK_HOSTS", ["hooks.internal/cb"]),
+        ("ALLOWED_CALLBACK_HOSTS", ["user@hooks.internal"]),
+        ("ALLOWED_CALLBACK_HOSTS", ["*"]),
+        ("ALLOWED_CALLBACK_HOSTS", [""]),
+        ("ALLOWED_CALLBACK_HOSTS", ["hooks internal"]),
+        ("ALLOWED_CALLBACK_HOSTS", [5]),
+        ("ALLOWED_CALLBACK_NETWORKS", "10.0.0.0/8"),
+        ("ALLOWED_CALLBACK_NETWORKS", None),
+        ("ALLOWED_CALLBACK_NETWORKS", ["10.0.0.0/33"]),
+        ("ALLOWED_CALLBACK_NETWORKS", ["intranet"]),
+        ("ALLOWED_CALLBACK_NETWORKS", [""]),
+        ("ALLOWED_CALLBACK_NETWORKS", [10]),
+    ],
+)
+def test_invalid_allow_list_raises_config_error_naming_the_key(key, value):
+    with toot(**{key: value}), pytest.raises(ConfigError, match=rf'TOOT\["{key}"\]'):
+        getattr(conf, key)

@@ -8,7 +8,6 @@ these tests read.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import uuid
 
 import pytest
@@ -39,7 +38,10 @@ def receipts(topology, redis):
 
 
 def test_register_subscriptions_reaches_the_publisher(topology):
-    assert f"{PREFIX}users.updated.v1 -> {topology.subscriptions_url}: created" in topology.registration_output
+    assert (
+        f"{PREFIX}users.updated.v1 -> {topology.subscriptions_url}: created"
+        in topology.registration_output
+    )
     subscriptions = topology.subscriptions()
     assert subscriptions[f"{PREFIX}users.updated.v1"] == [topology.callback_url]
     assert subscriptions[f"{PREFIX}users.deleted.v1"] == [topology.callback_url]
@@ -53,7 +55,9 @@ def test_published_event_reaches_the_subscribers_handler(topology, receipts):
     assert receipt["id"] == sent["id"]
     assert receipt["channel"] == f"{PREFIX}users.updated.v1"
     assert receipt["payload"] == {"id": 123, "n": 0}
-    assert dt.datetime.fromisoformat(receipt["timestamp"]) == dt.datetime.fromisoformat(sent["timestamp"])
+    assert dt.datetime.fromisoformat(receipt["timestamp"]) == dt.datetime.fromisoformat(
+        sent["timestamp"]
+    )
 
 
 def test_unsubscribe_header_removes_the_subscription(topology):
@@ -72,8 +76,12 @@ def test_failed_delivery_is_retried_until_the_subscriber_answers_200(topology, r
     def flaky_then_forward(request):
         if len(flaky.requests) <= 2:
             return Reply(status=500, body=b"down for maintenance")
-        forwarded = requests.post(topology.callback_url, data=request.body,
-                                  headers={"Content-Type": "application/json"}, timeout=5)
+        forwarded = requests.post(
+            topology.callback_url,
+            data=request.body,
+            headers={"Content-Type": "application/json"},
+            timeout=5,
+        )
         return Reply(status=forwarded.status_code)
 
     with HTTPServer(flaky_then_forward) as flaky:
@@ -93,13 +101,22 @@ def test_failed_delivery_is_retried_until_the_subscriber_answers_200(topology, r
     ("timestamp", "expected"),
     [
         ("2015-10-23 11:50:09 -0500", dt.datetime(2015, 10, 23, 16, 50, 9, tzinfo=dt.timezone.utc)),
-        ("2015-10-23T11:50:09.000-05:00", dt.datetime(2015, 10, 23, 16, 50, 9, tzinfo=dt.timezone.utc)),
+        (
+            "2015-10-23T11:50:09.000-05:00",
+            dt.datetime(2015, 10, 23, 16, 50, 9, tzinfo=dt.timezone.utc),
+        ),
     ],
     ids=["ruby", "iso8601"],
 )
-def test_ruby_publisher_timestamps_reach_the_handler_as_aware_datetimes(topology, receipts, timestamp, expected):
-    event = {"id": str(uuid.uuid4()), "timestamp": timestamp, "payload": {"id": 5},
-             "channel": f"{PREFIX}users.updated.v1"}
+def test_ruby_publisher_timestamps_reach_the_handler_as_aware_datetimes(
+    topology, receipts, timestamp, expected
+):
+    event = {
+        "id": str(uuid.uuid4()),
+        "timestamp": timestamp,
+        "payload": {"id": 5},
+        "channel": f"{PREFIX}users.updated.v1",
+    }
 
     response = requests.post(topology.callback_url, json=event, timeout=5)
 

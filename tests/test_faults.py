@@ -50,8 +50,12 @@ def test_worker_killed_mid_delivery_loses_nothing(topology, redis):
             held.set()
             release.wait(60)
             return Reply(status=200)  # too late: the worker that asked is dead
-        forwarded = requests.post(topology.callback_url, data=request.body,
-                                  headers={"Content-Type": "application/json"}, timeout=5)
+        forwarded = requests.post(
+            topology.callback_url,
+            data=request.body,
+            headers={"Content-Type": "application/json"},
+            timeout=5,
+        )
         return Reply(status=forwarded.status_code)
 
     with HTTPServer(hold_first_then_forward) as proxy:
@@ -68,10 +72,16 @@ def test_worker_killed_mid_delivery_loses_nothing(topology, redis):
         wait_for(lambda: counts()["lost"] == 0, 90, "every event to reach the handler")
     report("kill -9 worker mid-delivery", counts())
     assert counts() == {"published": 20, "delivered": 20, "duplicated": 0, "lost": 0}
-    assert topology.count_rows("publisher", "DeadLetter") == topology.count_rows("subscriber", "DeadLetter") == 0
+    assert (
+        topology.count_rows("publisher", "DeadLetter")
+        == topology.count_rows("subscriber", "DeadLetter")
+        == 0
+    )
 
 
-@pytest.mark.parametrize("topology", [{"name": "broker", "options": {"separate_broker": True}}], indirect=True)
+@pytest.mark.parametrize(
+    "topology", [{"name": "broker", "options": {"separate_broker": True}}], indirect=True
+)
 def test_publish_while_the_broker_is_down_loses_nothing(topology, redis):
     topology.broker.kill()
 
@@ -103,4 +113,8 @@ def test_subscriber_down_for_a_while_gets_every_event_once(topology, redis):
     wait_for(lambda: counts()["lost"] == 0, 120, "every event to reach the handler")
     report("subscriber down for three retry rounds", counts())
     assert counts() == {"published": 200, "delivered": 200, "duplicated": 0, "lost": 0}
-    assert topology.count_rows("publisher", "DeadLetter") == topology.count_rows("subscriber", "DeadLetter") == 0
+    assert (
+        topology.count_rows("publisher", "DeadLetter")
+        == topology.count_rows("subscriber", "DeadLetter")
+        == 0
+    )

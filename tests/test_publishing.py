@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 import uuid
 
 import pytest
+from celery.signals import after_task_publish
+from django.conf import settings
 from django.db import connection, transaction
+from django.test import override_settings
 
 import toot
+from tests.broker import broker_unreachable
 from tests.http_server import HTTPServer
 from toot import store
+from toot.models import OutboxEvent
 
 PREFIX = "org.example.test."
 
@@ -75,3 +83,130 @@ def test_publish_in_a_transaction_is_sent_on_commit(celery_worker, eventually, s
         eventually(lambda: subscriber.requests)
         assert subscriber.requests[0].json()["id"] == event.id
 
+
+# The broker unreachable: the event waits in the outbox (toot.outbox)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_keeps_the_event_in_the_outbox_when_the_broker_is_unreachable(suffix, caplog):
+    with broker_unreachable(), caplog.at_level(logging.WARNING, logger="toot.outbox"):
+        started = time.monotonic()
+        events = [toot.publish(suffix, {"n": n}) for n in range(3)]  # raises nothing
+        elapsed = time.monotonic() - started
+
+    kept = [row.event for row in OutboxEvent.objects.order_by("id")]
+    assert kept == [event.to_dict() for event in events]
+    # One connection attempt in the caller's request; kombu's own reconnection loop
+    # would hold it about 6 s per event.
+    assert elapsed < 2.0
+    warnings = [record.getMessage() for record in caplog.records if record.name == "toot.outbox"]
+    assert len(warnings) == 3
+    for event, message in zip(events, warnings, strict=True):
+        assert event.id in message
+        assert event.channel in message
+        assert "outbox" in message
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_in_a_transaction_keeps_the_event_on_commit_when_the_broker_is_down(suffix):
+    with broker_unreachable():
+        with transaction.atomic():
+            event = toot.publish(suffix, {"id": 3})
+            assert not OutboxEvent.objects.exists()  # nothing is sent or kept before commit
+        [row] = OutboxEvent.objects.all()
+    assert row.event == event.to_dict()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_with_the_broker_back_sends_again(celery_worker, eventually, suffix):
+    with HTTPServer() as subscriber:
+        store.add(PREFIX + suffix, subscriber.url)
+        with broker_unreachable():
+            toot.publish(suffix, {"id": "kept"})
+        event = toot.publish(suffix, {"id": "sent"})
+
+        eventually(lambda: subscriber.requests)
+        assert [r.json()["id"] for r in subscriber.requests] == [event.id]
+    assert [row.event["payload"] for row in OutboxEvent.objects.all()] == [{"id": "kept"}]
+
+
+# Limits: an event that subscribers would refuse is refused here, before it is enqueued
+
+
+@pytest.fixture
+def enqueued():
+    """The event of every ``toot.fan_out`` message published to the broker in the test."""
+    events = []
+
+    def record(sender=None, body=None, **kwargs):
+        if sender == "toot.fan_out":
+            events.append(body[0][0])
+
+    after_task_publish.connect(record, weak=False)
+    yield events
+    after_task_publish.disconnect(record)
+
+
+def max_event_bytes(limit):
+    return override_settings(TOOT={**settings.TOOT, "MAX_EVENT_BYTES": limit})
+
+
+def test_an_event_over_max_event_bytes_is_refused_before_anything_is_enqueued(suffix, enqueued):
+    with max_event_bytes(1024), pytest.raises(toot.EventTooLarge) as refused:
+        toot.publish(suffix, {"text": "p" * 2000})
+
+    assert isinstance(refused.value, ValueError)
+    assert isinstance(refused.value, toot.TootError)
+    assert (refused.value.channel, refused.value.limit) == (PREFIX + suffix, 1024)
+    assert refused.value.size > 2000
+    assert 'TOOT["MAX_EVENT_BYTES"] (1024)' in str(refused.value)
+    assert enqueued == []
+
+
+def test_an_event_of_exactly_max_event_bytes_is_published(celery_worker, suffix, enqueued):
+    with max_event_bytes(1024), pytest.raises(toot.EventTooLarge) as refused:
+        toot.publish(suffix, "p" * 2000)
+    fitting = "p" * (2000 - (refused.value.size - 1024))
+
+    with max_event_bytes(1024):
+        event = toot.publish(suffix, fitting)
+
+    [sent] = enqueued
+    assert sent["id"] == event.id
+    assert len(json.dumps(sent, separators=(",", ":")).encode()) == 1024
+
+
+def test_the_limit_counts_the_bytes_sent(suffix, enqueued):
+    # JSON escapes non-ASCII text: "é" travels as the six bytes \u00e9.
+    with max_event_bytes(1024), pytest.raises(toot.EventTooLarge):
+        toot.publish(suffix, "é" * 200)
+    with max_event_bytes(1024):
+        toot.publish(suffix, "e" * 200)
+    assert len(enqueued) == 1
+
+
+def test_the_default_limit_is_256_kib(suffix, enqueued):
+    with pytest.raises(toot.EventTooLarge, match=r"\(262144\)"):
+        toot.publish(suffix, "x" * 256 * 1024)
+    assert enqueued == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_oversized_event_is_refused_at_once_inside_a_transaction(suffix, enqueued):
+    with transaction.atomic(), max_event_bytes(1024):
+        with pytest.raises(toot.EventTooLarge):
+            toot.publish(suffix, "p" * 2000)
+        assert connection.run_on_commit == []  # nothing waits for the commit either
+    assert enqueued == []
+    assert not OutboxEvent.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [object(), {"at": float("nan")}, [float("inf")], {1j}],
+    ids=["object", "nan", "infinity", "set"],
+)
+def test_a_payload_that_is_not_json_is_refused(suffix, enqueued, payload):
+    with pytest.raises(toot.InvalidEvent, match="payload is not JSON"):
+        toot.publish(suffix, payload)
+    assert enqueued == []

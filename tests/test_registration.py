@@ -11,7 +11,7 @@ import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
 from toot import store
-from toot.registration import planned_registrations, register
+from toot.registration import Registration, planned_registrations, register
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -227,7 +227,7 @@ def test_every_registration_is_tried_before_the_first_error_is_raised(peer):
         toot.subscribe("first", "users.updated.v1", on_user)
         toot.subscribe("second", "users.updated.v1", on_user)
         toot.subscribe("third", "users.updated.v1", on_user)
-        reported = []
+        reported: list[Registration] = []
 
         with pytest.raises(toot.RegisterSubscriptionFailure) as excinfo:
             toot.register_subscriptions(report=reported.append)
@@ -243,7 +243,7 @@ def test_every_registration_is_tried_before_the_first_error_is_raised(peer):
 def test_report_sees_each_registration(publisher):
     toot.subscribe("publisher", "users.updated.v1", on_user)
     toot.subscribe("publisher", "orders.created.v1", on_order)
-    reported = []
+    reported: list[Registration] = []
 
     registrations = toot.register_subscriptions(report=reported.append)
 
@@ -311,3 +311,26 @@ def test_register_one(publisher):
     assert register(planned).status == 201
     assert register(planned).status == 204
     assert store.callback_urls(USERS) == [CALLBACK_URL]
+
+
+# Channels are checked again at registration: the source's prefix may have changed.
+
+
+@pytest.mark.parametrize(
+    ("prefix", "error"),
+    [
+        ("org.example." + "p" * 240 + ".", "longer than 255 characters"),
+        ("org.example publisher.", "printable ASCII"),
+    ],
+)
+def test_a_channel_made_invalid_by_a_new_prefix_is_not_registered(peer, prefix, error):
+    toot.subscribe("publisher", "users.updated.v1", on_user)
+    source = {"SUBSCRIPTION_URL": f"{peer.url}/toot/subscriptions", "CHANNEL_PREFIX": prefix}
+
+    with (
+        override_settings(TOOT={**settings.TOOT, "SOURCES": {"publisher": source}}),
+        pytest.raises(toot.InvalidChannel, match=error),
+    ):
+        toot.register_subscriptions()
+
+    assert peer.requests == []

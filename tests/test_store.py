@@ -54,7 +54,7 @@ def other_db():
 @pytest.fixture
 def fresh_clients(monkeypatch):
     """An empty client cache, so that the clients a test creates go away with it."""
-    clients = {}
+    clients: dict[tuple[str, float], redis_py.Redis] = {}
     monkeypatch.setattr(store, "_clients", clients)
     yield clients
     for client in clients.values():

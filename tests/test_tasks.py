@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -18,14 +18,13 @@ from toot.registry import subscribe
 from toot.tasks import deliver, fan_out, handle
 
 
-
 @pytest.fixture
 def channel():
     """A channel of the test's own: events still in flight from other tests never match it."""
     return f"org.example.test.{uuid.uuid4().hex[:8]}.v1"
 
 
-def make_event(channel: str = "org.example.test.users.updated.v1") -> dict:
+def make_event(channel: str = "org.example.test.users.updated.v1") -> dict[str, Any]:
     return Event(channel, {"id": 123}).to_dict()
 
 
@@ -66,7 +65,9 @@ def test_delivery_sends_the_wire_json(celery_worker, peer, eventually):
 @pytest.mark.parametrize("failure", [500, 503, 404, 302, 301])
 def test_non_2xx_answer_is_retried_until_2xx(celery_worker, eventually, failure):
     event = make_event()
-    replies = in_order(Reply(failure, headers={"Location": "http://127.0.0.1:1/"}), Reply(failure), Reply(204))
+    replies = in_order(
+        Reply(failure, headers={"Location": "http://127.0.0.1:1/"}), Reply(failure), Reply(204)
+    )
     with HTTPServer(replies) as server:
         deliver.delay(event, server.url)
         eventually(lambda: len(server.requests) == 3)
@@ -85,7 +86,10 @@ def test_connection_error_is_retried(celery_worker, eventually):
 
 def test_timeout_is_a_failure_and_retried(celery_worker, eventually):
     replies = in_order(Reply(hang=True), Reply(200))
-    with HTTPServer(replies) as server, override_settings(TOOT={**settings.TOOT, "READ_TIMEOUT": 0.3}):
+    with (
+        HTTPServer(replies) as server,
+        override_settings(TOOT={**settings.TOOT, "READ_TIMEOUT": 0.3}),
+    ):
         deliver.delay(make_event(), server.url)
         eventually(lambda: len(server.requests) == 2)
 
@@ -128,7 +132,10 @@ def test_retry_after_is_honoured(celery_worker, eventually):
 
 
 def test_unsubscribe_header_removes_the_callback(celery_worker, eventually, channel):
-    with HTTPServer(Reply(200, headers={"X-Toot-Unsubscribe": "True"})) as gone, HTTPServer() as stays:
+    with (
+        HTTPServer(Reply(200, headers={"X-Toot-Unsubscribe": "True"})) as gone,
+        HTTPServer() as stays,
+    ):
         store.add(channel, gone.url)
         store.add(channel, stays.url)
         fan_out.delay(make_event(channel))
@@ -190,14 +197,16 @@ def test_a_handler_that_always_fails_is_dead_lettered(celery_worker, eventually,
     eventually(DeadLetter.objects.exists)
     letter = DeadLetter.objects.get()
     assert letter.kind == DeadLetter.Kind.HANDLER
-    assert letter.handler.endswith("test_a_handler_that_always_fails_is_dead_lettered.<locals>.broken")
+    assert letter.handler.endswith(
+        "test_a_handler_that_always_fails_is_dead_lettered.<locals>.broken"
+    )
     assert letter.attempts == 1 + len(settings.TOOT["RETRY_SCHEDULE"])
     assert "boom" in letter.last_error
     assert letter.event == event
 
 
 def test_a_handled_event_is_not_handled_again(celery_worker, eventually):
-    seen = []
+    seen: list[Event] = []
     subscribe("publisher", "users.updated.v1", seen.append)
     event = make_event("org.example.publisher.users.updated.v1")
     marker = make_event("org.example.publisher.users.updated.v1")

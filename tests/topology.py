@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import requests
 from django.conf import settings
@@ -27,8 +28,14 @@ ROLES = ("publisher", "subscriber")
 
 
 class Topology:
-    def __init__(self, name: str, *, retry_schedule: str = "0.2,0.5,1,1,1",
-                 separate_broker: bool = False, visibility_timeout: int = 3600) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        retry_schedule: str = "0.2,0.5,1,1,1",
+        separate_broker: bool = False,
+        visibility_timeout: int = 3600,
+    ) -> None:
         run = f"{settings.RUN_ID}-{name}"
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"toot-{name}-"))
         self.ports = {role: free_port() for role in ROLES}
@@ -63,6 +70,8 @@ class Topology:
         if separate_broker:
             self.env["publisher"]["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{self.broker_port}/0"
         self.processes: dict[str, Process] = {}
+        # What ``register()`` printed, kept by a test fixture that registers once for a module.
+        self.registration_output = ""
 
     # Processes
 
@@ -80,7 +89,11 @@ class Topology:
 
     def start_web(self, role: str) -> None:
         self.processes[f"{role}-web"] = web_server(
-            f"{role}-web", f"example_project.{role}", self.ports[role], self.env[role], log_dir=self.log_dir
+            f"{role}-web",
+            f"example_project.{role}",
+            self.ports[role],
+            self.env[role],
+            log_dir=self.log_dir,
         )
 
     def start_worker(self, role: str, name: str | None = None) -> Process:
@@ -98,7 +111,9 @@ class Topology:
         keys = list(redis.scan_iter(match=f"{self.key_prefix}*", count=1000))
         redis.delete(*keys, *self.queues.values())
 
-    def manage(self, role: str, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    def manage(
+        self, role: str, *args: str, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=ROOT / "example_project",
@@ -116,7 +131,7 @@ class Topology:
     def register(self) -> str:
         return self.manage("subscriber", "toot_register_subscriptions", check=True).stdout
 
-    def publish(self, channel: str, payload, count: int = 1) -> list[dict]:
+    def publish(self, channel: str, payload, count: int = 1) -> list[dict[str, Any]]:
         """``toot.publish()`` ``count`` times in a publisher process; the events' wire forms."""
         code = (
             "import toot\n"
@@ -129,23 +144,30 @@ class Topology:
         return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
     def subscriptions(self) -> dict[str, list[str]]:
-        response = requests.get(self.subscriptions_url, headers={"Accept": "application/json"}, timeout=5)
+        response = requests.get(
+            self.subscriptions_url, headers={"Accept": "application/json"}, timeout=5
+        )
         response.raise_for_status()
-        return response.json()["subscriptions"]
+        subscriptions: dict[str, list[str]] = response.json()["subscriptions"]
+        return subscriptions
 
     def subscribe(self, channel: str, callback_url: str) -> None:
         response = requests.post(
-            self.subscriptions_url, json={"channel": channel, "callback_url": callback_url}, timeout=5
+            self.subscriptions_url,
+            json={"channel": channel, "callback_url": callback_url},
+            timeout=5,
         )
         assert response.status_code in (201, 204), response.text
 
     def unsubscribe(self, channel: str, callback_url: str) -> None:
         response = requests.delete(
-            self.subscriptions_url, params={"channel": channel, "callback_url": callback_url}, timeout=5
+            self.subscriptions_url,
+            params={"channel": channel, "callback_url": callback_url},
+            timeout=5,
         )
         assert response.status_code == 204, response.text
 
-    def receipts(self, redis) -> list[dict]:
+    def receipts(self, redis) -> list[dict[str, Any]]:
         return [json.loads(item) for item in redis.lrange(self.receipts_key, 0, -1)]
 
     def count_rows(self, role: str, model: str) -> int:
@@ -155,7 +177,7 @@ class Topology:
         return int(self.manage(role, "shell", "-c", code, check=True).stdout.split()[-1])
 
 
-def count(sent: list[dict], receipts: list[dict]) -> dict[str, int]:
+def count(sent: list[dict[str, Any]], receipts: list[dict[str, Any]]) -> dict[str, int]:
     """Published, delivered, duplicated and lost, by event id."""
     sent_ids = {event["id"] for event in sent}
     received = [receipt["id"] for receipt in receipts if receipt["id"] in sent_ids]

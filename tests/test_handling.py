@@ -1,0 +1,221 @@
+"""Running local handlers at most once per event, against the real Redis."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from django.conf import settings
+from django.test import override_settings
+
+from toot import handling
+from toot.events import Event
+from toot.handling import CLAIM_SECONDS, DONE, AlreadyRunning, handler_name, handlers_by_name, run
+from toot.registry import subscribe
+
+CHANNEL = "org.example.publisher.users.updated.v1"
+
+
+def on_update(event):
+    pass
+
+
+class CallableHandler:
+    def __call__(self, event):
+        pass
+
+    def method(self, event):
+        pass
+
+
+def new_event():
+    return Event(CHANNEL, {"id": 1})
+
+
+def key(event, name):
+    return f"{settings.TOOT['KEY_PREFIX']}handled:{event.id}:{name}"
+
+
+def recorder(calls, label, fail_times=0):
+    """A handler that appends ``label`` to ``calls``, raising on its first ``fail_times`` runs."""
+
+    def handler(event):
+        calls.append(label)
+        if calls.count(label) <= fail_times:
+            raise RuntimeError(f"{label} failed")
+
+    handler.__qualname__ = f"recorder.{label}"
+    return handler
+
+
+# handler_name and handlers_by_name
+
+
+def test_handler_name_is_module_and_qualified_name():
+    def nested(event):
+        pass
+
+    assert handler_name(on_update) == f"{__name__}.on_update"
+    assert (
+        handler_name(nested)
+        == f"{__name__}.test_handler_name_is_module_and_qualified_name.<locals>.nested"
+    )
+    assert handler_name(CallableHandler().method) == f"{__name__}.CallableHandler.method"
+
+
+def test_a_callable_object_is_named_by_its_class():
+    # Not by its repr, which holds an address that differs in every worker process: the
+    # name keys the dedupe marks, the retried handlers and the dead letters.
+    first, second = CallableHandler(), CallableHandler()
+    assert handler_name(first) == handler_name(second) == f"{__name__}.CallableHandler"
+    assert hex(id(first)) not in handler_name(first)
+    assert "0x" not in handler_name(functools.partial(on_update))
+
+
+def test_same_named_handlers_are_told_apart_by_registration_order():
+    lambdas = [lambda event: "a", lambda event: "b", lambda event: "c"]
+    for handler in lambdas:
+        subscribe("publisher", "users.updated.v1", handler)
+    subscribe("publisher", "users.updated.v1", on_update)
+    subscribe("publisher", "users.deleted.v1", CallableHandler())
+
+    named = handlers_by_name(CHANNEL)
+
+    base = (
+        f"{__name__}.test_same_named_handlers_are_told_apart_by_registration_order"
+        ".<locals>.<lambda>"
+    )
+    assert list(named) == [base, f"{base}#2", f"{base}#3", f"{__name__}.on_update"]
+    assert list(named.values()) == [*lambdas, on_update]
+    assert handlers_by_name("org.example.publisher.nothing.here.v1") == {}
+
+
+# run()
+
+
+def test_each_handler_runs_once_and_is_then_remembered_for_dedupe_ttl(redis, caplog):
+    calls: list[str] = []
+    first, second = recorder(calls, "first"), recorder(calls, "second")
+    subscribe("publisher", "users.updated.v1", first)
+    subscribe("publisher", "users.updated.v1", second)
+    event = new_event()
+
+    with override_settings(TOOT={**settings.TOOT, "DEDUPE_TTL": 1234}):
+        assert run(event) == {}
+        assert calls == ["first", "second"]
+        for handler in (first, second):
+            assert redis.get(key(event, handler_name(handler))) == DONE.encode()
+            assert 1200 < redis.ttl(key(event, handler_name(handler))) <= 1234
+
+        with caplog.at_level(logging.INFO, logger="toot.handling"):
+            assert run(event) == {}  # the publisher retried a delivery that was handled
+        assert calls == ["first", "second"]
+
+    skipped = [r.getMessage() for r in caplog.records if "already handled" in r.getMessage()]
+    assert len(skipped) == 2
+    assert all(event.id in message and CHANNEL in message for message in skipped)
+
+
+def test_another_event_runs_the_handlers_again(redis):
+    calls: list[str] = []
+    subscribe("publisher", "users.updated.v1", recorder(calls, "only"))
+    assert run(new_event()) == run(new_event()) == {}
+    assert calls == ["only", "only"]
+
+
+def test_the_claim_is_held_while_the_handler_runs(redis):
+    seen = []
+    event = new_event()
+
+    def look_at_the_claim(event):
+        name = handler_name(look_at_the_claim)
+        seen.append((redis.get(key(event, name)), redis.ttl(key(event, name))))
+
+    subscribe("publisher", "users.updated.v1", look_at_the_claim)
+    assert run(event) == {}
+    [(state, ttl)] = seen
+    assert state == b"running"
+    assert 0 < ttl <= CLAIM_SECONDS
+
+
+def test_a_raising_handler_is_reported_and_released_for_a_later_run(redis, caplog):
+    calls: list[str] = []
+    good, flaky = recorder(calls, "good"), recorder(calls, "flaky", fail_times=1)
+    subscribe("publisher", "users.updated.v1", good)
+    subscribe("publisher", "users.updated.v1", flaky)
+    event = new_event()
+
+    with caplog.at_level(logging.ERROR, logger="toot.handling"):
+        failures = run(event)
+
+    assert list(failures) == [handler_name(flaky)]
+    assert isinstance(failures[handler_name(flaky)], RuntimeError)
+    assert str(failures[handler_name(flaky)]) == "flaky failed"
+    assert not redis.exists(key(event, handler_name(flaky)))  # released: a retry may run it
+    assert redis.get(key(event, handler_name(good))) == DONE.encode()
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert event.id in record.getMessage()
+    assert handler_name(flaky) in record.getMessage()
+    assert record.exc_info is not None
+
+    assert run(event) == {}  # the retry: only the handler that failed runs again
+    assert calls == ["good", "flaky", "flaky"]
+    assert redis.get(key(event, handler_name(flaky))) == DONE.encode()
+
+
+def test_names_restricts_the_run_to_those_handlers(redis):
+    calls: list[str] = []
+    first, second = recorder(calls, "first"), recorder(calls, "second")
+    subscribe("publisher", "users.updated.v1", first)
+    subscribe("publisher", "users.updated.v1", second)
+    event = new_event()
+
+    assert run(event, [handler_name(second)]) == {}
+    assert calls == ["second"]
+    assert not redis.exists(key(event, handler_name(first)))
+
+    assert run(event, []) == {}
+    assert run(event, ["tests.no_such_handler"]) == {}
+    assert calls == ["second"]
+
+
+def test_a_held_claim_is_already_running(redis):
+    calls: list[str] = []
+    handler = recorder(calls, "busy")
+    subscribe("publisher", "users.updated.v1", handler)
+    event = new_event()
+    name = handler_name(handler)
+    redis.set(key(event, name), "running", ex=CLAIM_SECONDS)  # another worker is running it
+
+    failures = run(event)
+
+    assert list(failures) == [name]
+    assert isinstance(failures[name], AlreadyRunning)
+    assert event.id in str(failures[name])
+    assert calls == []
+    assert redis.get(key(event, name)) == b"running"  # still the other worker's
+
+
+def test_a_claim_left_by_a_dead_worker_expires_and_the_handler_runs(redis, eventually):
+    calls: list[str] = []
+    handler = recorder(calls, "orphaned")
+    subscribe("publisher", "users.updated.v1", handler)
+    event = new_event()
+    redis.set(key(event, handler_name(handler)), "running", px=300)  # its worker was killed
+
+    assert isinstance(run(event)[handler_name(handler)], AlreadyRunning)
+    eventually(lambda: run(event) == {}, what="the orphaned claim to expire")
+    assert calls == ["orphaned"]
+
+
+def test_dedupe_keys_are_under_key_prefix(redis):
+    calls: list[str] = []
+    subscribe("publisher", "users.updated.v1", recorder(calls, "one"))
+    event = new_event()
+    other = f"{settings.TOOT['KEY_PREFIX']}other:"
+
+    with override_settings(TOOT={**settings.TOOT, "KEY_PREFIX": other}):
+        assert handling._key(event, "x").startswith(other)
+        assert run(event) == {}
+    assert run(event) == {}  # under another prefix, nothing remembers it
+    assert calls == ["one", "one"]
