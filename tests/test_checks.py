@@ -12,6 +12,7 @@ from django.urls import path
 
 import toot
 from toot.checks import check_security, check_settings, check_subscriptions
+from toot.conf import DEFAULTS
 from toot.views import CallbackView
 
 SOURCE = settings.TOOT["SOURCES"]["publisher"]
@@ -483,3 +484,25 @@ def test_check_command_reports_w004():
         pytest.raises(SystemCheckError, match=r"toot\.W004"),
     ):
         call_command("check", fail_level="WARNING", stdout=StringIO(), stderr=StringIO())
+
+
+# Dedupe: toot.W005
+
+
+def test_w005_dedupe_ttl_shorter_than_the_retry_window():
+    with toot_settings(RETRY_SCHEDULE=[60, 600], DEDUPE_TTL=600):
+        [message] = run_checks()
+    assert message.id == "toot.W005"
+    assert "792 s" in message.msg  # (60 + 600) x 1.2, the longest jittered window
+
+
+def test_w005_quiet_when_the_ttl_outlasts_the_retries():
+    with toot_settings(RETRY_SCHEDULE=[60, 600], DEDUPE_TTL=792):
+        assert "toot.W005" not in ids(run_checks())
+
+
+def test_w005_default_ttl_outlasts_the_default_schedule():
+    with toot_settings(
+        RETRY_SCHEDULE=DEFAULTS["RETRY_SCHEDULE"], DEDUPE_TTL=DEFAULTS["DEDUPE_TTL"]
+    ):
+        assert "toot.W005" not in ids(run_checks())

@@ -13,6 +13,7 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.urls import NoReverseMatch, reverse
 
 from toot.conf import DEFAULTS, SOURCE_KEYS, conf
+from toot.delivery import JITTER
 from toot.exceptions import ConfigError
 from toot.registry import registry
 from toot.signing import secret_error
@@ -86,7 +87,24 @@ def check_settings(
         ]
     messages += _secret_errors(raw)
     messages += _allowed_network_warnings()
+    messages += _dedupe_warnings()
     return messages
+
+
+def _dedupe_warnings() -> list[CheckMessage]:
+    # The publisher's schedule is not known here; a toot publisher's default is ours.
+    window = sum(conf.RETRY_SCHEDULE) * (1 + JITTER)
+    if conf.DEDUPE_TTL >= window:
+        return []
+    return [
+        Warning(
+            f'TOOT["DEDUPE_TTL"] ({conf.DEDUPE_TTL} s) is shorter than the retry window of '
+            f'TOOT["RETRY_SCHEDULE"] (up to {window:.0f} s).',
+            hint="A delivery retried after its handler ran would run the handler again: "
+            "raise DEDUPE_TTL above the publisher's retry window.",
+            id="toot.W005",
+        )
+    ]
 
 
 def _allowed_network_warnings() -> list[CheckMessage]:
