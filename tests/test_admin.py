@@ -141,3 +141,19 @@ def test_redeliver_selected_when_all_succeed_reports_no_failure(admin_client):
         assert len(up.requests) == 3
     assert [m.message for m in get_messages(response.wsgi_request)] == ["3 redelivered."]
     assert not DeadLetter.objects.exists()
+
+
+def test_redeliver_selected_when_all_fail_reports_only_the_failure(admin_client):
+    with HTTPServer(Reply(500)) as down:
+        letter = delivery_letter(down.url)
+
+        response = admin_client.post(
+            reverse(CHANGELIST),
+            {"action": "redeliver_selected", "_selected_action": [letter.pk]},
+            follow=True,
+        )
+
+    assert [m.message for m in get_messages(response.wsgi_request)] == [
+        "1 failed again; see their last error."
+    ]
+    assert DeadLetter.objects.filter(pk=letter.pk).exists()

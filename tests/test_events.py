@@ -321,6 +321,9 @@ def test_from_dict_with_a_bad_channel_is_refused(channel, error):
         pytest.param(["x"], "id must be a non-empty string", id="array"),
         pytest.param({"id": "x"}, "id must be a non-empty string", id="object"),
         pytest.param("x" * 256, "id is longer than 255 characters", id="256"),
+        pytest.param("an id", "id may hold only printable ASCII", id="space"),
+        pytest.param("id\n", "id may hold only printable ASCII", id="newline"),
+        pytest.param("\ud800", "id may hold only printable ASCII", id="lone-surrogate"),
     ],
 )
 def test_from_dict_with_a_bad_id_is_refused(event_id, error):

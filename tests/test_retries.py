@@ -180,3 +180,20 @@ def test_retries_are_namespaced_by_key_prefix(probe, redis):
     assert sent(probe) == [(PROBE, ["mine"], {})]
     assert retries.pending(queue) == 0
     assert redis.zcard(f"{other}retries:{queue}:due") == 1
+
+
+@pytest.mark.parametrize(
+    "raw", ["{not json", json.dumps({"task": "not.a.toot.task", "args": [], "kwargs": {}})]
+)
+def test_an_entry_that_cannot_be_sent_stays_claimed_and_the_rest_go(probe, redis, raw, caplog):
+    queue = queue_of(probe)
+    k = keys(queue)
+    redis.hset(k.data, "poison", raw)
+    redis.zadd(k.due, {"poison": time.time() - 1})
+    retries.schedule(PROBE, ["intact"], {}, 0.0, queue)
+
+    assert retries.relay_due(probe, [queue]) == 1
+
+    assert sent(probe) == [(PROBE, ["intact"], {})]
+    assert redis.zscore(k.claimed, "poison") is not None  # found again after CLAIM_TIMEOUT
+    assert "Retry poison" in caplog.text

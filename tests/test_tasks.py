@@ -218,3 +218,43 @@ def test_a_handled_event_is_not_handled_again(celery_worker, eventually):
     eventually(lambda: Event.from_dict(marker) in seen)
 
     assert seen == [Event.from_dict(event), Event.from_dict(marker)]
+
+
+@pytest.mark.parametrize(
+    ("delivery_info", "queue"),
+    [
+        (None, "default"),
+        ({"routing_key": "somewhere-else"}, "default"),
+        ({"routing_key": "mine"}, "mine"),
+    ],
+)
+def test_retries_go_back_to_the_queue_the_message_came_from(delivery_info, queue):
+    from kombu import Queue
+
+    from toot.tasks import origin_queue
+
+    app = deliver.app
+    saved = app.amqp.queues.copy()
+    app.amqp.queues["mine"] = Queue("mine", routing_key="mine")
+    deliver.push_request(delivery_info=delivery_info)
+    try:
+        expected = app.conf.task_default_queue if queue == "default" else queue
+        assert origin_queue(deliver) == expected
+    finally:
+        deliver.pop_request()
+        app.amqp.queues.clear()
+        app.amqp.queues.update(saved)
+
+
+@pytest.mark.django_db
+def test_a_dead_lettered_delivery_fails_the_task_with_callback_failure():
+    from toot import CallbackFailure
+
+    last = len(settings.TOOT["RETRY_SCHEDULE"])
+    with HTTPServer(Reply(502, body=b"bad gateway")) as server:
+        result = deliver.apply(args=[make_event(), server.url], kwargs={"attempts": last})
+
+    assert result.failed()
+    assert isinstance(result.result, CallbackFailure)
+    assert (result.result.callback_url, result.result.status) == (server.url, 502)
+    assert DeadLetter.objects.get().attempts == last + 1

@@ -810,6 +810,9 @@ BAD_EVENT_BODIES = [
     pytest.param(
         '{"channel": "CHANNEL", "payload": [-Infinity]}', 400, "not valid JSON", id="-infinity"
     ),
+    pytest.param(
+        '{"channel": "CHANNEL", "payload": {"x": 1e400}}', 400, "not valid JSON", id="overflow"
+    ),
     pytest.param(nested(DEEP), 400, "not valid JSON", id="deep-array"),
     pytest.param(
         f'{{"channel": "CHANNEL", "payload": {nested(DEEP)}}}',
@@ -968,3 +971,15 @@ def test_lying_content_length_is_refused(
     assert_refused(response, status, error)
     assert store_contents(redis) == seeded
     assert enqueued == []
+
+
+def test_a_body_longer_than_its_content_length_is_still_bounded(rf):
+    """Under ASGI a chunked body has no Content-Length; the read itself is bounded too."""
+    from toot.views import Refused, read_json
+
+    request = rf.post("/toot/callbacks", data=b"x" * 2048, content_type="application/json")
+    del request.META["CONTENT_LENGTH"]
+
+    with pytest.raises(Refused) as refused:
+        read_json(request, 1024)
+    assert refused.value.status == 413

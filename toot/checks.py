@@ -94,7 +94,7 @@ def check_settings(
 def _dedupe_warnings() -> list[CheckMessage]:
     # The publisher's schedule is not known here; a toot publisher's default is ours.
     window = sum(conf.RETRY_SCHEDULE) * (1 + JITTER)
-    if conf.DEDUPE_TTL >= window:
+    if window <= conf.DEDUPE_TTL:
         return []
     return [
         Warning(

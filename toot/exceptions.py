@@ -48,6 +48,10 @@ class CallbackFailure(TootError):
         self.detail = detail
         super().__init__(f"POST {callback_url} answered {status}{': ' + detail if detail else ''}")
 
+    def __reduce__(self) -> tuple[type[CallbackFailure], tuple[str, int | None, str]]:
+        # Celery pickles a failed task's exception for its result backend.
+        return type(self), (self.callback_url, self.status, self.detail)
+
 
 class RegisterSubscriptionFailure(TootError):
     """A source's subscriptions endpoint refused a registration."""
@@ -61,3 +65,6 @@ class RegisterSubscriptionFailure(TootError):
             f"registering {channel} at {subscription_url} failed with status {status}"
             f"{': ' + detail if detail else ''}"
         )
+
+    def __reduce__(self) -> tuple[type[RegisterSubscriptionFailure], tuple[str, str, int, str]]:
+        return type(self), (self.subscription_url, self.channel, self.status, self.detail)

@@ -22,7 +22,7 @@ from typing import Any
 from celery import Celery
 
 from toot.conf import conf
-from toot.store import get_redis
+from toot.store import as_text, get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,12 @@ def relay_due(app: Celery, queues: Iterable[str], limit: int = BATCH) -> int:
                 except (ValueError, KeyError):
                     # Not ours to understand (another toot version?): leave it claimed,
                     # where the next relay finds it again, and go on with the rest.
-                    logger.error("Retry %s for %s cannot be sent: %.200s", retry_id, queue, raw)
+                    logger.error(
+                        "Retry %s for %s cannot be sent: %.200s",
+                        as_text(retry_id),
+                        queue,
+                        as_text(raw),
+                    )
                     continue
                 task.apply_async(entry["args"], entry["kwargs"], queue=queue)
                 sent += 1

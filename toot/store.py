@@ -45,7 +45,7 @@ def get_redis() -> redis.Redis:
     return client
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -70,7 +70,7 @@ def remove(channel: str, callback_url: str) -> bool:
 
 
 def callback_urls(channel: str) -> list[str]:
-    return sorted(_text(url) for url in get_redis().smembers(_channel_key(channel)))
+    return sorted(as_text(url) for url in get_redis().smembers(_channel_key(channel)))
 
 
 def subscriptions(prefix: str = "") -> dict[str, list[str]]:
@@ -78,7 +78,7 @@ def subscriptions(prefix: str = "") -> dict[str, list[str]]:
     client = get_redis()
     channels = sorted(
         channel
-        for channel in map(_text, client.smembers(_index_key()))
+        for channel in map(as_text, client.smembers(_index_key()))
         if channel.startswith(prefix)
     )
     with client.pipeline(transaction=False) as pipe:
@@ -86,4 +86,4 @@ def subscriptions(prefix: str = "") -> dict[str, list[str]]:
             pipe.smembers(_channel_key(channel))
         members = pipe.execute()
     pairs = zip(channels, members, strict=True)
-    return {channel: sorted(map(_text, urls)) for channel, urls in pairs if urls}
+    return {channel: sorted(map(as_text, urls)) for channel, urls in pairs if urls}

@@ -21,6 +21,7 @@ from kombu.exceptions import OperationalError
 import toot.relay  # noqa: F401 - connects the relay to the worker's signals
 from toot import deadletters, delivery, handling, retries, store
 from toot.events import Event
+from toot.exceptions import CallbackFailure
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,11 @@ def deliver(
     attempts: int = 0,
     first_attempt_at: str | None = None,
 ) -> None:
-    """One attempt to POST the event; a failure is scheduled again or dead-lettered."""
+    """One attempt to POST the event; a failure is scheduled again or dead-lettered.
+
+    A dead-lettered delivery also raises CallbackFailure, so that the task is marked
+    failed where Celery monitoring and error trackers look.
+    """
     event_id, channel = event["id"], event["channel"]
     attempts += 1
     first_attempt_at = first_attempt_at or timezone.now().isoformat()
@@ -87,7 +92,7 @@ def deliver(
     delay = None if outcome.refused else delivery.next_delay(attempts, outcome.retry_after)
     if delay is None:
         deadletters.bury_delivery(event, callback_url, attempts, outcome, first_attempt_at)
-        return
+        raise CallbackFailure(callback_url, outcome.status, outcome.error)
     retries.schedule(
         "toot.deliver",
         [event, callback_url],
