@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import time
 
 from django.conf import settings
@@ -26,10 +26,15 @@ def record(event: toot.Event) -> None:
         "received_at": received_at,
         "pid": os.getpid(),
     }
-    get_redis().rpush(settings.EXAMPLE_RECEIPTS_KEY, json.dumps(receipt))
+    key = getattr(settings, "EXAMPLE_RECEIPTS_KEY", "example:receipts")  # a project setting
+    get_redis().rpush(key, json.dumps(receipt))
     if sent_at is not None:
-        logger.info("event %s on %s: %.1f ms after publish", event.id, event.channel,
-                    (received_at - sent_at) * 1000)
+        logger.info(
+            "event %s on %s: %.1f ms after publish",
+            event.id,
+            event.channel,
+            (received_at - sent_at) * 1000,
+        )
 
 
 def user_updated(event: toot.Event) -> None:

@@ -17,7 +17,8 @@ INSTALLED_APPS = ["django.contrib.contenttypes", "toot"]
 MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
 ROOT_URLCONF = "example_project.urls"
 WSGI_APPLICATION = "example_project.wsgi.application"
-DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'example.sqlite3'}")}
+# Each project has its own database (toot keeps dead letters and its outbox there): see
+# publisher.py and subscriber.py.
 USE_TZ = True
 
 # Each project needs its own queue (or broker) when two share one Redis, as the demo's
@@ -25,6 +26,16 @@ USE_TZ = True
 REDIS_URL = env("TOOT_REDIS_URL", default="redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
 CELERY_TASK_IGNORE_RESULT = True
+# toot's tasks are acknowledged late: a worker holds one message at a time, and a
+# message whose worker died is handed out again after visibility_timeout seconds, which
+# must exceed the longest task (a delivery takes at most CONNECT_TIMEOUT + READ_TIMEOUT).
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600),
+    # kombu looks for such messages every interval x throttle seconds (default 10 x 10).
+    "unacked_restore_interval": env.int("CELERY_UNACKED_RESTORE_INTERVAL", default=10),
+    "unacked_restore_throttle": env.int("CELERY_UNACKED_RESTORE_THROTTLE", default=10),
+}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 LOGGING = {

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 from example_project.common import *  # noqa: F403
-from example_project.common import REDIS_URL, env
+from example_project.common import BASE_DIR, REDIS_URL, env
 
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'publisher.sqlite3'}")
+}
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_QUEUE", default="publisher")
+
+# Bearer tokens subscribers must send (comma-separated); none leaves the endpoint open.
+SUBSCRIPTIONS_TOKENS = env.list("TOOT_SUBSCRIPTIONS_TOKENS", default=[])
 
 TOOT = {
     "CHANNEL_PREFIX": env("TOOT_CHANNEL_PREFIX", default="org.example.publisher."),
+    "SUBSCRIPTIONS_AUTH": {"TOKENS": SUBSCRIPTIONS_TOKENS} if SUBSCRIPTIONS_TOKENS else None,
+    # Callback hosts allowed over plain http and on non-public addresses (toot's SSRF guard
+    # refuses them otherwise): the example's subscriber runs on this machine.
+    "ALLOWED_CALLBACK_HOSTS": env.list(
+        "TOOT_ALLOWED_CALLBACK_HOSTS", default=["127.0.0.1", "localhost"]
+    ),
+    # Addresses allowed although not public (https callbacks only, unless the host is above).
+    "ALLOWED_CALLBACK_NETWORKS": env.list(
+        "TOOT_ALLOWED_CALLBACK_NETWORKS", default=["127.0.0.0/8", "::1/128"]
+    ),
+    # whsec_ secrets every delivery is signed with; none: unsigned, as Ruby toot sends.
+    "SIGNING_SECRETS": env.list("TOOT_SIGNING_SECRETS", default=[]),
     "REDIS_URL": REDIS_URL,
     "KEY_PREFIX": env("TOOT_KEY_PREFIX", default="toot:"),
-    "RETRY_SCHEDULE": env.list("TOOT_RETRY_SCHEDULE", cast=float, default=[5, 300, 1800, 7200, 18000, 36000, 36000]),
+    "RETRY_SCHEDULE": env.list(
+        "TOOT_RETRY_SCHEDULE", cast=float, default=[5, 300, 1800, 7200, 18000, 36000, 36000]
+    ),
 }

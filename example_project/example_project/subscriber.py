@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 from example_project.common import *  # noqa: F403
-from example_project.common import INSTALLED_APPS, REDIS_URL, env
+from example_project.common import BASE_DIR, INSTALLED_APPS, MIDDLEWARE, REDIS_URL, env
 
 INSTALLED_APPS = [*INSTALLED_APPS, "example_app"]
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'subscriber.sqlite3'}")
+}
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_QUEUE", default="subscriber")
 
+# It serves toot/subscriptions too (include("toot.urls")): closed the same way.
+SUBSCRIPTIONS_TOKENS = env.list("TOOT_SUBSCRIPTIONS_TOKENS", default=[])
+
 TOOT = {
+    "SUBSCRIPTIONS_AUTH": {"TOKENS": SUBSCRIPTIONS_TOKENS} if SUBSCRIPTIONS_TOKENS else None,
     "CALLBACK_URL": env("TOOT_CALLBACK_URL", default="http://127.0.0.1:8002/toot/callbacks"),
     "SOURCES": {
         "publisher": {
             "SUBSCRIPTION_URL": env(
-                "TOOT_PUBLISHER_SUBSCRIPTION_URL", default="http://127.0.0.1:8001/toot/subscriptions"
+                "TOOT_PUBLISHER_SUBSCRIPTION_URL",
+                default="http://127.0.0.1:8001/toot/subscriptions",
             ),
-            "CHANNEL_PREFIX": env("TOOT_PUBLISHER_CHANNEL_PREFIX", default="org.example.publisher."),
+            "CHANNEL_PREFIX": env(
+                "TOOT_PUBLISHER_CHANNEL_PREFIX", default="org.example.publisher."
+            ),
+            # Sent when registering, if the publisher requires a token.
+            "TOKEN": env("TOOT_PUBLISHER_TOKEN", default=None),
+            # The publisher's signing secrets; none: its deliveries are accepted unsigned.
+            "SECRETS": env.list("TOOT_PUBLISHER_SECRETS", default=[]),
         },
     },
     "REDIS_URL": REDIS_URL,
@@ -23,3 +37,8 @@ TOOT = {
 }
 # Where the example handler records each event it ran for (the demo and tests read it).
 EXAMPLE_RECEIPTS_KEY = env("EXAMPLE_RECEIPTS_KEY", default="example:receipts")
+# The benchmark (python -m bench) sets this to the most callback URLs it subscribes:
+# example_app/bench.py then runs one receipt handler per URL.
+EXAMPLE_BENCH_COPIES = env.int("EXAMPLE_BENCH_COPIES", default=0)
+if EXAMPLE_BENCH_COPIES:
+    MIDDLEWARE = [*MIDDLEWARE, "example_app.bench.CopyMiddleware"]
