@@ -252,7 +252,7 @@ def test_a_dead_lettered_delivery_fails_the_task_with_callback_failure():
 
     last = len(settings.TOOT["RETRY_SCHEDULE"])
     with HTTPServer(Reply(502, body=b"bad gateway")) as server:
-        result = deliver.apply(args=[make_event(), server.url], kwargs={"attempts": last})
+        result = deliver.apply(args=(make_event(), server.url), kwargs={"attempts": last})
 
     assert result.failed()
     assert isinstance(result.result, CallbackFailure)
