@@ -5,6 +5,7 @@
     python3 dev.py test [pytest args...]        the test suite with coverage (.venvs/test)
     python3 dev.py lint                         ruff check, ruff format --check, mypy
     python3 dev.py check-package                build sdist + wheel, install and check the wheel
+    python3 dev.py bench [--help | args...]     the end-to-end benchmark (.venvs/bench)
 
 Each command makes its virtualenv under .venvs/ on first use and reuses it until
 setup.cfg, pyproject.toml or the Python version changes.
@@ -145,6 +146,15 @@ def demo(args: list[str]) -> None:
     os.execv(argv[0], argv)
 
 
+def bench(args: list[str]) -> None:
+    python = ensure_venv("bench", "bench-chart")
+    argv = [str(python), "-m", "bench", *args]
+    say(f"running {shlex.join(argv)}")
+    sys.stdout.flush()
+    os.chdir(ROOT)  # python -m bench imports bench/ from the checkout
+    os.execv(argv[0], argv)
+
+
 def test(args: list[str]) -> None:
     python = ensure_venv("test", "test")
     # The same commands as tox.ini's, so a tox env and this agree.
@@ -233,7 +243,13 @@ def check_package(args: list[str]) -> None:
     say("package OK")
 
 
-COMMANDS = {"demo": demo, "test": test, "lint": lint, "check-package": check_package}
+COMMANDS = {
+    "demo": demo,
+    "test": test,
+    "lint": lint,
+    "check-package": check_package,
+    "bench": bench,
+}
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,445 @@
+"""The command line: what to run, in which order, and what to print and write."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import signal
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import procstat, report
+from bench.measure import Driver, batch_available, driver_peak_rss_mib
+from bench.topology import BenchError, Options, Topology
+from devtools.processes import ROOT
+
+MODES = ("single", "batch")
+DESCRIPTION = """\
+toot's end-to-end benchmark. Starts Redis (embedded unless $TOOT_REDIS_URL is set), the
+example publisher and subscriber (gunicorn + a Celery worker each), subscribes M callback
+URLs to one channel, and measures burst throughput, paced latency, the machine's limits
+(Celery no-op task rate, plain POST rate), CPU per delivery by process and peak memory.
+Prints a table, writes JSON (and a PNG chart with matplotlib) to --output-dir, and ends
+with one line per mode and M: mode=<single|batch> M=<m> deliveries_per_s=<x>.
+Exits 1 if any event was lost or delivered twice."""
+
+
+def say(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def positive_list(kind: type[float] | type[int]) -> Any:
+    def parse(text: str) -> list[float] | list[int]:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+        if not values or any(value <= 0 for value in values):
+            raise argparse.ArgumentTypeError(f"values must be positive: {text!r}")
+        return values
+
+    return parse
+
+
+def modes(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [value for value in values if value not in MODES]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}, not {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_argument_group("what to measure")
+    what.add_argument(
+        "--events",
+        "-n",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="events per burst (default 2000)",
+    )
+    what.add_argument(
+        "--copies",
+        "-m",
+        type=positive_list(int),
+        default=[1, 10],
+        metavar="M,...",
+        help="callback URLs subscribed to the channel, one burst each (default 1,10)",
+    )
+    what.add_argument(
+        "--burst-budget",
+        type=float,
+        default=35.0,
+        metavar="SECONDS",
+        help="for M>1, lower N so that the burst takes about this long at the "
+        "M=1 rate, and say so (default 35; 0: always N)",
+    )
+    what.add_argument(
+        "--rates",
+        type=positive_list(float),
+        default=[20.0, 200.0],
+        metavar="R,...",
+        help="paced runs, events per second (default 20,200)",
+    )
+    what.add_argument(
+        "--duration",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="length of each paced run (default 5)",
+    )
+    what.add_argument(
+        "--modes",
+        type=modes,
+        default=list(MODES),
+        metavar="MODE,...",
+        help="delivery modes: single (one event per request) and batch "
+        "(PROTOCOL.md section 7, once toot has it); default single,batch",
+    )
+    what.add_argument("--skip-burst", action="store_true", help="no burst runs")
+    what.add_argument("--skip-paced", action="store_true", help="no paced runs")
+    what.add_argument(
+        "--skip-limits",
+        action="store_true",
+        help="do not measure the Celery no-op and plain POST rates",
+    )
+    what.add_argument(
+        "--limit-tasks",
+        type=int,
+        default=3000,
+        metavar="N",
+        help="no-op tasks for the Celery limit (default 3000)",
+    )
+    what.add_argument(
+        "--limit-duration",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="how long to POST for the request-rate limit (default 3)",
+    )
+    what.add_argument(
+        "--memory",
+        action="store_true",
+        help="also the flat-memory check: publish --memory-events events (M=1) "
+        "and compare RSS after 10%% of them and after all; not in the default run",
+    )
+    what.add_argument(
+        "--memory-events",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="events for --memory (default 100000)",
+    )
+
+    how = p.add_argument_group("the topology")
+    how.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=2,
+        help="Celery prefork processes per worker, publisher and subscriber "
+        "alike, and of the no-op worker (default 2)",
+    )
+    how.add_argument(
+        "--web-workers", type=int, default=2, help="gunicorn worker processes per side (default 2)"
+    )
+    how.add_argument(
+        "--web-threads",
+        type=int,
+        default=4,
+        help="threads per gunicorn worker, gthread (default 4)",
+    )
+    how.add_argument(
+        "--unsigned",
+        action="store_true",
+        help="send deliveries unsigned, as Ruby toot does (default: signed with a "
+        "whsec_ secret and verified, as the README advises)",
+    )
+
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--output-dir",
+        type=Path,
+        default=ROOT / "bench-results",
+        help="where the JSON and the PNG go (default bench-results/)",
+    )
+    out.add_argument(
+        "--stall",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up waiting for handler runs after this long without one (default 30)",
+    )
+    return p
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def versions() -> dict[str, str]:
+    import celery
+    import django
+
+    import toot
+
+    return {"django": django.get_version(), "celery": celery.__version__, "toot": toot.__version__}
+
+
+def interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.copies = sorted(set(args.copies))
+        options = Options(
+            web_workers=args.web_workers,
+            web_threads=args.web_threads,
+            concurrency=args.concurrency,
+            signed=not args.unsigned,
+            copies=max(self.copies),
+        )
+        self.topology = Topology(options)
+        self.driver = Driver(self.topology, say)
+        self.started = dt.datetime.now(dt.timezone.utc)
+        self.results: dict[str, Any] = {
+            "meta": {
+                "started": self.started.strftime("%Y-%m-%d %H:%M:%SZ"),
+                "run_id": self.topology.run_id,
+                "cpus": os.cpu_count(),
+                "machine": platform.platform(),
+                "python": platform.python_version(),
+                "commit": git_commit(),
+                "loadavg": {"start": os.getloadavg()[0]},
+                "options": {
+                    **asdict(options),
+                    "events": args.events,
+                    "copies": self.copies,
+                    "rates": args.rates,
+                    "duration": args.duration,
+                },
+                **versions(),
+            },
+            "limits": {},
+            "bursts": [],
+            "paced": [],
+            "modes": [],
+            "notes": [],
+        }
+        self.clean = True
+        self.mode_started = False
+
+    def note(self, text: str) -> None:
+        self.results["notes"].append(text)
+        say(f"note: {text}")
+
+    def run(self) -> None:
+        args, topology = self.args, self.topology
+        say(f"Logs of every process: {topology.log_dir}")
+        topology.start_redis()
+        self.results["meta"]["redis"] = (
+            f"embedded ({topology.redis_url})"
+            if topology.embedded_redis
+            else "$TOOT_REDIS_URL (shared; not counted)"
+        )
+        say(f"Redis: {self.results['meta']['redis']}")
+        for mode in args.modes:
+            reason = batch_available() if mode == "batch" else None
+            if reason is not None:
+                say(f"mode={mode}: not available: {reason}")
+                for copies in [] if args.skip_burst else self.copies:
+                    self.results["modes"].append(
+                        {"mode": mode, "copies": copies, "deliveries_per_s": None, "reason": reason}
+                    )
+                continue
+            self.run_mode(mode)
+        if args.memory:
+            if not self.mode_started:
+                self.start_mode("single")
+            say(f"Memory check: {args.memory_events:,} events, M=1 ...")
+            self.results["memory"] = memory = self.driver.memory(
+                args.memory_events, chunk=1000, stall=args.stall
+            )
+            self.clean &= memory["lost"] == 0 and memory["duplicated"] == 0
+
+    def start_mode(self, mode: str) -> None:
+        say(f"Starting publisher and subscriber, mode={mode} (gunicorn + Celery worker each) ...")
+        begun = time.monotonic()
+        self.topology.start_apps(mode)
+        if mode == "batch":
+            for role in ("publisher", "subscriber"):
+                if self.topology.setting(role, "BATCH") in ("None", "False", "0", ""):
+                    raise BenchError(
+                        f"the example {role}'s settings do not map $TOOT_BATCH to "
+                        'TOOT["BATCH"]: batch mode would run single'
+                    )
+        if not self.mode_started:
+            self.driver.setup_publisher()
+        self.driver.set_mode(mode)
+        self.mode_started = True
+        self.topology.subscribe_copies(1)
+        self.driver.warm_up(1)
+        say(f"  up and warm in {time.monotonic() - begun:.1f}s")
+
+    def run_mode(self, mode: str) -> None:
+        args, driver = self.args, self.driver
+        self.start_mode(mode)
+        if not args.skip_limits and not self.results["limits"]:
+            say(f"Limits: Celery no-op tasks ({args.limit_tasks}) ...")
+            noop = driver.celery_noop_rate(args.limit_tasks)
+            say(f"  {noop['tasks_per_s']:,.0f} tasks/s")
+            say(f"Limits: POST to the subscriber's gunicorn for {args.limit_duration:g}s ...")
+            post = driver.post_rate(args.limit_duration)
+            say(f"  {post['requests_per_s']:,.0f} requests/s")
+            self.results["limits"] = {"celery_noop": noop, "post": post}
+        if not args.skip_burst:
+            base_rate: float | None = None
+            for copies in self.copies:
+                events = self.events_for(copies, base_rate)
+                self.topology.subscribe_copies(copies)
+                if copies > 1:
+                    driver.warm_up(copies, events=5)
+                say(
+                    f"Burst mode={mode} M={copies}: {events} events, "
+                    f"{events * copies} deliveries ..."
+                )
+                burst = driver.burst(mode, copies, events, stall=args.stall, grace=1.0)
+                if copies == 1:
+                    base_rate = burst.deliveries_per_s
+                self.clean &= burst.tally["lost"] == 0 and burst.tally["duplicated"] == 0
+                say(
+                    f"  {burst.deliveries_per_s:,.1f} deliveries/s in {burst.seconds:.1f}s "
+                    f"(lost {burst.tally['lost']}, duplicated {burst.tally['duplicated']})"
+                )
+                self.results["bursts"].append(asdict(burst))
+                self.results["modes"].append(
+                    {"mode": mode, "copies": copies, "deliveries_per_s": burst.deliveries_per_s}
+                )
+            self.topology.subscribe_copies(1)
+        if not args.skip_paced:
+            for rate in args.rates:
+                say(f"Paced mode={mode} M=1: {rate:g} events/s for {args.duration:g}s ...")
+                paced = driver.paced(mode, rate, args.duration, stall=args.stall, grace=0.5)
+                self.clean &= paced.tally["lost"] == 0 and paced.tally["duplicated"] == 0
+                latency = paced.latency_ms
+                say(
+                    f"  p50 {latency['p50']:.1f} ms, p99 {latency['p99']:.1f} ms"
+                    if latency["p50"] is not None and latency["p99"] is not None
+                    else "  no event arrived"
+                )
+                self.results["paced"].append(asdict(paced))
+
+    def events_for(self, copies: int, base_rate: float | None) -> int:
+        """N, lowered for M>1 when the burst would take much longer than --burst-budget."""
+        events: int = self.args.events
+        budget: float = self.args.burst_budget
+        if copies == 1 or not budget or not base_rate:
+            return events
+        estimate = events * copies / base_rate
+        if estimate <= budget:
+            return events
+        lowered = max(100, int(budget * base_rate / copies) // 100 * 100)
+        if lowered >= events:
+            return events
+        self.note(
+            f"M={copies}: N lowered from {events} to {lowered}: at the M=1 rate "
+            f"({base_rate:.0f}/s) {events * copies} deliveries would take {estimate:.0f}s, over "
+            f"the --burst-budget of {budget:g}s that keeps the default run under 3 minutes "
+            f"(--burst-budget 0 runs N={events})"
+        )
+        return lowered
+
+    def finish(self) -> None:
+        topology = self.topology
+        self.results["peak_rss_mib"] = {
+            name: procstat.peak_rss_mib(pid) for name, pid in topology.pids().items()
+        } | {"driver (publish)": driver_peak_rss_mib()}
+        self.results["lines"] = report.mode_lines(self.results)
+        self.results["meta"]["loadavg"]["end"] = os.getloadavg()[0]
+        self.results["meta"]["seconds"] = round(
+            (dt.datetime.now(dt.timezone.utc) - self.started).total_seconds(), 1
+        )
+
+    def write(self) -> None:
+        stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
+        out = self.args.output_dir
+        json_path, png_path = out / f"{stamp}.json", out / f"{stamp}.png"
+        say()
+        for line in report.table(self.results):
+            say(line)
+        say()
+        report.write_json(self.results, json_path)
+        say(f"Results: {json_path}")
+        why_not = report.chart(self.results, png_path)
+        say(why_not or f"Chart:   {png_path}")
+        say(f"Took {self.results['meta']['seconds']:.0f}s in all.")
+        say()
+        for line in self.results["lines"]:
+            say(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.events < 1 or args.duration <= 0 or args.concurrency < 1 or args.memory_events < 1:
+        parser().error("--events, --duration, --concurrency and --memory-events must be positive")
+    if not procstat.available():
+        parser().error("needs Linux's /proc to measure the processes' CPU and memory")
+    # Stop everything on Ctrl-C and on kill, also when started with SIGINT ignored (nohup, &).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+    run = Run(args)
+    status = 0
+    try:
+        run.run()
+        run.finish()
+    except KeyboardInterrupt:
+        say("\nInterrupted.")
+        status = 130
+    except (BenchError, TimeoutError, RuntimeError) as exc:
+        say(f"Benchmark failed: {exc}")
+        status = 2
+    finally:
+        say(f"Stopping {len(run.topology.processes)} processes ...")
+        for line in run.topology.stop():
+            say(f"  {line}")
+    if status:
+        say(f"Logs: {run.topology.log_dir}")
+        return status
+    run.write()
+    if not run.clean:
+        say("FAILED: events were lost or delivered twice (see the table)")
+        return 1
+    return 0

@@ -1,0 +1,278 @@
+"""The results as a table, as JSON, and as a PNG chart when matplotlib is installed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PROCESS_ORDER = (
+    "driver (publish)",
+    "publisher-web",
+    "publisher-worker",
+    "subscriber-web",
+    "subscriber-worker",
+    "redis",
+)
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    meta = results["meta"]
+    options = meta["options"]
+    lines.append(
+        f"toot benchmark {meta['started']}  run {meta['run_id']}  {meta['cpus']} cores  "
+        f"Python {meta['python']}  Django {meta['django']}  Celery {meta['celery']}  "
+        f"toot {meta['toot']}  commit {meta['commit']}"
+    )
+    lines.append(
+        f"topology: Redis {meta['redis']}; gunicorn gthread {options['web_workers']} workers x "
+        f"{options['web_threads']} threads per side; Celery prefork concurrency "
+        f"{options['concurrency']} per side; deliveries "
+        f"{'signed, subscribing takes a token' if options['signed'] else 'unsigned'}; "
+        "processes log at WARNING"
+    )
+
+    load = meta.get("loadavg")
+    if load:
+        lines.append(
+            f"load average (1 min) at start {load['start']:.2f}, at end {load.get('end', 0):.2f}: "
+            "other work on this machine lowers every figure; read them against the limits "
+            "measured in the same run"
+        )
+    limits = results.get("limits") or {}
+    if limits:
+        lines.append("")
+        lines.append("Limits of this machine, same run")
+        noop = limits.get("celery_noop")
+        if noop:
+            lines.append(
+                f"  Celery no-op task, consumed by one worker (prefork {noop['concurrency']}), "
+                f"same broker: {noop['tasks_per_s']:,.0f} tasks/s  ({noop['tasks']} tasks; "
+                f"worker CPU {noop['worker_cpu_ms_per_task']:.2f} ms/task)"
+            )
+        post = limits.get("post")
+        if post:
+            lines.append(
+                f"  POST to the subscriber's gunicorn (trivial view), one requests.Session: "
+                f"{post['requests_per_s']:,.0f} requests/s  ({post['requests']} in "
+                f"{post['seconds']:.1f}s; CPU per request: server "
+                f"{post['server_cpu_ms_per_request']:.2f} ms, client "
+                f"{post['client_cpu_ms_per_request']:.2f} ms)"
+            )
+
+    bursts = results.get("bursts") or []
+    noop_rate = (limits.get("celery_noop") or {}).get("tasks_per_s")
+    post_rate = (limits.get("post") or {}).get("requests_per_s")
+    if bursts:
+        lines.append("")
+        lines.append("Burst: N events published as fast as possible, to M callback URLs")
+        lines.append(
+            "  mode    M      N  deliveries  seconds  deliv/s  /noop  /POST  lost  dup"
+            "  publish() p50  p99 ms  others"
+        )
+        for burst in bursts:
+            tally = burst["tally"]
+            lines.append(
+                f"  {burst['mode']:<6} {burst['copies']:>2} {burst['events']:>6} "
+                f"{burst['deliveries']:>11} {burst['seconds']:>8.2f} "
+                f"{burst['deliveries_per_s']:>8,.0f} "
+                f"{_ratio(burst['deliveries_per_s'], noop_rate):>6} "
+                f"{_ratio(burst['deliveries_per_s'], post_rate):>6} "
+                f"{tally['lost']:>5} {tally['duplicated']:>4}"
+                f"  {_num(burst['publish_ms']['p50'], 2):>13}"
+                f" {_num(burst['publish_ms']['p99'], 2):>5}"
+                f"  {burst['other_cores']:>6.2f}" + ("" if burst["complete"] else "  INCOMPLETE")
+            )
+        lines.append(
+            "  /noop, /POST: deliveries/s over the limits above; others: cores busy with "
+            "processes outside the benchmark"
+        )
+        lines.append("")
+        lines.append("CPU milliseconds per delivery, by process tree (during each burst)")
+        names = [name for name in PROCESS_ORDER if name in bursts[0]["cpu_ms_per_delivery"]]
+        header = (
+            "  "
+            + f"{'':<20}"
+            + "".join(f"{burst['mode'] + ' M=' + str(burst['copies']):>14}" for burst in bursts)
+        )
+        lines.append(header + f"{'peak RSS MiB':>14}")
+        peaks = results.get("peak_rss_mib", {})
+        for name in [*names, "total"]:
+            cells = "".join(f"{_cpu(burst['cpu_ms_per_delivery'], name):>14}" for burst in bursts)
+            peak = peaks.get(name)
+            lines.append(f"  {name:<20}{cells}{_num(peak, 0) if peak else '':>14}")
+        lines.append(
+            "  driver (publish): this process calling toot.publish(), as a view of the "
+            "publisher would;"
+        )
+        lines.append(
+            "  publisher-web only serves subscriptions. Trees: each gunicorn or Celery worker "
+            "with its children."
+        )
+
+    paced = results.get("paced") or []
+    if paced:
+        lines.append("")
+        lines.append("Paced: latency from publish() to the handler, M=1")
+        lines.append(
+            "  mode   rate/s  events  achieved/s  p50 ms  p95 ms  p99 ms  max ms  lost  dup"
+            "  publish() p50  p99 ms"
+        )
+        for run in paced:
+            latency, tally = run["latency_ms"], run["tally"]
+            lines.append(
+                f"  {run['mode']:<6} {run['rate']:>6g} {run['events']:>7} "
+                f"{run['achieved_rate']:>11.1f} {_num(latency['p50']):>7} "
+                f"{_num(latency['p95']):>7} "
+                f"{_num(latency['p99']):>7} {_num(latency['max']):>7} {tally['lost']:>5} "
+                f"{tally['duplicated']:>4}  {_num(run['publish_ms']['p50'], 2):>13} "
+                f"{_num(run['publish_ms']['p99'], 2):>5}"
+            )
+
+    memory = results.get("memory")
+    if memory:
+        lines.append("")
+        lines.append(
+            f"Memory: RSS (MiB, process tree) after {memory['checkpoint']:,} and after "
+            f"{memory['events']:,} events (M=1); lost {memory['lost']}, duplicated "
+            f"{memory['duplicated']}"
+        )
+        first = memory["rss_mib"][str(memory["checkpoint"])]
+        last = memory["rss_mib"][str(memory["events"])]
+        for name in first:
+            growth = memory["growth_pct"][name]
+            verdict = ""
+            if name.endswith("-worker"):  # the target: within 10 %
+                verdict = "  flat (within 10 %)" if abs(growth) <= 10 else "  GROWS (over 10 %)"
+            lines.append(
+                f"  {name:<20}{first[name]:>10.1f}{last[name]:>10.1f}{growth:>+9.1f} %{verdict}"
+            )
+        used = memory["redis_used_memory_mib"]
+        lines.append(
+            f"  Redis used_memory {used[str(memory['checkpoint'])]:.1f} -> "
+            f"{used[str(memory['events'])]:.1f} MiB: "
+            f"{memory['redis_bytes_per_event']:.0f} bytes per event kept (toot's dedupe keys "
+            "live DEDUPE_TTL, 3 days)"
+        )
+
+    for note in results.get("notes", []):
+        lines.append(f"note: {note}")
+    return lines
+
+
+def _ratio(value: float, limit: float | None) -> str:
+    return "-" if not limit else f"{value / limit:.2f}"
+
+
+def _cpu(cpu: dict[str, float], name: str) -> str:
+    if name == "total":
+        return f"{sum(cpu.values()):.2f}"
+    return "-" if name not in cpu else f"{cpu[name]:.2f}"
+
+
+def mode_lines(results: dict[str, Any]) -> list[str]:
+    """One ``mode=<m> M=<m> deliveries_per_s=<x>`` line for each mode and M."""
+    lines = []
+    for entry in results.get("modes", []):
+        if entry.get("deliveries_per_s") is None:
+            lines.append(
+                f"mode={entry['mode']} M={entry['copies']} deliveries_per_s=n/a "
+                f"not available: {entry['reason']}"
+            )
+        else:
+            lines.append(
+                f"mode={entry['mode']} M={entry['copies']} "
+                f"deliveries_per_s={entry['deliveries_per_s']:.1f}"
+            )
+    return lines
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def chart(results: dict[str, Any], path: Path) -> str | None:
+    """Draw the PNG; returns why not if matplotlib is missing (pip install toot[bench-chart])."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no chart: matplotlib is not installed (pip install -e '.[bench-chart]')"
+
+    fig, (ax_latency, ax_rate, ax_progress) = plt.subplots(1, 3, figsize=(17, 5.2))
+    meta = results["meta"]
+    fig.suptitle(
+        f"toot benchmark {meta['started']} ({meta['cpus']} cores, commit {meta['commit']})"
+    )
+
+    for run in results.get("paced", []):
+        values = run["latencies_ms"]
+        if values:
+            fractions = [(i + 1) / len(values) for i in range(len(values))]
+            ax_latency.step(
+                values, fractions, where="post", label=f"{run['mode']} {run['rate']:g}/s"
+            )
+    ax_latency.set_xscale("log")
+    ax_latency.set_xlabel("publish() to handler, ms (log)")
+    ax_latency.set_ylabel("fraction of events")
+    ax_latency.set_title("Paced latency (CDF), M=1")
+    ax_latency.grid(True, which="both", alpha=0.3)
+    if results.get("paced"):
+        ax_latency.legend()
+
+    labels, rates = [], []
+    for entry in results.get("modes", []):
+        labels.append(f"{entry['mode']}\nM={entry['copies']}")
+        rates.append(entry.get("deliveries_per_s") or 0.0)
+    bars = ax_rate.bar(labels, rates, color="tab:blue")
+    for bar, entry in zip(bars, results.get("modes", []), strict=True):
+        text = "n/a" if entry.get("deliveries_per_s") is None else f"{bar.get_height():.0f}"
+        ax_rate.annotate(
+            text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom"
+        )
+    limits = results.get("limits") or {}
+    if limits.get("celery_noop"):
+        ax_rate.axhline(
+            limits["celery_noop"]["tasks_per_s"],
+            color="tab:red",
+            linestyle="--",
+            label="Celery no-op tasks/s",
+        )
+    if limits.get("post"):
+        ax_rate.axhline(
+            limits["post"]["requests_per_s"],
+            color="tab:green",
+            linestyle=":",
+            label="POST requests/s (1 client)",
+        )
+    ax_rate.set_ylabel("deliveries/s")
+    ax_rate.set_title("Burst throughput")
+    if limits:
+        ax_rate.legend(loc="upper left")
+
+    for burst in results.get("bursts", []):
+        if burst["progress"]:
+            xs = [point[0] for point in burst["progress"]]
+            ys = [point[1] for point in burst["progress"]]
+            label = f"{burst['mode']} M={burst['copies']} N={burst['events']}"
+            ax_progress.plot(xs, ys, label=label)
+    ax_progress.set_xlabel("seconds since the first publish()")
+    ax_progress.set_ylabel("handler runs recorded")
+    ax_progress.set_title("Burst progress")
+    ax_progress.grid(True, alpha=0.3)
+    if results.get("bursts"):
+        ax_progress.legend()
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
