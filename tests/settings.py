@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from typing import Any
 
@@ -49,6 +50,13 @@ TEMPLATES = [
 ]
 ROOT_URLCONF = "tests.urls"
 DATABASES = {"default": env.db("DATABASE_URL", default="sqlite://:memory:")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A file, not SQLite's shared-cache memory database: worker threads write dead letters
+    # while tests read them, and that database fails a blocked reader at once instead of
+    # waiting.
+    DATABASES["default"]["TEST"] = {
+        "NAME": os.path.join(tempfile.gettempdir(), f"toot-test-{RUN_ID}.sqlite3")
+    }
 USE_TZ = True
 STATIC_URL = "/static/"
 

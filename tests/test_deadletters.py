@@ -186,7 +186,9 @@ def test_a_handler_no_longer_subscribed_is_kept(redis):
     letter.refresh_from_db()
     assert calls == []
     assert letter.attempts == 5
-    assert letter.last_error == f"{handler_name(gone)} is not subscribed to {SUBSCRIBED} here"
+    assert letter.last_error == repr(
+        LookupError(f"{handler_name(gone)} is not subscribed to {SUBSCRIBED} here")
+    )
 
 
 def test_redelivery_runs_only_the_dead_lettered_handler(redis):

@@ -175,8 +175,18 @@ def test_names_restricts_the_run_to_those_handlers(redis):
     assert not redis.exists(key(event, handler_name(first)))
 
     assert run(event, []) == {}
-    assert run(event, ["tests.no_such_handler"]) == {}
     assert calls == ["second"]
+
+
+def test_a_handler_no_longer_subscribed_fails_instead_of_passing_silently(redis):
+    """After a deploy renamed or removed it, a retry for it must not count as done."""
+    event = new_event()
+
+    [(name, error)] = run(event, ["tests.no_such_handler"]).items()
+
+    assert name == "tests.no_such_handler"
+    assert isinstance(error, LookupError)
+    assert "tests.no_such_handler is not subscribed to" in str(error)
 
 
 def test_a_held_claim_is_already_running(redis):

@@ -50,10 +50,19 @@ def _key(event: Event, name: str) -> str:
 
 
 def run(event: Event, names: list[str] | None = None) -> dict[str, Exception]:
-    """Run the event's handlers (only ``names`` if given); returns the failures by name."""
+    """Run the event's handlers (only ``names`` if given); returns the failures by name.
+
+    A name that is no longer subscribed (renamed or removed by a deploy) is a failure, not
+    a silent success: its retries and its dead letter keep the work visible.
+    """
     client = get_redis()
-    failures: dict[str, Exception] = {}
-    for name, handler in handlers_by_name(event.channel).items():
+    named = handlers_by_name(event.channel)
+    failures: dict[str, Exception] = {
+        name: LookupError(f"{name} is not subscribed to {event.channel} here")
+        for name in names or ()
+        if name not in named
+    }
+    for name, handler in named.items():
         if names is not None and name not in names:
             continue
         key = _key(event, name)

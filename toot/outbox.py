@@ -12,7 +12,7 @@ import logging
 import uuid
 from typing import Any
 
-from celery import Celery, current_app
+from celery import Celery
 from django.db.models import Q
 from django.utils import timezone
 
@@ -34,7 +34,7 @@ def keep(event: dict[str, Any], error: Exception) -> None:
     )
 
 
-def relay(app: Celery | None = None, limit: int = BATCH) -> int:
+def relay(app: Celery, limit: int = BATCH) -> int:
     """Send up to ``limit`` outbox events to the fan-out task through ``app``.
 
     Rows are claimed with one UPDATE, so that relays in several workers never send the
@@ -54,7 +54,7 @@ def relay(app: Celery | None = None, limit: int = BATCH) -> int:
     sent = 0
     try:
         for row in OutboxEvent.objects.filter(claim=token):
-            (app or current_app).tasks[fan_out.name].apply_async((row.event,), retry=False)
+            app.tasks[fan_out.name].apply_async((row.event,), retry=False)
             row.delete()
             sent += 1
             logger.info(

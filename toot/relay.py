@@ -39,9 +39,9 @@ class Relay(threading.Thread):
         super().__init__(name="toot-relay", daemon=True)
         self.app = app
         self.queues = queues
-        self.steps: list[Callable[[], int]] = [lambda: retries.relay_due(app, queues)]
+        self.steps: list[Callable[[], int]] = [lambda: retries.relay_due(self.app, self.queues)]
         if outbox:
-            self.steps.append(lambda: relay_outbox(app))
+            self.steps.append(lambda: relay_outbox(self.app))
         self.stopping = threading.Event()
         self._last_complaint = -math.inf  # monotonic() starts near 0 at boot: log the first
 

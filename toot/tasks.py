@@ -120,7 +120,10 @@ def handle(
     attempts: int = 0,
     first_attempt_at: str | None = None,
 ) -> None:
-    """Run the event's local handlers (on a retry, only those that failed)."""
+    """Run the event's local handlers (on a retry, only those that failed).
+
+    Once the schedule is spent the failures are dead-lettered and the first is raised.
+    """
     ev = Event.from_dict(event)
     attempts += 1
     first_attempt_at = first_attempt_at or timezone.now().isoformat()
@@ -132,7 +135,7 @@ def handle(
     if delay is None:
         for name, error in failures.items():
             deadletters.bury_handler(event, name, attempts, error, first_attempt_at)
-        return
+        raise next(iter(failures.values()))  # as deliver does: the task is marked failed
     retries.schedule(
         "toot.handle",
         [event],

@@ -12,16 +12,16 @@ import math
 from typing import Any
 
 import redis
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 from django.utils.decorators import method_decorator
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
-from kombu.exceptions import OperationalError
+from kombu.exceptions import EncodeError, OperationalError
 
 from toot import auth, signing, ssrf, store
-from toot.conf import conf
+from toot.conf import Source, conf
 from toot.events import Event
 from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature
 from toot.registry import registry
@@ -139,9 +139,11 @@ class SubscriptionsView(TootView):
         return HttpResponse(status=201 if added else 204)
 
     def delete(self, request: HttpRequest) -> HttpResponse:
-        channel, callback_url = self._fields(
-            request.GET.get("channel"), request.GET.get("callback_url"), 400
-        )
+        try:
+            query = request.GET
+        except TooManyFieldsSent:  # over DATA_UPLOAD_MAX_NUMBER_FIELDS: Django's 400 is HTML
+            raise Refused(400, "too many query parameters") from None
+        channel, callback_url = self._fields(query.get("channel"), query.get("callback_url"), 400)
         if not store.remove(channel, callback_url):
             raise Refused(404, f"{callback_url} is not subscribed to {channel}")
         logger.info("Subscription %s to %s removed", callback_url, channel)
@@ -197,7 +199,10 @@ class CallbackView(TootView):
             response = HttpResponse(status=200)
             response["X-Toot-Unsubscribe"] = "True"
             return response
-        handle.delay(event.to_dict())
+        try:
+            handle.delay(event.to_dict())
+        except EncodeError:  # parsed, but nested deeper than the serializer's stack allows
+            raise Refused(400, "body is nested too deeply") from None
         logger.info("Event %s on %s: received, handlers enqueued", event.id, event.channel)
         return HttpResponse(status=200)
 
@@ -205,10 +210,17 @@ class CallbackView(TootView):
     def verify_signature(request: HttpRequest, data: Any) -> None:
         """Refuse with 401 an event of a source with secrets unless it is signed by one.
 
-        The source is the one whose channel prefix starts the event's channel. A body
-        without a string channel names no source and is refused (422) after this.
+        The source is the one whose channel prefix starts the event's channel, and every
+        source a local handler of that channel subscribed through: when one source's prefix
+        extends another's, a handler subscribed through the signed one must not run for an
+        unsigned event that the other's prefix claims. A body without a string channel
+        names no source and is refused (422) after this.
         """
-        sources = {conf.source_for_channel(channel) for channel in _channels(data)}
+        sources = {
+            source
+            for channel in _channels(data)
+            for source in (conf.source_for_channel(channel), *_subscribed_sources(channel))
+        }
         for source in sorted(filter(None, sources)):
             if not source.secrets:
                 continue  # unsigned, as a Ruby publisher sends
@@ -222,6 +234,16 @@ class CallbackView(TootView):
             except InvalidSignature as exc:
                 logger.warning("Callback from source %s refused: %s", source.name, exc)
                 raise Refused(401, str(exc)) from None
+
+
+def _subscribed_sources(channel: str) -> list[Source]:
+    """The sources through which local handlers subscribed to ``channel``."""
+    sources = conf.SOURCES
+    return [
+        sources[sub.source]
+        for sub in registry.subscriptions
+        if sub.source in sources and sources[sub.source].channel_prefix + sub.channel == channel
+    ]
 
 
 def _channels(data: Any) -> list[str]:
