@@ -16,6 +16,8 @@ from celery import Celery
 from django.db.models import Q
 from django.utils import timezone
 
+from toot.broker import send_now
+
 logger = logging.getLogger(__name__)
 
 BATCH = 500
@@ -54,7 +56,7 @@ def relay(app: Celery, limit: int = BATCH) -> int:
     sent = 0
     try:
         for row in OutboxEvent.objects.filter(claim=token):
-            app.tasks[fan_out.name].apply_async((row.event,), retry=False)
+            send_now(app.tasks[fan_out.name], (row.event,))
             row.delete()
             sent += 1
             logger.info(

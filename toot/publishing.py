@@ -6,11 +6,10 @@ import json
 import logging
 from typing import Any
 
-import redis
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from kombu.exceptions import OperationalError
 
 from toot import outbox
+from toot.broker import BROKER_ERRORS, send_now
 from toot.conf import conf
 from toot.events import Event
 from toot.exceptions import EventTooLarge, InvalidEvent
@@ -18,8 +17,6 @@ from toot.tasks import fan_out
 from toot.validation import check_channel
 
 logger = logging.getLogger(__name__)
-
-BROKER_ERRORS = (OperationalError, redis.RedisError, OSError)
 
 
 def check_size(wire: dict[str, Any]) -> None:
@@ -54,11 +51,7 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
 
     def send() -> None:
         try:
-            # No retry loop inside the caller's request: the outbox is the retry. Even with
-            # retry=False kombu retries connecting for the connect timeout (~6 s an event).
-            with fan_out.app.producer_or_acquire() as producer:
-                producer.connection.ensure_connection(max_retries=0)
-                fan_out.apply_async((wire,), retry=False, producer=producer)
+            send_now(fan_out, (wire,))  # no retry loop in the caller's request: the outbox is it
         except BROKER_ERRORS as exc:
             outbox.keep(wire, exc)
         else:

@@ -21,6 +21,7 @@ from typing import Any
 
 from celery import Celery
 
+from toot.broker import send_now
 from toot.conf import conf
 from toot.store import as_text, get_redis
 
@@ -102,7 +103,7 @@ def relay_due(app: Celery, queues: Iterable[str], limit: int = BATCH) -> int:
                         as_text(raw),
                     )
                     continue
-                task.apply_async(entry["args"], entry["kwargs"], queue=queue)
+                send_now(task, entry["args"], kwargs=entry["kwargs"], queue=queue)
                 sent += 1
             with client.pipeline(transaction=True) as pipe:
                 pipe.zrem(claimed, retry_id)
