@@ -14,6 +14,7 @@ from django.test import Client, RequestFactory, override_settings
 
 import toot
 from tests.http_server import HTTPServer, Reply
+from tests.utils import store_contents
 from toot import store
 from toot.auth import authorization_header, bearer_token
 from toot.conf import conf
@@ -51,11 +52,6 @@ def on_user(event):
 @pytest.fixture
 def client():
     return Client(enforce_csrf_checks=True)
-
-
-def store_contents(redis):
-    keys = redis.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}*", count=1000)
-    return {key: redis.smembers(key) for key in keys}
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from devtools.processes import free_port
-from toot import Event, store, subscribe
+from tests.utils import store_contents
+from toot import Event, signing, store, subscribe
 from toot.conf import conf
 from toot.views import MAX_SUBSCRIPTION_BYTES
 
@@ -48,12 +49,6 @@ def post_json(client, path, data, **extra):
 
 def post_raw(client, path, body, **extra):
     return client.post(path, body, content_type="application/json", **extra)
-
-
-def store_contents(redis):
-    """Every key of toot's namespace with its members: the whole publisher-side state."""
-    keys = redis.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}*", count=1000)
-    return {key: redis.smembers(key) for key in keys}
 
 
 def assert_refused(response, status, error_part):
@@ -983,3 +978,73 @@ def test_a_body_longer_than_its_content_length_is_still_bounded(rf):
     with pytest.raises(Refused) as refused:
         read_json(request, 1024)
     assert refused.value.status == 413
+
+
+# Found by tests/test_fuzz.py -----------------------------------------------------------
+
+
+def test_delete_with_more_query_fields_than_django_parses_answers_a_json_400(client, seeded, redis):
+    # Past DATA_UPLOAD_MAX_NUMBER_FIELDS (1,000) Django raises TooManyFieldsSent, which
+    # it answers with an HTML page of its own.
+    response = client.delete(f"{SUBSCRIPTIONS}?{'&'.join(['channel=x'] * 1001)}")
+
+    assert_refused(response, 400, "too many query parameters")
+    assert store_contents(redis) == seeded
+
+
+def test_event_nested_about_as_deep_as_the_parser_reads_is_enqueued_or_refused(
+    client, celery_worker, enqueued, subscribed
+):
+    """Just under the depth where json.loads gives up lies a depth it reads but that the
+    broker's serializer, called deeper in the stack, cannot write: that was a 500."""
+    channel, _handler = subscribed
+
+    def post(depth):
+        return post_raw(
+            client, CALLBACKS, f'{{"channel": "{channel}", "payload": {nested(depth)}}}'
+        )
+
+    def parses(depth):
+        response = post(depth)
+        return response.status_code != 400 or response.json()["error"] != "body is not valid JSON"
+
+    deepest, too_deep = 1, 5_000  # the deepest body the parser reads, found by bisection
+    while too_deep - deepest > 1:
+        middle = (deepest + too_deep) // 2
+        deepest, too_deep = (middle, too_deep) if parses(middle) else (deepest, middle)
+
+    for depth in range(deepest - 60, deepest + 1):
+        before = len(enqueued)
+        response = post(depth)
+        if response.status_code == 200:
+            assert len(enqueued) == before + 1
+        else:
+            assert_refused(response, 400, "nested too deeply")
+            assert len(enqueued) == before
+
+
+SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def test_unsigned_source_whose_prefix_extends_a_signed_ones_cannot_run_its_handlers(
+    client, enqueued, subscribed
+):
+    channel, _handler = subscribed  # SOURCE_PREFIX + "users.<hex>.v1"
+    sources = {
+        "publisher": {**settings.TOOT["SOURCES"]["publisher"], "SECRET": SPEC_SECRET},
+        # No secret, and the longest prefix of the handler's channel.
+        "nested": {
+            "SUBSCRIPTION_URL": "http://nested.example/toot/subscriptions",
+            "CHANNEL_PREFIX": SOURCE_PREFIX + "users.",
+        },
+    }
+    body = json.dumps(wire_event(channel)).encode()
+    headers = signing.signature_headers("msg_1", body, [SPEC_SECRET])
+
+    with override_settings(TOOT={**settings.TOOT, "SOURCES": sources}):
+        unsigned = post_raw(client, CALLBACKS, body)
+        signed = post_raw(client, CALLBACKS, body, headers=headers)
+
+    assert_refused(unsigned, 401, "signature required")
+    assert signed.status_code == 200
+    assert [job["channel"] for job in enqueued] == [channel]

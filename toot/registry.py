@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar, overload
 
-from toot.conf import conf
+from toot.conf import Source, conf
 from toot.events import Event
 from toot.validation import check_channel
 
@@ -43,15 +43,19 @@ class Registry:
     def subscriptions(self) -> tuple[Subscription, ...]:
         return tuple(self._subscriptions)
 
-    def handlers_for(self, channel: str) -> list[Handler]:
+    def matching(self, channel: str) -> list[tuple[Source, Handler]]:
+        """The handlers subscribed to the full ``channel``, with the source of each."""
         sources = conf.SOURCES
         # A subscription whose source has since gone from the settings matches nothing;
         # the system check toot.E004 reports it.
         return [
-            sub.handler
+            (sources[sub.source], sub.handler)
             for sub in self._subscriptions
             if sub.source in sources and sources[sub.source].channel_prefix + sub.channel == channel
         ]
+
+    def handlers_for(self, channel: str) -> list[Handler]:
+        return [handler for _, handler in self.matching(channel)]
 
 
 registry = Registry()

@@ -11,16 +11,16 @@ import logging
 import math
 from typing import Any
 
-import redis
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 from django.utils.decorators import method_decorator
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
-from kombu.exceptions import EncodeError, OperationalError
+from kombu.exceptions import EncodeError
 
 from toot import auth, signing, ssrf, store
+from toot.broker import BROKER_ERRORS, send_now
 from toot.conf import Source, conf
 from toot.events import Event
 from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature
@@ -91,7 +91,7 @@ class TootView(View):
             return super().dispatch(request, *args, **kwargs)
         except Refused as refused:
             return error_response(refused.status, refused.message, refused.headers)
-        except (redis.RedisError, OperationalError) as exc:
+        except BROKER_ERRORS as exc:
             logger.error(
                 "%s %s: store or broker unavailable: %s", request.method, request.path, exc
             )
@@ -185,12 +185,16 @@ class CallbackView(TootView):
 
     def post(self, request: HttpRequest) -> HttpResponse:
         data = read_json(request, conf.MAX_EVENT_BYTES)
-        self.verify_signature(request, data)
         try:
             event = Event.from_dict(data)
         except InvalidEvent as exc:
             raise Refused(422, str(exc)) from None
-        if not registry.handlers_for(event.channel):
+        matched = registry.matching(event.channel)
+        self.verify_signature(
+            request,
+            {conf.source_for_channel(event.channel), *(source for source, _ in matched)},
+        )
+        if not matched:
             logger.info(
                 "Event %s on %s: no local subscription, asking to unsubscribe",
                 event.id,
@@ -200,27 +204,21 @@ class CallbackView(TootView):
             response["X-Toot-Unsubscribe"] = "True"
             return response
         try:
-            handle.delay(event.to_dict())
+            send_now(handle, (event.to_dict(),))
         except EncodeError:  # parsed, but nested deeper than the serializer's stack allows
             raise Refused(400, "body is nested too deeply") from None
         logger.info("Event %s on %s: received, handlers enqueued", event.id, event.channel)
         return HttpResponse(status=200)
 
     @staticmethod
-    def verify_signature(request: HttpRequest, data: Any) -> None:
-        """Refuse with 401 an event of a source with secrets unless it is signed by one.
+    def verify_signature(request: HttpRequest, sources: set[Source | None]) -> None:
+        """Refuse with 401 unless each of ``sources`` that has secrets signed the request.
 
-        The source is the one whose channel prefix starts the event's channel, and every
-        source a local handler of that channel subscribed through: when one source's prefix
-        extends another's, a handler subscribed through the signed one must not run for an
-        unsigned event that the other's prefix claims. A body without a string channel
-        names no source and is refused (422) after this.
+        The sources are the one whose prefix starts the channel, so that a stranger learns
+        nothing (not even which channels are handled here), and those of the matching
+        subscriptions: when one source's prefix extends another's, a handler subscribed
+        through the signed one must not run for an event that only the other's claims.
         """
-        sources = {
-            source
-            for channel in _channels(data)
-            for source in (conf.source_for_channel(channel), *_subscribed_sources(channel))
-        }
         for source in sorted(filter(None, sources)):
             if not source.secrets:
                 continue  # unsigned, as a Ruby publisher sends
@@ -234,29 +232,3 @@ class CallbackView(TootView):
             except InvalidSignature as exc:
                 logger.warning("Callback from source %s refused: %s", source.name, exc)
                 raise Refused(401, str(exc)) from None
-
-
-def _subscribed_sources(channel: str) -> list[Source]:
-    """The sources through which local handlers subscribed to ``channel``."""
-    sources = conf.SOURCES
-    return [
-        sources[sub.source]
-        for sub in registry.subscriptions
-        if sub.source in sources and sources[sub.source].channel_prefix + sub.channel == channel
-    ]
-
-
-def _channels(data: Any) -> list[str]:
-    """The channels a callback body names: its own, and its events' if it is a batch.
-
-    Batches (PROTOCOL.md section 7) are included so that no body shape can carry an
-    event past its source's signature check.
-    """
-    if not isinstance(data, dict):
-        return []
-    items = [data, *(data["events"] if isinstance(data.get("events"), list) else [])]
-    return [
-        item["channel"]
-        for item in items
-        if isinstance(item, dict) and isinstance(item.get("channel"), str)
-    ]

@@ -1,0 +1,18 @@
+"""Helpers several test modules share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+
+def store_contents(redis: Any) -> dict[Any, Any]:
+    """The subscription store: every channel's set of callback URLs, and the channel index.
+
+    Only these sets: retries and handler marks that tasks of earlier tests still write
+    share the namespace and are not the store.
+    """
+    prefix = settings.TOOT["KEY_PREFIX"]
+    keys = [*redis.scan_iter(match=f"{prefix}subscriptions:*", count=1000), f"{prefix}channels"]
+    return {key: redis.smembers(key) for key in keys}
