@@ -556,6 +556,23 @@ def test_the_source_is_the_one_with_the_longest_matching_prefix(client, secret, 
     assert [job["channel"] for job in enqueued] == ["org.example.other.x.v1"]
 
 
+def test_a_handler_of_a_signed_source_never_runs_for_an_unsigned_event(client, secret, enqueued):
+    """Even when an unsigned source's longer prefix claims the same full channel."""
+    handler = create_autospec(on_event)
+    signed_source = {
+        "SUBSCRIPTION_URL": "https://org.example/subs",
+        "CHANNEL_PREFIX": "org.example.",
+        "SECRET": secret,
+    }
+
+    with toot_settings(SOURCES={"signed": signed_source, "publisher": SOURCE}):
+        subscribe("signed", SOURCE_PREFIX.removeprefix("org.example.") + "x.v1", handler)
+        response = post(client, wire_body(SOURCE_PREFIX + "x.v1"))
+
+    assert_unauthorized(response, "signature required")
+    assert enqueued == []
+
+
 def test_a_longer_prefix_without_secret_wins_over_a_shorter_one_with(client, secret, enqueued):
     handler = create_autospec(on_event)
     signed_source = {
