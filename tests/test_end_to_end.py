@@ -76,13 +76,7 @@ def test_failed_delivery_is_retried_until_the_subscriber_answers_200(topology, r
     def flaky_then_forward(request):
         if len(flaky.requests) <= 2:
             return Reply(status=500, body=b"down for maintenance")
-        forwarded = requests.post(
-            topology.callback_url,
-            data=request.body,
-            headers={"Content-Type": "application/json"},
-            timeout=5,
-        )
-        return Reply(status=forwarded.status_code)
+        return topology.forward(request)
 
     with HTTPServer(flaky_then_forward) as flaky:
         topology.unsubscribe(channel, topology.callback_url)

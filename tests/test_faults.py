@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import requests
 
 from devtools.processes import wait_for
 from tests.http_server import HTTPServer, Reply
@@ -50,13 +49,7 @@ def test_worker_killed_mid_delivery_loses_nothing(topology, redis):
             held.set()
             release.wait(60)
             return Reply(status=200)  # too late: the worker that asked is dead
-        forwarded = requests.post(
-            topology.callback_url,
-            data=request.body,
-            headers={"Content-Type": "application/json"},
-            timeout=5,
-        )
-        return Reply(status=forwarded.status_code)
+        return topology.forward(request)
 
     with HTTPServer(hold_first_then_forward) as proxy:
         topology.unsubscribe(CHANNEL, topology.callback_url)

@@ -22,6 +22,7 @@ from django.conf import settings
 
 from devtools.processes import ROOT, Process, celery_worker, free_port, project_env, web_server
 from devtools.redis_server import start_redis
+from tests.http_server import RecordedRequest, Reply
 
 PREFIX = "org.example.publisher."
 ROLES = ("publisher", "subscriber")
@@ -166,6 +167,16 @@ class Topology:
             timeout=5,
         )
         assert response.status_code == 204, response.text
+
+    def forward(self, request: RecordedRequest) -> Reply:
+        """Pass a delivery a test server received on to the subscriber; its answer back."""
+        forwarded = requests.post(
+            self.callback_url,
+            data=request.body,
+            headers={"Content-Type": "application/json"},
+            timeout=5,
+        )
+        return Reply(status=forwarded.status_code)
 
     def receipts(self, redis) -> list[dict[str, Any]]:
         return [json.loads(item) for item in redis.lrange(self.receipts_key, 0, -1)]
