@@ -25,8 +25,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-# The lowest total coverage (percent) that `dev.py test` accepts.
-COVERAGE_FAIL_UNDER = 0
+# The lowest total branch coverage (percent) that `dev.py test` accepts. The suite
+# reaches 100; one point of slack keeps a branch that only timing reaches (a relay
+# round, a retry racing a claim) from failing CI on a slow machine.
+COVERAGE_FAIL_UNDER = 99
 
 ROOT = Path(__file__).resolve().parent
 VENVS = ROOT / ".venvs"
