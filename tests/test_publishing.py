@@ -210,3 +210,15 @@ def test_a_payload_that_is_not_json_is_refused(suffix, enqueued, payload):
     with pytest.raises(toot.InvalidEvent, match="payload is not JSON"):
         toot.publish(suffix, payload)
     assert enqueued == []
+
+
+def test_a_payload_nested_deeper_than_subscribers_read_is_refused(celery_worker):
+    from toot.validation import MAX_JSON_DEPTH
+
+    deep: list = []
+    for _ in range(MAX_JSON_DEPTH - 1):  # with the event's own object: one level too many
+        deep = [deep]
+    with pytest.raises(toot.InvalidEvent, match="nested more than"):
+        toot.publish("x.v1", deep)
+    shallower = deep[0]
+    toot.publish("x.v1", shallower)  # exactly MAX_JSON_DEPTH levels: sent

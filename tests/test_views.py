@@ -25,6 +25,7 @@ from devtools.processes import free_port
 from tests.utils import store_contents
 from toot import Event, signing, store, subscribe
 from toot.conf import conf
+from toot.validation import MAX_JSON_DEPTH
 from toot.views import MAX_SUBSCRIPTION_BYTES
 
 SUBSCRIPTIONS = "/toot/subscriptions"
@@ -996,7 +997,9 @@ def test_event_nested_about_as_deep_as_the_parser_reads_is_enqueued_or_refused(
     client, celery_worker, enqueued, subscribed
 ):
     """Just under the depth where json.loads gives up lies a depth it reads but that the
-    broker's serializer, called deeper in the stack, cannot write: that was a 500."""
+    broker's serializer, called deeper in the stack, cannot write: that was a 500. (And
+    one the worker's deserializer could not read after a 200: the event lost. Such bodies
+    are now past MAX_JSON_DEPTH.)"""
     channel, _handler = subscribed
 
     def post(depth):
@@ -1048,3 +1051,26 @@ def test_unsigned_source_whose_prefix_extends_a_signed_ones_cannot_run_its_handl
     assert_refused(unsigned, 401, "signature required")
     assert signed.status_code == 200
     assert [job["channel"] for job in enqueued] == [channel]
+
+
+@pytest.mark.parametrize("path", [SUBSCRIPTIONS, CALLBACKS])
+def test_body_nested_past_max_json_depth_is_refused_and_at_it_accepted(
+    client, redis, enqueued, subscribed, path
+):
+    channel, _handler = subscribed
+    if path == CALLBACKS:
+        fields = f'"channel": "{channel}", "payload"'
+    else:
+        fields = f'"channel": "{OWN_PREFIX}deep.v1", "callback_url": "{CALLBACK_URL}", "x"'
+
+    def body(depth):  # the object around the nested arrays is one level
+        return f"{{{fields}: {nested(depth - 1)}}}"
+
+    before = store_contents(redis)
+    refused = post_raw(client, path, body(MAX_JSON_DEPTH + 1))
+    assert store_contents(redis) == before
+    accepted = post_raw(client, path, body(MAX_JSON_DEPTH))
+
+    assert_refused(refused, 400, f"nested too deeply (over {MAX_JSON_DEPTH} levels)")
+    assert accepted.status_code == (200 if path == CALLBACKS else 201)
+    assert len(enqueued) == (1 if path == CALLBACKS else 0)

@@ -14,7 +14,7 @@ from toot.conf import conf
 from toot.events import Event
 from toot.exceptions import EventTooLarge, InvalidEvent
 from toot.tasks import fan_out
-from toot.validation import check_channel
+from toot.validation import MAX_JSON_DEPTH, check_channel, nests_deeper
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ def check_size(wire: dict[str, Any]) -> None:
         raise InvalidEvent(f"payload is not JSON: {exc}") from None
     if size > conf.MAX_EVENT_BYTES:
         raise EventTooLarge(wire["channel"], size, conf.MAX_EVENT_BYTES)
+    if nests_deeper(wire):  # a toot subscriber refuses it (400), every retry again
+        raise InvalidEvent(f"payload is nested more than {MAX_JSON_DEPTH - 1} levels deep")
 
 
 def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> Event:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import urlsplit
 
 from toot.exceptions import InvalidChannel
 
 MAX_CHANNEL_LENGTH = 255
 MAX_URL_LENGTH = 2048
+# Levels of arrays and objects a body may nest, the event's own object included: the
+# default max_nesting of Ruby's JSON.parse, as deep as a Ruby toot subscriber reads. How
+# deep Python's parser gets depends on the stack; a body it read here could still fail the
+# broker's serializer or, after a 200, the worker's deserializer (the event lost).
+MAX_JSON_DEPTH = 100
 # Printable ASCII without space: channel names end up in Redis keys, log lines and
 # URLs, where anything else invites confusion or injection.
 CHANNEL_RE = re.compile(r"[\x21-\x7e]+")
@@ -57,3 +63,23 @@ def url_error(url: object, *, name: str = "callback_url") -> str | None:
     if any(0xD800 <= ord(ch) <= 0xDFFF for ch in url):
         return f"{name} must not contain lone surrogates"
     return None
+
+
+def nests_deeper(data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``data`` nests arrays and objects more than ``limit`` levels deep.
+
+    Level by level: no recursion (what the limit guards against), a few list passes.
+    """
+    level, depth = [data], 0
+    while True:
+        containers = [value for value in level if isinstance(value, (dict, list))]
+        if not containers:
+            return False
+        depth += 1
+        if depth > limit:
+            return True
+        level = [
+            child
+            for value in containers
+            for child in (value.values() if isinstance(value, dict) else value)
+        ]

@@ -26,7 +26,7 @@ from toot.events import Event
 from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature
 from toot.registry import registry
 from toot.tasks import handle
-from toot.validation import channel_error, url_error
+from toot.validation import MAX_JSON_DEPTH, channel_error, nests_deeper, url_error
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,13 @@ def read_json(request: HttpRequest, max_bytes: int) -> Any:
     if len(body) > max_bytes:
         raise Refused(413, f"body is larger than {max_bytes} bytes")
     try:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise Refused(400, "body is not valid JSON") from None
+    # Only a body with that many brackets can nest that deep: most are not walked at all.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and nests_deeper(data):
+        raise Refused(400, f"body is nested too deeply (over {MAX_JSON_DEPTH} levels)")
+    return data
 
 
 @method_decorator(csrf_exempt, name="dispatch")
