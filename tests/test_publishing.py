@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Any
 
 import pytest
 from celery.signals import after_task_publish
@@ -215,7 +216,7 @@ def test_a_payload_that_is_not_json_is_refused(suffix, enqueued, payload):
 def test_a_payload_nested_deeper_than_subscribers_read_is_refused(celery_worker):
     from toot.validation import MAX_JSON_DEPTH
 
-    deep: list = []
+    deep: list[Any] = []
     for _ in range(MAX_JSON_DEPTH - 1):  # with the event's own object: one level too many
         deep = [deep]
     with pytest.raises(toot.InvalidEvent, match="nested more than"):
