@@ -21,6 +21,23 @@ def _when(value: str | None) -> Any:
     return (parse_datetime(value) if value else None) or timezone.now()
 
 
+def _bury(
+    event: dict[str, Any], attempts: int, first_attempt_at: str | None, **fields: Any
+) -> DeadLetter:
+    from toot.models import DeadLetter
+
+    letter: DeadLetter = DeadLetter.objects.create(
+        event_id=event["id"],
+        channel=event["channel"],
+        event=event,
+        attempts=attempts,
+        first_attempt_at=_when(first_attempt_at),
+        last_attempt_at=timezone.now(),
+        **fields,
+    )
+    return letter
+
+
 def bury_delivery(
     event: dict[str, Any],
     callback_url: str,
@@ -28,8 +45,6 @@ def bury_delivery(
     outcome: delivery.Outcome,
     first_attempt_at: str | None,
 ) -> DeadLetter:
-    from toot.models import DeadLetter
-
     logger.error(
         "Event %s on %s: delivery to %s failed for good after %d attempts (status %s: %s); "
         "dead-lettered",
@@ -40,19 +55,15 @@ def bury_delivery(
         outcome.status,
         outcome.error,
     )
-    letter: DeadLetter = DeadLetter.objects.create(
-        kind=DeadLetter.Kind.DELIVERY,
-        event_id=event["id"],
-        channel=event["channel"],
+    return _bury(
+        event,
+        attempts,
+        first_attempt_at,
+        kind="delivery",
         callback_url=callback_url,
-        event=event,
-        attempts=attempts,
         last_status=outcome.status,
         last_error=outcome.error,
-        first_attempt_at=_when(first_attempt_at),
-        last_attempt_at=timezone.now(),
     )
-    return letter
 
 
 def bury_handler(
@@ -62,8 +73,6 @@ def bury_handler(
     error: Exception,
     first_attempt_at: str | None,
 ) -> DeadLetter:
-    from toot.models import DeadLetter
-
     logger.error(
         "Event %s on %s: handler %s failed for good after %d attempts (%r); dead-lettered",
         event["id"],
@@ -72,18 +81,9 @@ def bury_handler(
         attempts,
         error,
     )
-    letter: DeadLetter = DeadLetter.objects.create(
-        kind=DeadLetter.Kind.HANDLER,
-        event_id=event["id"],
-        channel=event["channel"],
-        handler=handler,
-        event=event,
-        attempts=attempts,
-        last_error=repr(error),
-        first_attempt_at=_when(first_attempt_at),
-        last_attempt_at=timezone.now(),
+    return _bury(
+        event, attempts, first_attempt_at, kind="handler", handler=handler, last_error=repr(error)
     )
-    return letter
 
 
 def redeliver(letter: DeadLetter) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import requests
 
 from toot import client, signing, ssrf, store
 from toot.conf import conf
+from toot.events import wire_json
 from toot.exceptions import ConfigError, InvalidCallback
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def parse_retry_after(value: str | None) -> float | None:
 def attempt(event: dict[str, Any], callback_url: str) -> Outcome:
     """POST the event once; honours X-Toot-Unsubscribe and 410 Gone by unsubscribing."""
     event_id, channel = event["id"], event["channel"]
-    body = json.dumps(event, separators=(",", ":")).encode()
+    body = wire_json(event).encode()
     try:
         # Signed at each attempt: webhook-timestamp must be fresh when the subscriber reads it.
         headers = signing.signature_headers(event_id, body, conf.SIGNING_SECRETS)

@@ -33,6 +33,11 @@ def parse_timestamp(value: str) -> dt.datetime:
     return parsed
 
 
+def wire_json(wire: dict[str, Any]) -> str:
+    """An event's wire form as sent: compact, ASCII only, and no NaN no peer can read."""
+    return json.dumps(wire, separators=(",", ":"), allow_nan=False)
+
+
 class Event:
     """One published event. Two events are equal when their ids are equal."""
 
@@ -75,7 +80,7 @@ class Event:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return wire_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: object) -> Event:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -11,7 +10,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from toot import outbox
 from toot.broker import BROKER_ERRORS, send_now
 from toot.conf import conf
-from toot.events import Event
+from toot.events import Event, wire_json
 from toot.exceptions import EventTooLarge, InvalidEvent
 from toot.tasks import fan_out
 from toot.validation import MAX_JSON_DEPTH, check_channel, nests_deeper
@@ -28,7 +27,7 @@ def check_size(wire: dict[str, Any]) -> None:
     """
     try:
         # As deliveries send it; ensure_ascii makes its length in characters its size in bytes.
-        size = len(json.dumps(wire, separators=(",", ":"), allow_nan=False))
+        size = len(wire_json(wire))
     except (TypeError, ValueError) as exc:
         raise InvalidEvent(f"payload is not JSON: {exc}") from None
     if size > conf.MAX_EVENT_BYTES:
