@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 from celery.contrib.testing.worker import start_worker
+from celery.signals import after_task_publish
 from django.conf import settings
+from django.test import Client
 
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
@@ -94,3 +96,24 @@ def dns(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return SimpleNamespace(answers=answers, lookups=lookups)
+
+
+@pytest.fixture
+def client():
+    """A test client that enforces CSRF checks, as a peer's POST would meet them."""
+    return Client(enforce_csrf_checks=True)
+
+
+@pytest.fixture
+def enqueued():
+    """The events of every ``toot.handle`` job published to the broker during the test."""
+    events = []
+
+    def record(sender=None, body=None, **kwargs):
+        if sender == "toot.handle":
+            args, _kwargs, _embed = body
+            events.append(args[0])
+
+    after_task_publish.connect(record, weak=False)
+    yield events
+    after_task_publish.disconnect(record)

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 import pytest
 from django.conf import settings
-from django.test import Client, RequestFactory, override_settings
+from django.test import RequestFactory, override_settings
 
 import toot
 from tests.http_server import HTTPServer, Reply
@@ -47,11 +47,6 @@ def truthy_but_not_true(request):
 
 def on_user(event):
     pass
-
-
-@pytest.fixture
-def client():
-    return Client(enforce_csrf_checks=True)
 
 
 @pytest.fixture

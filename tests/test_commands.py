@@ -13,6 +13,7 @@ from django.test import override_settings
 import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply
+from tests.utils import sources
 from toot import store
 from toot.deadletters import bury_delivery, bury_handler
 from toot.delivery import Outcome
@@ -26,19 +27,6 @@ CALLBACK_URL = settings.TOOT["CALLBACK_URL"]
 PREFIX = settings.TOOT["SOURCES"]["publisher"]["CHANNEL_PREFIX"]
 USERS = PREFIX + "users.updated.v1"
 ORDERS = PREFIX + "orders.created.v1"
-
-
-def sources(**urls):
-    """The tests' settings with a source per keyword, named so, at that subscription URL."""
-    return override_settings(
-        TOOT={
-            **settings.TOOT,
-            "SOURCES": {
-                name: {"SUBSCRIPTION_URL": url, "CHANNEL_PREFIX": f"org.example.{name}."}
-                for name, url in urls.items()
-            },
-        }
-    )
 
 
 def on_user(event):

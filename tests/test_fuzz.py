@@ -732,11 +732,6 @@ def offline_dns(monkeypatch):
 
 
 @pytest.fixture
-def client():
-    return Client(enforce_csrf_checks=True)
-
-
-@pytest.fixture
 def published():
     """Every task published from the test's thread (not the worker's), as (name, body)."""
     records: list[tuple[str, Any]] = []

@@ -10,6 +10,7 @@ from django.test import override_settings
 import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
+from tests.utils import sources
 from toot import store
 from toot.registration import Registration, planned_registrations, register
 
@@ -19,20 +20,6 @@ CALLBACK_URL = settings.TOOT["CALLBACK_URL"]
 PREFIX = settings.TOOT["SOURCES"]["publisher"]["CHANNEL_PREFIX"]
 USERS = PREFIX + "users.updated.v1"
 ORDERS = PREFIX + "orders.created.v1"
-
-
-def sources(options=None, /, **urls):
-    """The tests' settings with ``options`` and a source per keyword, at that subscription URL."""
-    return override_settings(
-        TOOT={
-            **settings.TOOT,
-            **(options or {}),
-            "SOURCES": {
-                name: {"SUBSCRIPTION_URL": url, "CHANNEL_PREFIX": f"org.example.{name}."}
-                for name, url in urls.items()
-            },
-        }
-    )
 
 
 def on_user(event):

@@ -19,9 +19,8 @@ from unittest.mock import create_autospec
 
 import pytest
 import standardwebhooks
-from celery.signals import after_task_publish
 from django.conf import settings
-from django.test import Client, override_settings
+from django.test import override_settings
 
 from tests.http_server import HTTPServer, Reply, in_order
 from toot import Event, subscribe
@@ -67,25 +66,6 @@ def source_settings(**source_options):
 
 def on_event(event: Event) -> None:
     """The shape of a handler; the tests' handlers are autospecs of it."""
-
-
-@pytest.fixture
-def client():
-    return Client(enforce_csrf_checks=True)
-
-
-@pytest.fixture
-def enqueued():
-    """The events of every ``toot.handle`` job published to the broker during the test."""
-    events = []
-
-    def record(sender=None, body=None, **kwargs):
-        if sender == "toot.handle":
-            events.append(body[0][0])
-
-    after_task_publish.connect(record, weak=False)
-    yield events
-    after_task_publish.disconnect(record)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 from django.conf import settings
-from django.test import Client, override_settings
+from django.test import override_settings
 from django.urls import reverse
 
 import toot
@@ -276,11 +276,6 @@ def test_a_name_that_does_not_resolve_is_an_oserror_at_delivery(dns):
 # The subscriptions endpoint -----------------------------------------------------------
 
 CHANNEL = "org.example.test.users.updated.v1"
-
-
-@pytest.fixture
-def client():
-    return Client(enforce_csrf_checks=True)
 
 
 def subscribe(client, callback_url):

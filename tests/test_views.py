@@ -15,9 +15,8 @@ from unittest.mock import create_autospec
 from urllib.parse import urlencode
 
 import pytest
-from celery.signals import after_task_publish
 from django.conf import settings
-from django.test import Client, override_settings
+from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 
@@ -58,26 +57,6 @@ def assert_refused(response, status, error_part):
     error = response.json()["error"]
     assert isinstance(error, str)
     assert error_part in error
-
-
-@pytest.fixture
-def client():
-    return Client(enforce_csrf_checks=True)
-
-
-@pytest.fixture
-def enqueued():
-    """The events of every ``toot.handle`` job published to the broker during the test."""
-    events = []
-
-    def record(sender=None, body=None, **kwargs):
-        if sender == "toot.handle":
-            args, _kwargs, _embed = body
-            events.append(args[0])
-
-    after_task_publish.connect(record, weak=False)
-    yield events
-    after_task_publish.disconnect(record)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.test import override_settings
 
 
 def store_contents(redis: Any) -> dict[Any, Any]:
@@ -16,3 +17,20 @@ def store_contents(redis: Any) -> dict[Any, Any]:
     prefix = settings.TOOT["KEY_PREFIX"]
     keys = [*redis.scan_iter(match=f"{prefix}subscriptions:*", count=1000), f"{prefix}channels"]
     return {key: redis.smembers(key) for key in keys}
+
+
+def sources(options: dict[str, Any] | None = None, /, **urls: str) -> override_settings:
+    """The tests' settings with ``options`` and a source per keyword, at that subscription URL.
+
+    Each source ``name`` has the channel prefix ``org.example.<name>.``.
+    """
+    return override_settings(
+        TOOT={
+            **settings.TOOT,
+            **(options or {}),
+            "SOURCES": {
+                name: {"SUBSCRIPTION_URL": url, "CHANNEL_PREFIX": f"org.example.{name}."}
+                for name, url in urls.items()
+            },
+        }
+    )
