@@ -27,7 +27,15 @@ import redis
 import requests
 
 from bench import procstat
-from devtools.processes import ROOT, Process, free_port, project_env, wait_for_http
+from devtools.processes import (
+    ROOT,
+    Process,
+    celery_worker_argv,
+    free_port,
+    gunicorn_argv,
+    project_env,
+    wait_for_http,
+)
 from devtools.redis_server import start_redis
 
 SUBSCRIBER_CHANNEL = "bench.v1"  # as example_app/bench.py subscribes it
@@ -175,69 +183,25 @@ class Topology:
         ).start()
 
     def _web(self, role: str) -> Process:
-        argv = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--bind",
-            f"127.0.0.1:{self.ports[role]}",
-            "--workers",
-            str(self.options.web_workers),
-            "--threads",
-            str(self.options.web_threads),
-            "--worker-class",
-            "gthread",
-            "--log-level",
-            "warning",  # and no access log
-            "--graceful-timeout",
-            "5",
-            "example_project.wsgi:application",
-        ]
+        argv = gunicorn_argv(
+            self.ports[role], self.options.web_workers, self.options.web_threads, quiet=True
+        )
         return self._process(f"{role}-web", role, argv, self.env[role])
 
     def _worker(self, role: str) -> Process:
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
+        argv = celery_worker_argv(
             "example_project",
-            "worker",
-            "--loglevel",
-            "WARNING",
-            "--concurrency",
-            str(self.options.concurrency),
-            "--pool",
-            "prefork",
-            "--hostname",
             f"{self.prefix}-{role}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
+            self.options.concurrency,
+            loglevel="WARNING",
+        )
         return self._process(f"{role}-worker", role, argv, self.env[role])
 
     def noop_worker(self, queue: str, key_prefix: str) -> Process:
         """A worker of bench/noop_app.py, with the toot workers' pool and concurrency."""
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "bench.noop_app",
-            "worker",
-            "--loglevel",
-            "WARNING",
-            "--concurrency",
-            str(self.options.concurrency),
-            "--pool",
-            "prefork",
-            "--hostname",
-            f"{self.prefix}-noop@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
+        argv = celery_worker_argv(
+            "bench.noop_app", f"{self.prefix}-noop@%h", self.options.concurrency, loglevel="WARNING"
+        )
         env = {
             "BENCH_NOOP_BROKER_URL": self.redis_url,
             "BENCH_NOOP_QUEUE": queue,

@@ -145,18 +145,10 @@ def project_env(env: Mapping[str, str], settings_module: str) -> dict[str, str]:
     }
 
 
-def web_server(
-    name: str,
-    settings_module: str,
-    port: int,
-    env: Mapping[str, str],
-    workers: int = 2,
-    threads: int = 4,
-    log_dir: Path | None = None,
-    wait: bool = True,
-) -> Process:
-    """gunicorn serving the project of ``settings_module``; started and, with wait, answering."""
-    argv = [
+def gunicorn_argv(port: int, workers: int, threads: int, *, quiet: bool = False) -> list[str]:
+    """gunicorn serving the example project on loopback (``quiet``: warnings, no access log)."""
+    logging = ["--log-level", "warning"] if quiet else ["--access-logfile", "-"]
+    return [
         sys.executable,
         "-m",
         "gunicorn",
@@ -168,12 +160,50 @@ def web_server(
         str(threads),
         "--worker-class",
         "gthread",
-        "--access-logfile",
-        "-",
+        *logging,
         "--graceful-timeout",
         "5",
         "example_project.wsgi:application",
     ]
+
+
+def celery_worker_argv(
+    app: str, hostname: str, concurrency: int, pool: str = "prefork", loglevel: str = "INFO"
+) -> list[str]:
+    """A Celery worker of ``app``, without the gossip, mingle and heartbeat it does not need."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "--loglevel",
+        loglevel,
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--hostname",
+        hostname,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+
+
+def web_server(
+    name: str,
+    settings_module: str,
+    port: int,
+    env: Mapping[str, str],
+    workers: int = 2,
+    threads: int = 4,
+    log_dir: Path | None = None,
+    wait: bool = True,
+) -> Process:
+    """gunicorn serving the project of ``settings_module``; started and, with wait, answering."""
+    argv = gunicorn_argv(port, workers, threads)
     process = Process(
         name,
         argv,
@@ -207,25 +237,7 @@ def celery_worker(
     wait: bool = True,
 ) -> Process:
     """A Celery worker of the example project's app; started and, with wait, ready."""
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "example_project",
-        "worker",
-        "--loglevel",
-        "INFO",
-        "--concurrency",
-        str(concurrency),
-        "--pool",
-        pool,
-        "--hostname",
-        f"{name}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
+    argv = celery_worker_argv("example_project", f"{name}@%h", concurrency, pool)
     process = Process(
         name,
         argv,
