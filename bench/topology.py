@@ -34,6 +34,7 @@ from devtools.processes import (
     free_port,
     gunicorn_argv,
     project_env,
+    project_process,
     wait_for_http,
 )
 from devtools.redis_server import start_redis
@@ -174,13 +175,7 @@ class Topology:
             output.close()
 
     def _process(self, name: str, role: str, argv: list[str], env: Mapping[str, str]) -> Process:
-        return Process(
-            name,
-            argv,
-            project_env(env, f"example_project.{role}"),
-            cwd=ROOT / "example_project",
-            log_dir=self.log_dir,
-        ).start()
+        return project_process(name, argv, env, f"example_project.{role}", self.log_dir)
 
     def _web(self, role: str) -> Process:
         argv = gunicorn_argv(

@@ -145,6 +145,19 @@ def project_env(env: Mapping[str, str], settings_module: str) -> dict[str, str]:
     }
 
 
+def project_process(
+    name: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    settings_module: str,
+    log_dir: Path | None = None,
+) -> Process:
+    """Start ``argv`` as a process of the example project under ``settings_module``."""
+    return Process(
+        name, argv, project_env(env, settings_module), cwd=ROOT / "example_project", log_dir=log_dir
+    ).start()
+
+
 def gunicorn_argv(port: int, workers: int, threads: int, *, quiet: bool = False) -> list[str]:
     """gunicorn serving the example project on loopback (``quiet``: warnings, no access log)."""
     logging = ["--log-level", "warning"] if quiet else ["--access-logfile", "-"]
@@ -203,14 +216,9 @@ def web_server(
     wait: bool = True,
 ) -> Process:
     """gunicorn serving the project of ``settings_module``; started and, with wait, answering."""
-    argv = gunicorn_argv(port, workers, threads)
-    process = Process(
-        name,
-        argv,
-        project_env(env, settings_module),
-        cwd=ROOT / "example_project",
-        log_dir=log_dir,
-    ).start()
+    process = project_process(
+        name, gunicorn_argv(port, workers, threads), env, settings_module, log_dir
+    )
     if wait:
         _ready_or_stopped(process, lambda: wait_for_http(process, f"http://127.0.0.1:{port}/"))
     return process
@@ -238,13 +246,7 @@ def celery_worker(
 ) -> Process:
     """A Celery worker of the example project's app; started and, with wait, ready."""
     argv = celery_worker_argv("example_project", f"{name}@%h", concurrency, pool)
-    process = Process(
-        name,
-        argv,
-        project_env(env, settings_module),
-        cwd=ROOT / "example_project",
-        log_dir=log_dir,
-    ).start()
+    process = project_process(name, argv, env, settings_module, log_dir)
     if wait:
         _ready_or_stopped(process, lambda: process.wait_for_log(WORKER_READY, timeout=60))
     return process
