@@ -59,6 +59,7 @@ class Topology:
             "CELERY_VISIBILITY_TIMEOUT": str(visibility_timeout),
             "CELERY_UNACKED_RESTORE_INTERVAL": "1",
             "CELERY_UNACKED_RESTORE_THROTTLE": "1",
+            "CELERY_UNACKED_MUTEX_EXPIRE": "5",
         }
         self.env = {
             role: {

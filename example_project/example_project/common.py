@@ -35,6 +35,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # kombu looks for such messages every interval x throttle seconds (default 10 x 10).
     "unacked_restore_interval": env.int("CELERY_UNACKED_RESTORE_INTERVAL", default=10),
     "unacked_restore_throttle": env.int("CELERY_UNACKED_RESTORE_THROTTLE", default=10),
+    # A worker killed while it held kombu's restore lock blocks restoring until it expires.
+    "unacked_mutex_expire": env.int("CELERY_UNACKED_MUTEX_EXPIRE", default=300),
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
