@@ -78,6 +78,7 @@ class Topology:
         self.token = secrets.token_urlsafe(24)
         self.secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
         self.subscribed: list[str] = []
+        self.batch = False  # whether copies register for batches (PROTOCOL.md section 7)
         self._client: redis.Redis | None = None
         self.env: dict[str, dict[str, str]] = {}
 
@@ -107,9 +108,9 @@ class Topology:
         if self.options.signed:
             # As the README advises: deliveries signed (Standard Webhooks), checked on receipt.
             common |= {"TOOT_SIGNING_SECRETS": self.secret, "TOOT_PUBLISHER_SECRETS": self.secret}
-        if mode == "batch":
-            # For the example settings to map to TOOT["BATCH"] once toot has batched delivery.
-            common["TOOT_BATCH"] = "1"
+        # The subscriber's TOOT["BATCH"]; subscribe_copies registers the same way.
+        common["TOOT_BATCH"] = "1" if mode == "batch" else "0"
+        self.batch = mode == "batch"
         self.env = {
             role: {
                 **common,
@@ -269,7 +270,7 @@ class Topology:
             for url in wanted:
                 response = session.post(
                     self.subscriptions_url,
-                    json={"channel": CHANNEL, "callback_url": url},
+                    json={"channel": CHANNEL, "callback_url": url, "batch": self.batch},
                     headers=headers,
                     timeout=10,
                 )

@@ -44,7 +44,7 @@ def _worker_session():
     ) as worker:
         # The CLI worker starts the relay on worker_ready. Its outbox step needs the
         # database, which most tests may not touch; test_outbox runs that step itself.
-        relay.start(celery_app, [settings.CELERY_TASK_DEFAULT_QUEUE], outbox=False)
+        relay.start(celery_app, outbox=False)
         yield worker
         relay.stop()
     client = store.get_redis()

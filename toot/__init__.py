@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from toot.events import Event
 from toot.exceptions import (
-    CallbackFailure,
     ConfigError,
     EventTooLarge,
     InvalidCallback,
@@ -20,7 +19,6 @@ from toot.registry import subscribe
 __version__ = "0.1.0"
 
 __all__ = [
-    "CallbackFailure",
     "ConfigError",
     "Event",
     "EventTooLarge",

@@ -36,6 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_SCHEDULE": DEFAULT_RETRY_SCHEDULE,
     "DEDUPE_TTL": 3 * 24 * 3600,
     "RELAY_INTERVAL": 1.0,
+    "MAX_DRAINS": 4,
+    "BATCH": True,
+    "BATCH_MAX_EVENTS": 100,
     "SIGNING_SECRETS": (),
     "SUBSCRIPTIONS_AUTH": None,
     "ALLOWED_CALLBACK_HOSTS": (),
@@ -282,6 +285,24 @@ class Settings:
     @property
     def RELAY_INTERVAL(self) -> float:
         return self._positive("RELAY_INTERVAL")
+
+    @property
+    def MAX_DRAINS(self) -> int:
+        """Drain tasks that may run at once per queue, across every worker."""
+        return self._whole("MAX_DRAINS")
+
+    @property
+    def BATCH(self) -> bool:
+        """Whether this subscriber asks its sources for batches of events."""
+        value = self.get("BATCH")
+        if not isinstance(value, bool):
+            raise ConfigError(f'TOOT["BATCH"] must be True or False, not {value!r}.')
+        return value
+
+    @property
+    def BATCH_MAX_EVENTS(self) -> int:
+        """The most events one batched delivery carries, and one callback accepts."""
+        return self._whole("BATCH_MAX_EVENTS")
 
     @property
     def SIGNING_SECRETS(self) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from toot import delivery, handling
-from toot.events import Event
+from toot.events import Event, wire_json
 
 if TYPE_CHECKING:
     from toot.models import DeadLetter
@@ -92,7 +92,8 @@ def redeliver(letter: DeadLetter) -> bool:
     Each replay counts as an attempt.
     """
     if letter.kind == "delivery":  # DeadLetter.Kind.DELIVERY
-        outcome = delivery.attempt(letter.event, letter.callback_url)
+        body = wire_json(letter.event).encode()
+        outcome = delivery.attempt(letter.callback_url, letter.channel, body, letter.event_id)
         ok = outcome.ok or outcome.gone
         status, error = outcome.status, outcome.error
     else:

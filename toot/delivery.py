@@ -7,13 +7,11 @@ import logging
 import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 import requests
 
 from toot import client, signing, ssrf, store
 from toot.conf import conf
-from toot.events import wire_json
 from toot.exceptions import ConfigError, InvalidCallback
 
 logger = logging.getLogger(__name__)
@@ -58,22 +56,24 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
 
 
-def attempt(event: dict[str, Any], callback_url: str) -> Outcome:
-    """POST the event once; honours X-Toot-Unsubscribe and 410 Gone by unsubscribing."""
-    event_id, channel = event["id"], event["channel"]
-    body = wire_json(event).encode()
+def attempt(callback_url: str, channel: str, body: bytes, message_id: str) -> Outcome:
+    """POST ``body`` (one event or a batch) once; honours X-Toot-Unsubscribe and 410 Gone.
+
+    ``message_id`` is the webhook-id that names the event, or the batch, in logs and
+    signatures; ``channel`` is the one an unsubscribe removes the URL from.
+    """
     try:
         # Signed at each attempt: webhook-timestamp must be fresh when the subscriber reads it.
-        headers = signing.signature_headers(event_id, body, conf.SIGNING_SECRETS)
+        headers = signing.signature_headers(message_id, body, conf.SIGNING_SECRETS)
     except ConfigError as exc:  # a bad secret: retried like a failure, so a fix loses nothing
-        logger.error("Event %s on %s: cannot sign the delivery: %s", event_id, channel, exc)
+        logger.error("%s on %s: cannot sign the delivery: %s", message_id, channel, exc)
         return Outcome(error=f"{type(exc).__name__}: {exc}")
     try:
         # Checked again at each attempt: DNS and the allow-lists may have changed since.
         target = ssrf.target(callback_url)
     except InvalidCallback as exc:
         logger.error(
-            "Event %s on %s: refused to deliver to %s: %s", event_id, channel, callback_url, exc
+            "%s on %s: refused to deliver to %s: %s", message_id, channel, callback_url, exc
         )
         return Outcome(error=f"{type(exc).__name__}: {exc}", refused=True)
     except OSError as exc:  # the host does not resolve (now): retried like a connection error
@@ -90,8 +90,8 @@ def attempt(event: dict[str, Any], callback_url: str) -> Outcome:
     if outcome.gone or (outcome.ok and "X-Toot-Unsubscribe" in response.headers):
         store.remove(channel, callback_url)
         logger.info(
-            "Event %s on %s: %s asked to unsubscribe (status %d); removed",
-            event_id,
+            "%s on %s: %s asked to unsubscribe (status %d); removed",
+            message_id,
             channel,
             callback_url,
             response.status,

@@ -39,20 +39,6 @@ class InvalidSignature(TootError, SuspiciousOperation):
     """A callback's Standard Webhooks signature headers are missing, stale or do not match."""
 
 
-class CallbackFailure(TootError):
-    """A delivery to a subscriber's callback URL did not get a 2xx answer."""
-
-    def __init__(self, callback_url: str, status: int | None, detail: str = "") -> None:
-        self.callback_url = callback_url
-        self.status = status
-        self.detail = detail
-        super().__init__(f"POST {callback_url} answered {status}{': ' + detail if detail else ''}")
-
-    def __reduce__(self) -> tuple[type[CallbackFailure], tuple[str, int | None, str]]:
-        # Celery pickles a failed task's exception for its result backend.
-        return type(self), (self.callback_url, self.status, self.detail)
-
-
 class RegisterSubscriptionFailure(TootError):
     """A source's subscriptions endpoint refused a registration."""
 

@@ -1,8 +1,8 @@
-"""The outbox: events published while the broker was unreachable wait in the database.
+"""The outbox: events published while Redis was unreachable wait in the database.
 
-``publish`` never raises into the caller's request because the broker is down; the
-event is written here instead and the relay (``toot.relay``) sends it once the broker
-answers again.
+``publish`` never raises into the caller's request because Redis is down; the event is
+written here instead and the relay (``toot.relay``) moves it onto the ``out`` queue once
+Redis answers again.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from celery import Celery
 from django.db.models import Q
 from django.utils import timezone
 
-from toot.broker import send_now
+from toot import queue, tasks
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def keep(event: dict[str, Any], error: Exception) -> None:
 
     OutboxEvent.objects.create(event=event)
     logger.warning(
-        "Event %s on %s: broker unreachable (%s); kept in the outbox",
+        "Event %s on %s: Redis unreachable (%s); kept in the outbox",
         event["id"],
         event["channel"],
         error,
@@ -37,14 +37,13 @@ def keep(event: dict[str, Any], error: Exception) -> None:
 
 
 def relay(app: Celery, limit: int = BATCH) -> int:
-    """Send up to ``limit`` outbox events to the fan-out task through ``app``.
+    """Move up to ``limit`` outbox events onto the ``out`` queue, starting a drain through ``app``.
 
     Rows are claimed with one UPDATE, so that relays in several workers never send the
-    same row, and no transaction stays open while the broker is called (SQLite would
-    lock publishers out meanwhile). A claim older than CLAIM_TIMEOUT is taken over.
+    same row, and no transaction stays open while Redis is called (SQLite would lock
+    publishers out meanwhile). A claim older than CLAIM_TIMEOUT is taken over.
     """
     from toot.models import OutboxEvent
-    from toot.tasks import fan_out
 
     now = timezone.now()
     free = Q(claimed_at__isnull=True) | Q(claimed_at__lt=now - dt.timedelta(seconds=CLAIM_TIMEOUT))
@@ -53,17 +52,17 @@ def relay(app: Celery, limit: int = BATCH) -> int:
         return 0
     token = uuid.uuid4().hex
     OutboxEvent.objects.filter(free, pk__in=ids).update(claim=token, claimed_at=now)
-    sent = 0
     try:
-        for row in OutboxEvent.objects.filter(claim=token):
-            send_now(app.tasks[fan_out.name], (row.event,))
-            row.delete()
-            sent += 1
-            logger.info(
-                "Event %s on %s: sent from the outbox",
-                row.event.get("id"),
-                row.event.get("channel"),
-            )
+        rows = list(OutboxEvent.objects.filter(claim=token))
+        drain_id = queue.push(queue.OUT, [{"event": row.event} for row in rows])
+        OutboxEvent.objects.filter(pk__in=[row.pk for row in rows]).delete()
     finally:
         OutboxEvent.objects.filter(claim=token).update(claim="", claimed_at=None)
-    return sent
+    for row in rows:
+        logger.info(
+            "Event %s on %s: moved from the outbox to the queue",
+            row.event.get("id"),
+            row.event.get("channel"),
+        )
+    tasks.start(queue.OUT, drain_id, app)
+    return len(rows)

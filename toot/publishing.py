@@ -1,4 +1,4 @@
-"""``publish``: hand an event to the fan-out task, after the caller's transaction commits."""
+"""``publish``: put an event on the ``out`` queue, after the caller's transaction commits."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
-from toot import outbox
-from toot.broker import BROKER_ERRORS, send_now
+from toot import outbox, queue, tasks
+from toot.broker import BROKER_ERRORS
 from toot.conf import conf
 from toot.events import Event, wire_json
 from toot.exceptions import EventTooLarge, InvalidEvent
-from toot.tasks import fan_out
 from toot.validation import MAX_JSON_DEPTH, check_channel, nests_deeper
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
 
     Returns at once with the event. Inside ``transaction.atomic()`` the event is sent
     only when the transaction commits, so a rolled-back change announces nothing. When
-    the broker is unreachable the event waits in the database outbox instead. An event
+    Redis is unreachable the event waits in the database outbox instead. An event
     whose JSON is over ``MAX_EVENT_BYTES`` raises EventTooLarge, a payload that is not
     JSON InvalidEvent, and nothing is sent.
     """
@@ -52,11 +51,12 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
 
     def send() -> None:
         try:
-            send_now(fan_out, (wire,))  # no retry loop in the caller's request: the outbox is it
-        except BROKER_ERRORS as exc:
+            drain_id = queue.push(queue.OUT, [{"event": wire}])
+        except BROKER_ERRORS as exc:  # no retry loop in the caller's request: the outbox is it
             outbox.keep(wire, exc)
-        else:
-            logger.info("Event %s on %s: published", event.id, event.channel)
+            return
+        logger.info("Event %s on %s: published", event.id, event.channel)
+        tasks.start(queue.OUT, drain_id)
 
     # Checking the flag first spares a project with no database (or outside any
     # transaction) the connection that on_commit() opens to ask about autocommit.

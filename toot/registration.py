@@ -31,7 +31,10 @@ class Registration:
 
     @property
     def body(self) -> str:
-        return json.dumps({"callback_url": self.callback_url, "channel": self.channel})
+        body: dict[str, object] = {"callback_url": self.callback_url, "channel": self.channel}
+        if conf.BATCH:  # a Ruby publisher ignores it (PROTOCOL.md section 7)
+            body["batch"] = True
+        return json.dumps(body)
 
     @property
     def created(self) -> bool:

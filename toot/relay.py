@@ -1,8 +1,10 @@
-"""The relay: a thread in each Celery worker that sends due retries and the outbox.
+"""The relay: a thread in each Celery worker that keeps toot's queues moving.
 
-It needs no beat process: every worker runs one, and the atomic claims in
-``toot.retries`` (and row locks on the outbox) keep two relays from sending the same
-thing.
+Every ``RELAY_INTERVAL`` it gives back what dead drains held, makes due retries ready and
+starts a drain where work waits and none runs (``toot.queue.wake``), and moves events
+from the database outbox onto the queue. It needs no beat process: every worker runs
+one, and the atomic steps of ``toot.queue`` (and the claims on the outbox) keep two
+relays from doing the same work.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 from django.db import close_old_connections
 
-from toot import outbox, retries
+from toot import outbox, queue, tasks
 from toot.conf import conf
 
 logger = logging.getLogger(__name__)
@@ -27,19 +29,23 @@ logger = logging.getLogger(__name__)
 QUIET_SECONDS = 60.0
 
 
-def relay_outbox(app: Celery) -> int:
+def wake(app: Celery) -> None:
+    for name in queue.QUEUES:
+        tasks.start(name, queue.wake(name), app)
+
+
+def relay_outbox(app: Celery) -> None:
     try:
-        return outbox.relay(app)
+        outbox.relay(app)
     finally:
         close_old_connections()  # this thread's connection would otherwise go stale
 
 
 class Relay(threading.Thread):
-    def __init__(self, app: Celery, queues: Sequence[str], *, outbox: bool = True) -> None:
+    def __init__(self, app: Celery, *, outbox: bool = True) -> None:
         super().__init__(name="toot-relay", daemon=True)
         self.app = app
-        self.queues = queues
-        self.steps: list[Callable[[], int]] = [lambda: retries.relay_due(self.app, self.queues)]
+        self.steps: list[Callable[[], None]] = [lambda: wake(self.app)]
         if outbox:
             self.steps.append(lambda: relay_outbox(self.app))
         self.stopping = threading.Event()
@@ -61,11 +67,11 @@ class Relay(threading.Thread):
 _relay: Relay | None = None
 
 
-def start(app: Celery, queues: Sequence[str], *, outbox: bool = True) -> None:
-    """Start this process's relay for the ``queues`` its worker consumes."""
+def start(app: Celery, *, outbox: bool = True) -> None:
+    """Start this process's relay, sending drains through ``app``."""
     global _relay
     if _relay is None or not _relay.is_alive():
-        _relay = Relay(app, queues, outbox=outbox)
+        _relay = Relay(app, outbox=outbox)
         _relay.start()
 
 
@@ -80,7 +86,7 @@ def stop() -> None:
 @worker_ready.connect(dispatch_uid="toot.relay.start")
 def _on_worker_ready(sender: Any, **kwargs: Any) -> None:
     # The worker's app, not current_app: a new thread would see the default app.
-    start(sender.app, [queue.name for queue in sender.task_consumer.queues])
+    start(sender.app)
 
 
 @worker_shutting_down.connect(dispatch_uid="toot.relay.stop")

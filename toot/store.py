@@ -1,28 +1,39 @@
 """The publisher's subscription store in Redis: one SET of callback URLs per channel.
 
 Like the Ruby gem it keeps a SET per full channel (under ``KEY_PREFIX``); unlike it,
-it keeps an index SET of channels instead of running ``KEYS``.
+it keeps an index SET of channels instead of running ``KEYS``, and a SET per channel of
+the callback URLs that asked for batches (PROTOCOL.md section 7).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
 from django.utils.module_loading import import_string
+from redis.commands.core import Script
 
 from toot.conf import conf
 
 _clients: dict[tuple[str, float], redis.Redis] = {}
+_scripts: dict[str, Script] = {}
 
-# Add and remove keep the channel index in step with the channel's set, atomically.
+# Add and remove keep the channel index and the batch flags in step with the channel's
+# set, atomically. KEYS: channel set, index, batch set; ARGV: url, channel, batch (0/1).
 ADD_SCRIPT = """
 local added = redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('SADD', KEYS[3], ARGV[1])
+else
+  redis.call('SREM', KEYS[3], ARGV[1])
+end
 return added
 """
 REMOVE_SCRIPT = """
 local removed = redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
 if redis.call('SCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
 return removed
 """
@@ -45,6 +56,15 @@ def get_redis() -> redis.Redis:
     return client
 
 
+def run_script(text: str, keys: Sequence[str], args: Iterable[Any]) -> Any:
+    """Run a Lua script by its SHA (EVALSHA), loading it once per server."""
+    client = get_redis()
+    script = _scripts.get(text)
+    if script is None:
+        script = _scripts[text] = client.register_script(text)
+    return script(keys=keys, args=list(args), client=client)
+
+
 def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -57,20 +77,41 @@ def _index_key() -> str:
     return f"{conf.KEY_PREFIX}channels"
 
 
-def add(channel: str, callback_url: str) -> bool:
-    """Subscribe ``callback_url`` to ``channel``; False if it already was."""
-    keys = [_channel_key(channel), _index_key()]
-    return bool(get_redis().eval(ADD_SCRIPT, 2, *keys, callback_url, channel))
+def _batch_key(channel: str) -> str:
+    return f"{conf.KEY_PREFIX}batch:{channel}"
+
+
+def add(channel: str, callback_url: str, *, batch: bool = False) -> bool:
+    """Subscribe ``callback_url`` to ``channel``; False if it already was.
+
+    ``batch`` is remembered either way: registering again without it turns batches off.
+    """
+    keys = [_channel_key(channel), _index_key(), _batch_key(channel)]
+    return bool(run_script(ADD_SCRIPT, keys, [callback_url, channel, int(batch)]))
 
 
 def remove(channel: str, callback_url: str) -> bool:
     """Unsubscribe ``callback_url`` from ``channel``; False if it was not subscribed."""
-    keys = [_channel_key(channel), _index_key()]
-    return bool(get_redis().eval(REMOVE_SCRIPT, 2, *keys, callback_url, channel))
+    keys = [_channel_key(channel), _index_key(), _batch_key(channel)]
+    return bool(run_script(REMOVE_SCRIPT, keys, [callback_url, channel]))
 
 
 def callback_urls(channel: str) -> list[str]:
     return sorted(as_text(url) for url in get_redis().smembers(_channel_key(channel)))
+
+
+def subscribers(channels: Iterable[str]) -> dict[str, list[tuple[str, bool]]]:
+    """Each channel's callback URLs, with whether each asked for batches; one round trip."""
+    channels = list(dict.fromkeys(channels))
+    with get_redis().pipeline(transaction=False) as pipe:
+        for channel in channels:
+            pipe.smembers(_channel_key(channel))
+            pipe.smembers(_batch_key(channel))
+        replies = pipe.execute()
+    found = {}
+    for channel, urls, batched in zip(channels, replies[::2], replies[1::2], strict=True):
+        found[channel] = [(as_text(url), url in batched) for url in sorted(urls)]
+    return found
 
 
 def subscriptions(prefix: str = "") -> dict[str, list[str]]:

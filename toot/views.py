@@ -18,13 +18,13 @@ from django.utils.decorators import method_decorator
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
-from toot import auth, signing, ssrf, store
-from toot.broker import BROKER_ERRORS, send_now
+from toot import auth, queue, signing, ssrf, store, tasks
+from toot.broker import BROKER_ERRORS
 from toot.conf import Source, conf
 from toot.events import Event
 from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature
 from toot.registry import registry
-from toot.tasks import handle
+from toot.sending import BATCH_MAX_BYTES
 from toot.validation import MAX_JSON_DEPTH, channel_error, nests_deeper, url_error
 
 logger = logging.getLogger(__name__)
@@ -134,10 +134,17 @@ class SubscriptionsView(TootView):
         if not isinstance(data, dict):
             raise Refused(422, "body must be a JSON object with channel and callback_url")
         channel, callback_url = self._fields(data.get("channel"), data.get("callback_url"), 422)
+        batch = data.get("batch", False)
+        if not isinstance(batch, bool):
+            raise Refused(422, "batch must be true or false")
         self._check_callback(callback_url)
-        added = store.add(channel, callback_url)
+        added = store.add(channel, callback_url, batch=batch)
         logger.info(
-            "Subscription %s to %s %s", callback_url, channel, "added" if added else "already there"
+            "Subscription %s to %s %s%s",
+            callback_url,
+            channel,
+            "added" if added else "already there",
+            ", in batches" if batch else "",
         )
         return HttpResponse(status=201 if added else 204)
 
@@ -182,33 +189,56 @@ class SubscriptionsView(TootView):
 
 
 class CallbackView(TootView):
-    """Subscriber side: accept an event and enqueue the job that runs its handlers."""
+    """Subscriber side: accept an event, or a batch, and queue its handlers."""
 
     http_method_names = ["post"]
 
     def post(self, request: HttpRequest) -> HttpResponse:
-        data = read_json(request, conf.MAX_EVENT_BYTES)
-        try:
-            event = Event.from_dict(data)
-        except InvalidEvent as exc:
-            raise Refused(422, str(exc)) from None
-        matched = registry.matching(event.channel)
+        events = self.events(request)
+        channel = events[0].channel
+        matched = registry.matching(channel)
         self.verify_signature(
-            request,
-            {conf.source_for_channel(event.channel), *(source for source, _ in matched)},
+            request, {conf.source_for_channel(channel), *(source for source, _ in matched)}
         )
+        ids = ", ".join(event.id for event in events)
         if not matched:
             logger.info(
-                "Event %s on %s: no local subscription, asking to unsubscribe",
-                event.id,
-                event.channel,
+                "Events %s on %s: no local subscription, asking to unsubscribe", ids, channel
             )
             response = HttpResponse(status=200)
             response["X-Toot-Unsubscribe"] = "True"
             return response
-        send_now(handle, (event.to_dict(),))  # MAX_JSON_DEPTH keeps it serializable
-        logger.info("Event %s on %s: received, handlers enqueued", event.id, event.channel)
+        # All or none: one atomic push. MAX_JSON_DEPTH keeps every event serializable.
+        drain_id = queue.push(queue.IN, [{"event": event.to_dict()} for event in events])
+        logger.info("Events %s on %s: received, handlers queued", ids, channel)
+        tasks.start(queue.IN, drain_id)
         return HttpResponse(status=200)
+
+    @staticmethod
+    def events(request: HttpRequest) -> list[Event]:
+        """The body's event, or its batch's events (PROTOCOL.md section 7), all of one channel."""
+        data = read_json(request, max(conf.MAX_EVENT_BYTES, BATCH_MAX_BYTES))
+        if not (isinstance(data, dict) and "events" in data):
+            if len(request.body) > conf.MAX_EVENT_BYTES:
+                raise Refused(413, f"event is larger than {conf.MAX_EVENT_BYTES} bytes")
+            try:
+                return [Event.from_dict(data)]
+            except InvalidEvent as exc:
+                raise Refused(422, str(exc)) from None
+        batch = data["events"]
+        if not isinstance(batch, list) or not 0 < len(batch) <= conf.BATCH_MAX_EVENTS:
+            raise Refused(422, f"events must be a list of 1 to {conf.BATCH_MAX_EVENTS} events")
+        events = []
+        for index, item in enumerate(batch):
+            try:
+                events.append(Event.from_dict(item))
+            except InvalidEvent as exc:
+                raise Refused(422, f"events[{index}]: {exc}") from None
+            if events[index].channel != events[0].channel:
+                raise Refused(
+                    422, f"events[{index}]: every event of a batch must be of one channel"
+                )
+        return events
 
     @staticmethod
     def verify_signature(request: HttpRequest, sources: set[Source | None]) -> None:

@@ -17,6 +17,8 @@ SUBSCRIPTIONS_TOKENS = env.list("TOOT_SUBSCRIPTIONS_TOKENS", default=[])
 TOOT = {
     "SUBSCRIPTIONS_AUTH": {"TOKENS": SUBSCRIPTIONS_TOKENS} if SUBSCRIPTIONS_TOKENS else None,
     "CALLBACK_URL": env("TOOT_CALLBACK_URL", default="http://127.0.0.1:8002/toot/callbacks"),
+    # Ask sources for batches of events (a Ruby publisher ignores it and sends single events).
+    "BATCH": env.bool("TOOT_BATCH", default=True),
     "SOURCES": {
         "publisher": {
             "SUBSCRIPTION_URL": env(

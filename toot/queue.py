@@ -1,0 +1,215 @@
+"""Work queues in Redis, drained in batches by ``toot.drain`` tasks.
+
+One Celery message per event (fan out, deliver, handle) cost more CPU than the delivery
+itself. Instead, publishing and the callback endpoint push events onto a Redis list, and
+a few drain tasks take them off in batches. Each queue (``out``: deliveries to send,
+``in``: handlers to run) lives under ``KEY_PREFIX + "queue:{name}:"``:
+
+- ``ready``: a LIST of items waiting, oldest first;
+- ``delayed``: a ZSET of items scored by when they are due (failed attempts);
+- ``leases``: a ZSET of drain ids scored by when their lease ends; a pusher starts a
+  drain only while fewer than ``MAX_DRAINS`` leases are live;
+- ``claimed:<drain id>``: a LIST of the items that drain holds.
+
+A drain claims with one atomic move from ``ready`` to its own ``claimed`` list and
+removes that list once the batch is done, in the same transaction as any retries it
+schedules. A drain that dies leaves its list behind; when its lease runs out, the relay
+(``toot.relay``) moves the list back to ``ready``. Every time is Redis' own (``TIME``),
+so drains on many machines agree whatever their clocks say.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from toot.conf import conf
+from toot.store import as_text, get_redis, run_script
+
+OUT = "out"  # publisher side: events to fan out, deliveries to retry
+IN = "in"  # subscriber side: events whose handlers are to run
+QUEUES = (OUT, IN)
+
+# An item to schedule again, and in how many seconds.
+Retry = tuple[dict[str, Any], float]
+
+# A drain renews its lease at every batch; one whose lease ends is presumed dead.
+LEASE_SECONDS = 60
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+# KEYS: ready, leases; ARGV: max drains, lease seconds, new drain id, items...
+# Returns the new drain's id when a drain should start, else false.
+PUSH_SCRIPT = (
+    _NOW
+    + """
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+if redis.call('ZCOUNT', KEYS[2], now, '+inf') < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
+  return ARGV[3]
+end
+return false
+"""
+)
+# KEYS: ready, delayed, leases, claimed; ARGV: drain id, limit, lease seconds, then
+# pairs of retry item and delay. Ends the drain's last batch (its retries scheduled, its
+# items dropped), renews the lease, makes due retries ready, and claims up to limit items.
+CLAIM_SCRIPT = (
+    _NOW
+    + """
+for i = 4, #ARGV, 2 do redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i]) end
+redis.call('DEL', KEYS[4])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
+local limit = tonumber(ARGV[2])
+if limit < 1 then return {} end
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+for _, item in ipairs(due) do
+  redis.call('ZREM', KEYS[2], item)
+  redis.call('RPUSH', KEYS[1], item)
+end
+local items = redis.call('LRANGE', KEYS[1], 0, limit - 1)
+if #items > 0 then
+  redis.call('LTRIM', KEYS[1], #items, -1)
+  redis.call('RPUSH', KEYS[4], unpack(items))
+end
+return items
+"""
+)
+# KEYS: ready, delayed, leases; ARGV: drain id. Ends the drain's lease unless work is
+# waiting: checked in the same step, so an item pushed meanwhile is never left alone.
+RELEASE_SCRIPT = (
+    _NOW
+    + """
+if redis.call('LLEN', KEYS[1]) > 0 or redis.call('ZCOUNT', KEYS[2], '-inf', now) > 0 then
+  return 0
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"""
+)
+# KEYS: ready, delayed, leases; ARGV: claimed key prefix, max drains, lease seconds, new
+# drain id. Gives back what dead drains held, makes due retries ready, and returns a new
+# drain id when work waits and a drain may start.
+WAKE_SCRIPT = (
+    _NOW
+    + """
+for _, drain in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  local claimed = ARGV[1] .. drain
+  local items = redis.call('LRANGE', claimed, 0, -1)
+  if #items > 0 then redis.call('LPUSH', KEYS[1], unpack(items)) end
+  redis.call('DEL', claimed)
+  redis.call('ZREM', KEYS[3], drain)
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
+for _, item in ipairs(due) do
+  redis.call('ZREM', KEYS[2], item)
+  redis.call('RPUSH', KEYS[1], item)
+end
+if redis.call('LLEN', KEYS[1]) > 0
+  and redis.call('ZCOUNT', KEYS[3], now, '+inf') < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[4])
+  return ARGV[4]
+end
+return false
+"""
+)
+
+
+def _base(queue: str) -> str:
+    # The braces make every key of a queue one Redis Cluster hash slot.
+    return f"{conf.KEY_PREFIX}queue:{{{queue}}}:"
+
+
+def _keys(queue: str) -> tuple[str, str, str]:
+    base = _base(queue)
+    return f"{base}ready", f"{base}delayed", f"{base}leases"
+
+
+def claimed_key(queue: str, drain_id: str) -> str:
+    return f"{_base(queue)}claimed:{drain_id}"
+
+
+def encode(item: dict[str, Any]) -> str:
+    return json.dumps(item, separators=(",", ":"))
+
+
+def new_drain_id() -> str:
+    return uuid.uuid4().hex
+
+
+def push(queue: str, items: Sequence[dict[str, Any]]) -> str | None:
+    """Append ``items`` atomically (all or none); returns a drain id to start, if one should.
+
+    The lease is already taken for that id: the caller sends ``toot.drain`` with it.
+    """
+    args = [conf.MAX_DRAINS, LEASE_SECONDS, new_drain_id(), *map(encode, items)]
+    return _optional_text(run_script(PUSH_SCRIPT, _keys(queue)[::2], args))
+
+
+def claim(
+    queue: str, drain_id: str, limit: int, retries: Sequence[Retry] = ()
+) -> list[dict[str, Any]]:
+    """End the drain's last batch and claim the next, of up to ``limit`` items, in one step.
+
+    The last batch's items are dropped and its ``retries`` (item, delay) scheduled
+    together, so that a crash leaves either the whole batch claimed or none of it.
+    """
+    keys = [*_keys(queue), claimed_key(queue, drain_id)]
+    args: list[Any] = [drain_id, limit, LEASE_SECONDS]
+    for item, delay in retries:
+        args += [encode(item), delay]
+    return [json.loads(item) for item in run_script(CLAIM_SCRIPT, keys, args)]
+
+
+def wait(queue: str, drain_id: str, timeout: float) -> dict[str, Any] | None:
+    """Block up to ``timeout`` seconds for one item, claimed for the drain as it arrives.
+
+    Call it only after ``claim`` found nothing: the drain holds no other item then.
+    """
+    ready, claimed = _keys(queue)[0], claimed_key(queue, drain_id)
+    # Redis takes a fractional timeout since 6.0; redis-py's stubs still say int.
+    item = get_redis().blmove(ready, claimed, timeout, "LEFT", "RIGHT")  # type: ignore[arg-type]
+    return None if item is None else json.loads(item)
+
+
+def renew(queue: str, drain_id: str) -> None:
+    """Extend the drain's lease: a long batch must not look like a dead drain's."""
+    seconds, _ = get_redis().time()
+    get_redis().zadd(_keys(queue)[2], {drain_id: float(seconds) + LEASE_SECONDS})
+
+
+def release(queue: str, drain_id: str) -> bool:
+    """End the drain's lease; False (the lease kept) when work is waiting."""
+    return bool(run_script(RELEASE_SCRIPT, _keys(queue), [drain_id]))
+
+
+def forget(queue: str, drain_id: str) -> None:
+    """Give up a lease whose drain could not be started, so that the relay may start one."""
+    get_redis().zrem(_keys(queue)[2], drain_id)
+
+
+def wake(queue: str) -> str | None:
+    """Recover dead drains' items and due retries; returns a drain id to start, if one should."""
+    args = [claimed_key(queue, ""), conf.MAX_DRAINS, LEASE_SECONDS, new_drain_id()]
+    return _optional_text(run_script(WAKE_SCRIPT, _keys(queue), args))
+
+
+def pending(queue: str) -> int:
+    """Items in ``queue``: ready, held by drains, or waiting for a retry."""
+    ready, delayed, leases = _keys(queue)
+    client = get_redis()
+    drains = [as_text(drain) for drain in client.zrange(leases, 0, -1)]
+    with client.pipeline(transaction=False) as pipe:
+        pipe.llen(ready)
+        pipe.zcard(delayed)
+        for drain in drains:
+            pipe.llen(claimed_key(queue, drain))
+        return sum(pipe.execute())
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else as_text(value)

@@ -1,0 +1,179 @@
+"""The publisher's drain: fan events out to their subscribers and deliver them.
+
+Events come off the ``out`` queue (``toot.queue``) in batches. A subscriber gets one POST
+per event, or, where it registered with ``"batch": true``, one per batch of up to
+``BATCH_MAX_EVENTS`` events of one channel (PROTOCOL.md section 7): a batch holds only
+what was already waiting, so under light load it holds one event and adds no latency.
+A failed delivery goes back to the queue as a delayed retry of the same events under the
+same webhook-id, and to the dead letters once the schedule is spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from django.utils import timezone
+
+from toot import deadletters, store
+from toot.conf import conf
+from toot.delivery import Outcome, attempt, next_delay
+from toot.events import wire_json
+from toot.queue import Retry
+
+logger = logging.getLogger(__name__)
+
+# A batch's body stays under this, well below Django's DATA_UPLOAD_MAX_MEMORY_SIZE
+# default (2.5 MB); an event larger than this alone goes in a batch of its own.
+BATCH_MAX_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One POST to send: a single event, or a batch of events of one channel."""
+
+    url: str
+    channel: str
+    events: list[dict[str, Any]]
+    batch: bool
+    id: str  # the webhook-id: the event's id, or the batch's
+    body: bytes
+    attempts: int = 0
+    first_attempt_at: str | None = None
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> Delivery:
+        events, batch = item["events"], item["batch"]
+        return cls(
+            item["url"],
+            events[0]["channel"],
+            events,
+            batch,
+            item["id"],
+            batch_body(map(wire_json, events)) if batch else wire_json(events[0]).encode(),
+            item["attempts"],
+            item["first_attempt_at"],
+        )
+
+    def as_item(self) -> dict[str, Any]:
+        return {
+            "delivery": {
+                "url": self.url,
+                "events": self.events,
+                "batch": self.batch,
+                "id": self.id,
+                "attempts": self.attempts,
+                "first_attempt_at": self.first_attempt_at,
+            }
+        }
+
+    @property
+    def event_ids(self) -> str:
+        return ", ".join(event["id"] for event in self.events)
+
+
+def batch_body(encoded: Iterator[str] | list[str]) -> bytes:
+    return ('{"events":[' + ",".join(encoded) + "]}").encode()
+
+
+def _chunks(events: list[dict[str, Any]], encoded: list[str]) -> Iterator[tuple[list[Any], bytes]]:
+    """The events cut into batches of at most BATCH_MAX_EVENTS and about BATCH_MAX_BYTES."""
+    start, size = 0, 0
+    for end, text in enumerate(encoded):
+        full = end - start == conf.BATCH_MAX_EVENTS or size + len(text) > BATCH_MAX_BYTES
+        if end > start and full:
+            yield events[start:end], batch_body(encoded[start:end])
+            start, size = end, 0
+        size += len(text) + 1
+    if start < len(events):
+        yield events[start:], batch_body(encoded[start:])
+
+
+def plan(items: list[dict[str, Any]]) -> list[Delivery]:
+    """The deliveries for claimed items: retries as they were, new events fanned out."""
+    deliveries = [Delivery.from_item(item["delivery"]) for item in items if "delivery" in item]
+    by_channel: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        if "event" in item:
+            by_channel.setdefault(item["event"]["channel"], []).append(item["event"])
+    if not by_channel:
+        return deliveries
+    for channel, urls in store.subscribers(by_channel).items():
+        events = by_channel[channel]
+        for event in events:
+            logger.info(
+                "Event %s on %s: sending to %d subscribers", event["id"], channel, len(urls)
+            )
+        encoded = [wire_json(event) for event in events]
+        chunks = list(_chunks(events, encoded)) if any(batch for _, batch in urls) else []
+        for url, batch in urls:
+            if batch:
+                deliveries += [
+                    Delivery(url, channel, chunk, True, uuid.uuid4().hex, body)
+                    for chunk, body in chunks
+                ]
+            else:
+                deliveries += [
+                    Delivery(url, channel, [event], False, event["id"], text.encode())
+                    for event, text in zip(events, encoded, strict=True)
+                ]
+    return deliveries
+
+
+def process(items: list[dict[str, Any]], keep_alive: Callable[[], None]) -> list[Retry]:
+    """Send the claimed items' deliveries; returns the retries to schedule.
+
+    A URL that failed is not tried again in the same batch: its other deliveries count
+    the same failure, so that one unreachable subscriber costs one timeout, not one each.
+    """
+    retries: list[Retry] = []
+    failed: dict[str, Outcome] = {}
+    for delivery in plan(items):
+        keep_alive()
+        outcome = failed.get(delivery.url)
+        if outcome is None:
+            outcome = attempt(delivery.url, delivery.channel, delivery.body, delivery.id)
+            if not outcome.ok:
+                failed[delivery.url] = outcome
+        retry = settle(delivery, outcome)
+        if retry is not None:
+            retries.append(retry)
+    return retries
+
+
+def settle(delivery: Delivery, outcome: Outcome) -> Retry | None:
+    """Log the attempt's outcome; the retry to schedule, unless delivered or dead-lettered."""
+    attempts = delivery.attempts + 1
+    first_attempt_at = delivery.first_attempt_at or timezone.now().isoformat()
+    what = f"{'Events' if delivery.batch else 'Event'} {delivery.event_ids} on {delivery.channel}"
+    if delivery.batch:
+        what += f" (batch {delivery.id})"
+    if outcome.ok or outcome.gone:
+        logger.info(
+            "%s: delivered to %s (status %s, attempt %d)",
+            what,
+            delivery.url,
+            outcome.status,
+            attempts,
+        )
+        return None
+    # A URL the SSRF guard refused is dead-lettered at once (see delivery.Outcome.refused).
+    delay = None if outcome.refused else next_delay(attempts, outcome.retry_after)
+    if delay is None:
+        for event in delivery.events:
+            deadletters.bury_delivery(event, delivery.url, attempts, outcome, first_attempt_at)
+        return None
+    logger.warning(
+        "%s: delivery to %s failed (attempt %d, status %s: %s), retrying in %.1fs",
+        what,
+        delivery.url,
+        attempts,
+        outcome.status,
+        outcome.error,
+        delay,
+    )
+    retry = replace(delivery, attempts=attempts, first_attempt_at=first_attempt_at)
+    return retry.as_item(), delay
