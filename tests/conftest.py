@@ -6,13 +6,12 @@ from typing import Any
 
 import pytest
 from celery.contrib.testing.worker import start_worker
-from celery.signals import after_task_publish
 from django.conf import settings
 from django.test import Client
 
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
-from toot import relay, store
+from toot import queue, relay, store
 from toot.registry import registry
 
 
@@ -105,15 +104,19 @@ def client():
 
 
 @pytest.fixture
-def enqueued():
-    """The events of every ``toot.handle`` job published to the broker during the test."""
+def enqueued(monkeypatch):
+    """The events queued for handlers (the ``in`` queue) during the test, as pushed.
+
+    A spy, not a stand-in: every push still goes to Redis, and is recorded once it did.
+    """
     events = []
+    real_push = queue.push
 
-    def record(sender=None, body=None, **kwargs):
-        if sender == "toot.handle":
-            args, _kwargs, _embed = body
-            events.append(args[0])
+    def push(name, items):
+        drain_id = real_push(name, items)
+        if name == queue.IN:
+            events.extend(item["event"] for item in items)
+        return drain_id
 
-    after_task_publish.connect(record, weak=False)
-    yield events
-    after_task_publish.disconnect(record)
+    monkeypatch.setattr(queue, "push", push)
+    return events
