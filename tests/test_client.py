@@ -15,14 +15,31 @@ from django.test import override_settings
 
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
-from toot import client
+from toot import client, ssrf
 from toot.client import MAX_RESPONSE_BYTES, post_json
+
+# A delivery is pinned to the address the SSRF guard checked and goes through toot's own
+# urllib3 pools; an unpinned call (a registration), a proxied one, or any call with
+# TOOT["HTTP_SESSION"] goes through requests. What post_json promises holds for both.
+PATHS = ["requests", "own pools"]
 
 
 @pytest.fixture
 def server():
     with HTTPServer() as server:
         yield server
+
+
+@pytest.fixture(params=PATHS)
+def post(request):
+    """post_json(url, body, headers) through one path or the other."""
+    pinned = request.param == "own pools"
+
+    def post(url, body="{}", headers=None):
+        return post_json(url, body, headers, target=ssrf.target(url) if pinned else None)
+
+    post.path = request.param
+    return post
 
 
 def marked_session():
@@ -32,10 +49,10 @@ def marked_session():
     return session
 
 
-def test_posts_the_body_as_json(server):
+def test_posts_the_body_as_json(server, post):
     body = json.dumps({"channel": "org.example.x.v1", "callback_url": "http://sub.example/cb"})
 
-    response = post_json(f"{server.url}/toot/subscriptions", body)
+    response = post(f"{server.url}/toot/subscriptions", body)
 
     assert response.status == 200
     [request] = server.requests
@@ -45,14 +62,14 @@ def test_posts_the_body_as_json(server):
     assert request.body == body.encode()
 
 
-def test_accepts_bytes(server):
-    post_json(server.url, b'{"a": 1}')
+def test_accepts_bytes(server, post):
+    post(server.url, b'{"a": 1}')
 
     assert server.requests[0].json() == {"a": 1}
 
 
-def test_sends_extra_headers_beside_the_json_content_type(server):
-    post_json(server.url, "{}", {"webhook-id": "evt-1", "Authorization": "Bearer t"})
+def test_sends_extra_headers_beside_the_json_content_type(server, post):
+    post(server.url, "{}", {"webhook-id": "evt-1", "Authorization": "Bearer t"})
 
     [request] = server.requests
     assert request.headers["webhook-id"] == "evt-1"
@@ -60,10 +77,10 @@ def test_sends_extra_headers_beside_the_json_content_type(server):
     assert request.headers["Content-Type"] == "application/json"
 
 
-def test_returns_status_headers_and_body(server):
+def test_returns_status_headers_and_body(server, post):
     server.reply = Reply(201, {"X-Toot-Unsubscribe": "True"}, b'{"ok": true}')
 
-    response = post_json(server.url, "{}")
+    response = post(server.url, "{}")
 
     assert response.status == 201
     assert response.ok
@@ -72,56 +89,56 @@ def test_returns_status_headers_and_body(server):
 
 
 @pytest.mark.parametrize("status", [301, 400, 404, 503])
-def test_only_2xx_is_ok(server, status):
+def test_only_2xx_is_ok(server, status, post):
     server.reply = Reply(status)
 
-    assert not post_json(server.url, "{}").ok
+    assert not post(server.url, "{}").ok
 
 
-def test_excerpt_is_the_start_of_the_body_as_text(server):
+def test_excerpt_is_the_start_of_the_body_as_text(server, post):
     server.reply = Reply(500, body="é".encode() + b"\xff" + b"z" * 500)
 
-    excerpt = post_json(server.url, "{}").excerpt()
+    excerpt = post(server.url, "{}").excerpt()
 
     assert excerpt == "é\ufffd" + "z" * 197
 
 
-def test_excerpt_is_one_line_of_printable_text(server):
+def test_excerpt_is_one_line_of_printable_text(server, post):
     server.reply = Reply(500, body=b"<h1>Not Found</h1>\r\n\n  <p>\x1b[31mgone\ttoo</p>\n")
 
-    excerpt = post_json(server.url, "{}").excerpt()
+    excerpt = post(server.url, "{}").excerpt()
 
     assert excerpt == "<h1>Not Found</h1> <p> [31mgone too</p>"
 
 
-def test_never_follows_a_redirect(server):
+def test_never_follows_a_redirect(server, post):
     server.reply = Reply(302, {"Location": f"{server.url}/elsewhere"})
 
-    response = post_json(f"{server.url}/toot/callbacks", "{}")
+    response = post(f"{server.url}/toot/callbacks", "{}")
 
     assert response.status == 302
     assert not response.ok
     assert [request.path for request in server.requests] == ["/toot/callbacks"]
 
 
-def test_response_body_is_capped(server):
+def test_response_body_is_capped(server, post):
     server.reply = Reply(200, body=b"x" * (MAX_RESPONSE_BYTES + 100_000))
 
-    response = post_json(server.url, "{}")
+    response = post(server.url, "{}")
 
     assert response.body == b"x" * MAX_RESPONSE_BYTES
 
 
-def test_an_endless_response_body_is_not_read_to_the_end(server):
+def test_an_endless_response_body_is_not_read_to_the_end(server, post):
     server.reply = Reply(200, endless=True)
 
-    response = post_json(server.url, "{}")
+    response = post(server.url, "{}")
 
     assert response.status == 200
     assert len(response.body) == MAX_RESPONSE_BYTES
 
 
-def test_read_timeout_comes_from_the_settings(server, eventually):
+def test_read_timeout_comes_from_the_settings(server, eventually, post):
     server.reply = Reply(hang=True)
     started = time.monotonic()
 
@@ -129,7 +146,7 @@ def test_read_timeout_comes_from_the_settings(server, eventually):
         override_settings(TOOT={**settings.TOOT, "READ_TIMEOUT": 0.2, "CONNECT_TIMEOUT": 30}),
         pytest.raises(requests.ReadTimeout),
     ):
-        post_json(server.url, "{}")
+        post(server.url, "{}")
 
     assert time.monotonic() - started < 5
     eventually(lambda: len(server.requests) == 1, what="the server to record the request")
@@ -157,21 +174,21 @@ def unaccepting_port():
         listener.close()
 
 
-def test_connect_timeout_comes_from_the_settings(unaccepting_port):
+def test_connect_timeout_comes_from_the_settings(unaccepting_port, post):
     started = time.monotonic()
 
     with (
         override_settings(TOOT={**settings.TOOT, "CONNECT_TIMEOUT": 0.2, "READ_TIMEOUT": 30}),
         pytest.raises(requests.ConnectTimeout),
     ):
-        post_json(f"http://127.0.0.1:{unaccepting_port}/", "{}")
+        post(f"http://127.0.0.1:{unaccepting_port}/", "{}")
 
     assert time.monotonic() - started < 5
 
 
-def test_connection_refused_raises_requests_connection_error():
+def test_connection_refused_raises_requests_connection_error(post):
     with pytest.raises(requests.ConnectionError):
-        post_json(f"http://127.0.0.1:{free_port()}/", "{}")
+        post(f"http://127.0.0.1:{free_port()}/", "{}")
 
 
 def test_http_session_setting_names_the_session_factory(server):
@@ -189,17 +206,13 @@ def test_default_session_is_used_without_the_setting(server):
     assert "X-Test-Session" not in server.requests[0].headers
 
 
-# The child only builds a session; the fork warning of Python 3.12+ is about other work.
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_default_session_is_one_per_process():
-    session = client.get_session()
-    assert client.get_session() is session
-
+def in_a_child(answer):
+    """What ``answer()`` returns (bytes) in a forked child of this process."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            os.write(write, b"new" if client.get_session() is not session else b"same")
+            os.write(write, answer())
         finally:
             os._exit(0)
     os.close(write)
@@ -207,19 +220,26 @@ def test_default_session_is_one_per_process():
         answered, _, _ = select.select([read], [], [], 30)
         if not answered:
             os.kill(pid, signal.SIGKILL)
-        answer = os.read(read, 16) if answered else b"no answer"
+        return os.read(read, 16) if answered else b"no answer"
     finally:
         os.close(read)
         os.waitpid(pid, 0)
 
-    assert answer == b"new"
+
+# The child only builds a session; the fork warning of Python 3.12+ is about other work.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_default_session_is_one_per_process():
+    session = client.get_session()
+    assert client.get_session() is session
+
+    assert in_a_child(lambda: b"new" if client.get_session() is not session else b"same") == b"new"
     assert client.get_session() is session
 
 
-def test_a_compressed_body_is_capped_once_decompressed(server):
+def test_a_compressed_body_is_capped_once_decompressed(server, post):
     server.reply = Reply(200, {"Content-Encoding": "gzip"}, gzip.compress(b"\0" * 10_000_000))
 
-    response = post_json(server.url, "{}")
+    response = post(server.url, "{}")
 
     assert len(server.reply.body) < MAX_RESPONSE_BYTES
     assert response.body == b"\0" * MAX_RESPONSE_BYTES
@@ -234,12 +254,12 @@ BODY = b"x" * 2000  # 100 s at that pace
 
 
 @pytest.mark.parametrize("trickle_headers", [False, True], ids=["body", "headers"])
-def test_a_trickling_answer_is_cut_at_the_total_deadline(trickle_headers):
+def test_a_trickling_answer_is_cut_at_the_total_deadline(trickle_headers, post):
     reply = Reply(body=BODY, trickle=TRICKLE, trickle_headers=trickle_headers)
     with HTTPServer(reply) as server, override_settings(TOOT={**settings.TOOT, **ONE_SECOND}):
         started = time.monotonic()
         with pytest.raises(requests.ReadTimeout, match="no complete answer within 1 seconds"):
-            post_json(server.url, "{}")
+            post(server.url, "{}")
         elapsed = time.monotonic() - started
 
     assert 0.9 < elapsed < 5
@@ -261,22 +281,96 @@ def test_the_deadline_cuts_a_trickle_through_a_users_session_too():
     assert server.requests[0].headers["X-Test-Session"] == "marked"
 
 
-def test_a_slow_answer_within_the_deadline_is_read_whole():
+def test_a_slow_answer_within_the_deadline_is_read_whole(post):
     # About 80 bytes, headers included, 0.01 s apart: well within two seconds.
     reply = Reply(201, body=b"0123456789", trickle=0.01, trickle_headers=True)
     two_seconds = {"CONNECT_TIMEOUT": 1, "READ_TIMEOUT": 1}
     with HTTPServer(reply) as server, override_settings(TOOT={**settings.TOOT, **two_seconds}):
-        response = post_json(server.url, "{}")
+        response = post(server.url, "{}")
 
     assert (response.status, response.body) == (201, b"0123456789")
 
 
-def test_a_call_after_a_cut_one_gets_a_fresh_connection():
+def test_a_call_after_a_cut_one_gets_a_fresh_connection(post):
     replies = in_order(Reply(body=BODY, trickle=TRICKLE), Reply(200, body=b"fine"))
     with HTTPServer(replies) as server, override_settings(TOOT={**settings.TOOT, **ONE_SECOND}):
         with pytest.raises(requests.ReadTimeout):
-            post_json(server.url, "{}")
-        response = post_json(server.url, "{}")
+            post(server.url, "{}")
+        response = post(server.url, "{}")
 
     assert response.body == b"fine"
     assert len(server.requests) == 2
+
+
+# Which path a call takes
+
+
+def user_agent(server):
+    return server.requests[-1].headers["User-Agent"].split("/")[0]
+
+
+def test_a_pinned_call_goes_through_toots_own_pools(server):
+    post_json(server.url, "{}", target=ssrf.target(server.url))
+
+    assert user_agent(server) == "python-urllib3"
+
+
+def test_a_pinned_call_with_a_users_session_goes_through_requests(server):
+    with override_settings(
+        TOOT={**settings.TOOT, "HTTP_SESSION": "tests.test_client.marked_session"}
+    ):
+        post_json(server.url, "{}", target=ssrf.target(server.url))
+
+    assert user_agent(server) == "python-requests"
+    assert server.requests[0].headers["X-Test-Session"] == "marked"
+
+
+def test_a_pinned_call_through_a_proxy_from_the_environment_goes_through_requests(
+    monkeypatch, server
+):
+    with HTTPServer() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        url = "http://sub.example:8765/cb"  # allowed in the test settings, never resolved...
+        target = ssrf.Target("http", "sub.example", 8765, "127.0.0.1")  # ...as checked
+
+        response = post_json(url, "{}", target=target)
+
+    assert response.status == 200
+    [request] = proxy.requests
+    assert request.path == "http://127.0.0.1:8765/cb"  # pinned through the proxy too
+    assert request.headers["User-Agent"].startswith("python-requests/")
+    assert server.requests == []
+
+
+def test_a_host_the_environment_exempts_from_its_proxy_goes_through_toots_pools(
+    monkeypatch, server
+):
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nobody there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+
+    response = post_json(server.url, "{}", target=ssrf.target(server.url))
+
+    assert response.ok
+    assert user_agent(server) == "python-urllib3"
+
+
+def test_a_connection_left_mid_body_is_not_reused(server):
+    server.reply = in_order(Reply(200, endless=True), Reply(200, body=b"next"))
+    target = ssrf.target(server.url)
+
+    first = post_json(server.url, "{}", target=target)
+    second = post_json(server.url, "{}", target=target)
+
+    assert len(first.body) == MAX_RESPONSE_BYTES
+    assert second.body == b"next"
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_toots_pools_are_one_manager_per_process():
+    pools = client._pools()
+    assert client._pools() is pools
+
+    assert in_a_child(lambda: b"new" if client._pools() is not pools else b"same") == b"new"
+    assert client._pools() is pools

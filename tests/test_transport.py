@@ -21,9 +21,8 @@ from django.conf import settings
 from django.test import override_settings
 
 from tests.http_server import HTTPServer
-from toot import client, delivery, ssrf, transport
-from toot.events import Event
-from toot.tasks import deliver
+from toot import client, delivery, publishing, ssrf, store, transport
+from toot.events import Event, wire_json
 
 NOT_AGAIN = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
@@ -45,8 +44,10 @@ def answer_once(dns, name, then=NOT_AGAIN):
     dns.answers[name] = lambda: next(answers, then)
 
 
-def make_event():
-    return Event(f"org.example.test.{uuid.uuid4().hex[:8]}.v1", {"id": 1}).to_dict()
+def attempt(url):
+    """One delivery attempt of a new event to ``url``."""
+    event = Event(f"org.example.test.{uuid.uuid4().hex[:8]}.v1", {"id": 1}).to_dict()
+    return delivery.attempt(url, event["channel"], wire_json(event).encode(), event["id"])
 
 
 # Plain http ---------------------------------------------------------------------------
@@ -96,10 +97,12 @@ def test_the_pin_applies_only_to_its_own_host_and_port(dns):
     assert other.requests[0].headers["Host"] == f"127.0.0.1:{other.port}"
 
 
-def test_the_delivery_task_connects_to_the_address_it_checked(celery_worker, eventually, dns):
+def test_a_published_event_is_delivered_to_the_address_checked(celery_worker, eventually, dns):
     answer_once(dns, "sub.test")
+    channel = f"org.example.test.{uuid.uuid4().hex[:8]}.v1"
     with HTTPServer() as server, toot_settings(ALLOWED_CALLBACK_HOSTS=["sub.test"]):
-        deliver.delay(make_event(), f"http://sub.test:{server.port}/toot/callbacks")
+        store.add(channel, f"http://sub.test:{server.port}/toot/callbacks")
+        publishing.publish(channel, {"id": 1}, prefix="")
 
         eventually(lambda: server.requests, what="the delivery")
 
@@ -119,7 +122,7 @@ def test_plain_http_through_a_proxy_names_the_checked_address(dns):
         SESSION["session"].trust_env = False
         SESSION["session"].proxies = {"http": proxy.url}
 
-        outcome = delivery.attempt(make_event(), "http://proxied.test:8765/cb")
+        outcome = attempt("http://proxied.test:8765/cb")
 
     assert outcome.ok
     [request] = proxy.requests
@@ -156,7 +159,7 @@ def test_http_session_settings_apply_but_its_adapters_are_left_alone(dns):
             ALLOWED_CALLBACK_HOSTS=["sub.test"], HTTP_SESSION="tests.test_transport.session"
         ),
     ):
-        outcome = delivery.attempt(make_event(), f"http://sub.test:{server.port}/cb")
+        outcome = attempt(f"http://sub.test:{server.port}/cb")
 
     assert outcome.ok
     [request] = server.requests
@@ -188,7 +191,7 @@ def ca():
 
 
 @pytest.fixture
-def trusting(ca, tmp_path):
+def trusting_session(ca, tmp_path):
     """HTTP_SESSION: a session that trusts the test CA."""
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
@@ -197,6 +200,19 @@ def trusting(ca, tmp_path):
     SESSION["session"].trust_env = False  # else $REQUESTS_CA_BUNDLE would win over verify
     with toot_settings(HTTP_SESSION="tests.test_transport.session"):
         yield SESSION["session"]
+
+
+@pytest.fixture(params=["requests", "own pools"])
+def trusting(request, ca, tmp_path, monkeypatch):
+    """The test CA trusted by a user's session (requests), or by toot's own pools, which
+    take the CA bundle the environment names as requests would."""
+    if request.param == "requests":
+        yield request.getfixturevalue("trusting_session")
+        return
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    yield None
 
 
 class TLSServer(HTTPServer):
@@ -213,13 +229,10 @@ class TLSServer(HTTPServer):
 def test_https_keeps_sni_and_verification_for_the_name(ca, trusting, dns):
     answer_once(dns, "secure.test")
     server = TLSServer(ca, "secure.test")
-    with (
-        server,
-        toot_settings(HTTP_SESSION="tests.test_transport.session", ALLOWED_CALLBACK_HOSTS=[]),
-    ):
+    with server, toot_settings(ALLOWED_CALLBACK_HOSTS=[]):
         url = f"https://secure.test:{server.port}/toot/callbacks"  # loopback: allowed network
 
-        outcome = delivery.attempt(make_event(), url)
+        outcome = attempt(url)
 
     assert outcome.ok, outcome.error
     assert server.sni == ["secure.test"]
@@ -232,7 +245,7 @@ def test_https_refuses_a_certificate_for_another_name(ca, trusting, dns, names):
     # A certificate for the address toot connects to is no certificate for the name.
     answer_once(dns, "secure.test")
     with TLSServer(ca, *names) as server:
-        outcome = delivery.attempt(make_event(), f"https://secure.test:{server.port}/")
+        outcome = attempt(f"https://secure.test:{server.port}/")
 
     assert not outcome.ok
     assert "SSLError" in outcome.error
@@ -246,9 +259,9 @@ def test_two_names_on_one_address_never_share_a_verified_connection(ca, trusting
     dns.answers["a.test"] = dns.answers["b.test"] = ["127.0.0.1"]
     server = TLSServer(ca, "a.test")
     with server:
-        first = delivery.attempt(make_event(), f"https://a.test:{server.port}/")
-        second = delivery.attempt(make_event(), f"https://b.test:{server.port}/")
-        third = delivery.attempt(make_event(), f"https://a.test:{server.port}/")
+        first = attempt(f"https://a.test:{server.port}/")
+        second = attempt(f"https://b.test:{server.port}/")
+        third = attempt(f"https://a.test:{server.port}/")
 
     assert first.ok, first.error
     assert not second.ok
@@ -307,13 +320,13 @@ class ConnectProxy:
                         peers[sock].sendall(data)
 
 
-def test_https_through_a_proxy_tunnels_to_the_checked_address(ca, trusting, dns):
+def test_https_through_a_proxy_tunnels_to_the_checked_address(ca, trusting_session, dns):
     answer_once(dns, "secure.test")
     server = TLSServer(ca, "secure.test")
     with server, ConnectProxy() as proxy:
-        trusting.proxies = {"https": proxy.url}
+        trusting_session.proxies = {"https": proxy.url}
 
-        outcome = delivery.attempt(make_event(), f"https://secure.test:{server.port}/cb")
+        outcome = attempt(f"https://secure.test:{server.port}/cb")
 
     assert outcome.ok, outcome.error
     assert proxy.targets == [f"127.0.0.1:{server.port}"]  # not the name, to look up again

@@ -8,14 +8,20 @@ and host name, so that a kept-alive connection is reused only for the same pair.
 
 Deadline: requests' read timeout bounds each socket read, not the answer, so a peer that
 trickles a byte every few seconds could hold a worker for hours. ``Deadline`` cuts the
-connection of a call that is still going after its time, whatever it is waiting for.
+connection of a call that is still going after its time, whatever it is waiting for. One
+watchdog thread per process keeps every deadline: a timer thread per call cost more CPU
+than the rest of the call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
+import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from types import TracebackType
@@ -59,12 +65,10 @@ class Deadline:
         self._watched: list[Any] = []
         self._done = False
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
 
     def __enter__(self) -> Deadline:
         self._token = _deadline.set(self)
-        self._timer.start()
+        _watchdog().keep(self)
         return self
 
     def __exit__(
@@ -85,7 +89,6 @@ class Deadline:
 
     def cancel(self) -> None:
         """Stop watching; call it before the connection goes back to its pool."""
-        self._timer.cancel()
         with self._lock:
             self._done = True
             self._watched.clear()
@@ -100,6 +103,53 @@ class Deadline:
             self.expired = True
             for watched in self._watched:
                 _cut(watched)
+
+
+class Watchdog(threading.Thread):
+    """Expires each kept Deadline at its time; cancelled ones are dropped when they come up."""
+
+    def __init__(self) -> None:
+        super().__init__(name="toot-deadlines", daemon=True)
+        self.pid = os.getpid()
+        self._due: list[tuple[float, int, Deadline]] = []
+        self._order = itertools.count()  # ties never compare Deadlines
+        self._changed = threading.Condition()
+
+    def keep(self, deadline: Deadline) -> None:
+        with self._changed:
+            entry = (time.monotonic() + deadline.seconds, next(self._order), deadline)
+            heapq.heappush(self._due, entry)
+            if self._due[0] is entry:
+                self._changed.notify()
+
+    def run(self) -> None:
+        while True:
+            with self._changed:
+                while self._due and self._due[0][2]._done:
+                    heapq.heappop(self._due)
+                if not self._due:
+                    self._changed.wait()
+                    continue
+                wait = self._due[0][0] - time.monotonic()
+                if wait > 0:
+                    self._changed.wait(wait)
+                    continue
+                deadline = heapq.heappop(self._due)[2]
+            deadline._expire()  # outside the lock: cutting a socket may take a moment
+
+
+_watchdog_lock = threading.Lock()
+_watchdog_thread: Watchdog | None = None
+
+
+def _watchdog() -> Watchdog:
+    """This process's watchdog: a child of fork() has none of its parent's threads."""
+    global _watchdog_thread
+    with _watchdog_lock:
+        if _watchdog_thread is None or _watchdog_thread.pid != os.getpid():
+            _watchdog_thread = Watchdog()
+            _watchdog_thread.start()
+        return _watchdog_thread
 
 
 def _cut(watched: Any) -> None:
