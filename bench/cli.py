@@ -299,12 +299,11 @@ class Run:
         say(f"Starting publisher and subscriber, mode={mode} (gunicorn + Celery worker each) ...")
         begun = time.monotonic()
         self.topology.start_apps(mode)
-        if mode == "batch":
-            if self.topology.setting("subscriber", "BATCH") != "True":
-                raise BenchError(
-                    "the example subscriber's settings do not map $TOOT_BATCH to "
-                    'TOOT["BATCH"]: batch mode would run single'
-                )
+        if mode == "batch" and self.topology.setting("subscriber", "BATCH") != "True":
+            raise BenchError(
+                "the example subscriber's settings do not map $TOOT_BATCH to "
+                'TOOT["BATCH"]: batch mode would run single'
+            )
         if not self.mode_started:
             self.driver.setup_publisher()
         self.driver.set_mode(mode)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import logging
+import secrets
 
 import pytest
+import standardwebhooks
+from django.conf import settings
+from django.test import override_settings
 from django.utils import timezone
 
 import toot
@@ -14,7 +19,7 @@ from tests.http_server import HTTPServer, Reply
 from toot import store
 from toot.deadletters import bury_delivery, bury_handler, redeliver
 from toot.delivery import Outcome
-from toot.events import Event
+from toot.events import Event, wire_json
 from toot.handling import handler_name
 from toot.models import DeadLetter
 
@@ -100,6 +105,25 @@ def test_a_redelivered_delivery_is_deleted():
     [request] = peer.requests
     assert request.path == "/toot/callbacks"
     assert request.json() == letter.event
+
+
+def test_a_redelivery_sends_the_single_event_signed_under_its_id(redis):
+    """A dead letter holds one event, though it may have failed in a batch: it goes alone."""
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    with (
+        HTTPServer(Reply(200)) as peer,
+        override_settings(TOOT={**settings.TOOT, "SIGNING_SECRETS": [secret]}),
+    ):
+        store.add(PUBLISHED, peer.url, batch=True)
+        letter = letter_for_delivery(peer.url)
+
+        assert redeliver(letter) is True
+
+    [request] = peer.requests
+    assert request.body == wire_json(letter.event).encode()
+    assert request.headers["webhook-id"] == letter.event_id
+    webhook = standardwebhooks.Webhook(secret)
+    assert webhook.verify(request.body, dict(request.headers.items())) == letter.event
 
 
 def test_a_delivery_that_fails_again_is_kept_as_one_more_attempt():

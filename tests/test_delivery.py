@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import logging
+import secrets
+import socket
 import uuid
 from email.utils import format_datetime
 
 import pytest
+import standardwebhooks
 from django.conf import settings
 from django.test import override_settings
 
@@ -15,7 +19,7 @@ from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply
 from toot import store
 from toot.delivery import MAX_RETRY_AFTER_EXTRA, attempt, next_delay, parse_retry_after
-from toot.events import Event
+from toot.events import Event, wire_json
 
 DRAWS = 2000
 
@@ -28,6 +32,11 @@ def channel():
 @pytest.fixture
 def event(channel):
     return Event(channel, {"id": 7}).to_dict()
+
+
+def send(event, url):
+    """One attempt to deliver ``event`` alone, as the publisher's drain sends it."""
+    return attempt(url, event["channel"], wire_json(event).encode(), event["id"])
 
 
 def http_date(seconds_from_now):
@@ -138,7 +147,7 @@ def test_retry_after_is_capped_at_the_backoff_plus_two_hours():
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
 def test_a_2xx_answer_is_ok(event, status):
     with HTTPServer(Reply(status)) as peer:
-        outcome = attempt(event, peer.url + "/toot/callbacks")
+        outcome = send(event, peer.url + "/toot/callbacks")
     assert (outcome.ok, outcome.gone, outcome.status, outcome.error, outcome.retry_after) == (
         True,
         False,
@@ -156,7 +165,7 @@ def test_a_2xx_answer_is_ok(event, status):
 def test_a_non_2xx_answer_fails_with_an_excerpt_of_the_body(event, status):
     body = b"the database\n\tis on fire \x00" + b"x" * 1000
     with HTTPServer(Reply(status, body=body)) as peer:
-        outcome = attempt(event, peer.url)
+        outcome = send(event, peer.url)
     assert not outcome.ok
     assert outcome.status == status
     assert outcome.error.startswith("the database is on fire x")
@@ -170,7 +179,7 @@ def test_a_redirect_is_a_failure_and_not_followed(event, status):
         HTTPServer() as elsewhere,
         HTTPServer(Reply(status, headers={"Location": elsewhere.url})) as peer,
     ):
-        outcome = attempt(event, peer.url)
+        outcome = send(event, peer.url)
     assert not outcome.ok
     assert outcome.status == status
     assert len(peer.requests) == 1
@@ -178,7 +187,7 @@ def test_a_redirect_is_a_failure_and_not_followed(event, status):
 
 
 def test_a_network_error_is_an_outcome_with_the_error(event):
-    outcome = attempt(event, f"http://127.0.0.1:{free_port()}/toot/callbacks")
+    outcome = send(event, f"http://127.0.0.1:{free_port()}/toot/callbacks")
     assert not outcome.ok
     assert outcome.status is None
     assert outcome.error.startswith("ConnectionError: ")
@@ -190,7 +199,7 @@ def test_a_timeout_is_an_outcome_with_the_error(event):
         HTTPServer(Reply(hang=True)) as peer,
         override_settings(TOOT={**settings.TOOT, "READ_TIMEOUT": 0.2}),
     ):
-        outcome = attempt(event, peer.url)
+        outcome = send(event, peer.url)
     assert (outcome.ok, outcome.status) == (False, None)
     assert "timed out" in outcome.error
     assert outcome.error.startswith(("ReadTimeout: ", "ConnectionError: "))
@@ -204,10 +213,10 @@ def test_unsubscribe_header_on_a_2xx_removes_the_subscription(redis, event, chan
         store.add(channel, leaving.url)
         store.add(channel, staying.url)
         with caplog.at_level(logging.INFO, logger="toot.delivery"):
-            outcome = attempt(event, leaving.url)
+            outcome = send(event, leaving.url)
         assert outcome.ok
         assert store.callback_urls(channel) == [staying.url]
-        assert attempt(event, staying.url).ok
+        assert send(event, staying.url).ok
         assert store.callback_urls(channel) == [staying.url]
     [record] = [r for r in caplog.records if "unsubscribe" in r.getMessage()]
     assert event["id"] in record.getMessage()
@@ -217,7 +226,7 @@ def test_unsubscribe_header_on_a_2xx_removes_the_subscription(redis, event, chan
 def test_unsubscribe_header_on_a_failure_keeps_the_subscription(redis, event, channel):
     with HTTPServer(Reply(500, headers={"X-Toot-Unsubscribe": "true"})) as peer:
         store.add(channel, peer.url)
-        assert not attempt(event, peer.url).ok
+        assert not send(event, peer.url).ok
     assert store.callback_urls(channel) == [peer.url]
 
 
@@ -225,7 +234,7 @@ def test_gone_removes_the_subscription(redis, event, channel):
     with HTTPServer(Reply(410, body=b"gone for good")) as peer, HTTPServer() as staying:
         store.add(channel, peer.url)
         store.add(channel, staying.url)
-        outcome = attempt(event, peer.url)
+        outcome = send(event, peer.url)
     assert outcome.gone
     assert not outcome.ok
     assert (outcome.status, outcome.error) == (410, "gone for good")
@@ -235,21 +244,73 @@ def test_gone_removes_the_subscription(redis, event, channel):
 @pytest.mark.parametrize("status", [429, 503])
 def test_429_and_503_carry_retry_after(event, status):
     with HTTPServer(Reply(status, headers={"Retry-After": "42"})) as peer:
-        assert attempt(event, peer.url).retry_after == 42.0
+        assert send(event, peer.url).retry_after == 42.0
         peer.reply = Reply(status, headers={"Retry-After": http_date(600)})
-        assert 590.0 <= (attempt(event, peer.url).retry_after or 0.0) <= 600.0
+        assert 590.0 <= (send(event, peer.url).retry_after or 0.0) <= 600.0
         peer.reply = Reply(status)
-        assert attempt(event, peer.url).retry_after is None
+        assert send(event, peer.url).retry_after is None
 
 
 @pytest.mark.parametrize("status", [500, 502, 200])
 def test_retry_after_is_ignored_on_other_statuses(event, status):
     with HTTPServer(Reply(status, headers={"Retry-After": "42"})) as peer:
-        assert attempt(event, peer.url).retry_after is None
+        assert send(event, peer.url).retry_after is None
 
 
 def test_a_peer_s_odd_retry_after_is_no_crash(event):
     # Header values arrive decoded as latin-1, where "\xb2" is "²": isdigit() but not a number.
     with HTTPServer(Reply(503, headers={"Retry-After": "\xb2"})) as peer:
-        outcome = attempt(event, peer.url)
+        outcome = send(event, peer.url)
     assert (outcome.status, outcome.retry_after) == (503, None)
+
+
+def test_the_body_goes_byte_for_byte_signed_under_the_message_id(channel):
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    events = [Event(channel, {"n": n}).to_dict() for n in range(2)]
+    body = ('{"events":[' + ",".join(map(wire_json, events)) + "]}").encode()
+    with (
+        HTTPServer() as peer,
+        override_settings(TOOT={**settings.TOOT, "SIGNING_SECRETS": [secret]}),
+    ):
+        assert attempt(peer.url, channel, body, "batch-7").ok
+    [request] = peer.requests
+    assert request.body == body
+    assert request.headers["webhook-id"] == "batch-7"
+    verified = standardwebhooks.Webhook(secret).verify(body, dict(request.headers.items()))
+    assert verified == {"events": events}
+
+
+def test_unsubscribe_removes_the_url_from_the_channel_named_only(redis, channel):
+    elsewhere = f"{channel}.elsewhere"
+    with HTTPServer(Reply(410)) as peer:
+        store.add(channel, peer.url)
+        store.add(elsewhere, peer.url)
+        assert attempt(peer.url, channel, b"{}", "m1").gone
+    assert store.callback_urls(channel) == []
+    assert store.callback_urls(elsewhere) == [peer.url]
+
+
+def test_a_malformed_signing_secret_sends_nothing_and_is_a_failure(event, caplog):
+    with (
+        HTTPServer() as peer,
+        override_settings(TOOT={**settings.TOOT, "SIGNING_SECRETS": ["whsec_tooshort"]}),
+        caplog.at_level(logging.ERROR, logger="toot.delivery"),
+    ):
+        outcome = send(event, peer.url)
+    assert peer.requests == []
+    assert (outcome.ok, outcome.status, outcome.refused) == (False, None, False)
+    assert outcome.error.startswith('ConfigError: TOOT["SIGNING_SECRETS"][0] must hold')
+    [record] = caplog.records
+    assert "cannot sign" in record.getMessage()
+    assert event["id"] in record.getMessage()
+    assert "whsec_tooshort" not in caplog.text
+
+
+def test_a_host_that_does_not_resolve_is_a_failure_to_retry_not_a_refusal(event, dns):
+    dns.answers["gone.example"] = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    outcome = send(event, "http://gone.example/cb")
+
+    assert (outcome.ok, outcome.status, outcome.refused) == (False, None, False)
+    assert outcome.error.startswith("gaierror: cannot resolve http://gone.example/cb: ")
+    assert dns.lookups == ["gone.example"]

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import json
 import logging
 
+import pytest
 from django.conf import settings
 from django.test import override_settings
+from django.utils import timezone
 
 from toot import handling
 from toot.events import Event
-from toot.handling import CLAIM_SECONDS, DONE, AlreadyRunning, handler_name, handlers_by_name, run
+from toot.handling import (
+    CLAIM_SECONDS,
+    DONE,
+    AlreadyRunning,
+    handler_name,
+    handlers_by_name,
+    run,
+    run_many,
+)
+from toot.models import DeadLetter
 from toot.registry import subscribe
 
 CHANNEL = "org.example.publisher.users.updated.v1"
@@ -229,3 +242,192 @@ def test_dedupe_keys_are_under_key_prefix(redis):
         assert run(event) == {}
     assert run(event) == {}  # under another prefix, nothing remembers it
     assert calls == ["one", "one"]
+
+
+# run_many()
+
+
+def test_run_many_runs_each_handler_once_per_event_across_batches(redis):
+    calls: list[tuple[str, str]] = []
+
+    def first(event):
+        calls.append(("first", event.id))
+
+    def second(event):
+        calls.append(("second", event.id))
+
+    subscribe("publisher", "users.updated.v1", first)
+    subscribe("publisher", "users.updated.v1", second)
+    one, two, three = new_event(), new_event(), new_event()
+
+    assert run_many([(one, None), (two, None)]) == [{}, {}]
+    # The publisher retried the batch that held two (its answer was lost), with three.
+    assert run_many([(two, None), (three, None)]) == [{}, {}]
+
+    assert calls == [
+        ("first", one.id),
+        ("second", one.id),
+        ("first", two.id),
+        ("second", two.id),
+        ("first", three.id),
+        ("second", three.id),
+    ]
+
+
+def test_run_many_reports_the_failures_of_each_event_apart(redis):
+    calls: list[str] = []
+    flaky = recorder(calls, "flaky", fail_times=1)
+    subscribe("publisher", "users.updated.v1", flaky)
+    subscribe("publisher", "users.deleted.v1", recorder(calls, "other"))
+    failing, deleted = new_event(), Event("org.example.publisher.users.deleted.v1")
+
+    failures = run_many([(failing, None), (deleted, None), (new_event(), ["tests.gone"])])
+
+    assert [list(failed) for failed in failures] == [[handler_name(flaky)], [], ["tests.gone"]]
+    assert isinstance(failures[2]["tests.gone"], LookupError)
+    assert calls == ["flaky", "other"]  # the third event names no handler that exists
+
+
+def test_run_many_with_nothing_to_run_touches_no_redis(redis):
+    event = new_event()  # no handler is subscribed to its channel
+
+    assert run_many([(event, None), (event, [])]) == [{}, {}]
+    assert run_many([]) == []
+    assert not list(redis.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}handled:*"))
+
+
+# process(): the subscriber's drain
+
+
+def item_for(event, **retry):
+    return {"event": event.to_dict(), **retry}
+
+
+def process(items):
+    """handling.process as a drain calls it; the retries, and how often it kept alive."""
+    kept_alive = []
+    retries = handling.process(items, lambda: kept_alive.append(1))
+    assert len(kept_alive) == len(items)  # a long batch keeps its lease
+    return retries
+
+
+def test_process_runs_the_handlers_of_every_item_and_schedules_nothing(redis, caplog):
+    calls: list[str] = []
+    subscribe("publisher", "users.updated.v1", recorder(calls, "only"))
+    events = [new_event() for _ in range(3)]
+
+    with caplog.at_level(logging.INFO, logger="toot.handling"):
+        assert process([item_for(event) for event in events]) == []
+
+    assert calls == ["only"] * 3
+    handled = [r.getMessage() for r in caplog.records if r.getMessage().endswith(": handled")]
+    assert handled == [f"Event {event.id} on {CHANNEL}: handled" for event in events]
+
+
+def test_a_handler_that_raised_is_retried_alone_with_its_attempts(redis, caplog):
+    calls: list[str] = []
+    good, flaky = recorder(calls, "good"), recorder(calls, "flaky", fail_times=2)
+    subscribe("publisher", "users.updated.v1", good)
+    subscribe("publisher", "users.updated.v1", flaky)
+    event = new_event()
+    before = timezone.now()
+
+    with caplog.at_level(logging.WARNING, logger="toot.handling"):
+        [(retry, delay)] = process([item_for(event)])
+
+    assert retry == {
+        "event": event.to_dict(),
+        "handlers": [handler_name(flaky)],
+        "attempts": 1,
+        "first_attempt_at": retry["first_attempt_at"],
+    }
+    assert before <= dt.datetime.fromisoformat(retry["first_attempt_at"]) <= timezone.now()
+    assert 0.08 <= delay <= 0.12  # RETRY_SCHEDULE[0] of the tests, 0.1 s, ±20 %
+    assert any(
+        event.id in r.getMessage() and "retrying them" in r.getMessage() for r in caplog.records
+    )
+
+    # The queue hands the retry back as it was scheduled, through JSON.
+    [(again, delay)] = process([json.loads(json.dumps(retry))])
+    assert again == {**retry, "attempts": 2}  # the first attempt's time is kept
+    assert 0.16 <= delay <= 0.24
+
+    assert process([again]) == []
+    assert calls == ["good", "flaky", "flaky", "flaky"]
+
+
+def test_a_held_claim_is_retried_later_and_then_skipped(redis):
+    calls: list[str] = []
+    handler = recorder(calls, "busy")
+    subscribe("publisher", "users.updated.v1", handler)
+    event = new_event()
+    name = handler_name(handler)
+    redis.set(key(event, name), "running", ex=CLAIM_SECONDS)  # another drain runs it
+
+    [(retry, _)] = process([item_for(event)])
+
+    assert (retry["handlers"], retry["attempts"]) == ([name], 1)
+    redis.set(key(event, name), DONE)  # that drain finished
+    assert process([retry]) == []
+    assert calls == []
+
+
+def test_the_same_event_twice_in_one_batch_runs_its_handlers_once(redis):
+    """The publisher retried a delivery whose answer was lost: both copies are queued."""
+    calls: list[str] = []
+    subscribe("publisher", "users.updated.v1", recorder(calls, "once"))
+    event = new_event()
+
+    retries = process([item_for(event), item_for(event)])
+
+    assert calls == ["once"]
+    # The second copy met the first's claim; its retry finds the handler done.
+    assert [retry["attempts"] for retry, _ in retries] == [1]
+    assert process([retry for retry, _ in retries]) == []
+    assert calls == ["once"]
+
+
+@pytest.mark.django_db
+def test_a_handler_still_failing_when_the_schedule_is_spent_is_dead_lettered(redis):
+    calls: list[str] = []
+    broken, good = recorder(calls, "broken", fail_times=99), recorder(calls, "good")
+    subscribe("publisher", "users.updated.v1", broken)
+    subscribe("publisher", "users.updated.v1", good)
+    event = new_event()
+    last = len(settings.TOOT["RETRY_SCHEDULE"])
+    first_attempt_at = "2026-01-02T03:04:05+00:00"
+    item = item_for(
+        event,
+        handlers=[handler_name(broken), "tests.renamed_since"],
+        attempts=last,
+        first_attempt_at=first_attempt_at,
+    )
+
+    assert process([item]) == []
+
+    assert calls == ["broken"]
+    letters = {letter.handler: letter for letter in DeadLetter.objects.all()}
+    assert sorted(letters) == sorted([handler_name(broken), "tests.renamed_since"])
+    for letter in letters.values():
+        assert letter.kind == DeadLetter.Kind.HANDLER
+        assert (letter.event_id, letter.event) == (event.id, event.to_dict())
+        assert letter.attempts == last + 1
+        assert letter.first_attempt_at == dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    assert letters[handler_name(broken)].last_error == "RuntimeError('broken failed')"
+    assert letters["tests.renamed_since"].last_error.startswith("LookupError(")
+
+
+@pytest.mark.django_db
+def test_an_empty_schedule_dead_letters_at_the_first_failure(redis):
+    def broken(event):
+        raise ValueError("bad payload")
+
+    subscribe("publisher", "users.updated.v1", broken)
+    event = new_event()
+
+    with override_settings(TOOT={**settings.TOOT, "RETRY_SCHEDULE": []}):
+        assert process([item_for(event)]) == []
+
+    letter = DeadLetter.objects.get()
+    assert (letter.handler, letter.attempts) == (handler_name(broken), 1)
+    assert letter.first_attempt_at <= letter.last_attempt_at

@@ -23,9 +23,8 @@ from django.urls import reverse
 import toot
 from tests.http_server import HTTPServer
 from toot import delivery, ssrf, store
-from toot.events import Event
+from toot.events import Event, wire_json
 from toot.models import DeadLetter
-from toot.tasks import deliver, fan_out
 
 PUBLIC = [
     "8.8.8.8",
@@ -366,6 +365,11 @@ def make_event(channel=CHANNEL):
     return Event(channel, {"id": 1}).to_dict()
 
 
+def attempt(url):
+    event = make_event()
+    return delivery.attempt(url, event["channel"], wire_json(event).encode(), event["id"])
+
+
 @pytest.fixture
 def listener():
     """A bare listening socket on loopback: a connection to it shows up as readable."""
@@ -382,7 +386,7 @@ def test_a_refused_delivery_never_opens_a_connection(listener, redis):
     url = f"https://127.0.0.1:{listener.getsockname()[1]}/cb"
 
     with no_allow_lists():
-        outcome = delivery.attempt(make_event(), url)
+        outcome = attempt(url)
 
     assert outcome.refused
     assert not outcome.ok
@@ -392,41 +396,44 @@ def test_a_refused_delivery_never_opens_a_connection(listener, redis):
     assert not connection_waiting(listener)
     # With loopback allowed, the same attempt does reach the socket (and times out there).
     with toot_settings(CONNECT_TIMEOUT=0.2, READ_TIMEOUT=0.2):
-        allowed = delivery.attempt(make_event(), url)
+        allowed = attempt(url)
     assert not allowed.refused
     assert connection_waiting(listener)
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_refused_delivery_is_dead_lettered_at_once(celery_worker, eventually):
-    channel = f"org.example.test.{uuid.uuid4().hex[:8]}.v1"
-    event = make_event(channel)
+    suffix = f"{uuid.uuid4().hex[:8]}.v1"
     with HTTPServer() as subscriber:
-        store.add(channel, subscriber.url)
+        store.add(f"org.example.test.{suffix}", subscriber.url)
 
         with no_allow_lists():
-            fan_out.delay(event)
+            event = toot.publish(suffix, {"id": 1})
             eventually(DeadLetter.objects.exists, what="the dead letter")
 
         assert subscriber.requests == []
     letter = DeadLetter.objects.get()
-    assert (letter.event_id, letter.callback_url) == (event["id"], subscriber.url)
+    assert (letter.event_id, letter.callback_url) == (event.id, subscriber.url)
     assert letter.attempts == 1  # RETRY_SCHEDULE has three retries; none was used
     assert letter.last_status is None
     assert "must be an https URL" in letter.last_error
-    assert store.callback_urls(channel) == [subscriber.url]  # refused, not unsubscribed
+    assert store.callback_urls(event.channel) == [subscriber.url]  # refused, not unsubscribed
 
 
 def test_a_host_that_does_not_resolve_yet_is_retried(celery_worker, eventually, dns):
     answers = iter([socket.gaierror(socket.EAI_AGAIN, "Temporary failure"), ["127.0.0.1"]])
     dns.answers["late.test"] = lambda: next(answers, ["127.0.0.1"])
+    suffix = f"{uuid.uuid4().hex[:8]}.v1"
     with HTTPServer() as subscriber, toot_settings(ALLOWED_CALLBACK_HOSTS=["late.test"]):
-        deliver.delay(make_event(), f"http://late.test:{subscriber.port}/cb")
+        store.add(f"org.example.test.{suffix}", f"http://late.test:{subscriber.port}/cb")
+        event = toot.publish(suffix, {"id": 1})
 
         eventually(lambda: subscriber.requests, what="the retried delivery")
 
     assert dns.lookups == ["late.test", "late.test"]
-    assert subscriber.requests[0].headers["Host"] == f"late.test:{subscriber.port}"
+    [request] = subscriber.requests
+    assert request.headers["Host"] == f"late.test:{subscriber.port}"
+    assert request.json() == event.to_dict()
 
 
 def test_an_address_that_python_knows_is_not_global_is_refused_too(monkeypatch):

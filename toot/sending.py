@@ -88,8 +88,7 @@ def _chunks(events: list[dict[str, Any]], encoded: list[str]) -> Iterator[tuple[
             yield events[start:end], batch_body(encoded[start:end])
             start, size = end, 0
         size += len(text) + 1
-    if start < len(events):
-        yield events[start:], batch_body(encoded[start:])
+    yield events[start:], batch_body(encoded[start:])  # plan() never passes no events
 
 
 def plan(items: list[dict[str, Any]]) -> list[Delivery]:

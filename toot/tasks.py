@@ -18,6 +18,7 @@ from celery import Celery, shared_task
 import toot.relay  # noqa: F401 - connects the relay to the worker's signals
 from toot import handling, queue, sending
 from toot.broker import BROKER_ERRORS, send_now
+from toot.conf import conf
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def drain(name: str, drain_id: str) -> int:
         items = queue.claim(name, drain_id, CLAIM_LIMIT, retries)
         renewed, retries = time.monotonic(), []
         if not items:
-            item = queue.wait(name, drain_id, LINGER_SECONDS)
+            # Within the client's socket timeout, which would otherwise end the wait.
+            item = queue.wait(name, drain_id, min(LINGER_SECONDS, conf.REDIS_TIMEOUT / 2))
             if item is not None:
                 items = [item]
             elif queue.release(name, drain_id):

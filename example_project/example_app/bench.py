@@ -12,10 +12,9 @@ delivery of the same event arriving while the first runs would even be retried a
 * K handlers ``bench_copy_0`` .. ``bench_copy_<K-1>`` subscribe to ``bench.v1``; each
   appends a receipt ``{"id", "copy", "sent_at", "received_at"}`` to
   ``EXAMPLE_RECEIPTS_KEY``;
-* ``CopyMiddleware`` notes the ``copy`` of a callback request, and a
-  ``before_task_publish`` receiver names that copy's handler in the ``handlers``
-  argument of the ``toot.handle`` task the view enqueues (the argument toot's own
-  retries use to run only some handlers).
+* ``CopyMiddleware`` notes the ``copy`` of a callback request, and a wrapper of
+  ``toot.queue.push`` names that copy's handler in the ``handlers`` of each item the
+  view queues (the field toot's own retries use to run only some handlers).
 
 So every delivery runs exactly one handler, keyed (event id, copy): N events to M URLs
 make N x M receipts, and the benchmark counts losses and duplicates by (event id, copy).
@@ -26,15 +25,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
-from celery.signals import before_task_publish
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 import toot
+from toot import queue as toot_queue
 from toot.conf import conf
 from toot.handling import handler_name
 from toot.store import get_redis
@@ -71,7 +70,15 @@ def install(copies: int) -> None:
         handler = make_handler(copy)
         _handler_names[copy] = handler_name(handler)
         toot.subscribe(SOURCE, CHANNEL, handler)
-    before_task_publish.connect(route_copy, weak=False, dispatch_uid="example_bench_copy")
+    push = toot_queue.push
+
+    def push_routed(queue: str, items: Sequence[dict[str, Any]]) -> str | None:
+        copy = _copy.get()
+        if queue == toot_queue.IN and copy is not None:
+            items = [route_copy(item, copy) for item in items]
+        return push(queue, items)
+
+    toot_queue.push = push_routed
 
 
 class CopyMiddleware:
@@ -94,16 +101,10 @@ class CopyMiddleware:
             _copy.reset(token)
 
 
-def route_copy(sender: Any = None, body: Any = None, **kwargs: Any) -> None:
-    """Run only the copy's handler for a bench.v1 event the callback view enqueues."""
-    copy = _copy.get()
-    if sender != "toot.handle" or copy is None or not isinstance(body, tuple):
-        return
-    args, task_kwargs = body[0], body[1]
-    event = args[0] if args else task_kwargs.get("event")
+def route_copy(item: dict[str, Any], copy: int) -> dict[str, Any]:
+    """The queued item of a bench.v1 event, to run only the copy's handler."""
     channel = conf.source(SOURCE).channel_prefix + CHANNEL
-    if not isinstance(event, dict) or event.get("channel") != channel:
-        return
-    if task_kwargs.get("handlers") is None and len(args) < 2:
-        # Unknown copies name no handler: nothing runs, and the benchmark sees a loss.
-        task_kwargs["handlers"] = [_handler_names.get(copy, f"bench_copy_{copy}:unknown")]
+    if item["event"].get("channel") != channel or "handlers" in item:
+        return item
+    # Unknown copies name no handler: nothing runs, and the benchmark sees a loss.
+    return {**item, "handlers": [_handler_names.get(copy, f"bench_copy_{copy}:unknown")]}
