@@ -374,3 +374,22 @@ def test_toots_pools_are_one_manager_per_process():
 
     assert in_a_child(lambda: b"new" if client._pools() is not pools else b"same") == b"new"
     assert client._pools() is pools
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [{"NO_PROXY": "*"}, {"HTTPS_PROXY": "http://127.0.0.1:9"}],
+    ids=["only-no-proxy", "a-proxy-for-another-scheme"],
+)
+def test_a_proxy_setting_that_names_no_proxy_for_the_url_leaves_it_to_toots_pools(
+    monkeypatch, server, environment
+):
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+
+    response = post_json(server.url, "{}", target=ssrf.target(server.url))
+
+    assert response.ok
+    assert user_agent(server) == "python-urllib3"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import subprocess
 import threading
 import uuid
 
@@ -202,15 +203,26 @@ def trusting_session(ca, tmp_path):
         yield SESSION["session"]
 
 
-@pytest.fixture(params=["requests", "own pools"])
+@pytest.fixture(params=["requests", "own pools", "own pools, a CA directory"])
 def trusting(request, ca, tmp_path, monkeypatch):
     """The test CA trusted by a user's session (requests), or by toot's own pools, which
-    take the CA bundle the environment names as requests would."""
+    take the CA bundle the environment names, a file or a hashed directory, as requests
+    would."""
     if request.param == "requests":
         yield request.getfixturevalue("trusting_session")
         return
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
+    if request.param.endswith("directory"):
+        subject_hash = subprocess.run(
+            ["openssl", "x509", "-hash", "-noout", "-in", str(bundle)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        bundle = tmp_path / "certs"
+        bundle.mkdir()
+        ca.cert_pem.write_to_path(str(bundle / f"{subject_hash}.0"))
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
     yield None
 

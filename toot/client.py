@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 from django.utils.module_loading import import_string
-from requests.utils import DEFAULT_CA_BUNDLE_PATH, should_bypass_proxies
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy, should_bypass_proxies
 from urllib3.exceptions import (
     ConnectTimeoutError,
     NewConnectionError,
@@ -155,16 +155,19 @@ def _read_capped(response: requests.Response) -> bytes:
 
 def _proxied(url: str) -> bool:
     """Whether requests would send ``url`` through a proxy named in the environment."""
-    return bool(urllib.request.getproxies_environment()) and not should_bypass_proxies(
-        url, no_proxy=None
-    )
+    proxies = urllib.request.getproxies_environment()
+    proxies.pop("no", None)  # $NO_PROXY alone names no proxy
+    if not proxies or select_proxy(url, proxies) is None:
+        return False
+    return not should_bypass_proxies(url, no_proxy=None)
 
 
 def _pools() -> urllib3.PoolManager:
     """toot's urllib3 pools, one manager per process (a forked child must not share sockets)."""
     global _own_pools
     if _own_pools is None or _own_pools[0] != os.getpid():
-        manager = urllib3.PoolManager(num_pools=100)
+        # Several connections per peer: a threaded worker runs several drains at once.
+        manager = urllib3.PoolManager(num_pools=100, maxsize=10)
         manager.pool_classes_by_scheme = transport.WATCHED_POOLS
         _own_pools = (os.getpid(), manager)
     return _own_pools[1]
@@ -176,13 +179,17 @@ def _post_pinned(
     parts = urlsplit(url)
     pool_kwargs: dict[str, Any] = {}
     if target.scheme == "https":
-        # Verified as requests would: its CA bundle, or the one its environment names.
+        # Verified as requests would: its CA bundle, or the one (file or directory) its
+        # environment names.
+        bundle = (
+            os.environ.get("REQUESTS_CA_BUNDLE")
+            or os.environ.get("CURL_CA_BUNDLE")
+            or DEFAULT_CA_BUNDLE_PATH
+        )
         pool_kwargs = {
             "server_hostname": target.host,
             "assert_hostname": target.host,
-            "ca_certs": os.environ.get("REQUESTS_CA_BUNDLE")
-            or os.environ.get("CURL_CA_BUNDLE")
-            or DEFAULT_CA_BUNDLE_PATH,
+            "ca_cert_dir" if os.path.isdir(bundle) else "ca_certs": bundle,
         }
     pool = _pools().connection_from_host(
         target.address, target.port, target.scheme, pool_kwargs=pool_kwargs

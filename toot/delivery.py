@@ -66,14 +66,18 @@ def attempt(callback_url: str, channel: str, body: bytes, message_id: str) -> Ou
         # Signed at each attempt: webhook-timestamp must be fresh when the subscriber reads it.
         headers = signing.signature_headers(message_id, body, conf.SIGNING_SECRETS)
     except ConfigError as exc:  # a bad secret: retried like a failure, so a fix loses nothing
-        logger.error("%s on %s: cannot sign the delivery: %s", message_id, channel, exc)
+        logger.error("Delivery %s on %s: cannot sign it: %s", message_id, channel, exc)
         return Outcome(error=f"{type(exc).__name__}: {exc}")
     try:
         # Checked again at each attempt: DNS and the allow-lists may have changed since.
         target = ssrf.target(callback_url)
     except InvalidCallback as exc:
         logger.error(
-            "%s on %s: refused to deliver to %s: %s", message_id, channel, callback_url, exc
+            "Delivery %s on %s: refused to send it to %s: %s",
+            message_id,
+            channel,
+            callback_url,
+            exc,
         )
         return Outcome(error=f"{type(exc).__name__}: {exc}", refused=True)
     except OSError as exc:  # the host does not resolve (now): retried like a connection error
@@ -90,7 +94,7 @@ def attempt(callback_url: str, channel: str, body: bytes, message_id: str) -> Ou
     if outcome.gone or (outcome.ok and "X-Toot-Unsubscribe" in response.headers):
         store.remove(channel, callback_url)
         logger.info(
-            "%s on %s: %s asked to unsubscribe (status %d); removed",
+            "Delivery %s on %s: %s asked to unsubscribe (status %d); removed",
             message_id,
             channel,
             callback_url,

@@ -61,12 +61,15 @@ def run(event: Event, names: list[str] | None = None) -> dict[str, Exception]:
     return run_many([(event, names)])[0]
 
 
-def run_many(jobs: list[tuple[Event, list[str] | None]]) -> list[dict[str, Exception]]:
+def run_many(
+    jobs: list[tuple[Event, list[str] | None]], keep_alive: Callable[[], None] = lambda: None
+) -> list[dict[str, Exception]]:
     """Run each event's handlers (only the names given, if any); the failures of each.
 
     The claims and done marks of the whole batch take one round trip each. A name that
     is no longer subscribed (renamed or removed by a deploy) is a failure, not a silent
-    success: its retries and its dead letter keep the work visible.
+    success: its retries and its dead letter keep the work visible. ``keep_alive`` is
+    called before each handler runs (a drain renews its lease there).
     """
     failures: list[dict[str, Exception]] = []
     planned: list[tuple[int, Event, str, Handler]] = []
@@ -108,6 +111,7 @@ def run_many(jobs: list[tuple[Event, list[str] | None]]) -> list[dict[str, Excep
                     f"{name} is already running for event {event.id}"
                 )
             else:
+                keep_alive()
                 try:
                     handler(event)
                 except Exception as exc:
@@ -129,8 +133,7 @@ def process(items: list[dict[str, Any]], keep_alive: Callable[[], None]) -> list
     """
     jobs = [(Event.from_dict(item["event"]), item.get("handlers")) for item in items]
     retries: list[Retry] = []
-    for item, (event, _), failed in zip(items, jobs, run_many(jobs), strict=True):
-        keep_alive()
+    for item, (event, _), failed in zip(items, jobs, run_many(jobs, keep_alive), strict=True):
         attempts = item.get("attempts", 0) + 1
         first_attempt_at = item.get("first_attempt_at") or timezone.now().isoformat()
         if not failed:

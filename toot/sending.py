@@ -79,15 +79,18 @@ def batch_body(encoded: Iterator[str] | list[str]) -> bytes:
     return ('{"events":[' + ",".join(encoded) + "]}").encode()
 
 
+BATCH_WRAPPER_BYTES = len(batch_body([]))
+
+
 def _chunks(events: list[dict[str, Any]], encoded: list[str]) -> Iterator[tuple[list[Any], bytes]]:
     """The events cut into batches of at most BATCH_MAX_EVENTS and about BATCH_MAX_BYTES."""
-    start, size = 0, 0
+    start, size = 0, BATCH_WRAPPER_BYTES
     for end, text in enumerate(encoded):
         full = end - start == conf.BATCH_MAX_EVENTS or size + len(text) > BATCH_MAX_BYTES
         if end > start and full:
             yield events[start:end], batch_body(encoded[start:end])
-            start, size = end, 0
-        size += len(text) + 1
+            start, size = end, BATCH_WRAPPER_BYTES
+        size += len(text) + 1  # and its comma
     yield events[start:], batch_body(encoded[start:])  # plan() never passes no events
 
 
@@ -150,7 +153,9 @@ def settle(delivery: Delivery, outcome: Outcome) -> Retry | None:
     what = f"{'Events' if delivery.batch else 'Event'} {delivery.event_ids} on {delivery.channel}"
     if delivery.batch:
         what += f" (batch {delivery.id})"
-    if outcome.ok or outcome.gone:
+    if outcome.gone:  # attempt() logged the unsubscription
+        return None
+    if outcome.ok:
         logger.info(
             "%s: delivered to %s (status %s, attempt %d)",
             what,

@@ -200,17 +200,15 @@ class CallbackView(TootView):
         self.verify_signature(
             request, {conf.source_for_channel(channel), *(source for source, _ in matched)}
         )
-        ids = ", ".join(event.id for event in events)
+        what = ("Events " if len(events) > 1 else "Event ") + ", ".join(e.id for e in events)
         if not matched:
-            logger.info(
-                "Events %s on %s: no local subscription, asking to unsubscribe", ids, channel
-            )
+            logger.info("%s on %s: no local subscription, asking to unsubscribe", what, channel)
             response = HttpResponse(status=200)
             response["X-Toot-Unsubscribe"] = "True"
             return response
         # All or none: one atomic push. MAX_JSON_DEPTH keeps every event serializable.
         drain_id = queue.push(queue.IN, [{"event": event.to_dict()} for event in events])
-        logger.info("Events %s on %s: received, handlers queued", ids, channel)
+        logger.info("%s on %s: received, handlers queued", what, channel)
         tasks.start(queue.IN, drain_id)
         return HttpResponse(status=200)
 
