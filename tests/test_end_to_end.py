@@ -2,7 +2,8 @@
 from example_project), a Celery worker for each, and a real Redis.
 
 The example subscriber's handler records each event it runs for in a Redis list, which
-these tests read.
+these tests read; the publisher's worker logs every delivery attempt and the subscriber's
+gunicorn every request, which they read too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import requests
 
 from devtools.processes import wait_for
 from tests.http_server import HTTPServer, Reply
-from tests.topology import PREFIX, Topology
+from tests.topology import CALLBACK_ACCEPTED, PREFIX, Topology, attempts, count, event_ids
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +38,35 @@ def receipts(topology, redis):
     return lambda: topology.receipts(redis)
 
 
+@pytest.fixture
+def unbatched(topology):
+    """The example subscriber registered again with TOOT_BATCH=0; what the publisher logged."""
+    publisher_log = topology.log_from_now("publisher-web")
+    topology.register(TOOT_BATCH="0")
+    yield publisher_log
+    topology.register()
+
+
+def traffic(topology):
+    """Delivery attempts the publisher's worker logs, and callbacks the subscriber's
+    gunicorn accepts, from now on."""
+    sender = topology.log_from_now("publisher-worker")
+    receiver = topology.log_from_now("subscriber-web")
+    return lambda: attempts(sender()), lambda: receiver().count(CALLBACK_ACCEPTED)
+
+
 def test_register_subscriptions_reaches_the_publisher(topology):
-    assert (
-        f"{PREFIX}users.updated.v1 -> {topology.subscriptions_url}: created"
-        in topology.registration_output
-    )
-    subscriptions = topology.subscriptions()
-    assert subscriptions[f"{PREFIX}users.updated.v1"] == [topology.callback_url]
-    assert subscriptions[f"{PREFIX}users.deleted.v1"] == [topology.callback_url]
+    for channel in ("users.updated.v1", "users.deleted.v1"):
+        assert (
+            f"{PREFIX}{channel} -> {topology.subscriptions_url}: created"
+            in topology.registration_output
+        )
+        assert topology.subscriptions()[f"{PREFIX}{channel}"] == [topology.callback_url]
+        # The example subscriber asks for batches (TOOT["BATCH"] defaults to true).
+        assert (
+            f"Subscription {topology.callback_url} to {PREFIX}{channel} added, in batches"
+            in topology.processes["publisher-web"].log()
+        )
 
 
 def test_published_event_reaches_the_subscribers_handler(topology, receipts):
@@ -60,6 +82,49 @@ def test_published_event_reaches_the_subscribers_handler(topology, receipts):
     )
 
 
+def test_a_burst_of_events_arrives_in_batches_each_handled_once(topology, receipts):
+    sent_attempts, accepted = traffic(topology)
+
+    sent = topology.publish("users.updated.v1", {"id": 1}, count=200)
+
+    ids = {event["id"] for event in sent}
+    counts = lambda: count(sent, receipts())  # noqa: E731
+    wait_for(lambda: counts()["delivered"] == 200, 60, "every event to reach the handler")
+    delivered = lambda: [a for a in sent_attempts() if a.ok and ids & set(a.event_ids)]  # noqa: E731
+    # The publisher logs a delivery once answered, the subscriber's gunicorn once it answered.
+    wait_for(lambda: sum(len(a.event_ids) for a in delivered()) >= 200, 30, "the sender's log")
+    wait_for(lambda: accepted() >= len(delivered()), 30, "the subscriber's access log")
+    assert counts() == {"published": 200, "delivered": 200, "duplicated": 0, "lost": 0}
+    assert sorted(i for a in delivered() for i in a.event_ids) == sorted(ids)
+    assert all(a.url == topology.callback_url for a in delivered())
+    # 200 events, each handled once, came in fewer requests: some carried several.
+    assert accepted() == len(delivered()) < 200
+    assert max(len(a.event_ids) for a in delivered()) > 1
+    assert not [a for a in sent_attempts() if not a.ok and ids & set(a.event_ids)]
+
+
+def test_a_subscriber_that_asks_for_no_batches_gets_one_event_per_request(
+    topology, receipts, unbatched
+):
+    # No "batch" in its registration: the publisher turned batching off for its URL.
+    subscription = f"Subscription {topology.callback_url} to {PREFIX}users.updated.v1"
+    assert f"{subscription} already there\n" in unbatched()
+    sent_attempts, accepted = traffic(topology)
+
+    sent = topology.publish("users.updated.v1", {"id": 1}, count=50)
+
+    ids = {event["id"] for event in sent}
+    counts = lambda: count(sent, receipts())  # noqa: E731
+    ours = lambda: [a for a in sent_attempts() if ids & set(a.event_ids)]  # noqa: E731
+    wait_for(lambda: counts()["delivered"] == 50, 60, "every event to reach the handler")
+    wait_for(lambda: len(ours()) >= 50, 30, "the sender's log")
+    wait_for(lambda: accepted() >= 50, 30, "the subscriber's access log")
+    assert counts() == {"published": 50, "delivered": 50, "duplicated": 0, "lost": 0}
+    assert sorted(a.event_ids for a in ours()) == sorted((i,) for i in ids)
+    assert all(a.ok and a.url == topology.callback_url for a in ours())
+    assert accepted() == 50  # one request per event
+
+
 def test_unsubscribe_header_removes_the_subscription(topology):
     channel = f"{PREFIX}nobody.listens.v1"
     topology.subscribe(channel, topology.callback_url)
@@ -69,7 +134,8 @@ def test_unsubscribe_header_removes_the_subscription(topology):
     wait_for(lambda: channel not in topology.subscriptions(), 30, "the subscription to be removed")
 
 
-def test_failed_delivery_is_retried_until_the_subscriber_answers_200(topology, receipts):
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+def test_failed_delivery_is_retried_until_the_subscriber_answers_200(topology, receipts, batch):
     """The subscriber is reached through a proxy that answers 500 twice before passing through."""
     channel = f"{PREFIX}users.deleted.v1"
 
@@ -80,14 +146,16 @@ def test_failed_delivery_is_retried_until_the_subscriber_answers_200(topology, r
 
     with HTTPServer(flaky_then_forward) as flaky:
         topology.unsubscribe(channel, topology.callback_url)
-        topology.subscribe(channel, flaky.url)
+        topology.subscribe(channel, flaky.url, batch=batch)
         try:
             [sent] = topology.publish("users.deleted.v1", {"id": 7})
             wait_for(receipts, 30, "the retried delivery to reach the handler")
         finally:
             topology.unsubscribe(channel, flaky.url)
-            topology.subscribe(channel, topology.callback_url)
-    assert [r.json()["id"] for r in flaky.requests] == [sent["id"]] * 3
+            topology.subscribe(channel, topology.callback_url, batch=True)
+    assert [event_ids(r.body) for r in flaky.requests] == [[sent["id"]]] * 3
+    assert ("events" in flaky.requests[0].json()) is batch
+    assert len({r.body for r in flaky.requests}) == 1  # retried as it was first sent
     assert [(r["id"], r["payload"]) for r in receipts()] == [(sent["id"], {"id": 7, "n": 0})]
 
 
