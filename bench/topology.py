@@ -93,7 +93,6 @@ class Topology:
     def _build_env(self, mode: str) -> None:
         common = {
             "TOOT_REDIS_URL": self.redis_url,
-            "TOOT_KEY_PREFIX": f"{self.prefix}:",
             "TOOT_CALLBACK_URL": self.callback_url,
             "TOOT_PUBLISHER_SUBSCRIPTION_URL": self.subscriptions_url,
             "TOOT_SUBSCRIPTIONS_TOKENS": self.token,
@@ -115,6 +114,8 @@ class Topology:
             role: {
                 **common,
                 "CELERY_QUEUE": self.queues[role],
+                # Each project its own keys: a worker drains the queues under its prefix.
+                "TOOT_KEY_PREFIX": f"{self.prefix}:{role}:",
                 "DATABASE_URL": f"sqlite:///{self.log_dir / role}.sqlite3",
             }
             for role in ROLES

@@ -89,7 +89,6 @@ class Demo:
         # Unique keys and queues per run: a shared Redis is never polluted or confused.
         common = {
             "TOOT_REDIS_URL": self.redis_url,
-            "TOOT_KEY_PREFIX": f"{prefix}:",
             "EXAMPLE_RECEIPTS_KEY": f"{prefix}:receipts",
             "TOOT_CALLBACK_URL": f"http://127.0.0.1:{sub_port}/toot/callbacks",
             "TOOT_PUBLISHER_SUBSCRIPTION_URL": f"http://127.0.0.1:{pub_port}/toot/subscriptions",
@@ -104,11 +103,14 @@ class Demo:
         self.publisher_env = {
             **common,
             "CELERY_QUEUE": f"{prefix}-publisher",
+            # Each project its own keys: a worker drains the queues under its prefix.
+            "TOOT_KEY_PREFIX": f"{prefix}:publisher:",
             "DATABASE_URL": f"sqlite:///{self.log_dir / 'publisher.sqlite3'}",
         }
         self.subscriber_env = {
             **common,
             "CELERY_QUEUE": f"{prefix}-subscriber",
+            "TOOT_KEY_PREFIX": f"{prefix}:subscriber:",
             "DATABASE_URL": f"sqlite:///{self.log_dir / 'subscriber.sqlite3'}",
         }
         self.receipts_key = common["EXAMPLE_RECEIPTS_KEY"]

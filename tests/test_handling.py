@@ -12,7 +12,7 @@ from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 
-from toot import handling
+from toot import deadletters, handling
 from toot.events import Event
 from toot.handling import (
     CLAIM_SECONDS,
@@ -289,9 +289,10 @@ def test_run_many_reports_the_failures_of_each_event_apart(redis):
 
 
 def test_run_many_with_nothing_to_run_touches_no_redis(redis):
-    event = new_event()  # no handler is subscribed to its channel
+    subscribe("publisher", "users.updated.v1", lambda event: None)
+    event = new_event()
 
-    assert run_many([(event, None), (event, [])]) == [{}, {}]
+    assert run_many([(event, [])]) == [{}]  # a retry of no handler
     assert run_many([]) == []
     assert not list(redis.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}handled:*"))
 
@@ -443,3 +444,34 @@ def test_an_empty_schedule_dead_letters_at_the_first_failure(redis):
     letter = DeadLetter.objects.get()
     assert (letter.handler, letter.attempts) == (handler_name(broken), 1)
     assert letter.first_attempt_at <= letter.last_attempt_at
+
+
+def test_an_event_with_no_handler_here_is_retried_not_dropped(redis):
+    # Accepted while subscribed, handled after a deploy removed the subscription (or
+    # queued by another project sharing the KEY_PREFIX): not silently "handled".
+    event = Event(CHANNEL, {"id": 1})
+
+    [retry] = process([item_for(event)])
+
+    item, delay = retry
+    assert item["handlers"] == [handling.ALL]
+    assert delay > 0
+    ran: list[Event] = []
+    subscribe("publisher", "users.updated.v1", ran.append)  # subscribed again
+    assert process([item]) == []
+    assert ran == [event]
+
+
+@pytest.mark.django_db
+def test_a_dead_letter_for_no_handler_runs_every_handler_once_replayed(redis):
+    event = Event(CHANNEL, {"id": 1})
+    with override_settings(TOOT={**settings.TOOT, "RETRY_SCHEDULE": []}):
+        assert process([item_for(event)]) == []
+    letter = DeadLetter.objects.get(event_id=event.id)
+    assert letter.handler == handling.ALL
+    assert "no handler" in letter.last_error
+    ran: list[Event] = []
+    subscribe("publisher", "users.updated.v1", ran.append)
+
+    assert deadletters.redeliver(letter)
+    assert ran == [event]

@@ -26,18 +26,9 @@ USE_TZ = True
 REDIS_URL = env("TOOT_REDIS_URL", default="redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
 CELERY_TASK_IGNORE_RESULT = True
-# toot's tasks are acknowledged late: a worker holds one message at a time, and a
-# message whose worker died is handed out again after visibility_timeout seconds, which
-# must exceed the longest task (a delivery takes at most CONNECT_TIMEOUT + READ_TIMEOUT).
+# A worker reserves one message at a time: a drain message waiting behind a busy pool
+# would hold a lease that a free worker elsewhere could use.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600),
-    # kombu looks for such messages every interval x throttle seconds (default 10 x 10).
-    "unacked_restore_interval": env.int("CELERY_UNACKED_RESTORE_INTERVAL", default=10),
-    "unacked_restore_throttle": env.int("CELERY_UNACKED_RESTORE_THROTTLE", default=10),
-    # A worker killed while it held kombu's restore lock blocks restoring until it expires.
-    "unacked_mutex_expire": env.int("CELERY_UNACKED_MUTEX_EXPIRE", default=300),
-}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 LOGGING = {

@@ -28,7 +28,8 @@ TOOT = {
     # whsec_ secrets every delivery is signed with; none: unsigned, as Ruby toot sends.
     "SIGNING_SECRETS": env.list("TOOT_SIGNING_SECRETS", default=[]),
     "REDIS_URL": REDIS_URL,
-    "KEY_PREFIX": env("TOOT_KEY_PREFIX", default="toot:"),
+    # Its own, if another project shares the Redis: each drains the queues under its prefix.
+    "KEY_PREFIX": env("TOOT_KEY_PREFIX", default="toot:publisher:"),
     "RETRY_SCHEDULE": env.list(
         "TOOT_RETRY_SCHEDULE", cast=float, default=[5, 300, 1800, 7200, 18000, 36000, 36000]
     ),

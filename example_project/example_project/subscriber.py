@@ -35,7 +35,7 @@ TOOT = {
         },
     },
     "REDIS_URL": REDIS_URL,
-    "KEY_PREFIX": env("TOOT_KEY_PREFIX", default="toot:"),
+    "KEY_PREFIX": env("TOOT_KEY_PREFIX", default="toot:subscriber:"),
 }
 # Where the example handler records each event it ran for (the demo and tests read it).
 EXAMPLE_RECEIPTS_KEY = env("EXAMPLE_RECEIPTS_KEY", default="example:receipts")
