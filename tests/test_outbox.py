@@ -1,14 +1,20 @@
-"""The outbox: events kept while the broker was unreachable, relayed once it is back."""
+"""The outbox: events kept while Redis was unreachable, moved onto the queue once it is back."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import threading
 import uuid
 
 import pytest
-from kombu.exceptions import OperationalError
+import redis as redis_py
+from django.conf import settings
+from django.test import override_settings
+from django.utils import timezone
 
 import toot
+from devtools.processes import free_port
 from tests.broker import broker_unreachable
 from tests.celery import app as celery_app
 from tests.http_server import HTTPServer
@@ -18,6 +24,17 @@ from toot.models import OutboxEvent
 pytestmark = pytest.mark.django_db(transaction=True)
 
 PREFIX = "org.example.test."
+
+
+def unreachable_redis():
+    """The TOOT["REDIS_CONNECTION"] of Redis being down: a client of a port nobody serves."""
+    return redis_py.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+
+
+def redis_down():
+    return override_settings(
+        TOOT={**settings.TOOT, "REDIS_CONNECTION": "tests.test_outbox.unreachable_redis"}
+    )
 
 
 @pytest.fixture
@@ -33,31 +50,36 @@ def subscriber(redis, suffix):
         yield server
 
 
-def publish_while_the_broker_is_down(suffix, count):
-    with broker_unreachable():
+def publish_while_redis_is_down(suffix, count):
+    with redis_down():
         events = [toot.publish(suffix, {"n": n}) for n in range(count)]
     assert OutboxEvent.objects.count() == count
     return events
 
 
-def test_the_relay_sends_kept_events_once_the_broker_is_back(
+def delivered(subscriber):
+    return sorted((request.json() for request in subscriber.requests), key=lambda e: e["id"])
+
+
+def as_sent(events):
+    return sorted((event.to_dict() for event in events), key=lambda e: e["id"])
+
+
+def test_the_relay_moves_kept_events_onto_the_queue_and_a_drain_delivers_them(
     celery_worker, eventually, suffix, subscriber, caplog
 ):
-    events = publish_while_the_broker_is_down(suffix, 5)
+    events = publish_while_redis_is_down(suffix, 5)
 
     with caplog.at_level(logging.INFO, logger="toot.outbox"):
         assert outbox.relay(celery_app) == 5
 
     assert not OutboxEvent.objects.exists()
     eventually(lambda: len(subscriber.requests) == 5, what="the kept events to be delivered")
-    delivered = sorted(
-        (request.json() for request in subscriber.requests), key=lambda e: e["payload"]["n"]
-    )
-    assert delivered == [event.to_dict() for event in events]
+    assert delivered(subscriber) == as_sent(events)
     logged = [
         record.getMessage()
         for record in caplog.records
-        if "sent from the outbox" in record.getMessage()
+        if "moved from the outbox to the queue" in record.getMessage()
     ]
     assert len(logged) == 5
     for event, message in zip(events, logged, strict=True):
@@ -66,28 +88,68 @@ def test_the_relay_sends_kept_events_once_the_broker_is_back(
     assert outbox.relay(celery_app) == 0
 
 
-def test_the_relay_sends_the_oldest_first_in_batches(celery_worker, eventually, suffix, subscriber):
-    events = publish_while_the_broker_is_down(suffix, 5)
+def test_the_relay_moves_the_oldest_first_in_batches(celery_worker, eventually, suffix, subscriber):
+    events = publish_while_redis_is_down(suffix, 5)
 
     assert outbox.relay(celery_app, limit=2) == 2
     assert [row.event["id"] for row in OutboxEvent.objects.all()] == [e.id for e in events[2:]]
     eventually(lambda: len(subscriber.requests) == 2)
-    assert {r.json()["id"] for r in subscriber.requests} == {e.id for e in events[:2]}
+    assert delivered(subscriber) == as_sent(events[:2])
 
     assert outbox.relay(celery_app, limit=2) == 2
     assert outbox.relay(celery_app, limit=2) == 1
     assert not OutboxEvent.objects.exists()
     eventually(lambda: len(subscriber.requests) == 5)
+    assert delivered(subscriber) == as_sent(events)
 
 
-def test_a_relay_that_fails_keeps_every_row(celery_worker, eventually, suffix, subscriber):
-    events = publish_while_the_broker_is_down(suffix, 3)
+def test_a_relay_while_redis_is_still_down_keeps_every_row(
+    celery_worker, eventually, suffix, subscriber
+):
+    events = publish_while_redis_is_down(suffix, 3)
     rows = list(OutboxEvent.objects.values_list("pk", "event"))
 
-    with broker_unreachable(), pytest.raises(OperationalError):
-        outbox.relay(celery_app)  # the broker is still down: the relay thread logs and retries
+    with redis_down(), pytest.raises(redis_py.ConnectionError):
+        outbox.relay(celery_app)  # the relay thread logs it and tries again next round
 
     assert list(OutboxEvent.objects.values_list("pk", "event")) == rows
+    # Not left claimed either: the next round need not wait for CLAIM_TIMEOUT.
+    assert set(OutboxEvent.objects.values_list("claim", "claimed_at")) == {("", None)}
     assert outbox.relay(celery_app) == 3
     eventually(lambda: len(subscriber.requests) == 3)
-    assert sorted(r.json()["id"] for r in subscriber.requests) == sorted(e.id for e in events)
+    assert delivered(subscriber) == as_sent(events)
+
+
+def test_a_relay_while_the_broker_is_down_moves_the_rows_and_a_drain_starts_later(
+    celery_worker, eventually, suffix, subscriber, caplog
+):
+    caplog.set_level(logging.WARNING, logger="toot.tasks")  # a started worker sets ERROR
+    events = publish_while_redis_is_down(suffix, 3)
+
+    with broker_unreachable():
+        assert outbox.relay(celery_app) == 3  # on the queue: the rows have done their part
+
+    assert not OutboxEvent.objects.exists()
+    [warning] = [r for r in caplog.records if r.thread == threading.get_ident()]
+    assert "Cannot start a drain of the out queue now" in warning.getMessage()
+    # The worker's relay starts a drain once the broker answers.
+    eventually(lambda: len(subscriber.requests) == 3, what="the events to be delivered")
+    assert delivered(subscriber) == as_sent(events)
+
+
+def test_a_claim_older_than_claim_timeout_is_taken_over(
+    celery_worker, eventually, suffix, subscriber
+):
+    stale, fresh = publish_while_redis_is_down(suffix, 2)
+    now = timezone.now()
+    # One relay died holding its claim; another is moving its row right now.
+    died_at = now - dt.timedelta(seconds=outbox.CLAIM_TIMEOUT + 1)
+    OutboxEvent.objects.filter(event__id=stale.id).update(claim="dead", claimed_at=died_at)
+    OutboxEvent.objects.filter(event__id=fresh.id).update(claim="busy", claimed_at=now)
+
+    assert outbox.relay(celery_app) == 1
+
+    eventually(lambda: subscriber.requests)
+    assert [request.json() for request in subscriber.requests] == [stale.to_dict()]
+    [row] = OutboxEvent.objects.all()
+    assert (row.event["id"], row.claim) == (fresh.id, "busy")

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import uuid
-from itertools import pairwise
+from itertools import count, pairwise
 from types import SimpleNamespace
 
 import pytest
@@ -14,17 +14,23 @@ from celery.signals import worker_ready, worker_shutting_down
 from django.conf import settings
 from django.test import override_settings
 
-from tests.broker import PROBE_TASK, probe_app, queued
+from tests.broker import broker_unreachable, probe_app, queued
 from tests.http_server import HTTPServer
-from toot import relay, retries, store
+from toot import queue, relay, store
 from toot.events import Event
 from toot.models import OutboxEvent
 from toot.relay import QUIET_SECONDS, Relay
 
+labels = count()
+
+
+def toot_settings(**options):
+    return override_settings(TOOT={**settings.TOOT, **options})
+
 
 @pytest.fixture
 def probe(redis):
-    """A Celery app whose queue only the test reads; relays send its retries there."""
+    """A Celery app whose queue only the test reads: the drains a relay starts wait there."""
     with probe_app(f"{settings.TOOT['KEY_PREFIX']}relay-{uuid.uuid4().hex[:8]}") as app:
         yield app
 
@@ -37,8 +43,21 @@ def own_relay():
     yield
     relay.stop()
     if session is not None:
-        # Restarted as it was (conftest's has no outbox step).
-        relay.start(session.app, session.queues, outbox=len(session.steps) > 1)
+        relay.start(session.app, outbox=len(session.steps) > 1)  # as it was: no outbox step
+
+
+@pytest.fixture
+def own_queues(own_relay, redis, monkeypatch):
+    """Queues of the test's own in place of ``out`` and ``in``, that no drain takes from.
+
+    The drains a relay starts wait in the probe's queue and never run, so their leases
+    stay live; with MAX_DRAINS at 1 a relay then starts no other for that queue.
+    """
+    tag = uuid.uuid4().hex[:8]
+    names = SimpleNamespace(out=f"out-{tag}", in_=f"in-{tag}")
+    monkeypatch.setattr(queue, "QUEUES", (names.out, names.in_))
+    with toot_settings(MAX_DRAINS=1):
+        yield names
 
 
 @pytest.fixture
@@ -61,43 +80,95 @@ def relay_threads():
     return [thread for thread in threading.enumerate() if thread.name == "toot-relay"]
 
 
-def relayed(app, label):
-    """Schedule a retry due now; returns a predicate, true once a relay has sent it."""
-    queue = app.conf.task_default_queue
-    retries.schedule(PROBE_TASK, [label], {}, 0.0, queue)
-    return lambda: (PROBE_TASK, [label], {}) in queued(queue)
+def started(app):
+    """(queue, drain id) of each drain sent through ``app``, oldest first."""
+    return [tuple(args) for task, args, _ in queued(app.conf.task_default_queue)]
 
 
-def test_a_relay_sends_due_retries_every_relay_interval(probe, running, eventually):
+def waiting(app, name):
+    """Work on queue ``name`` and no drain running; a predicate, true once a relay started one."""
+    before = len(started(app))
+    for queue_name, drain_id in started(app):
+        if queue_name == name:
+            queue.forget(name, drain_id)  # the drains started so far have ended
+    drain_id = queue.push(name, [{"n": next(labels)}])
+    if drain_id is not None:
+        queue.forget(name, drain_id)  # as tasks.start does when it cannot send the drain
+    return lambda: len(started(app)) > before
+
+
+def test_a_relay_starts_a_drain_where_work_waits_every_relay_interval(
+    probe, own_queues, running, eventually
+):
     rounds: list[float] = []
-    with override_settings(TOOT={**settings.TOOT, "RELAY_INTERVAL": 0.2}):
-        relay_thread = Relay(probe, [probe.conf.task_default_queue], outbox=False)
+    with toot_settings(RELAY_INTERVAL=0.2):
+        relay_thread = Relay(probe, outbox=False)
 
         def watch():  # one more step, that only notes when each round ran
             rounds.append(time.monotonic())
-            return 0
 
         relay_thread.steps.append(watch)
         running(relay_thread)
 
-        eventually(relayed(probe, "first"), what="the due retry to be relayed")
+        eventually(waiting(probe, own_queues.out), what="a drain of the out queue")
+        eventually(waiting(probe, own_queues.in_), what="a drain of the in queue")
         eventually(lambda: len(rounds) >= 4, what="four rounds")
-        eventually(relayed(probe, "second"), what="a later retry to be relayed")
+        eventually(waiting(probe, own_queues.out), what="a later drain of the out queue")
 
     gaps = [later - earlier for earlier, later in pairwise(rounds)]
     assert min(gaps) >= 0.2 * 0.95  # each round waits RELAY_INTERVAL after the last
-    assert [args for _, args, _ in queued(probe.conf.task_default_queue)] == [["first"], ["second"]]
+    # One drain each time: with one running, a relay starts no other (MAX_DRAINS is 1).
+    out, in_ = own_queues.out, own_queues.in_
+    assert [name for name, _ in started(probe)] == [out, in_, out]
+    assert len({drain_id for _, drain_id in started(probe)}) == 3
+
+
+def test_a_relay_gives_a_dead_drains_batch_back_and_starts_a_drain(
+    probe, own_queues, running, eventually, redis
+):
+    out = own_queues.out
+    items = [{"n": n} for n in range(3)]
+    dead = queue.push(out, items)
+    assert dead is not None
+    assert queue.claim(out, dead, 100) == items  # and then its worker was killed
+    running(Relay(probe, outbox=False))
+    lease_end = redis.time()[0] - 1
+    redis.zadd(queue._keys(out)[2], {dead: lease_end})  # its lease ran out
+
+    eventually(lambda: started(probe), what="a drain to be started")
+
+    [(name, drain_id)] = started(probe)
+    assert name == out
+    assert drain_id != dead
+    assert sorted(queue.claim(out, drain_id, 100), key=lambda item: item["n"]) == items
+
+
+def test_a_relay_keeps_starting_a_drain_until_the_broker_answers(
+    probe, own_queues, running, eventually, caplog
+):
+    caplog.set_level(logging.WARNING, logger="toot.tasks")  # a started worker sets ERROR
+    relay_thread = running(Relay(probe, outbox=False))
+
+    def complaints():
+        return [r for r in caplog.records if r.thread == relay_thread.ident]
+
+    with broker_unreachable(probe):
+        relayed = waiting(probe, own_queues.out)
+        eventually(lambda: len(complaints()) >= 2, what="two rounds to fail")
+        message = complaints()[0].getMessage()
+        assert f"Cannot start a drain of the {own_queues.out} queue now" in message
+    eventually(relayed, what="a drain once the broker is back")
 
 
 @pytest.mark.parametrize("outbox", [True, False])
 def test_a_relay_relays_the_outbox_only_when_asked(probe, outbox):
-    relay_thread = Relay(probe, [probe.conf.task_default_queue], outbox=outbox)
+    relay_thread = Relay(probe, outbox=outbox)
     assert len(relay_thread.steps) == (2 if outbox else 1)
     assert relay_thread.daemon  # never holds a worker's exit
 
 
 def test_a_failing_step_is_logged_once_per_quiet_period_and_relaying_goes_on(
-    probe, running, eventually, caplog, monkeypatch
+    probe, own_queues, running, eventually, caplog, monkeypatch
 ):
     # No django_db mark: the database refuses this test (pytest-django), so the outbox
     # step fails every round, as it would with the database down. The clock is the
@@ -107,7 +178,7 @@ def test_a_failing_step_is_logged_once_per_quiet_period_and_relaying_goes_on(
     )  # a started worker sets the root's to ERROR
     clock = SimpleNamespace(now=10.0)
     monkeypatch.setattr(relay, "time", SimpleNamespace(monotonic=lambda: clock.now))
-    relay_thread = running(Relay(probe, [probe.conf.task_default_queue], outbox=True))
+    relay_thread = running(Relay(probe, outbox=True))
 
     def complaints():
         return [
@@ -115,9 +186,9 @@ def test_a_failing_step_is_logged_once_per_quiet_period_and_relaying_goes_on(
         ]
 
     eventually(lambda: complaints(), what="the first failure to be logged at once")
-    # Two more rounds, each relaying a retry and then failing the outbox again: not logged.
-    eventually(relayed(probe, "after one failure"))
-    eventually(relayed(probe, "after two failures"))
+    # Two more rounds, each starting a drain and then failing the outbox again: not logged.
+    eventually(waiting(probe, own_queues.out), what="a drain after one failure")
+    eventually(waiting(probe, own_queues.in_), what="a drain after two failures")
     [complaint] = complaints()
     assert complaint.levelno == logging.WARNING
     assert "toot relay failed, will keep trying" in complaint.getMessage()
@@ -126,7 +197,7 @@ def test_a_failing_step_is_logged_once_per_quiet_period_and_relaying_goes_on(
 
     clock.now += QUIET_SECONDS + 1  # a quiet period later, still failing: logged again
     eventually(lambda: len(complaints()) == 2, what="the failure to be logged again")
-    eventually(relayed(probe, "still relaying"))
+    eventually(waiting(probe, own_queues.out), what="a drain still")
     assert len(complaints()) == 2
     assert relay_thread.is_alive()
 
@@ -136,7 +207,7 @@ def test_every_failure_is_logged_without_a_quiet_period(
 ):
     caplog.set_level(logging.WARNING, logger="toot.relay")
     monkeypatch.setattr(relay, "QUIET_SECONDS", 0.0)
-    relay_thread = running(Relay(probe, [probe.conf.task_default_queue], outbox=True))
+    relay_thread = running(Relay(probe, outbox=True))
 
     def complaints():
         return [
@@ -147,12 +218,11 @@ def test_every_failure_is_logged_without_a_quiet_period(
 
 
 def test_start_and_stop_are_idempotent(own_relay, probe):
-    queues = [probe.conf.task_default_queue]
     assert relay_threads() == []
 
-    relay.start(probe, queues, outbox=False)
+    relay.start(probe, outbox=False)
     [first] = relay_threads()
-    relay.start(probe, queues, outbox=False)
+    relay.start(probe, outbox=False)
     assert relay_threads() == [first]
 
     relay.stop()
@@ -160,42 +230,38 @@ def test_start_and_stop_are_idempotent(own_relay, probe):
     assert relay_threads() == []
     relay.stop()
 
-    relay.start(probe, queues, outbox=False)
+    relay.start(probe, outbox=False)
     [second] = relay_threads()
     assert second is not first
     assert second.app is probe
-    assert second.queues == queues
+    assert len(second.steps) == 1
 
 
 def test_start_replaces_a_relay_that_died(own_relay, probe):
-    queues = [probe.conf.task_default_queue]
-    relay.start(probe, queues, outbox=False)
+    relay.start(probe, outbox=False)
     [first] = relay_threads()
     first.stopping.set()  # it ended without stop(), as a crashed thread would
     first.join(10)
 
-    relay.start(probe, queues, outbox=False)
+    relay.start(probe, outbox=False)
 
     [second] = relay_threads()
     assert second is not first
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_ready_worker_starts_the_relay_for_its_app_and_queues(
-    own_relay, celery_worker, eventually
-):
+def test_a_ready_worker_starts_the_relay_for_its_app(own_relay, celery_worker, eventually):
     channel = f"org.example.test.{uuid.uuid4().hex[:8]}.v1"
     with HTTPServer() as subscriber:
         store.add(channel, subscriber.url)
         event = Event(channel, {"id": 1}).to_dict()
-        OutboxEvent.objects.create(event=event)  # kept while the broker was down
+        OutboxEvent.objects.create(event=event)  # kept while Redis was down
 
         # What the `celery worker` command sends once its consumer is ready.
         worker_ready.send(sender=celery_worker.consumer)
 
-        [started] = relay_threads()
-        assert started.app is celery_worker.app
-        assert started.queues == [settings.CELERY_TASK_DEFAULT_QUEUE]
+        [started_relay] = relay_threads()
+        assert started_relay.app is celery_worker.app
         # Its outbox step runs: the kept event goes out through the worker's app.
         eventually(lambda: subscriber.requests, what="the outbox event to be delivered")
         assert subscriber.requests[0].json() == event
@@ -204,4 +270,4 @@ def test_a_ready_worker_starts_the_relay_for_its_app_and_queues(
         worker_shutting_down.send(sender=celery_worker, sig="TERM", how="Warm", exitcode=0)
 
     assert relay_threads() == []
-    assert not started.is_alive()
+    assert not started_relay.is_alive()

@@ -1,21 +1,34 @@
-"""The Celery tasks, run by a real worker against real HTTP peers and the real Redis."""
+"""The drain task, run by a real worker against real HTTP peers and the real Redis."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import uuid
 from typing import Any
 
 import pytest
+import redis as redis_py
+from celery import Celery
+from celery.signals import task_postrun
 from django.conf import settings
 from django.test import override_settings
 
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
-from toot import retries, store
+from toot import queue, sending, store, tasks
 from toot.events import Event
 from toot.models import DeadLetter
 from toot.registry import subscribe
-from toot.tasks import deliver, fan_out, handle
+
+
+def toot_settings(**options):
+    return override_settings(TOOT={**settings.TOOT, **options})
+
+
+def unreachable_redis():
+    """The TOOT["REDIS_CONNECTION"] of Redis being down: a client of a port nobody serves."""
+    return redis_py.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
 
 
 @pytest.fixture
@@ -24,38 +37,122 @@ def channel():
     return f"org.example.test.{uuid.uuid4().hex[:8]}.v1"
 
 
-def make_event(channel: str = "org.example.test.users.updated.v1") -> dict[str, Any]:
-    return Event(channel, {"id": 123}).to_dict()
-
-
 @pytest.fixture
 def peer():
     with HTTPServer() as server:
         yield server
 
 
-def test_fan_out_posts_the_event_to_every_subscribed_callback(celery_worker, eventually, channel):
-    event = make_event(channel)
+@pytest.fixture
+def own_queue(monkeypatch, redis):
+    """A queue drained as ``out`` is (toot.sending), that only the test wakes.
+
+    No relay runs wake() on it: what the drains do with it, the test alone decides.
+    """
+    name = f"out-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setitem(tasks.PROCESSORS, name, sending.process)
+    return name
+
+
+@pytest.fixture
+def drains(own_queue):
+    """(queue, drain id, items processed) of each drain of ``own_queue`` the worker ran."""
+    runs: list[tuple[Any, ...]] = []
+
+    def record(sender=None, args=None, retval=None, **kwargs):
+        if getattr(sender, "name", None) == "toot.drain" and args[0] == own_queue:
+            runs.append((*args, retval))
+
+    task_postrun.connect(record, weak=False)
+    yield runs
+    task_postrun.disconnect(record)
+
+
+@pytest.fixture
+def down_app():
+    """A Celery app whose broker is a port where nothing listens."""
+    app = Celery("toot-down", broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
+    yield app
+    app.close()
+
+
+def make_event(channel: str = "org.example.test.users.updated.v1") -> dict[str, Any]:
+    return Event(channel, {"id": 123}).to_dict()
+
+
+def ids(event: dict[str, Any]) -> str:
+    return str(event["id"])
+
+
+def send(*events: dict[str, Any], name: str = queue.OUT) -> str | None:
+    """What publish() does: push the events onto a queue, and start a drain if one may."""
+    drain_id = queue.push(name, [{"event": event} for event in events])
+    tasks.start(name, drain_id)
+    return drain_id
+
+
+def handle(*events: dict[str, Any]) -> None:
+    """What the callback view does with events it received."""
+    send(*events, name=queue.IN)
+
+
+def redis_now(redis) -> float:
+    seconds, microseconds = redis.time()
+    return float(seconds + microseconds / 1_000_000)
+
+
+def live_leases(redis, name):
+    return [
+        lease.decode()
+        for lease in redis.zrangebyscore(queue._keys(name)[2], redis_now(redis), "+inf")
+    ]
+
+
+# The out queue: events delivered to subscribers
+
+
+def test_a_drain_posts_each_event_to_every_subscriber_of_its_channel(
+    celery_worker, eventually, channel
+):
+    events = [make_event(channel), make_event(channel)]
     with HTTPServer() as first, HTTPServer() as second, HTTPServer() as elsewhere:
         store.add(channel, first.url)
         store.add(channel, second.url)
         store.add("org.example.test.other.v1", elsewhere.url)
 
-        fan_out.delay(event)
+        send(*events)
 
-        eventually(lambda: first.requests and second.requests)
+        eventually(lambda: len(first.requests) == len(second.requests) == 2)
         for server in (first, second):
-            [request] = server.requests
-            assert request.method == "POST"
-            assert request.headers["Content-Type"] == "application/json"
-            assert request.json() == event
+            assert [request.method for request in server.requests] == ["POST", "POST"]
+            assert all(r.headers["Content-Type"] == "application/json" for r in server.requests)
+            delivered = sorted((request.json() for request in server.requests), key=ids)
+            assert delivered == sorted(events, key=ids)
         assert elsewhere.requests == []
 
 
-def test_delivery_sends_the_wire_json(celery_worker, peer, eventually):
-    event = make_event()
-    deliver.delay(event, peer.url + "/toot/callbacks")
-    eventually(lambda: peer.requests)
+def test_a_batch_subscriber_gets_the_waiting_events_in_one_post(
+    celery_worker, eventually, channel, own_queue
+):
+    events = [make_event(channel) for _ in range(3)]
+    with HTTPServer() as batched, HTTPServer() as single:
+        store.add(channel, batched.url, batch=True)
+        store.add(channel, single.url)
+
+        send(*events, name=own_queue)
+
+        eventually(lambda: batched.requests and len(single.requests) == 3)
+        [request] = batched.requests
+        assert request.json() == {"events": events}
+        assert [request.json() for request in single.requests] == events
+
+
+def test_a_delivery_sends_the_wire_json(celery_worker, eventually, channel):
+    event = make_event(channel)
+    with HTTPServer() as peer:
+        store.add(channel, peer.url + "/toot/callbacks")
+        send(event)
+        eventually(lambda: peer.requests)
     [request] = peer.requests
     assert request.path == "/toot/callbacks"
     assert set(request.json()) == {"id", "timestamp", "payload", "channel"}
@@ -63,42 +160,51 @@ def test_delivery_sends_the_wire_json(celery_worker, peer, eventually):
 
 
 @pytest.mark.parametrize("failure", [500, 503, 404, 302, 301])
-def test_non_2xx_answer_is_retried_until_2xx(celery_worker, eventually, failure):
-    event = make_event()
+def test_non_2xx_answer_is_retried_until_2xx(celery_worker, eventually, channel, failure):
+    event = make_event(channel)
     replies = in_order(
         Reply(failure, headers={"Location": "http://127.0.0.1:1/"}), Reply(failure), Reply(204)
     )
     with HTTPServer(replies) as server:
-        deliver.delay(event, server.url)
+        store.add(channel, server.url)
+        send(event)
         eventually(lambda: len(server.requests) == 3)
         assert [r.json()["id"] for r in server.requests] == [event["id"]] * 3
         assert all(r.path == "/" for r in server.requests)  # a redirect is never followed
 
 
-def test_connection_error_is_retried(celery_worker, eventually):
+def test_connection_error_is_retried(celery_worker, eventually, channel, caplog):
+    caplog.set_level(logging.WARNING, logger="toot.sending")  # a worker sets the root's to ERROR
     port = free_port()
     server = HTTPServer()
     server.port, server.url = port, f"http://127.0.0.1:{port}"
-    deliver.delay(make_event(), server.url)  # nothing listens yet: the first attempt fails
+    store.add(channel, server.url)
+    event = make_event(channel)
+
+    send(event)  # nothing listens yet: the first attempt fails
+    eventually(
+        lambda: any(f"delivery to {server.url} failed" in r.getMessage() for r in caplog.records),
+        what="the first attempt to fail",
+    )
     with server:
         eventually(lambda: server.requests)
+    assert server.requests[0].json() == event
 
 
-def test_timeout_is_a_failure_and_retried(celery_worker, eventually):
+def test_timeout_is_a_failure_and_retried(celery_worker, eventually, channel):
     replies = in_order(Reply(hang=True), Reply(200))
-    with (
-        HTTPServer(replies) as server,
-        override_settings(TOOT={**settings.TOOT, "READ_TIMEOUT": 0.3}),
-    ):
-        deliver.delay(make_event(), server.url)
+    with HTTPServer(replies) as server, toot_settings(READ_TIMEOUT=0.3):
+        store.add(channel, server.url)
+        send(make_event(channel))
         eventually(lambda: len(server.requests) == 2)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_delivery_is_dead_lettered_when_the_schedule_is_spent(celery_worker, eventually):
+def test_delivery_is_dead_lettered_when_the_schedule_is_spent(celery_worker, eventually, channel):
     with HTTPServer(Reply(500, body=b"still broken")) as server:
-        event = make_event()
-        deliver.delay(event, server.url)
+        store.add(channel, server.url)
+        event = make_event(channel)
+        send(event)
         eventually(DeadLetter.objects.exists)
         assert len(server.requests) == 1 + len(settings.TOOT["RETRY_SCHEDULE"])
     letter = DeadLetter.objects.get()
@@ -111,20 +217,21 @@ def test_delivery_is_dead_lettered_when_the_schedule_is_spent(celery_worker, eve
 
 
 @pytest.mark.django_db(transaction=True)
-def test_gone_removes_the_subscription_at_once(celery_worker, eventually, channel):
+def test_gone_removes_the_subscription_at_once(celery_worker, eventually, channel, own_queue):
     with HTTPServer(Reply(410)) as gone:
         store.add(channel, gone.url)
-        fan_out.delay(make_event(channel))
+        send(make_event(channel), name=own_queue)
         eventually(lambda: store.callback_urls(channel) == [])
+        eventually(lambda: queue.pending(own_queue) == 0, what="the drain to be done")
         assert len(gone.requests) == 1
     assert not DeadLetter.objects.exists()
-    assert retries.pending(settings.CELERY_TASK_DEFAULT_QUEUE) == 0
 
 
-def test_retry_after_is_honoured(celery_worker, eventually):
+def test_retry_after_is_honoured(celery_worker, eventually, channel):
     replies = in_order(Reply(429, headers={"Retry-After": "1"}), Reply(200))
     with HTTPServer(replies) as server:
-        deliver.delay(make_event(), server.url)
+        store.add(channel, server.url)
+        send(make_event(channel))
         eventually(lambda: len(server.requests) == 2)
     first, second = server.requests
     # The schedule says 0.1 s; the subscriber asked for 1 s.
@@ -138,7 +245,7 @@ def test_unsubscribe_header_removes_the_callback(celery_worker, eventually, chan
     ):
         store.add(channel, gone.url)
         store.add(channel, stays.url)
-        fan_out.delay(make_event(channel))
+        send(make_event(channel))
         eventually(lambda: store.callback_urls(channel) == [stays.url])
         assert len(gone.requests) == 1
 
@@ -147,19 +254,22 @@ def test_unsubscribe_header_on_a_failure_is_ignored(celery_worker, eventually, c
     replies = in_order(Reply(500, headers={"X-Toot-Unsubscribe": "True"}), Reply(200))
     with HTTPServer(replies) as server:
         store.add(channel, server.url)
-        fan_out.delay(make_event(channel))
+        send(make_event(channel))
         eventually(lambda: len(server.requests) == 2)
         assert store.callback_urls(channel) == [server.url]
 
 
-def test_handle_runs_every_handler_of_the_channel(celery_worker, eventually):
+# The in queue: local handlers
+
+
+def test_a_drain_runs_every_handler_of_the_channel(celery_worker, eventually):
     seen: list[tuple[str, Event]] = []
     subscribe("publisher", "users.updated.v1", lambda event: seen.append(("first", event)))
     subscribe("publisher", "users.updated.v1", lambda event: seen.append(("second", event)))
     subscribe("publisher", "users.deleted.v1", lambda event: seen.append(("other", event)))
     event = make_event("org.example.publisher.users.updated.v1")
 
-    handle.delay(event)
+    handle(event)
 
     eventually(lambda: len(seen) == 2)
     assert sorted(name for name, _ in seen) == ["first", "second"]
@@ -179,20 +289,20 @@ def test_a_failing_handler_is_retried_alone(celery_worker, eventually):
 
     subscribe("publisher", "users.updated.v1", good)
     subscribe("publisher", "users.updated.v1", flaky)
-    handle.delay(make_event("org.example.publisher.users.updated.v1"))
+    handle(make_event("org.example.publisher.users.updated.v1"))
 
     eventually(lambda: calls["flaky"] == 2)
     assert calls == {"good": 1, "flaky": 2}
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_handler_that_always_fails_is_dead_lettered(celery_worker, eventually, caplog):
+def test_a_handler_that_always_fails_is_dead_lettered(celery_worker, eventually):
     def broken(event):
         raise RuntimeError("boom")
 
     subscribe("publisher", "users.updated.v1", broken)
     event = make_event("org.example.publisher.users.updated.v1")
-    handle.delay(event)
+    handle(event)
 
     eventually(DeadLetter.objects.exists)
     letter = DeadLetter.objects.get()
@@ -211,50 +321,165 @@ def test_a_handled_event_is_not_handled_again(celery_worker, eventually):
     event = make_event("org.example.publisher.users.updated.v1")
     marker = make_event("org.example.publisher.users.updated.v1")
 
-    handle.delay(event)
+    handle(event)
     eventually(lambda: len(seen) == 1)
-    handle.delay(event)  # the publisher retried a delivery the subscriber had handled
-    handle.delay(marker)
+    handle(event, marker)  # the publisher retried a delivery the subscriber had handled
     eventually(lambda: Event.from_dict(marker) in seen)
 
     assert seen == [Event.from_dict(event), Event.from_dict(marker)]
 
 
-@pytest.mark.parametrize(
-    ("delivery_info", "queue"),
-    [
-        (None, "default"),
-        ({"routing_key": "somewhere-else"}, "default"),
-        ({"routing_key": "mine"}, "mine"),
-    ],
-)
-def test_retries_go_back_to_the_queue_the_message_came_from(delivery_info, queue):
-    from kombu import Queue
-
-    from toot.tasks import origin_queue
-
-    app = deliver.app
-    saved = app.amqp.queues.copy()
-    app.amqp.queues["mine"] = Queue("mine", routing_key="mine")
-    deliver.push_request(delivery_info=delivery_info)
-    try:
-        expected = app.conf.task_default_queue if queue == "default" else queue
-        assert origin_queue(deliver) == expected
-    finally:
-        deliver.pop_request()
-        app.amqp.queues.clear()
-        app.amqp.queues.update(saved)
+# How a drain works through its queue
 
 
-@pytest.mark.django_db
-def test_a_dead_lettered_delivery_fails_the_task_with_callback_failure():
-    from toot import CallbackFailure
+def test_a_lingering_drain_takes_an_event_pushed_meanwhile_without_a_new_message(
+    celery_worker, eventually, channel, own_queue, drains, redis, monkeypatch
+):
+    monkeypatch.setattr(tasks, "LINGER_SECONDS", 2.0)  # time enough for the test to push
+    first, second = make_event(channel), make_event(channel)
+    with HTTPServer() as subscriber, toot_settings(MAX_DRAINS=1):
+        store.add(channel, subscriber.url)
+        drain_id = send(first, name=own_queue)
+        assert drain_id is not None
+        # Delivered, and its batch ended: the drain now waits for more.
+        eventually(
+            lambda: subscriber.requests and not redis.exists(queue.claimed_key(own_queue, drain_id))
+        )
 
-    last = len(settings.TOOT["RETRY_SCHEDULE"])
-    with HTTPServer(Reply(502, body=b"bad gateway")) as server:
-        result = deliver.apply(args=(make_event(), server.url), kwargs={"attempts": last})
+        assert send(second, name=own_queue) is None  # its drain runs: no other is started
 
-    assert result.failed()
-    assert isinstance(result.result, CallbackFailure)
-    assert (result.result.callback_url, result.result.status) == (server.url, 502)
-    assert DeadLetter.objects.get().attempts == last + 1
+        eventually(lambda: len(subscriber.requests) == 2)
+        eventually(lambda: drains, what="the drain to end")
+    assert [r.json() for r in subscriber.requests] == [first, second]
+    assert drains == [(own_queue, drain_id, 2)]
+    assert live_leases(redis, own_queue) == []
+
+
+def test_a_retry_due_while_the_drain_lingers_is_sent_by_the_same_drain(
+    celery_worker, eventually, channel, own_queue, drains, redis
+):
+    # RETRY_SCHEDULE starts at 0.1 s, well within LINGER_SECONDS (0.5 s).
+    event = make_event(channel)
+    with HTTPServer(in_order(Reply(500), Reply(200))) as subscriber:
+        store.add(channel, subscriber.url)
+        drain_id = send(event, name=own_queue)
+
+        eventually(lambda: drains, what="the drain to end")
+    assert [r.json() for r in subscriber.requests] == [event, event]
+    assert drains == [(own_queue, drain_id, 2)]
+    assert queue.pending(own_queue) == 0
+    assert live_leases(redis, own_queue) == []
+
+
+def test_a_drain_hands_over_to_a_new_message_after_drain_seconds(
+    celery_worker, eventually, channel, own_queue, drains, redis, monkeypatch
+):
+    monkeypatch.setattr(tasks, "DRAIN_SECONDS", 0.0)  # hand over after every batch
+    monkeypatch.setattr(tasks, "CLAIM_LIMIT", 2)
+    events = [make_event(channel) for _ in range(5)]
+    with HTTPServer() as subscriber:
+        store.add(channel, subscriber.url)
+        drain_id = send(*events, name=own_queue)
+
+        eventually(lambda: len(drains) == 4, what="the drain's last message to end")
+    assert [r.json() for r in subscriber.requests] == events
+    # One lease throughout, carried from message to message; the last found nothing left.
+    assert drains == [(own_queue, drain_id, n) for n in (2, 2, 1, 0)]
+    assert live_leases(redis, own_queue) == []
+
+
+def test_a_long_batch_renews_the_drains_lease(
+    celery_worker, eventually, channel, own_queue, drains, monkeypatch
+):
+    # A lease of 2 s, renewed when over a quarter of it has passed; the batch takes 3 s.
+    monkeypatch.setattr(queue, "LEASE_SECONDS", 2.0)
+    woken: list[str | None] = []
+    lock = threading.Lock()
+
+    def slow(request):
+        with lock:  # what a relay does at that moment: it must find the drain alive
+            woken.append(queue.wake(own_queue))
+        return Reply(200, body=b"ok!", trickle=0.25)
+
+    events = [make_event(channel) for _ in range(4)]
+    with HTTPServer(slow) as subscriber:
+        store.add(channel, subscriber.url)
+        drain_id = send(*events, name=own_queue)
+
+        eventually(lambda: drains, what="the drain to end")
+    assert woken == [None] * 4  # nothing given back to be sent a second time
+    assert [r.json() for r in subscriber.requests] == events
+    assert drains == [(own_queue, drain_id, 4)]
+
+
+def test_a_drain_killed_mid_batch_loses_nothing(
+    celery_worker, eventually, channel, own_queue, redis
+):
+    events = [make_event(channel) for _ in range(3)]
+    with HTTPServer() as subscriber:
+        store.add(channel, subscriber.url)
+        dead = queue.push(own_queue, [{"event": event} for event in events])
+        assert dead is not None
+        # Its drain claimed the batch, and its worker was killed before it was done.
+        assert len(queue.claim(own_queue, dead, tasks.CLAIM_LIMIT)) == 3
+        assert queue.wake(own_queue) is None  # its lease is live: its batch stays with it
+
+        queue_leases = queue._keys(own_queue)[2]
+        redis.zadd(queue_leases, {dead: redis_now(redis) - 1})  # the lease ran out
+        drain_id = queue.wake(own_queue)  # what the relay does next
+        assert drain_id not in (None, dead)
+        tasks.start(own_queue, drain_id)
+
+        eventually(lambda: len(subscriber.requests) == 3)
+        assert sorted(r.json()["id"] for r in subscriber.requests) == sorted(
+            e["id"] for e in events
+        )
+        eventually(lambda: queue.pending(own_queue) == 0)
+
+
+# Starting a drain
+
+
+def test_start_with_the_broker_unreachable_forgets_the_lease_and_the_relay_starts_a_drain(
+    celery_worker, eventually, channel, own_queue, down_app, redis, caplog, monkeypatch
+):
+    caplog.set_level(logging.WARNING, logger="toot.tasks")  # a started worker sets ERROR
+    # The worker's relay wakes the test's queue too; no drain already running takes from it.
+    monkeypatch.setattr(queue, "QUEUES", (*queue.QUEUES, own_queue))
+    event = make_event(channel)
+    with HTTPServer() as subscriber:
+        store.add(channel, subscriber.url)
+        drain_id = queue.push(own_queue, [{"event": event}])
+        assert drain_id is not None
+
+        tasks.start(own_queue, drain_id, down_app)  # raises nothing
+
+        [warning] = [
+            r
+            for r in caplog.records
+            if r.name == "toot.tasks" and r.thread == threading.get_ident()
+        ]
+        assert warning.levelno == logging.WARNING
+        assert f"Cannot start a drain of the {own_queue} queue now" in warning.getMessage()
+        assert drain_id not in live_leases(redis, own_queue)  # so that the relay may start one
+        # The event is safe in Redis: the worker's relay starts a drain for it.
+        eventually(lambda: subscriber.requests, what="the relay to start a drain")
+    assert subscriber.requests[0].json() == event
+
+
+def test_start_with_redis_down_too_leaves_the_lease_to_end_by_itself(down_app, redis, caplog):
+    caplog.set_level(logging.WARNING, logger="toot.tasks")
+    name = f"out-{uuid.uuid4().hex[:8]}"
+    drain_id = queue.push(name, [])
+
+    with toot_settings(REDIS_CONNECTION="tests.test_tasks.unreachable_redis"):
+        tasks.start(name, drain_id, down_app)  # raises nothing
+
+    assert "Cannot start a drain of the out-" in caplog.text
+    assert live_leases(redis, name) == [drain_id]
+
+
+def test_start_without_a_lease_sends_nothing(down_app, caplog):
+    caplog.set_level(logging.WARNING, logger="toot.tasks")
+    tasks.start(queue.OUT, None, down_app)  # its broker is down: sending would fail
+    assert caplog.records == []

@@ -38,7 +38,7 @@ class DeadLetter(models.Model):
 
 
 class OutboxEvent(models.Model):
-    """An event published while the broker was unreachable, waiting for the relay."""
+    """An event published while Redis was unreachable, waiting for the relay."""
 
     event = models.JSONField(help_text=_("The event's wire JSON."))
     created_at = models.DateTimeField(auto_now_add=True)

@@ -54,6 +54,8 @@ def relay(app: Celery, limit: int = BATCH) -> int:
     OutboxEvent.objects.filter(free, pk__in=ids).update(claim=token, claimed_at=now)
     try:
         rows = list(OutboxEvent.objects.filter(claim=token))
+        if not rows:  # another relay claimed them first
+            return 0
         drain_id = queue.push(queue.OUT, [{"event": row.event} for row in rows])
         OutboxEvent.objects.filter(pk__in=[row.pk for row in rows]).delete()
     finally:

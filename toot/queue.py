@@ -100,7 +100,7 @@ WAKE_SCRIPT = (
 for _, drain in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   local claimed = ARGV[1] .. drain
   local items = redis.call('LRANGE', claimed, 0, -1)
-  if #items > 0 then redis.call('LPUSH', KEYS[1], unpack(items)) end
+  for i = #items, 1, -1 do redis.call('LPUSH', KEYS[1], items[i]) end  -- first, in order
   redis.call('DEL', claimed)
   redis.call('ZREM', KEYS[3], drain)
 end
@@ -178,8 +178,8 @@ def wait(queue: str, drain_id: str, timeout: float) -> dict[str, Any] | None:
 
 def renew(queue: str, drain_id: str) -> None:
     """Extend the drain's lease: a long batch must not look like a dead drain's."""
-    seconds, _ = get_redis().time()
-    get_redis().zadd(_keys(queue)[2], {drain_id: float(seconds) + LEASE_SECONDS})
+    seconds, micros = get_redis().time()
+    get_redis().zadd(_keys(queue)[2], {drain_id: seconds + micros / 1_000_000 + LEASE_SECONDS})
 
 
 def release(queue: str, drain_id: str) -> bool:
