@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import socket
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +12,7 @@ from django.test import Client
 
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
-from toot import queue, relay, store
+from toot import queue, relay, store, tasks
 from toot.registry import registry
 
 
@@ -23,6 +24,12 @@ def redis():
     keys = list(client.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}*", count=1000))
     if keys:
         client.delete(*keys)
+
+
+@pytest.fixture(autouse=True)
+def _loud_warnings(monkeypatch):
+    """Each test sees toot's first "cannot start a drain" warning, not a quiet repeat."""
+    monkeypatch.setattr(tasks, "_last_warning", -math.inf)
 
 
 @pytest.fixture(autouse=True)

@@ -467,6 +467,17 @@ def test_start_with_the_broker_unreachable_forgets_the_lease_and_the_relay_start
     assert subscriber.requests[0].json() == event
 
 
+def test_while_the_broker_is_down_one_warning_a_minute_says_so(down_app, redis, caplog):
+    caplog.set_level(logging.DEBUG, logger="toot.tasks")
+    name = f"out-{uuid.uuid4().hex[:8]}"
+
+    for _ in range(3):  # three publishes, or relay ticks, in a row
+        tasks.start(name, queue.push(name, []), down_app)
+
+    levels = [r.levelno for r in caplog.records if r.name == "toot.tasks"]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
 def test_start_with_redis_down_too_leaves_the_lease_to_end_by_itself(down_app, redis, caplog):
     caplog.set_level(logging.WARNING, logger="toot.tasks")
     name = f"out-{uuid.uuid4().hex[:8]}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,11 @@ DRAIN_SECONDS = 5.0
 # An idle drain waits this long for the next item before it ends: under a light, steady
 # load one drain picks up each event as it comes, without a Celery message.
 LINGER_SECONDS = 0.5
+
+# While the broker is down, every publish and every relay tick fails to start a drain:
+# one warning per this many seconds says so, the rest are logged at DEBUG.
+QUIET_SECONDS = 60.0
+_last_warning = -math.inf
 
 PROCESSORS: dict[str, Callable[[list[dict[str, Any]], Callable[[], None]], list[queue.Retry]]] = {
     queue.OUT: sending.process,
@@ -81,6 +87,12 @@ def start(name: str, drain_id: str | None, app: Celery | None = None) -> None:
     try:
         send_now(drain if app is None else app.tasks[drain.name], (name, drain_id))
     except BROKER_ERRORS as exc:
-        logger.warning("Cannot start a drain of the %s queue now (%s); the relay will", name, exc)
+        global _last_warning
+        level = logging.DEBUG
+        if time.monotonic() - _last_warning > QUIET_SECONDS:
+            level, _last_warning = logging.WARNING, time.monotonic()
+        logger.log(
+            level, "Cannot start a drain of the %s queue now (%s); the relay will", name, exc
+        )
         with contextlib.suppress(*BROKER_ERRORS):  # else the lease ends by itself
             queue.forget(name, drain_id)
