@@ -155,11 +155,13 @@ def _read_capped(response: requests.Response) -> bytes:
 
 def _proxied(url: str) -> bool:
     """Whether requests would send ``url`` through a proxy named in the environment."""
-    proxies = urllib.request.getproxies_environment()
-    proxies.pop("no", None)  # $NO_PROXY alone names no proxy
-    if not proxies or select_proxy(url, proxies) is None:
+    # The common case, none of the variables that could name one, without reading the
+    # whole environment as getproxies_environment() does at each call.
+    names = (f"{url.partition(':')[0].lower()}_proxy", "all_proxy")
+    if not any(os.environ.get(name) or os.environ.get(name.upper()) for name in names):
         return False
-    return not should_bypass_proxies(url, no_proxy=None)
+    proxies = urllib.request.getproxies_environment()  # as requests reads them (CGI included)
+    return select_proxy(url, proxies) is not None and not should_bypass_proxies(url, None)
 
 
 def _pools() -> urllib3.PoolManager:

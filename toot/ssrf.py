@@ -16,6 +16,7 @@ Subscription URLs (registering with a source) are not checked: the operator sets
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from typing import NamedTuple
@@ -125,6 +126,8 @@ def host_allowed(host: str) -> bool:
     )
 
 
+# Pure, and called before every delivery: a publisher sends to few URLs, many times.
+@functools.lru_cache(maxsize=1024)
 def _parse(url: str) -> tuple[str, str, int]:
     error = url_error(url)
     if error:
