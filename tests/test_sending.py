@@ -35,6 +35,18 @@ BATCH_ID = re.compile(r"[0-9a-f]{32}")
 EMPTY_BATCH = len(b'{"events":[]}')
 
 
+def set_senders(monkeypatch, count):
+    monkeypatch.setattr(sending, "SENDERS", count)
+    monkeypatch.setattr(sending, "_executor", None)  # threads for that many
+
+
+@pytest.fixture(autouse=True)
+def one_sender(monkeypatch):
+    """One delivery in flight at a time, so that these tests can name which was sent when;
+    the tests of SENDERS lanes at the end set their own."""
+    set_senders(monkeypatch, 1)
+
+
 @pytest.fixture
 def channel():
     """A channel of the test's own: events still in flight from other tests never match it."""
@@ -498,3 +510,72 @@ def test_published_events_reach_a_batch_subscriber_once_each_despite_a_failure(
     failure, retried = [r for r in peer.requests if r.headers["webhook-id"] == failed[0]]
     assert retried.body == failure.body
     assert retried.received_at > failure.received_at
+
+
+# Several deliveries in flight: lanes
+
+
+def test_lanes_split_one_urls_deliveries_and_give_many_urls_one_each(monkeypatch):
+    set_senders(monkeypatch, 4)
+
+    def deliveries(url, count):
+        return [Delivery(url, "c", [], False, f"{url}-{n}", b"{}") for n in range(count)]
+
+    one_url = sending.lanes(deliveries("a", 10))
+    assert [[d.id for d in lane] for lane in one_url] == [
+        [f"a-{n}" for n in range(start, 10, 4)] for start in range(4)
+    ]
+    assert len(sending.lanes(deliveries("a", 2))) == 2  # never an empty lane
+    many = sending.lanes(
+        [
+            *deliveries("a", 3),
+            *deliveries("b", 3),
+            *deliveries("c", 3),
+            *deliveries("d", 3),
+            *deliveries("e", 3),
+        ]
+    )
+    assert [{d.url for d in lane} for lane in many] == [{"a"}, {"b"}, {"c"}, {"d"}, {"e"}]
+    assert sending.lanes([]) == []
+
+
+def test_a_burst_to_one_subscriber_keeps_senders_deliveries_in_flight(redis, channel, monkeypatch):
+    set_senders(monkeypatch, 4)
+    together = threading.Barrier(4)
+    met = []
+
+    def answer(request):
+        # The first four requests answer only once all four have arrived: in flight at once.
+        if len(met) < 4:
+            try:
+                together.wait(timeout=10)
+                met.append(True)
+            except threading.BrokenBarrierError:
+                met.append(False)
+        return Reply(200)
+
+    events = make_events(channel, 8)
+    with HTTPServer(answer) as peer:
+        store.add(channel, peer.url)
+        assert process(new(events)) == []
+
+    assert met[:4] == [True] * 4
+    assert sorted(r.json()["id"] for r in peer.requests) == sorted(e["id"] for e in events)
+
+
+def test_with_several_lanes_a_failed_url_is_tried_at_most_once_per_lane(
+    redis, channel, monkeypatch
+):
+    set_senders(monkeypatch, 4)
+    events = make_events(channel, 20)
+    with HTTPServer(Reply(500)) as down:
+        store.add(channel, down.url)
+
+        retries = process(new(events))
+        assert 1 <= len(down.requests) <= 4
+        assert sorted(item["delivery"]["id"] for item, _ in retries) == sorted(
+            e["id"] for e in events
+        )
+
+        down.reply = Reply(200)  # the same sending threads, for the retries
+        assert process([item for item, _ in retries]) == []

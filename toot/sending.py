@@ -11,8 +11,10 @@ same webhook-id, and to the dead letters once the schedule is spent.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +27,10 @@ from toot.events import wire_json
 from toot.queue import Retry
 
 logger = logging.getLogger(__name__)
+
+# Deliveries in flight at once per drain.
+SENDERS = 4
+_executor: tuple[int, ThreadPoolExecutor] | None = None
 
 # A batch's body stays under this, well below Django's DATA_UPLOAD_MAX_MEMORY_SIZE
 # default (2.5 MB); an event larger than this alone goes in a batch of its own.
@@ -125,21 +131,54 @@ def plan(items: list[dict[str, Any]]) -> list[Delivery]:
     return deliveries
 
 
+def lanes(deliveries: list[Delivery]) -> list[list[Delivery]]:
+    """The deliveries in about SENDERS lanes, each of one URL, sent one after another.
+
+    A URL with many deliveries (one subscriber, a burst of single events) gets several
+    lanes; many URLs get a lane each.
+    """
+    by_url: dict[str, list[Delivery]] = {}
+    for delivery in deliveries:
+        by_url.setdefault(delivery.url, []).append(delivery)
+    per_url = max(1, SENDERS // max(1, len(by_url)))
+    return [group[i::per_url] for group in by_url.values() for i in range(min(per_url, len(group)))]
+
+
+def _senders() -> ThreadPoolExecutor:
+    """This process's sending threads (a forked child makes its own)."""
+    global _executor
+    if _executor is None or _executor[0] != os.getpid():
+        _executor = (os.getpid(), ThreadPoolExecutor(SENDERS, thread_name_prefix="toot-send"))
+    return _executor[1]
+
+
 def process(items: list[dict[str, Any]], keep_alive: Callable[[], None]) -> list[Retry]:
     """Send the claimed items' deliveries; returns the retries to schedule.
 
-    A URL that failed is not tried again in the same batch: its other deliveries count
-    the same failure, so that one unreachable subscriber costs one timeout, not one each.
+    Up to SENDERS deliveries are in flight at once: most of a delivery's time is spent
+    waiting for the subscriber. A URL that failed is not tried again in the same batch:
+    its other deliveries count the same failure, so that one unreachable subscriber costs
+    one timeout, not one each. Outcomes are settled (logged, retried, dead-lettered) here,
+    in the drain's own thread.
     """
-    retries: list[Retry] = []
     failed: dict[str, Outcome] = {}
-    for delivery in plan(items):
-        keep_alive()
-        outcome = failed.get(delivery.url)
-        if outcome is None:
-            outcome = attempt(delivery.url, delivery.channel, delivery.body, delivery.id)
-            if not outcome.ok:
-                failed[delivery.url] = outcome
+
+    def send(lane: list[Delivery]) -> list[tuple[Delivery, Outcome]]:
+        sent = []
+        for delivery in lane:
+            keep_alive()
+            outcome = failed.get(delivery.url)
+            if outcome is None:
+                outcome = attempt(delivery.url, delivery.channel, delivery.body, delivery.id)
+                if not outcome.ok:
+                    failed.setdefault(delivery.url, outcome)
+            sent.append((delivery, outcome))
+        return sent
+
+    planned = lanes(plan(items))
+    results = _senders().map(send, planned) if len(planned) > 1 else map(send, planned)
+    retries: list[Retry] = []
+    for delivery, outcome in (pair for lane in results for pair in lane):
         retry = settle(delivery, outcome)
         if retry is not None:
             retries.append(retry)
