@@ -92,23 +92,26 @@ def test_push_appends_in_order_and_claim_takes_the_oldest_first(redis, name):
     assert queue.claim(name, "drain", 10) == items(1, 2, 3)
 
 
-def test_push_takes_a_lease_only_while_fewer_than_max_drains_are_live(redis, name):
+def test_push_starts_a_drain_when_none_runs_and_more_as_the_backlog_grows(redis, name):
+    backlog = queue.BACKLOG_PER_DRAIN
     with max_drains(2):
-        first = queue.push(name, items(1))
-        second = queue.push(name, items(2))
-        assert first and second and first != second
-        assert queue.push(name, items(3)) is None  # two drains run: none more starts
+        first = queue.push(name, items(0))
+        assert first is not None  # none ran
+        # A trickle stays with the running drain: no new drain (and no Celery message) each.
+        assert queue.push(name, items(*range(1, backlog))) is None  # backlog items wait
+        second = queue.push(name, items(backlog))  # one more than one drain keeps up with
+        assert second not in (None, first)
+        assert queue.push(name, items(*range(100, 200))) is None  # MAX_DRAINS run
         assert live_leases(redis, name) == sorted([first, second])
 
         expire(redis, name, first)  # its drain died: the lease no longer counts
-        third = queue.push(name, items(4))
+        third = queue.push(name, items("x"))
         assert third not in (None, first, second)
-        assert queue.push(name, items(5)) is None
 
         queue.forget(name, second)
-        assert queue.push(name, items(6)) not in (None, first, second, third)
+        assert queue.push(name, items("y")) not in (None, first, second, third)
 
-    assert queue.pending(name) == 6  # every item is queued, with or without a new drain
+    assert queue.pending(name) == backlog + 1 + 100 + 2  # every item queued either way
 
 
 def test_racing_pushers_start_at_most_max_drains(redis, name):
@@ -117,7 +120,8 @@ def test_racing_pushers_start_at_most_max_drains(redis, name):
 
     def push(n):
         start.wait()
-        return queue.push(name, items(n))
+        # Each push a backlog for one more drain.
+        return queue.push(name, items(*(n * 100 + i for i in range(queue.BACKLOG_PER_DRAIN))))
 
     with max_drains(3), ThreadPoolExecutor(pushers) as pool:
         drain_ids = list(pool.map(push, range(pushers), timeout=60))
@@ -125,7 +129,8 @@ def test_racing_pushers_start_at_most_max_drains(redis, name):
     started = [drain_id for drain_id in drain_ids if drain_id is not None]
     assert len(started) == len(set(started)) == 3
     assert live_leases(redis, name) == sorted(started)
-    assert sorted(item["n"] for item in queue.claim(name, "drain", 100)) == list(range(pushers))
+    claimed_items = queue.claim(name, "drain", 10_000)
+    assert len(claimed_items) == pushers * queue.BACKLOG_PER_DRAIN
 
 
 def test_a_push_that_cannot_be_encoded_queues_nothing_and_takes_no_lease(redis, name):
@@ -378,20 +383,24 @@ def test_wake_gives_an_expired_leases_items_back_first_in_order(redis, name):
 def test_wake_gives_an_expired_leases_items_back_and_starts_a_drain(redis, name):
     dead = leased(name, items(1, 2, 3, 4))
     assert queue.claim(name, dead, 3) == items(1, 2, 3)  # and then the drain died
-    live = leased(name, items(5))
+    expire(redis, name, dead)
+    live = leased(name, items(5))  # no live drain, so this push starts one
     assert queue.claim(name, live, 1) == items(4)
 
-    expire(redis, name, dead)
-    drain_id = queue.wake(name)
-
-    assert drain_id not in (None, dead)
-    assert live_leases(redis, name) == sorted([drain_id, live])
-    assert redis.zscore(queue._keys(name)[2], dead) is None
-    assert not redis.exists(queue.claimed_key(name, dead))
+    # The live drain takes what its dead peer held: no other starts for so few.
+    assert queue.wake(name) is None
     assert sorted(item["n"] for item in ready(redis, name)) == [1, 2, 3, 5]
     assert claimed(redis, name, live) == items(4)  # a live drain keeps what it holds
+
+    expire(redis, name, live)  # and now it died too
+    drain_id = queue.wake(name)
+
+    assert drain_id not in (None, dead, live)
+    assert live_leases(redis, name) == [drain_id]
+    assert not redis.exists(queue.claimed_key(name, dead))
+    assert not redis.exists(queue.claimed_key(name, live))
     assert queue.pending(name) == 5
-    assert sorted(item["n"] for item in queue.claim(name, drain_id, 10)) == [1, 2, 3, 5]
+    assert sorted(item["n"] for item in queue.claim(name, drain_id, 10)) == [1, 2, 3, 4, 5]
 
 
 def test_wake_makes_due_retries_ready_and_leaves_later_ones(redis, name):

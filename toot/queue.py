@@ -8,7 +8,8 @@ a few drain tasks take them off in batches. Each queue (``out``: deliveries to s
 - ``ready``: a LIST of items waiting, oldest first;
 - ``delayed``: a ZSET of items scored by when they are due (failed attempts);
 - ``leases``: a ZSET of drain ids scored by when their lease ends; a pusher starts a
-  drain only while fewer than ``MAX_DRAINS`` leases are live;
+  drain when none runs, or when the backlog outgrows the running ones, up to
+  ``MAX_DRAINS``;
 - ``claimed:<drain id>``: a LIST of the items that drain holds.
 
 A drain claims with one atomic move from ``ready`` to its own ``claimed`` list and
@@ -38,21 +39,32 @@ Retry = tuple[dict[str, Any], float]
 # A drain renews its lease at every batch; one whose lease ends is presumed dead.
 LEASE_SECONDS = 60
 
+# Another drain starts when more than this many items per running drain wait: a steady
+# trickle stays with the drain that has it (no Celery message per event), a burst gets up
+# to MAX_DRAINS.
+BACKLOG_PER_DRAIN = 20
+
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
+# Takes a lease for drain_id and returns it when a drain should start, else false.
+_START = f"""
+local function start(ready, leases, max_drains, lease_seconds, drain_id)
+  local live = redis.call('ZCOUNT', leases, now, '+inf')
+  if live >= tonumber(max_drains) then return false end
+  if live > 0 and redis.call('LLEN', ready) <= live * {BACKLOG_PER_DRAIN} then return false end
+  redis.call('ZADD', leases, now + tonumber(lease_seconds), drain_id)
+  return drain_id
+end
+"""
 # KEYS: ready, leases; ARGV: max drains, lease seconds, new drain id, items...
-# Returns the new drain's id when a drain should start, else false.
 PUSH_SCRIPT = (
     _NOW
+    + _START
     + """
 for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
-if redis.call('ZCOUNT', KEYS[2], now, '+inf') < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
-  return ARGV[3]
-end
-return false
+return start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 """
 )
 # KEYS: ready, delayed, leases, claimed; ARGV: drain id, limit, lease seconds, then
@@ -93,9 +105,10 @@ return 1
 )
 # KEYS: ready, delayed, leases; ARGV: claimed key prefix, max drains, lease seconds, new
 # drain id. Gives back what dead drains held, makes due retries ready, and returns a new
-# drain id when work waits and a drain may start.
+# drain id when work waits and a drain should start.
 WAKE_SCRIPT = (
     _NOW
+    + _START
     + """
 for _, drain in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   local claimed = ARGV[1] .. drain
@@ -109,12 +122,8 @@ for _, item in ipairs(due) do
   redis.call('ZREM', KEYS[2], item)
   redis.call('RPUSH', KEYS[1], item)
 end
-if redis.call('LLEN', KEYS[1]) > 0
-  and redis.call('ZCOUNT', KEYS[3], now, '+inf') < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[4])
-  return ARGV[4]
-end
-return false
+if redis.call('LLEN', KEYS[1]) == 0 then return false end
+return start(KEYS[1], KEYS[3], ARGV[2], ARGV[3], ARGV[4])
 """
 )
 
@@ -144,7 +153,9 @@ def new_drain_id() -> str:
 def push(queue: str, items: Sequence[dict[str, Any]]) -> str | None:
     """Append ``items`` atomically (all or none); returns a drain id to start, if one should.
 
-    The lease is already taken for that id: the caller sends ``toot.drain`` with it.
+    One should when none runs, or when the backlog outgrows the running ones (see
+    BACKLOG_PER_DRAIN), up to MAX_DRAINS. The lease is already taken for that id: the
+    caller sends ``toot.drain`` with it.
     """
     args = [conf.MAX_DRAINS, LEASE_SECONDS, new_drain_id(), *map(encode, items)]
     return _optional_text(run_script(PUSH_SCRIPT, _keys(queue)[::2], args))
