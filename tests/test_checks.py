@@ -3,6 +3,7 @@ from __future__ import annotations
 from io import StringIO
 
 import pytest
+from celery.worker import state as worker_state
 from django.conf import settings
 from django.core.checks import ERROR, WARNING
 from django.core.management import call_command
@@ -11,6 +12,7 @@ from django.test import override_settings
 from django.urls import path
 
 import toot
+from toot import store
 from toot.checks import check_security, check_settings, check_subscriptions
 from toot.conf import DEFAULTS
 from toot.views import CallbackView
@@ -20,6 +22,19 @@ SOURCE = settings.TOOT["SOURCES"]["publisher"]
 
 def toot_settings(**options):
     return override_settings(TOOT={**settings.TOOT, **options})
+
+
+@pytest.fixture(autouse=True)
+def _no_drain_at_work(eventually):
+    """The settings these tests change are every thread's, the drains of the tests' worker
+    included: one at work would reach another Redis, or none, and end without giving back its
+    lease, which holds new drains back for a minute."""
+    queued = settings.CELERY_TASK_DEFAULT_QUEUE
+
+    def idle():
+        return not (worker_state.requests or store.get_redis().llen(queued))
+
+    eventually(idle, what="the worker's drains to end")
 
 
 def with_source(**options):
@@ -105,6 +120,16 @@ def test_e001_toot_setting_not_a_dict(value):
         ("SIGNING_SECRETS", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
         ("SUBSCRIPTIONS_AUTH", {"TOKENS": []}),
         ("SUBSCRIPTIONS_AUTH", "tests.no_such_module.authorize"),
+        ("MAX_DRAINS", 0),
+        ("MAX_DRAINS", 1.5),
+        ("MAX_DRAINS", True),
+        ("MAX_DRAINS", "4"),
+        ("BATCH", "yes"),
+        ("BATCH", 1),
+        ("BATCH", None),
+        ("BATCH_MAX_EVENTS", 0),
+        ("BATCH_MAX_EVENTS", 2.5),
+        ("BATCH_MAX_EVENTS", True),
     ],
 )
 def test_e002_wrong_type(key, value):
@@ -113,6 +138,24 @@ def test_e002_wrong_type(key, value):
     assert message.id == "toot.E002"
     assert message.level == ERROR
     assert f'TOOT["{key}"]' in message.msg
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"MAX_DRAINS": 1, "BATCH": False, "BATCH_MAX_EVENTS": 1},
+        {"MAX_DRAINS": 64, "BATCH": True, "BATCH_MAX_EVENTS": 10_000},
+        {"MAX_DRAINS": 2.0, "BATCH_MAX_EVENTS": 50.0},
+    ],
+)
+def test_queue_and_batch_settings_in_range_pass(options):
+    with toot_settings(**options):
+        assert run_checks() == []
+
+
+def test_check_command_reports_a_bad_batch_setting():
+    with toot_settings(BATCH="yes"), pytest.raises(SystemCheckError, match=r'TOOT\["BATCH"\]'):
+        call_command("check", stdout=StringIO(), stderr=StringIO())
 
 
 def test_e002_each_bad_key_reported():

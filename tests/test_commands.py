@@ -136,7 +136,21 @@ def test_dry_run_lists_and_sends_nothing(peer):
     for line, channel in zip(sorted(lines), [ORDERS, USERS], strict=True):
         where, body = line.split(": would POST ")
         assert where == f"publisher: {channel} -> {url}"
-        assert json.loads(body) == {"callback_url": CALLBACK_URL, "channel": channel}
+        assert json.loads(body) == {"callback_url": CALLBACK_URL, "channel": channel, "batch": True}
+
+
+def test_dry_run_shows_a_body_without_batch_when_batches_are_off(peer):
+    url = f"{peer.url}/toot/subscriptions"
+    toot.subscribe("publisher", "users.updated.v1", on_user)
+
+    with sources({"BATCH": False}, publisher=url):
+        [line] = register("--dry-run")
+
+    assert peer.requests == []
+    assert json.loads(line.split(": would POST ")[1]) == {
+        "callback_url": CALLBACK_URL,
+        "channel": USERS,
+    }
 
 
 def test_dry_run_does_not_touch_a_real_publisher(publisher):

@@ -3,11 +3,12 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from celery.worker import state as worker_state
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
-from toot import ConfigError
+from toot import ConfigError, store
 from toot.conf import DEFAULT_REDIS_URL, DEFAULT_RETRY_SCHEDULE, DEFAULTS, Source, conf
 
 PUBLISHER = {
@@ -19,6 +20,19 @@ PUBLISHER = {
 def toot(**options):
     """The tests' TOOT setting with ``options`` changed."""
     return override_settings(TOOT={**settings.TOOT, **options})
+
+
+@pytest.fixture(autouse=True)
+def _no_drain_at_work(eventually):
+    """The settings these tests change are every thread's, the drains of the tests' worker
+    included: one at work would reach another Redis, or none, and end without giving back its
+    lease, which holds new drains back for a minute."""
+    queued = settings.CELERY_TASK_DEFAULT_QUEUE
+
+    def idle():
+        return not (worker_state.requests or store.get_redis().llen(queued))
+
+    eventually(idle, what="the worker's drains to end")
 
 
 @pytest.fixture
@@ -47,6 +61,9 @@ def test_defaults(no_redis_hints):
         assert conf.RETRY_SCHEDULE == DEFAULT_RETRY_SCHEDULE
         assert conf.DEDUPE_TTL == 3 * 24 * 3600
         assert conf.RELAY_INTERVAL == 1.0
+        assert conf.MAX_DRAINS == 4
+        assert conf.BATCH is True
+        assert conf.BATCH_MAX_EVENTS == 100
         assert conf.SIGNING_SECRETS == ()
         assert conf.SUBSCRIPTIONS_AUTH is None
     # about 28 hours in all, as Svix / Standard Webhooks
@@ -101,6 +118,12 @@ def test_config_error_is_improperly_configured():
         ("RETRY_SCHEDULE", [], ()),
         ("DEDUPE_TTL", 3600, 3600),
         ("RELAY_INTERVAL", 0.25, 0.25),
+        ("MAX_DRAINS", 1, 1),
+        ("MAX_DRAINS", 16.0, 16),
+        ("BATCH", False, False),
+        ("BATCH", True, True),
+        ("BATCH_MAX_EVENTS", 1, 1),
+        ("BATCH_MAX_EVENTS", 500.0, 500),
     ],
 )
 def test_override(key, value, expected):
@@ -155,11 +178,45 @@ def test_settings_are_read_on_every_access():
         ("RELAY_INTERVAL", None),
         ("RETRY_SCHEDULE", [5, float("inf")]),
         ("RETRY_SCHEDULE", [float("nan")]),
+        ("MAX_DRAINS", 0),
+        ("MAX_DRAINS", -1),
+        ("MAX_DRAINS", 1.5),
+        ("MAX_DRAINS", True),
+        ("MAX_DRAINS", "4"),
+        ("MAX_DRAINS", None),
+        ("MAX_DRAINS", float("inf")),
+        ("BATCH", "yes"),
+        ("BATCH", "True"),
+        ("BATCH", 1),
+        ("BATCH", 0),
+        ("BATCH", None),
+        ("BATCH_MAX_EVENTS", 0),
+        ("BATCH_MAX_EVENTS", 2.5),
+        ("BATCH_MAX_EVENTS", False),
+        ("BATCH_MAX_EVENTS", "100"),
+        ("BATCH_MAX_EVENTS", float("nan")),
     ],
 )
 def test_invalid_value_raises_config_error_naming_the_key(key, value):
     with toot(**{key: value}), pytest.raises(ConfigError, match=rf'TOOT\["{key}"\]'):
         getattr(conf, key)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("MAX_DRAINS", 0, "must be a positive number, not 0"),
+        ("MAX_DRAINS", True, "must be a positive number, not True"),
+        ("MAX_DRAINS", 1.5, "must be a whole number, not 1.5"),
+        ("BATCH", "yes", "must be True or False, not 'yes'"),
+        ("BATCH", 1, "must be True or False, not 1"),
+        ("BATCH_MAX_EVENTS", 0.5, "must be a whole number, not 0.5"),
+    ],
+)
+def test_invalid_value_messages_say_what_is_expected_and_quote_the_value(key, value, message):
+    with toot(**{key: value}), pytest.raises(ConfigError) as excinfo:
+        getattr(conf, key)
+    assert str(excinfo.value) == f'TOOT["{key}"] {message}.'
 
 
 def test_an_invalid_value_does_not_break_the_other_keys():

@@ -5,12 +5,15 @@ events and registrations with one field mutated, deep nesting, padding around th
 limits), headers (Content-Type, lying Content-Length, Accept, Authorization, the
 Standard Webhooks headers, random ones), query strings and methods are sent through
 Django's test client with CSRF checks enforced and Django's default middleware, against
-the real Redis store and the real Celery broker. What must hold, whatever arrives:
+the real Redis store and queues and the real Celery broker. What must hold, whatever
+arrives:
 
 1. no 5xx: every answer is a 2xx or 4xx the protocol lists, every 4xx a JSON
    ``{"error": "..."}``;
-2. a refused request changes nothing in the store (every key under ``KEY_PREFIX``) and
-   publishes no task; an accepted one changes exactly what it says it did;
+2. a refused request changes nothing in the store (every key under ``KEY_PREFIX`` but the
+   work queues) and pushes nothing onto a queue; an accepted one changes exactly what it
+   says it did, and a callback's 200 has queued every event of the body, in order, in one
+   push (a batch is all or none: PROTOCOL.md section 7);
 3. when the source has a signing secret, no event that is not signed with it is enqueued
    or reaches a handler (judged by the ``standardwebhooks`` package, not by toot's code);
 4. with bearer tokens, no request without one changes the store or learns anything.
@@ -46,15 +49,15 @@ from urllib.parse import quote, urlencode
 import hypothesis
 import pytest
 import standardwebhooks
-from celery.signals import after_task_publish
 from django.conf import settings
 from django.test import Client, override_settings
 from django.utils.http import parse_header_parameters
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
-from toot import handling, signing, store, subscribe
+from toot import handling, queue, signing, store, subscribe
 from toot.events import Event
+from toot.sending import BATCH_MAX_BYTES
 from toot.validation import MAX_JSON_DEPTH
 from toot.views import MAX_SUBSCRIPTION_BYTES
 
@@ -83,6 +86,8 @@ SUBSCRIPTIONS = "/toot/subscriptions"
 CALLBACKS = "/toot/callbacks"
 KEY_PREFIX = settings.TOOT["KEY_PREFIX"]
 CHANNEL_KEY_PREFIX = f"{KEY_PREFIX}subscriptions:".encode()
+BATCH_KEY_PREFIX = f"{KEY_PREFIX}batch:".encode()
+QUEUE_KEY_PREFIX = f"{KEY_PREFIX}queue:".encode()
 INDEX_KEY = f"{KEY_PREFIX}channels".encode()
 OWN_PREFIX = settings.TOOT["CHANNEL_PREFIX"]  # this app as a publisher
 SOURCE_PREFIX = settings.TOOT["SOURCES"]["publisher"]["CHANNEL_PREFIX"]  # a source it follows
@@ -330,6 +335,28 @@ batches = st.fixed_dictionaries(
     {"events": st.lists(st.one_of(valid_events, near_valid(valid_events), anything), max_size=4)},
     optional={"channel": channels, "id": event_ids},
 )
+
+
+def each_fits(events: list[Any], limit: int) -> bool:
+    """Whether every event is within ``limit`` bytes however it is measured: as the body
+    holds it, or ASCII-escaped as a publisher sends it."""
+    return all(
+        max(
+            len(json.dumps(event)),
+            len(json.dumps(event, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+        )
+        <= limit
+        for event in events
+    )
+
+
+def well_formed(body: bytes) -> bool:
+    """Whether ``body`` is UTF-8, as JSON must be: a lone surrogate written out is not."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 @st.composite
@@ -632,34 +659,65 @@ def snapshot(redis: Any) -> Snapshot:
     return {key: (kind, value) for key, kind, value in zip(keys, kinds, values, strict=True)}
 
 
+def store_snapshot(redis: Any) -> Snapshot:
+    """The snapshot of every key but the work queues and the handlers' dedupe keys, which
+    the worker writes in the background whatever the request at hand. What a request pushes
+    onto a queue, the ``pushed`` fixture sees."""
+    work = (QUEUE_KEY_PREFIX, f"{KEY_PREFIX}handled:".encode())
+    return {key: value for key, value in snapshot(redis).items() if not key.startswith(work)}
+
+
 def members(state: Snapshot) -> set[tuple[bytes, bytes]]:
+    """The (key, member) pairs of the subscription sets and the channel index."""
     return {
-        (key, member) for key, (kind, value) in state.items() if kind == b"set" for member in value
+        (key, member)
+        for key, (kind, value) in state.items()
+        if kind == b"set" and not key.startswith(BATCH_KEY_PREFIX)
+        for member in value
+    }
+
+
+def flags(state: Snapshot) -> set[tuple[bytes, bytes]]:
+    """The (channel, callback URL) pairs that asked for batches."""
+    return {
+        (key[len(BATCH_KEY_PREFIX) :], member)
+        for key, (kind, value) in state.items()
+        if kind == b"set" and key.startswith(BATCH_KEY_PREFIX)
+        for member in value
     }
 
 
 def check_store_change(response: Response, method: str, before: Snapshot, after: Snapshot) -> None:
     """Invariant 2 on the subscriptions endpoint: refusals change nothing, and an accepted
-    request changes exactly the one subscription it names."""
+    request changes exactly the one subscription it names, and its batch flag."""
     status = response.status_code
     added, removed = members(after) - members(before), members(before) - members(after)
-    if status == 201:  # one callback URL added to one channel (and the channel indexed)
-        subscription = {pair for pair in added if pair[0] != INDEX_KEY}
-        assert len(subscription) == 1 and not removed, (added, removed)
-        [(key, _url)] = subscription
-        channel = key[len(CHANNEL_KEY_PREFIX) :]
-        assert key.startswith(CHANNEL_KEY_PREFIX)
-        assert added - subscription <= {(INDEX_KEY, channel)}
-        assert (INDEX_KEY, channel) in members(after)
+    flipped = flags(after) ^ flags(before)
+    if method.upper() == "POST" and status in (201, 204):
+        # One callback URL added to one channel (and the channel indexed), or already there;
+        # either way its batch flag is now what the body asked for.
+        data = json.loads(response.wsgi_request.body)
+        channel, url = data["channel"].encode(), data["callback_url"].encode()
+        key = CHANNEL_KEY_PREFIX + channel
+        if status == 201:
+            assert added - {(INDEX_KEY, channel)} == {(key, url)}, (added, removed)
+            assert (INDEX_KEY, channel) in members(after)
+        else:
+            assert (key, url) in members(before) and not added, (added, removed)
+        assert not removed, removed
+        assert flipped <= {(channel, url)}, flipped
+        assert ((channel, url) in flags(after)) is data.get("batch", False), data
     elif status == 204 and method.upper() == "DELETE":  # one removed (and unindexed if last)
         subscription = {pair for pair in removed if pair[0] != INDEX_KEY}
         assert len(subscription) == 1 and not added, (added, removed)
-        [(key, _url)] = subscription
+        [(key, url)] = subscription
         channel = key[len(CHANNEL_KEY_PREFIX) :]
         assert removed - subscription <= {(INDEX_KEY, channel)}
         if key not in after:  # the channel's last subscription
             assert (INDEX_KEY, channel) not in members(after)
-    else:  # a refusal, a listing, or a subscription that was already there
+        # Its batch flag, if it had one, went with it.
+        assert flipped <= {(channel, url)} and (channel, url) not in flags(after), flipped
+    else:  # a refusal or a listing
         assert after == before, (status, response.content[:300])
 
 
@@ -675,13 +733,6 @@ def check_listing(response: Response, state: Snapshot) -> None:
         channel: urls for channel, urls in expected.items() if channel.startswith(OWN_PREFIX)
     }
     assert listing == {"channels": sorted(expected), "subscriptions": expected}
-
-
-def ignoring_handled(state: Snapshot, event_ids: Iterable[str]) -> Snapshot:
-    """``state`` without the dedupe keys of events accepted earlier: the worker writes those
-    in the background, whatever the request at hand."""
-    prefixes = tuple(f"{KEY_PREFIX}handled:{event_id}:".encode() for event_id in event_ids)
-    return {key: value for key, value in state.items() if not key.startswith(prefixes)}
 
 
 # Fixtures -------------------------------------------------------------------------------
@@ -732,18 +783,21 @@ def offline_dns(monkeypatch):
 
 
 @pytest.fixture
-def published():
-    """Every task published from the test's thread (not the worker's), as (name, body)."""
-    records: list[tuple[str, Any]] = []
+def pushed(monkeypatch):
+    """Every push onto a toot queue from the test's thread (not the worker's), as (queue,
+    items), recorded once Redis took it. A spy: each push still goes to Redis."""
+    records: list[tuple[str, list[dict[str, Any]]]] = []
     thread = threading.get_ident()
+    real_push = queue.push
 
-    def record(sender=None, body=None, **kwargs):
+    def push(name, items):
+        drain_id = real_push(name, items)
         if threading.get_ident() == thread:
-            records.append((sender, body))
+            records.append((name, list(items)))
+        return drain_id
 
-    after_task_publish.connect(record, weak=False)
-    yield records
-    after_task_publish.disconnect(record)
+    monkeypatch.setattr(queue, "push", push)
+    return records
 
 
 def toot_settings(**options: Any) -> override_settings:
@@ -806,10 +860,32 @@ def subscriber(celery_worker, redis, eventually):
     assert result.handled_ids() == {event["id"] for event in result.enqueued}
 
 
-def handle_jobs(records: list[tuple[str, Any]]) -> list[dict[str, Any]]:
-    """The events of the ``toot.handle`` jobs among published tasks."""
-    assert {name for name, _body in records} <= {"toot.handle"}, records
-    return [body[0][0] for name, body in records if name == "toot.handle"]
+def queued_events(records: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """The events of one request's pushes: onto the ``in`` queue only, in one push."""
+    assert [name for name, _items in records] in ([], [queue.IN]), records
+    return [item["event"] for _name, items in records for item in items]
+
+
+def sent_events(response: Response) -> list[Any]:
+    """The events of the body as the endpoint read it: one, or a batch's."""
+    data = json.loads(response.wsgi_request.body)
+    return data["events"] if isinstance(data, dict) and "events" in data else [data]
+
+
+def check_queued(response: Response, jobs: list[dict[str, Any]]) -> None:
+    """Invariant 2 on the callback endpoint: a 200 without X-Toot-Unsubscribe has queued
+    every event of the body, in order (made-up ids aside), for the subscribed channel; any
+    other answer, none."""
+    if response.status_code != 200 or "X-Toot-Unsubscribe" in response:
+        assert jobs == [], (response.status_code, jobs)
+        return
+    sent = sent_events(response)
+    assert 1 <= len(jobs) == len(sent), (len(jobs), len(sent))
+    for job, event in zip(jobs, sent, strict=True):
+        assert job["channel"] == event["channel"] == SUBSCRIBED
+        if event.get("id") is not None:
+            assert job["id"] == event["id"]
+        assert job["payload"] == event.get("payload")
 
 
 # Subscriptions endpoint -----------------------------------------------------------------
@@ -824,22 +900,22 @@ def handle_jobs(records: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     query_string=queries,
 )
 def test_subscriptions_endpoint_answers_anything_and_refusals_change_nothing(
-    client, redis, offline_dns, published, method, body, request_headers, accept_json, query_string
+    client, redis, offline_dns, pushed, method, body, request_headers, accept_json, query_string
 ):
     if accept_json:  # else a GET almost never lists
         request_headers = {"Accept": "application/json", **request_headers}
     with toot_settings():
         seed()
-        before = snapshot(redis)
+        before = store_snapshot(redis)
 
         response = send(client, method, SUBSCRIPTIONS, body, request_headers, query_string)
 
-        after = snapshot(redis)
+        after = store_snapshot(redis)
     check_answer(response, method, SUBSCRIPTION_STATUSES)
     check_store_change(response, method, before, after)
     if response.status_code == 200:
         check_listing(response, after)
-    assert published == []
+    assert pushed == []
 
 
 @FUZZ
@@ -848,35 +924,35 @@ def test_subscriptions_endpoint_answers_anything_and_refusals_change_nothing(
     request_headers=headers(["Content-Type", "Content-Length", "Accept"]),
 )
 def test_registration_bodies_are_stored_or_refused_whole(
-    client, redis, offline_dns, published, body, request_headers
+    client, redis, offline_dns, pushed, body, request_headers
 ):
     with toot_settings():
         seed()
-        before = snapshot(redis)
+        before = store_snapshot(redis)
 
         response = send(client, "POST", SUBSCRIPTIONS, body, request_headers)
 
-        after = snapshot(redis)
+        after = store_snapshot(redis)
     check_answer(response, "POST", {201, 204, 400, 413, 422})
     check_store_change(response, "POST", before, after)
-    assert published == []
+    assert pushed == []
 
 
 @FUZZ
 @given(query_string=queries, request_headers=headers(["Accept", "Content-Length"]))
 def test_removals_take_out_one_subscription_or_nothing(
-    client, redis, offline_dns, published, query_string, request_headers
+    client, redis, offline_dns, pushed, query_string, request_headers
 ):
     with toot_settings():
         seed()
-        before = snapshot(redis)
+        before = store_snapshot(redis)
 
         response = send(client, "DELETE", SUBSCRIPTIONS, b"", request_headers, query_string)
 
-        after = snapshot(redis)
+        after = store_snapshot(redis)
     check_answer(response, "DELETE", {204, 400, 404, 422})
     check_store_change(response, "DELETE", before, after)
-    assert published == []
+    assert pushed == []
 
 
 def carries_a_token(authorization: str | None) -> bool:
@@ -950,7 +1026,7 @@ def test_without_the_bearer_token_nothing_changes_and_nothing_is_listed(
     client,
     redis,
     offline_dns,
-    published,
+    pushed,
     method,
     body,
     authorization,
@@ -962,13 +1038,13 @@ def test_without_the_bearer_token_nothing_changes_and_nothing_is_listed(
         request_headers["Authorization"] = authorization
     with toot_settings(SUBSCRIPTIONS_AUTH={"TOKENS": list(TOKENS)}):
         seed()
-        before = snapshot(redis)
+        before = store_snapshot(redis)
 
         response = send(client, method, SUBSCRIPTIONS, body, request_headers, query_string)
 
-        after = snapshot(redis)
+        after = store_snapshot(redis)
     check_answer(response, method, SUBSCRIPTION_STATUSES)
-    assert published == []
+    assert pushed == []
     if not carries_a_token(authorization):
         assert response.status_code == 401, response.content[:300]
         assert response["WWW-Authenticate"] == "Bearer"
@@ -990,25 +1066,22 @@ def test_without_the_bearer_token_nothing_changes_and_nothing_is_listed(
     query_string=st.one_of(st.just(b""), queries),
 )
 def test_callback_endpoint_answers_anything_and_refusals_enqueue_nothing(
-    client, redis, subscriber, published, method, body, request_headers, query_string
+    client, redis, subscriber, pushed, method, body, request_headers, query_string
 ):
     with toot_settings():
         seed()
-        before = ignoring_handled(snapshot(redis), (e["id"] for e in subscriber.enqueued))
-        published.clear()
+        before = store_snapshot(redis)
+        pushed.clear()
 
         response = send(client, method, CALLBACKS, body, request_headers, query_string)
 
-        jobs = handle_jobs(published)
+        jobs = queued_events(pushed)
         subscriber.enqueued.extend(jobs)
-        after = ignoring_handled(snapshot(redis), (e["id"] for e in subscriber.enqueued))
+        after = store_snapshot(redis)
     check_answer(response, method, CALLBACK_STATUSES)
     # The callback endpoint is the subscriber's side: it never touches the store.
     assert after == before
-    if response.status_code != 200 or "X-Toot-Unsubscribe" in response:
-        assert jobs == []
-    else:
-        assert jobs and all(job["channel"] == SUBSCRIBED for job in jobs)
+    check_queued(response, jobs)
 
 
 def nested(depth: int) -> str:
@@ -1017,7 +1090,7 @@ def nested(depth: int) -> str:
 
 @FUZZ
 @given(
-    path=st.sampled_from([SUBSCRIPTIONS, CALLBACKS]),
+    path=st.sampled_from([SUBSCRIPTIONS, CALLBACKS, "batch"]),
     depth=weighted(
         # At toot's fixed limit (the body's own object is one level), and under it.
         (2, st.sampled_from(range(MAX_JSON_DEPTH - 3, MAX_JSON_DEPTH + 2))),
@@ -1030,33 +1103,39 @@ def nested(depth: int) -> str:
     ),
 )
 def test_deep_nesting_is_refused_past_the_limit_and_accepted_whole_below(
-    client, redis, offline_dns, subscriber, published, path, depth
+    client, redis, offline_dns, subscriber, pushed, path, depth
 ):
     levels = depth if isinstance(depth, int) else sys.getrecursionlimit() - depth[1]
-    if path == CALLBACKS:
-        fields = f'"channel": "{SUBSCRIBED}", "payload"'
-    else:
+    if path == SUBSCRIPTIONS:
         fields = f'"channel": "{OWN_PREFIX}deep.v1", "callback_url": "{CALLBACK_URL}", "x"'
+    else:
+        fields = f'"channel": "{SUBSCRIBED}", "payload"'
     body = f"{{{fields}: {nested(levels)}}}"  # nests levels + 1 deep
+    body_levels = levels + 1
+    if path == "batch":  # two levels more: {"events": [...]}
+        path, body, body_levels = CALLBACKS, f'{{"events": [{body}]}}', levels + 3
     with toot_settings(MAX_EVENT_BYTES=64 * 1024):
-        before = ignoring_handled(snapshot(redis), (e["id"] for e in subscriber.enqueued))
-        published.clear()
+        before = store_snapshot(redis)
+        pushed.clear()
 
         response = send(client, "POST", path, body.encode())
 
-        jobs = handle_jobs(published)
+        jobs = queued_events(pushed)
         subscriber.enqueued.extend(jobs)
-        after = ignoring_handled(snapshot(redis), (e["id"] for e in subscriber.enqueued))
+        after = store_snapshot(redis)
     check_answer(response, "POST", {200, 201, 204, 400})
-    if levels + 1 > MAX_JSON_DEPTH:
+    assert after == before or path == SUBSCRIPTIONS
+    if levels + 1 > MAX_JSON_DEPTH:  # the event, or the registration, itself too deep
         assert response.status_code == 400
         assert after == before and jobs == []
-    elif path == CALLBACKS:
-        assert response.status_code == 200 and len(jobs) == 1
-        assert after == before
-    else:
+    elif path == SUBSCRIPTIONS:
         assert response.status_code in (201, 204)
         check_store_change(response, "POST", before, after)
+    elif body_levels <= MAX_JSON_DEPTH:
+        assert response.status_code == 200 and len(jobs) == 1
+    else:  # an event a publisher may send, in a batch over the limit (a known bug: see
+        # test_views.test_an_event_as_deep_as_publish_takes_is_accepted_in_a_batch)
+        assert (response.status_code, len(jobs)) in ((200, 1), (400, 0))
     # The subscriber fixture then waits for the worker to handle every enqueued event.
 
 
@@ -1225,10 +1304,28 @@ def verified_by_standardwebhooks(body: bytes, headers: Mapping[str, str]) -> boo
     return False
 
 
+valid_batches = st.fixed_dictionaries({"events": st.lists(valid_events, min_size=1, max_size=4)})
+
+
+@st.composite
+def signed_batches(draw: st.DrawFn) -> tuple[bytes, bool, bool]:
+    data = draw(valid_batches)
+    body = json.dumps(data, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+    fits = len(body) <= BATCH_MAX_BYTES and each_fits(data["events"], MAX_EVENT_BYTES)
+    return body, well_formed(body), fits
+
+
+# (body, whether only a signature may stop it, whether it is under the size limits)
 signed_bodies = weighted(
-    (3, encoded(valid_events).map(lambda body: (body, True))),  # only a signature stops these
-    (1, encoded(batches).map(lambda body: (body, False))),
-    (2, callback_bodies.map(lambda body: (body, False))),
+    (
+        3,
+        encoded(valid_events).map(
+            lambda body: (body, well_formed(body), len(body) <= MAX_EVENT_BYTES)
+        ),
+    ),
+    (2, signed_batches()),
+    (1, encoded(batches).map(lambda body: (body, False, False))),
+    (2, callback_bodies.map(lambda body: (body, False, False))),
 )
 
 
@@ -1240,28 +1337,134 @@ signed_bodies = weighted(
     request_headers=headers(["Content-Type", "Content-Length", "Accept", "X-Toot-Unsubscribe"]),
 )
 def test_a_signed_source_runs_only_events_signed_with_its_secret(
-    client, redis, subscriber, published, layout, body_and_intact, plan, request_headers
+    client, redis, subscriber, pushed, layout, body_and_intact, plan, request_headers
 ):
-    body, intact = body_and_intact
+    body, intact, fits = body_and_intact
     with toot_settings(SOURCES=SOURCE_LAYOUTS[layout]):
-        before = ignoring_handled(snapshot(redis), (e["id"] for e in subscriber.enqueued))
-        published.clear()
+        before = store_snapshot(redis)
+        pushed.clear()
         webhook_headers = signature_headers(plan, body, int(time.time()))
 
         response = send(client, "POST", CALLBACKS, body, {**request_headers, **webhook_headers})
 
-        jobs = handle_jobs(published)
+        jobs = queued_events(pushed)
         subscriber.enqueued.extend(jobs)
-        after = ignoring_handled(snapshot(redis), (e["id"] for e in subscriber.enqueued))
+        after = store_snapshot(redis)
     check_answer(response, "POST", CALLBACK_STATUSES)
     assert after == before
+    check_queued(response, jobs)
     if jobs:  # whatever toot accepted, the reference implementation must verify
         request = response.wsgi_request
         assert verified_by_standardwebhooks(request.body, request.headers), plan
         assert plan.kind in ("valid", "valid-among-others"), plan
     else:
         lying_length = any(name.lower() == "content-length" for name in request_headers)
-        fits = len(body) <= MAX_EVENT_BYTES
         if intact and fits and not lying_length and plan.kind in ("valid", "valid-among-others"):
             # The control: a signed event does get through, so the refusals above can fail.
             raise AssertionError(f"a signed event was not enqueued: {response.content[:300]!r}")
+
+
+# Batches on the callback endpoint (PROTOCOL.md section 7) -------------------------------
+
+# Small, so that generated batches reach it.
+BATCH_MAX_EVENTS = 5
+# Large enough that a batch of a few events reaches the body limit (BATCH_MAX_BYTES, the
+# larger) with every event under it.
+BATCH_EVENT_BYTES = 512 * 1024
+
+# A member of a batch, and whether it is a valid event of the subscribed channel (False
+# where unsure: near_valid may leave an event valid).
+batch_members = weighted(
+    (6, valid_events.map(lambda event: (event, True))),
+    (1, near_valid(valid_events).map(lambda event: (event, False))),
+    (
+        1,
+        st.builds(lambda event, channel: {**event, "channel": channel}, valid_events, channels).map(
+            lambda event: (event, event["channel"] == SUBSCRIBED)
+        ),
+    ),
+    (1, anything.map(lambda value: (value, False))),
+)
+
+
+@st.composite
+def attacker_batches(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """A batch body, and whether it must be queued: 1 to BATCH_MAX_EVENTS valid events of
+    the subscribed channel, every one and the whole under their size limits."""
+    shape = draw(st.sampled_from(["list"] * 3 + ["not-a-list", "padded"] * 2))
+    outer = draw(
+        st.fixed_dictionaries(
+            {}, optional={"channel": channels, "id": event_ids, "batch": payloads}
+        )
+    )
+    ascii_only = draw(st.booleans())
+    if shape == "not-a-list":
+        value = draw(
+            st.one_of(
+                anything,
+                valid_events,  # one event, not in a list
+                st.dictionaries(any_text, valid_events, max_size=3),
+                st.lists(valid_events, max_size=2).map(json.dumps),
+            )
+        )
+        data = {**outer, "events": value}
+        hypothesis.event("shape", "not a list")
+        return json.dumps(data, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"), False
+    if shape == "padded":  # mostly valid events, so that the limit decides
+        sizes = st.integers(1, BATCH_MAX_EVENTS + 1)
+        members = draw(sizes.flatmap(lambda n: st.lists(batch_members, min_size=n, max_size=n)))
+        if not all(isinstance(event, dict) for event, _valid in members):
+            members = [(event, valid) for event, valid in members if isinstance(event, dict)]
+    else:
+        members = draw(st.lists(batch_members, max_size=BATCH_MAX_EVENTS + 2))
+    events = [event for event, _valid in members]
+    intact = 1 <= len(members) <= BATCH_MAX_EVENTS and all(valid for _event, valid in members)
+    if shape == "padded" and events:
+        # A few bytes either side of the body limit, spread over the events (an extra field
+        # that the endpoint does not keep).
+        size = draw(st.integers(BATCH_MAX_BYTES - 8, BATCH_MAX_BYTES + 8))
+        events = [{**event, "pad": ""} for event in events]
+        padding = size - len(json.dumps({**outer, "events": events}, ensure_ascii=True))
+        for index, event in enumerate(events):
+            event["pad"] = "p" * max(0, padding // len(events) + (index < padding % len(events)))
+        ascii_only = True  # the padded size is in ASCII bytes
+        intact = intact and size <= BATCH_MAX_BYTES
+        hypothesis.event("padded", f"padded {'over' if size > BATCH_MAX_BYTES else 'to'} the limit")
+    body = json.dumps({**outer, "events": events}, ensure_ascii=ascii_only)
+    raw = body.encode("utf-8", "surrogatepass")
+    intact = intact and well_formed(raw) and each_fits(events, BATCH_EVENT_BYTES)
+    hypothesis.event("batch", "must be queued" if intact else "may be refused")
+    return raw, intact
+
+
+@FUZZ
+@given(
+    batch=attacker_batches(),
+    request_headers=headers(["Content-Type", "Content-Length", "Accept", "X-Toot-Unsubscribe"]),
+)
+def test_a_batch_is_queued_whole_or_not_at_all(
+    client, redis, subscriber, pushed, batch, request_headers
+):
+    body, intact = batch
+    with toot_settings(MAX_EVENT_BYTES=BATCH_EVENT_BYTES, BATCH_MAX_EVENTS=BATCH_MAX_EVENTS):
+        seed()
+        before = store_snapshot(redis)
+        pushed.clear()
+
+        response = send(client, "POST", CALLBACKS, body, request_headers)
+
+        jobs = queued_events(pushed)
+        subscriber.enqueued.extend(jobs)
+        after = store_snapshot(redis)
+    check_answer(response, "POST", CALLBACK_STATUSES)
+    assert after == before
+    check_queued(response, jobs)  # a 200 queued every event, in order; else none
+    assert len(jobs) <= BATCH_MAX_EVENTS
+    if "X-Toot-Unsubscribe" in response:  # only for a channel nothing here handles
+        assert response.status_code == 200
+        assert {event["channel"] for event in sent_events(response)} != {SUBSCRIBED}
+    lying_length = any(name.lower() == "content-length" for name in request_headers)
+    if intact and not lying_length:
+        # The control: a valid batch does get through, so the refusals above can fail.
+        assert response.status_code == 200, response.content[:300]
+        assert len(jobs) == len(json.loads(body)["events"])

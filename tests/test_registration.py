@@ -82,7 +82,43 @@ def test_request_is_a_json_post_of_callback_url_and_channel(peer):
     assert request.method == "POST"
     assert request.path == "/toot/subscriptions"
     assert request.headers["Content-Type"] == "application/json"
+    assert request.json() == {"callback_url": CALLBACK_URL, "channel": USERS, "batch": True}
+
+
+# Batches (PROTOCOL.md section 7): asked for unless TOOT["BATCH"] is False.
+
+
+def test_without_batches_the_body_is_the_ruby_gems_with_no_batch_key(peer):
+    toot.subscribe("publisher", "users.updated.v1", on_user)
+
+    with sources({"BATCH": False}, publisher=f"{peer.url}/toot/subscriptions"):
+        toot.register_subscriptions()
+
+    [request] = peer.requests
     assert request.json() == {"callback_url": CALLBACK_URL, "channel": USERS}
+
+
+def test_registering_asks_a_toot_publisher_for_batches(publisher):
+    toot.subscribe("publisher", "users.updated.v1", on_user)
+
+    [registration] = toot.register_subscriptions()
+
+    assert registration.status == 201
+    assert store.subscribers([USERS]) == {USERS: [(CALLBACK_URL, True)]}
+
+
+def test_registering_again_with_batch_off_turns_batches_off_at_the_publisher(publisher):
+    toot.subscribe("publisher", "users.updated.v1", on_user)
+    toot.register_subscriptions()
+
+    with sources({"BATCH": False}, publisher=publisher):
+        [registration] = toot.register_subscriptions()
+
+    assert registration.status == 204
+    assert store.subscribers([USERS]) == {USERS: [(CALLBACK_URL, False)]}
+    [registration] = toot.register_subscriptions()  # and on again
+    assert registration.status == 204
+    assert store.subscribers([USERS]) == {USERS: [(CALLBACK_URL, True)]}
 
 
 def test_one_request_per_source_and_channel(peer):

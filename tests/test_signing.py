@@ -1,10 +1,11 @@
-"""Signed deliveries (Standard Webhooks): toot.signing, the publisher's signed delivery and the
-callback endpoint's verification, checked against the ``standardwebhooks`` package.
+"""Signed deliveries (Standard Webhooks): toot.signing, the publisher's signed deliveries
+(single events and batches) and the callback endpoint's verification, checked against the
+``standardwebhooks`` package.
 
 The callback tests go through Django's test client with CSRF checks enforced, the real
-broker (what is enqueued is read from Celery's ``after_task_publish`` signal) and, where a
-handler must run, a real worker. The delivery tests run ``deliver`` in a real worker
-against a real HTTP peer, and the round trip below against the live server.
+Redis queue (what is queued for handlers is read by the ``enqueued`` fixture) and, where a
+handler must run, a real worker. The delivery tests publish to a real HTTP peer through a
+real worker, and the round trip below to the live server.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -22,8 +24,9 @@ import standardwebhooks
 from django.conf import settings
 from django.test import override_settings
 
+import toot
 from tests.http_server import HTTPServer, Reply, in_order
-from toot import Event, subscribe
+from toot import Event, handling, store, subscribe
 from toot.conf import conf
 from toot.exceptions import ConfigError, InvalidSignature
 from toot.models import DeadLetter
@@ -36,7 +39,6 @@ from toot.signing import (
     signature_headers,
     verify,
 )
-from toot.tasks import deliver
 
 CALLBACKS = "/toot/callbacks"
 SOURCE = conf.raw["SOURCES"]["publisher"]
@@ -66,6 +68,30 @@ def source_settings(**source_options):
 
 def on_event(event: Event) -> None:
     """The shape of a handler; the tests' handlers are autospecs of it."""
+
+
+@pytest.fixture(autouse=True)
+def _handled_while_subscribed(request, eventually):
+    """Every event a test queued is handled before conftest's _clean_registry unsubscribes
+    its handlers: left behind, it would fail for want of a handler, and be dead-lettered
+    into a database most tests here may not touch."""
+    if "enqueued" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("celery_worker")
+    redis = request.getfixturevalue("redis")
+    enqueued = request.getfixturevalue("enqueued")
+    yield
+
+    def handled():
+        keys = [
+            f"{settings.TOOT['KEY_PREFIX']}handled:{event['id']}:{name}"
+            for event in enqueued
+            for name in handling.handlers_by_name(event["channel"])
+        ]
+        return all(state == b"done" for state in redis.mget(keys)) if keys else True
+
+    eventually(handled, what="every queued event to be handled")
 
 
 @pytest.fixture
@@ -519,7 +545,9 @@ def test_unsigned_callback_for_an_unsubscribed_channel_is_refused_too(client, se
     assert "X-Toot-Unsubscribe" not in response
 
 
-def test_the_source_is_the_one_with_the_longest_matching_prefix(client, secret, enqueued):
+def test_the_source_is_the_one_with_the_longest_matching_prefix(
+    client, secret, enqueued, eventually
+):
     handler = create_autospec(on_event)
     open_source = {"SUBSCRIPTION_URL": "https://org.example/subs", "CHANNEL_PREFIX": "org.example."}
     signed_source = {**SOURCE, "SECRET": secret}
@@ -530,10 +558,13 @@ def test_the_source_is_the_one_with_the_longest_matching_prefix(client, secret, 
         subscribe("open", "other.x.v1", handler)
         under_secret = post(client, wire_body(SOURCE_PREFIX + "x.v1"))
         under_open = post(client, wire_body("org.example.other.x.v1"))
+        # While "open" is a source: without it, the handler matches nothing.
+        eventually(lambda: handler.called, what="the open source's handler to run")
 
     assert_unauthorized(under_secret, "signature required")
     assert under_open.status_code == 200
     assert [job["channel"] for job in enqueued] == ["org.example.other.x.v1"]
+    assert [call.args[0].channel for call in handler.call_args_list] == ["org.example.other.x.v1"]
 
 
 def test_a_handler_of_a_signed_source_never_runs_for_an_unsigned_event(client, secret, enqueued):
@@ -572,23 +603,125 @@ def test_a_longer_prefix_without_secret_wins_over_a_shorter_one_with(client, sec
 @pytest.mark.parametrize(
     "outer", [{}, {"channel": "com.elsewhere.x.v1"}], ids=["batch", "batch-with-decoy-channel"]
 )
-def test_an_unsigned_batch_shaped_body_carries_no_event_past_the_check(
+def test_a_batch_cannot_carry_an_event_of_a_signed_source_past_the_check(
     client, secret, subscribed, enqueued, outer
 ):
-    """Batches (PROTOCOL.md section 7) are not read yet: their events are never enqueued."""
+    """Not behind an event of no source (which needs no signature), nor behind a decoy
+    channel beside the events."""
     channel, _handler = subscribed
     events = [json.loads(wire_body("com.elsewhere.x.v1")), json.loads(wire_body(channel))]
-    body = json.dumps({**outer, "events": events}).encode()
+    mixed = json.dumps({**outer, "events": events}).encode()
+    decoyed = json.dumps({**outer, "events": events[1:]}).encode()
 
     with source_settings(SECRET=secret):
-        response = post(client, body)
+        mixed_response = post(client, mixed)
+        decoyed_response = post(client, decoyed)
 
+    assert mixed_response.status_code == 422
+    assert mixed_response.json()["error"].startswith("events[1]: ")
+    assert_unauthorized(decoyed_response, "signature required")
     assert enqueued == []
-    if outer:  # an event of no source, which nothing here handles
-        assert response.status_code == 200
-        assert response["X-Toot-Unsubscribe"] == "True"
-    else:
-        assert response.status_code == 422
+
+
+def batch_body(channel, count=3):
+    return json.dumps({"events": [json.loads(wire_body(channel)) for _ in range(count)]}).encode()
+
+
+def batch_ids(body):
+    return [event["id"] for event in json.loads(body)["events"]]
+
+
+def test_a_batch_signed_by_standardwebhooks_queues_every_event(
+    client, secret, subscribed, enqueued, celery_worker, eventually
+):
+    channel, handler = subscribed
+    body = batch_body(channel)
+
+    with source_settings(SECRET=secret):
+        response = post(client, body, their_headers(secret, "msg_batch1", body))
+
+    assert response.status_code == 200
+    assert [job["id"] for job in enqueued] == batch_ids(body)
+    eventually(lambda: handler.call_count == 3, what="the handler to run for every event")
+    assert sorted(handled_ids(handler)) == sorted(batch_ids(body))
+
+
+def test_an_unsigned_batch_to_a_source_with_a_secret_answers_401(
+    client, secret, subscribed, enqueued
+):
+    channel, _handler = subscribed
+
+    with source_settings(SECRET=secret):
+        response = post(client, batch_body(channel))
+
+    assert_unauthorized(response, "signature required")
+    assert enqueued == []
+
+
+def drop_last(events):
+    return events[:-1]
+
+
+def reverse(events):
+    return events[::-1]
+
+
+def change_a_payload(events):
+    return [*events[:-1], {**events[-1], "payload": {"key": "forged"}}]
+
+
+def add_one(events):
+    return [*events, {**events[0], "id": str(uuid.uuid4())}]
+
+
+@pytest.mark.parametrize("tamper", [drop_last, reverse, change_a_payload, add_one])
+def test_a_tampered_batch_answers_401_and_queues_nothing(
+    client, secret, subscribed, enqueued, tamper
+):
+    channel, _handler = subscribed
+    body = batch_body(channel)
+    headers = their_headers(secret, "msg_batch1", body)
+    tampered = json.dumps({"events": tamper(json.loads(body)["events"])}).encode()
+
+    with source_settings(SECRET=secret):
+        refused = post(client, tampered, headers)
+        genuine = post(client, body, headers)  # the same headers fit the genuine batch
+
+    assert_unauthorized(refused, "does not match")
+    assert genuine.status_code == 200
+    assert [job["id"] for job in enqueued] == batch_ids(body)
+
+
+def test_the_signature_of_one_event_does_not_pass_its_batch(client, secret, subscribed, enqueued):
+    channel, _handler = subscribed
+    body = wire_body(channel)
+    headers = their_headers(secret, json.loads(body)["id"], body)
+    batch = b'{"events": [' + body + b"]}"
+
+    with source_settings(SECRET=secret):
+        refused = post(client, batch, headers)
+        alone = post(client, body, headers)
+
+    assert_unauthorized(refused, "does not match")
+    assert alone.status_code == 200
+    assert len(enqueued) == 1
+
+
+def test_a_batch_is_verified_over_its_bytes_as_received(client, secret, subscribed, enqueued):
+    channel, _handler = subscribed
+    # Spacing and escapes that json.dumps would not reproduce.
+    quoted = json.dumps(channel)
+    events = [
+        '{"channel":' + quoted + ',"id":"evt-a","payload":"Jos\\u00e9"}',
+        '{ "id" : "evt-b" ,\n "channel" : ' + quoted + " }",
+    ]
+    body = ('{\n  "events" : [ ' + " ,\n".join(events) + " ]\n}").encode()
+
+    with source_settings(SECRET=secret):
+        response = post(client, body, their_headers(secret, "msg_raw", body))
+
+    assert response.status_code == 200
+    assert [(job["id"], job["payload"]) for job in enqueued] == [("evt-a", "José"), ("evt-b", None)]
 
 
 def test_a_channel_of_no_source_needs_no_signature(client, secret, enqueued):
@@ -616,45 +749,93 @@ def test_a_malformed_source_secret_fails_closed(client, subscribed, enqueued):
 # The publisher signs every delivery ------------------------------------------------------
 
 
-def make_event(channel=SOURCE_PREFIX + "users.updated.v1"):
-    return Event(channel, {"id": 123}).to_dict()
+@pytest.fixture
+def fresh_channel():
+    """A channel of the test's own: events of other tests still in flight never match it."""
+    return f"{SOURCE_PREFIX}signed.{uuid.uuid4().hex[:12]}.v1"
 
 
-def test_a_delivery_is_signed_so_that_standardwebhooks_accepts_it(celery_worker, eventually):
+def publish_to(url, channel, *, batch=False, count=1):
+    """Subscribe ``url`` to ``channel`` (in batches or not) and publish ``count`` events."""
+    store.add(channel, url, batch=batch)
+    return [toot.publish(channel, {"n": n}, prefix="") for n in range(count)]
+
+
+def delivered_ids(request):
+    """The ids of the events a request carried: one event, or a batch."""
+    data = request.json()
+    return [event["id"] for event in data["events"]] if "events" in data else [data["id"]]
+
+
+def headers_of(request):
+    return dict(request.headers.items())
+
+
+def test_a_delivery_is_signed_so_that_standardwebhooks_accepts_it(
+    redis, celery_worker, eventually, fresh_channel
+):
     old, new = new_secret(), new_secret()
-    event = make_event()
 
     with HTTPServer() as peer, toot_settings(SIGNING_SECRETS=[old, new]):
-        deliver.delay(event, peer.url)
+        [event] = publish_to(peer.url, fresh_channel)
         eventually(lambda: peer.requests, what="the delivery")
 
     [request] = peer.requests
-    headers = dict(request.headers.items())
     for secret in (old, new):
-        assert standardwebhooks.Webhook(secret).verify(request.body, headers) == event
-    assert request.headers["webhook-id"] == event["id"]
+        assert standardwebhooks.Webhook(secret).verify(request.body, headers_of(request)) == (
+            event.to_dict()
+        )
+    assert request.headers["webhook-id"] == event.id
     assert abs(int(request.headers["webhook-timestamp"]) - time.time()) < 30
     assert len(request.headers["webhook-signature"].split(" ")) == 2
 
 
-def test_every_attempt_of_a_delivery_is_signed(celery_worker, eventually, secret):
-    event = make_event()
+def test_a_batch_is_signed_over_its_whole_body_under_an_id_of_its_own(
+    redis, celery_worker, eventually, fresh_channel, secret
+):
+    with HTTPServer() as peer, toot_settings(SIGNING_SECRETS=[secret]):
+        events = publish_to(peer.url, fresh_channel, batch=True, count=5)
+        eventually(
+            lambda: sum(len(delivered_ids(r)) for r in peer.requests) == 5,
+            what="every event delivered",
+        )
 
+    event_ids = {event.id for event in events}
+    batch_ids = [request.headers["webhook-id"] for request in peer.requests]
+    for request in peer.requests:
+        verified = standardwebhooks.Webhook(secret).verify(request.body, headers_of(request))
+        assert set(verified) == {"events"}  # the whole body, every event in it
+        assert request.headers["webhook-id"] not in event_ids
+    assert len(set(batch_ids)) == len(batch_ids)  # one id per batch
+    assert sorted(i for r in peer.requests for i in delivered_ids(r)) == sorted(event_ids)
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["event", "batch"])
+def test_every_attempt_is_signed_under_the_same_webhook_id(
+    redis, celery_worker, eventually, fresh_channel, secret, batch
+):
     with (
         HTTPServer(in_order(Reply(500), Reply(200))) as peer,
         toot_settings(SIGNING_SECRETS=[secret]),
     ):
-        deliver.delay(event, peer.url)
+        [event] = publish_to(peer.url, fresh_channel, batch=batch)
         eventually(lambda: len(peer.requests) == 2, what="the retried delivery")
 
-    for request in peer.requests:
-        standardwebhooks.Webhook(secret).verify(request.body, dict(request.headers.items()))
-        assert request.headers["webhook-id"] == event["id"]
+    first, second = peer.requests
+    for request in (first, second):
+        standardwebhooks.Webhook(secret).verify(request.body, headers_of(request))
+        assert delivered_ids(request) == [event.id]
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert (first.headers["webhook-id"] == event.id) is not batch  # a batch has its own id
+    assert first.body == second.body
 
 
-def test_without_signing_secrets_a_delivery_is_unsigned_as_ruby_sends_it(celery_worker, eventually):
+@pytest.mark.parametrize("batch", [False, True], ids=["event", "batch"])
+def test_without_signing_secrets_a_delivery_is_unsigned_as_ruby_sends_it(
+    redis, celery_worker, eventually, fresh_channel, batch
+):
     with HTTPServer() as peer:
-        deliver.delay(make_event(), peer.url)
+        publish_to(peer.url, fresh_channel, batch=batch)
         eventually(lambda: peer.requests, what="the delivery")
 
     [request] = peer.requests
@@ -662,48 +843,55 @@ def test_without_signing_secrets_a_delivery_is_unsigned_as_ruby_sends_it(celery_
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_malformed_signing_secret_sends_nothing_and_dead_letters(celery_worker, eventually):
-    event = make_event()
-
+@pytest.mark.parametrize("batch", [False, True], ids=["event", "batch"])
+def test_a_malformed_signing_secret_sends_nothing_and_dead_letters(
+    redis, celery_worker, eventually, fresh_channel, batch
+):
     with HTTPServer() as peer, toot_settings(SIGNING_SECRETS=["whsec_tooshort"]):
-        deliver.delay(event, peer.url)
-        eventually(DeadLetter.objects.exists, what="the dead letter")
+        events = publish_to(peer.url, fresh_channel, batch=batch, count=2)
+        eventually(lambda: DeadLetter.objects.count() == 2, what="a dead letter per event")
 
     assert peer.requests == []
-    letter = DeadLetter.objects.get()
-    assert letter.event_id == event["id"]
-    assert 'TOOT["SIGNING_SECRETS"][0]' in letter.last_error
-    assert letter.attempts == 1 + len(conf.RETRY_SCHEDULE)
+    letters = DeadLetter.objects.order_by("id")
+    assert sorted(letter.event_id for letter in letters) == sorted(e.id for e in events)
+    for letter in letters:
+        assert 'TOOT["SIGNING_SECRETS"][0]' in letter.last_error
+        assert letter.attempts == 1 + len(conf.RETRY_SCHEDULE)
+        assert letter.callback_url == peer.url
 
 
 # Both sides, through the live server ----------------------------------------------------
 
 
-@pytest.mark.django_db(transaction=True)
-def test_round_trip_from_deliver_to_a_verifying_callback(
-    live_server, celery_worker, eventually, subscribed, secret
+@pytest.mark.django_db(transaction=True)  # the worker writes the dead letter
+@pytest.mark.parametrize("batch", [False, True], ids=["event", "batch"])
+def test_round_trip_from_publish_to_a_verifying_callback(
+    live_server, redis, celery_worker, eventually, subscribed, secret, batch, caplog
 ):
     channel, handler = subscribed
-    accepted, refused = make_event(channel), make_event(channel)
     url = f"{live_server.url}{CALLBACKS}"
+    source = {"publisher": {**SOURCE, "SECRET": secret}}
 
-    with toot_settings(
-        SIGNING_SECRETS=[secret],
-        SOURCES={"publisher": {**SOURCE, "SECRET": secret}},
-    ):
-        deliver.delay(accepted, url)
-        eventually(lambda: handler.called, what="the signed delivery's handler")
+    with toot_settings(SIGNING_SECRETS=[secret], SOURCES=source):
+        accepted = publish_to(url, channel, batch=batch, count=3)
+        eventually(lambda: handler.call_count == 3, what="the signed deliveries' handler")
 
     # The publisher signs with a secret the subscriber does not hold: refused, not retried.
-    with toot_settings(
-        SIGNING_SECRETS=[new_secret()],
-        SOURCES={"publisher": {**SOURCE, "SECRET": secret}},
-        RETRY_SCHEDULE=[],
+    # Its dead letter is watched for in the log, not in the database: pytest-django's live
+    # server shares this thread's SQLite connection, which a query here while the server
+    # closes it after a request can crash.
+    with (
+        toot_settings(SIGNING_SECRETS=[new_secret()], SOURCES=source, RETRY_SCHEDULE=[]),
+        caplog.at_level(logging.ERROR, logger="toot.deadletters"),
     ):
-        deliver.delay(refused, url)
-        eventually(DeadLetter.objects.exists, what="the refused delivery's dead letter")
+        [refused] = publish_to(url, channel, batch=batch)
+        eventually(
+            lambda: [r for r in caplog.records if r.name == "toot.deadletters"],
+            what="the refused delivery's dead letter",
+        )
 
-    assert handled_ids(handler) == [accepted["id"]]
-    letter = DeadLetter.objects.get()
-    assert (letter.event_id, letter.last_status) == (refused["id"], 401)
-    assert "signature does not match" in letter.last_error
+    assert sorted(handled_ids(handler)) == sorted(event.id for event in accepted)
+    [letter] = [r.getMessage() for r in caplog.records if r.name == "toot.deadletters"]
+    assert letter.startswith(f"Event {refused.id} on {channel}: delivery to {url} failed")
+    assert "(status 401: " in letter
+    assert "signature does not match" in letter

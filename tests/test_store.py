@@ -4,6 +4,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis as redis_py
+from celery.worker import state as worker_state
 from django.conf import settings
 from django.test import override_settings
 
@@ -15,10 +16,24 @@ OTHER_CHANNEL = "org.example.test.orders.created.v1"
 SUB_A = "http://a.example/toot/callbacks"
 SUB_B = "https://b.example/toot/callbacks"
 REDIS_URL = settings.TOOT["REDIS_URL"]
+OTHER_KEY = f"{settings.TOOT['KEY_PREFIX']}script-test"
 
 
 def toot_settings(**options):
     return override_settings(TOOT={**settings.TOOT, **options})
+
+
+@pytest.fixture(autouse=True)
+def _no_drain_at_work(eventually):
+    """The settings these tests change are every thread's, the drains of the tests' worker
+    included: one at work would reach another Redis, or none, and end without giving back its
+    lease, which holds new drains back for a minute."""
+    queued = settings.CELERY_TASK_DEFAULT_QUEUE
+
+    def idle():
+        return not (worker_state.requests or store.get_redis().llen(queued))
+
+    eventually(idle, what="the worker's drains to end")
 
 
 def other_db_url():
@@ -38,7 +53,12 @@ def unreachable_client():
 
 
 def keys(client):
-    return sorted(key.decode() for key in client.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}*"))
+    """The keys under KEY_PREFIX but the work queues' and the handlers' marks, which drains
+    of the tests' worker may still be writing."""
+    prefix = settings.TOOT["KEY_PREFIX"]
+    work = (f"{prefix}queue:", f"{prefix}handled:")
+    found = (key.decode() for key in client.scan_iter(match=f"{prefix}*"))
+    return sorted(key for key in found if not key.startswith(work))
 
 
 @pytest.fixture
@@ -170,9 +190,15 @@ def test_channel_can_come_back_after_its_last_url_left(redis):
 
 def test_keys_live_under_key_prefix(redis):
     store.add(CHANNEL, SUB_A)
+    store.add(OTHER_CHANNEL, SUB_A, batch=True)
 
     prefix = settings.TOOT["KEY_PREFIX"]
-    assert keys(redis) == [f"{prefix}channels", f"{prefix}subscriptions:{CHANNEL}"]
+    assert keys(redis) == [
+        f"{prefix}batch:{OTHER_CHANNEL}",
+        f"{prefix}channels",
+        f"{prefix}subscriptions:{OTHER_CHANNEL}",
+        f"{prefix}subscriptions:{CHANNEL}",
+    ]
     assert not redis.exists(CHANNEL)  # unlike Ruby toot, not keyed by the bare channel
 
 
@@ -190,6 +216,130 @@ def test_key_prefixes_do_not_see_each_other(redis):
         assert store.subscriptions() == {CHANNEL: [SUB_B]}
     with toot_settings(KEY_PREFIX=first):
         assert store.subscriptions() == {CHANNEL: [SUB_A]}
+
+
+# Batch flags (PROTOCOL.md section 7) and subscribers()
+
+
+def test_subscribers_without_batch_flags(redis):
+    store.add(CHANNEL, SUB_B)
+    store.add(CHANNEL, SUB_A)
+
+    assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_A, False), (SUB_B, False)]}
+
+
+def test_add_with_batch_remembers_the_flag_per_channel_and_url(redis):
+    assert store.add(CHANNEL, SUB_A, batch=True) is True
+    store.add(CHANNEL, SUB_B)
+    store.add(OTHER_CHANNEL, SUB_A)
+
+    assert store.subscribers([CHANNEL, OTHER_CHANNEL]) == {
+        CHANNEL: [(SUB_A, True), (SUB_B, False)],
+        OTHER_CHANNEL: [(SUB_A, False)],  # the same URL, on another channel: no batches
+    }
+
+
+def test_adding_again_without_batch_turns_it_off_and_with_it_on(redis):
+    store.add(CHANNEL, SUB_A, batch=True)
+
+    assert store.add(CHANNEL, SUB_A) is False  # already there, as before
+    assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_A, False)]}
+    assert store.add(CHANNEL, SUB_A, batch=True) is False
+    assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_A, True)]}
+    assert store.add(CHANNEL, SUB_A, batch=False) is False
+    assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_A, False)]}
+    assert store.callback_urls(CHANNEL) == [SUB_A]
+
+
+def test_remove_drops_the_batch_flag(redis):
+    store.add(CHANNEL, SUB_A, batch=True)
+    store.add(CHANNEL, SUB_B, batch=True)
+
+    assert store.remove(CHANNEL, SUB_A) is True
+
+    assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_B, True)]}
+    prefix = settings.TOOT["KEY_PREFIX"]
+    assert redis.smembers(f"{prefix}batch:{CHANNEL}") == {SUB_B.encode()}
+    store.remove(CHANNEL, SUB_B)
+    assert keys(redis) == []  # no flag left behind to come back with a new subscription
+
+
+def test_a_url_that_comes_back_without_batch_gets_single_events(redis):
+    store.add(CHANNEL, SUB_A, batch=True)
+    store.remove(CHANNEL, SUB_A)
+
+    assert store.add(CHANNEL, SUB_A) is True
+    assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_A, False)]}
+
+
+def test_subscribers_of_channels_nobody_follows_are_empty(redis):
+    store.add(CHANNEL, SUB_A, batch=True)
+
+    assert store.subscribers(["org.example.test.nothing.v1", CHANNEL]) == {
+        "org.example.test.nothing.v1": [],
+        CHANNEL: [(SUB_A, True)],
+    }
+    assert store.subscribers([]) == {}
+
+
+def test_subscribers_lists_each_channel_once_in_the_order_given(redis):
+    store.add(CHANNEL, SUB_A)
+    store.add(OTHER_CHANNEL, SUB_B, batch=True)
+
+    found = store.subscribers(iter([OTHER_CHANNEL, CHANNEL, OTHER_CHANNEL]))
+
+    assert list(found) == [OTHER_CHANNEL, CHANNEL]
+    assert found == {OTHER_CHANNEL: [(SUB_B, True)], CHANNEL: [(SUB_A, False)]}
+
+
+def test_batch_flag_of_a_non_ascii_url_round_trips(redis):
+    url = "https://bücher.example/toot/callbacks"
+
+    store.add(CHANNEL, url, batch=True)
+
+    assert store.subscribers([CHANNEL]) == {CHANNEL: [(url, True)]}
+
+
+def test_subscriptions_listing_is_the_same_with_batch_flags(redis):
+    store.add(CHANNEL, SUB_A, batch=True)
+    store.add(CHANNEL, SUB_B)
+
+    assert store.subscriptions() == {CHANNEL: [SUB_A, SUB_B]}
+
+
+def test_batch_flags_follow_the_key_prefix(redis):
+    with toot_settings(KEY_PREFIX=settings.TOOT["KEY_PREFIX"] + "first:"):
+        store.add(CHANNEL, SUB_A, batch=True)
+    with toot_settings(KEY_PREFIX=settings.TOOT["KEY_PREFIX"] + "second:"):
+        store.add(CHANNEL, SUB_A)
+        assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_A, False)]}
+    with toot_settings(KEY_PREFIX=settings.TOOT["KEY_PREFIX"] + "first:"):
+        assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_A, True)]}
+
+
+# run_script()
+
+ECHO_SCRIPT = "return {KEYS[1], ARGV[1], #ARGV}"
+
+
+def test_run_script_runs_lua_with_keys_and_args(redis):
+    assert store.run_script(ECHO_SCRIPT, ["k"], iter(["a", 2])) == [b"k", b"a", 2]
+    assert store.run_script(ECHO_SCRIPT, ["k2"], ["b"]) == [b"k2", b"b", 1]
+
+
+def test_run_script_reaches_the_redis_connection_client(other_db):
+    with toot_settings(REDIS_CONNECTION="tests.test_store.other_db_client"):
+        store.run_script("return redis.call('SET', KEYS[1], ARGV[1])", [OTHER_KEY], ["x"])
+
+    assert other_db.get(OTHER_KEY) == b"x"
+
+
+def test_run_script_on_an_unreachable_server_raises_connection_error():
+    with (
+        toot_settings(REDIS_CONNECTION="tests.test_store.unreachable_client"),
+        pytest.raises(redis_py.ConnectionError),
+    ):
+        store.run_script(ECHO_SCRIPT, ["k"], ["a"])
 
 
 # get_redis()
@@ -247,6 +397,8 @@ def test_unreachable_server_raises_connection_error(fresh_clients):
             store.add(CHANNEL, SUB_A)
         with pytest.raises(redis_py.ConnectionError):
             store.subscriptions()
+        with pytest.raises(redis_py.ConnectionError):
+            store.subscribers([CHANNEL])
 
 
 def test_unreachable_client_from_redis_connection_raises_connection_error():

@@ -1,29 +1,40 @@
-"""The two HTTP endpoints (PROTOCOL.md sections 1, 3 and 5), against the real Redis store,
-the real Celery broker and, where a handler must run, a real worker.
+"""The two HTTP endpoints (PROTOCOL.md sections 1, 3, 5 and 7), against the real Redis store
+and queues, the real Celery broker and, where a handler must run, a real worker.
 
 Requests go through Django's test client with CSRF checks enforced, as a peer's POST
-would arrive. What a request enqueues is read from Celery's own ``after_task_publish``
-signal, which fires once the message is in the broker.
+would arrive. What a request queues for handlers is what it pushed onto the Redis ``in``
+queue (the ``enqueued`` fixture records each push once Redis took it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
+import socket
+import threading
 import uuid
+from typing import Any
 from unittest.mock import create_autospec
 from urllib.parse import urlencode
 
 import pytest
+import redis as redis_py
+from celery.worker import state as worker_state
 from django.conf import settings
 from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 
 from devtools.processes import free_port
+from tests.broker import broker_unreachable
 from tests.utils import store_contents
-from toot import Event, signing, store, subscribe
+from toot import Event, handling, queue, sending, signing, store, subscribe
 from toot.conf import conf
+from toot.events import wire_json
+from toot.publishing import check_size
+from toot.sending import BATCH_MAX_BYTES
 from toot.validation import MAX_JSON_DEPTH
 from toot.views import MAX_SUBSCRIPTION_BYTES
 
@@ -61,11 +72,43 @@ def assert_refused(response, status, error_part):
 
 @pytest.fixture
 def seeded(redis):
-    """A store holding subscriptions on our prefix and another, and its contents."""
-    store.add(OWN_PREFIX + "users.updated.v1", CALLBACK_URL)
+    """A store holding subscriptions on our prefix (one in batches) and another, and its
+    contents."""
+    store.add(OWN_PREFIX + "users.updated.v1", CALLBACK_URL, batch=True)
     store.add(OWN_PREFIX + "users.updated.v1", "http://other.example/callbacks")
     store.add("org.example.other.orders.v1", CALLBACK_URL)
-    return store_contents(redis)
+    return stored(redis)
+
+
+@pytest.fixture(autouse=True)
+def _handled_while_subscribed(request, eventually):
+    """Every event a test queued is handled before conftest's _clean_registry unsubscribes
+    its handlers: left behind, it would fail for want of a handler, and be dead-lettered
+    into a database most tests here may not touch."""
+    if "enqueued" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("celery_worker")
+    redis = request.getfixturevalue("redis")
+    enqueued = request.getfixturevalue("enqueued")
+    yield
+
+    def handled():
+        keys = [
+            f"{settings.TOOT['KEY_PREFIX']}handled:{event['id']}:{name}"
+            for event in enqueued
+            for name in handling.handlers_by_name(event["channel"])
+        ]
+        return all(state == b"done" for state in redis.mget(keys)) if keys else True
+
+    eventually(handled, what="every queued event to be handled")
+
+
+def stored(redis):
+    """The subscription store (tests.utils.store_contents) and its batch flags."""
+    prefix = settings.TOOT["KEY_PREFIX"]
+    flags = redis.scan_iter(match=f"{prefix}batch:*", count=1000)
+    return {**store_contents(redis), **{key: redis.smembers(key) for key in flags}}
 
 
 @pytest.fixture
@@ -143,14 +186,14 @@ def test_post_without_channel_answers_422(client, seeded, redis):
     response = post_json(client, SUBSCRIPTIONS, {"callback_url": CALLBACK_URL})
 
     assert_refused(response, 422, "channel required")
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 def test_post_without_callback_url_answers_422(client, seeded, redis):
     response = post_json(client, SUBSCRIPTIONS, {"channel": OWN_PREFIX + "a.v1"})
 
     assert_refused(response, 422, "callback_url required")
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 def test_post_of_longest_allowed_channel_and_url_is_stored(client, redis):
@@ -269,7 +312,7 @@ def test_delete_of_absent_subscription_answers_404(client, seeded, redis, channe
     )
 
     assert_refused(response, 404, "is not subscribed")
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 @pytest.mark.parametrize(
@@ -294,7 +337,7 @@ def test_delete_with_a_parameter_missing_answers_400(client, seeded, redis, quer
     response = client.delete(f"{SUBSCRIPTIONS}?{urlencode(query)}")
 
     assert_refused(response, 400, missing)
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 def test_delete_reads_the_query_string_not_the_body(client, seeded, redis):
@@ -303,7 +346,7 @@ def test_delete_reads_the_query_string_not_the_body(client, seeded, redis):
     response = client.delete(SUBSCRIPTIONS, json.dumps(body), content_type="application/json")
 
     assert_refused(response, 400, "channel and callback_url required")
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 @pytest.mark.parametrize(
@@ -319,7 +362,119 @@ def test_other_methods_on_subscriptions_answer_405(client, seeded, redis, method
     assert response["Content-Type"] == "application/json"
     if method != "HEAD":  # a HEAD answer carries no body
         assert response.json() == {"error": f"method {method} is not allowed"}
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
+
+
+# Batched delivery, asked for at registration (section 7) ----------------------------
+
+
+def subscribers(channel):
+    return store.subscribers([channel])[channel]
+
+
+def test_post_with_batch_true_stores_the_flag(client, redis):
+    body = {"channel": OWN_PREFIX + "a.v1", "callback_url": CALLBACK_URL, "batch": True}
+
+    response = post_json(client, SUBSCRIPTIONS, body)
+
+    assert response.status_code == 201
+    assert subscribers(OWN_PREFIX + "a.v1") == [(CALLBACK_URL, True)]
+
+
+@pytest.mark.parametrize(
+    "extra", [pytest.param({}, id="without-batch"), pytest.param({"batch": False}, id="false")]
+)
+def test_post_without_batch_stores_none(client, redis, extra):
+    body = {"channel": OWN_PREFIX + "a.v1", "callback_url": CALLBACK_URL, **extra}
+
+    assert post_json(client, SUBSCRIPTIONS, body).status_code == 201
+    assert subscribers(OWN_PREFIX + "a.v1") == [(CALLBACK_URL, False)]
+
+
+@pytest.mark.parametrize(
+    "extra", [pytest.param({}, id="without-batch"), pytest.param({"batch": False}, id="false")]
+)
+def test_registering_again_without_batch_turns_it_off(client, redis, extra):
+    channel = OWN_PREFIX + "a.v1"
+    body = {"channel": channel, "callback_url": CALLBACK_URL}
+    assert post_json(client, SUBSCRIPTIONS, {**body, "batch": True}).status_code == 201
+
+    response = post_json(client, SUBSCRIPTIONS, {**body, **extra})
+
+    assert response.status_code == 204
+    assert subscribers(channel) == [(CALLBACK_URL, False)]
+    # And on again, still 204: the URL was there.
+    assert post_json(client, SUBSCRIPTIONS, {**body, "batch": True}).status_code == 204
+    assert subscribers(channel) == [(CALLBACK_URL, True)]
+
+
+def test_the_flag_is_per_callback_url(client, redis):
+    channel = OWN_PREFIX + "a.v1"
+    post_json(client, SUBSCRIPTIONS, {"channel": channel, "callback_url": CALLBACK_URL})
+    post_json(
+        client,
+        SUBSCRIPTIONS,
+        {"channel": channel, "callback_url": "http://b.example/cb", "batch": True},
+    )
+
+    assert subscribers(channel) == [("http://b.example/cb", True), (CALLBACK_URL, False)]
+    listing = client.get(SUBSCRIPTIONS, HTTP_ACCEPT="application/json").json()
+    assert listing["subscriptions"] == {channel: ["http://b.example/cb", CALLBACK_URL]}
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        pytest.param("yes", id="string"),
+        pytest.param("true", id="string-true"),
+        pytest.param(1, id="one"),
+        pytest.param(0, id="zero"),
+        pytest.param(None, id="null"),
+        pytest.param([True], id="array"),
+        pytest.param({"batch": True}, id="object"),
+    ],
+)
+def test_batch_of_the_wrong_type_answers_422_and_changes_nothing(client, seeded, redis, batch):
+    # The seeded subscription asked for batches: a refused registration leaves it so.
+    for channel in (OWN_PREFIX + "users.updated.v1", OWN_PREFIX + "new.v1"):
+        body = {"channel": channel, "callback_url": CALLBACK_URL, "batch": batch}
+
+        response = post_json(client, SUBSCRIPTIONS, body)
+
+        assert_refused(response, 422, "batch must be true or false")
+    assert stored(redis) == seeded
+    assert subscribers(OWN_PREFIX + "users.updated.v1")[1] == (CALLBACK_URL, True)
+
+
+def test_batch_of_the_wrong_type_is_refused_as_raw_json_would_send_it(client, seeded, redis):
+    body = with_new_subscription(', "batch": "true"')
+
+    assert_refused(post_raw(client, SUBSCRIPTIONS, body), 422, "batch must be true or false")
+    assert stored(redis) == seeded
+
+
+def test_a_registration_the_resolver_cannot_check_now_answers_503_and_stores_nothing(
+    client, seeded, redis, dns
+):
+    dns.answers["flaky.test"] = socket.gaierror(socket.EAI_AGAIN, "Temporary failure")
+    body = {"channel": OWN_PREFIX + "a.v1", "callback_url": "https://flaky.test/cb", "batch": True}
+
+    response = post_json(client, SUBSCRIPTIONS, body)
+
+    assert_refused(response, 503, "try again")
+    assert stored(redis) == seeded
+    assert dns.lookups == ["flaky.test"]
+
+
+def test_delete_drops_the_batch_flag(client, seeded, redis):
+    channel = OWN_PREFIX + "users.updated.v1"
+    query = urlencode({"channel": channel, "callback_url": CALLBACK_URL})
+
+    assert client.delete(f"{SUBSCRIPTIONS}?{query}").status_code == 204
+
+    assert subscribers(channel) == [("http://other.example/callbacks", False)]
+    flags = redis.smembers(f"{settings.TOOT['KEY_PREFIX']}batch:{channel}")
+    assert flags == set()
 
 
 # Callback endpoint (section 3) --------------------------------------------------------
@@ -503,11 +658,28 @@ def test_endpoints_are_csrf_exempt(client, redis, eventually, celery_worker, sub
     eventually(lambda: handler.called, what="the handler to run")
 
 
-@pytest.fixture
-def unreachable_store():
-    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    with override_settings(TOOT={**settings.TOOT, "REDIS_URL": url}):
-        yield
+_outage: dict[str, Any] = {}
+
+
+def redis_down_in_the_tests_thread():
+    """The TOOT["REDIS_CONNECTION"] of ``redis_down_here``."""
+    return _outage["down"] if threading.get_ident() == _outage["thread"] else _outage["up"]
+
+
+@contextlib.contextmanager
+def redis_down_here(redis):
+    """Redis unreachable (a port where nothing listens) from the test's own thread, where the
+    test client runs the view; the store's Redis for the worker's threads. An outage for all
+    would also kill the drains at work, whose leases then hold new ones back a minute."""
+    down = redis_py.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    _outage.update(thread=threading.get_ident(), down=down, up=redis)
+    options = {"REDIS_CONNECTION": f"{__name__}.redis_down_in_the_tests_thread"}
+    try:
+        with override_settings(TOOT={**settings.TOOT, **options}):
+            yield
+    finally:
+        _outage["thread"] = None  # a worker's thread may still ask for its client: "up"
+        down.close()
 
 
 @pytest.mark.parametrize(
@@ -523,16 +695,74 @@ def unreachable_store():
         ),
     ],
 )
-def test_unreachable_store_answers_503(client, unreachable_store, method, path, extra):
+def test_unreachable_store_answers_503(client, redis, method, path, extra):
     body = (
         json.dumps({"channel": OWN_PREFIX + "a.v1", "callback_url": CALLBACK_URL})
         if method == "POST"
         else ""
     )
 
-    response = client.generic(method, path, body, content_type="application/json", **extra)
+    with redis_down_here(redis):
+        response = client.generic(method, path, body, content_type="application/json", **extra)
 
     assert_refused(response, 503, "unavailable")
+
+
+IN_QUEUE = f"{settings.TOOT['KEY_PREFIX']}queue:{{{queue.IN}}}:"  # toot.queue's key layout
+
+
+def waiting(redis):
+    """The events ready on the ``in`` queue, oldest first, that no drain has claimed."""
+    return [json.loads(item)["event"] for item in redis.lrange(IN_QUEUE + "ready", 0, -1)]
+
+
+def drains_idle(redis):
+    """No drain runs in the worker (lingering for work included) or waits for it in the
+    broker: none can take what is pushed now, or die while Redis is away."""
+    return not (redis.llen(settings.CELERY_TASK_DEFAULT_QUEUE) or worker_state.requests)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["event", "batch"])
+def test_unreachable_redis_at_the_callback_answers_503_and_the_retry_is_queued_whole(
+    client, redis, celery_worker, eventually, enqueued, subscribed, batched
+):
+    channel, handler = subscribed
+    events = batch_of(channel, 3 if batched else 1)
+    body = {"events": events} if batched else events[0]
+    with redis_down_here(redis):
+        refused = post_json(client, CALLBACKS, body)
+    queued_then = list(enqueued)
+
+    retried = post_json(client, CALLBACKS, body)  # the publisher retries, Redis back
+
+    assert_refused(refused, 503, "unavailable")
+    assert queued_then == []
+    assert retried.status_code == 200
+    assert [job["id"] for job in enqueued] == ids_of(events)
+    eventually(lambda: handler.call_count == len(events), what="the handler to run for each")
+    assert handled_ids(handler) == sorted(ids_of(events))
+
+
+def test_a_broker_failure_when_starting_the_drain_still_answers_200_and_the_events_wait(
+    client, redis, celery_worker, eventually, enqueued, subscribed, caplog
+):
+    channel, handler = subscribed
+    events = batch_of(channel, 3)
+    # No drain running: only one started for this batch could take it off the queue.
+    eventually(lambda: drains_idle(redis), what="earlier drains to end")
+
+    with broker_unreachable(), caplog.at_level(logging.WARNING, logger="toot.tasks"):
+        response = post_json(client, CALLBACKS, {"events": events})
+        waiting_then, handled_then = waiting(redis), handler.called
+
+    assert response.status_code == 200
+    assert [job["id"] for job in enqueued] == ids_of(events)
+    assert ids_of(waiting_then) == ids_of(events)  # safe in Redis, in order
+    assert not handled_then
+    assert "Cannot start a drain of the in queue now" in caplog.text
+    # Once the broker answers, the relay starts a drain.
+    eventually(lambda: handler.call_count == 3, what="the handler to run for each event")
+    assert handled_ids(handler) == sorted(ids_of(events))
 
 
 # Bad input, as an attacker sends it (section 5) ----------------------------------------
@@ -594,7 +824,7 @@ def test_bad_subscription_body_is_refused(client, seeded, redis, enqueued, body,
     response = post_raw(client, SUBSCRIPTIONS, body)
 
     assert_refused(response, status, error)
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
     assert enqueued == []
 
 
@@ -694,7 +924,7 @@ def test_bad_subscription_field_answers_422(client, seeded, redis, data, error):
     response = post_json(client, SUBSCRIPTIONS, data)
 
     assert_refused(response, 422, error)
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 SEEDED = {"channel": OWN_PREFIX + "users.updated.v1", "callback_url": CALLBACK_URL}
@@ -737,7 +967,7 @@ def test_bad_delete_query_is_refused(client, seeded, redis, query, status, error
     response = client.delete(f"{SUBSCRIPTIONS}?{urlencode(query)}")
 
     assert_refused(response, status, error)
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 @pytest.mark.parametrize(
@@ -760,7 +990,7 @@ def test_delete_with_invalid_utf8_in_query_removes_nothing(
     response = client.delete(f"{SUBSCRIPTIONS}?{query}")
 
     assert_refused(response, status, error)
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 # Event bodies; CHANNEL stands for a channel with a local handler, so that a body that got
@@ -811,7 +1041,7 @@ def test_bad_event_body_is_refused(
 
     assert_refused(response, status, error)
     assert enqueued == []
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 BAD_EVENT_FIELDS = [
@@ -857,7 +1087,7 @@ def test_bad_event_field_answers_422(client, seeded, redis, enqueued, subscribed
 
     assert_refused(response, 422, error)
     assert enqueued == []
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 def test_event_over_max_bytes_answers_413_and_at_max_is_accepted(
@@ -885,7 +1115,10 @@ TEN_MB = 10 * 1024 * 1024
 
 def limit():
     """The body size limit of each endpoint, which its 413 error names."""
-    return {SUBSCRIPTIONS: MAX_SUBSCRIPTION_BYTES, CALLBACKS: conf.MAX_EVENT_BYTES}
+    return {
+        SUBSCRIPTIONS: MAX_SUBSCRIPTION_BYTES,
+        CALLBACKS: max(conf.MAX_EVENT_BYTES, BATCH_MAX_BYTES),
+    }
 
 
 @pytest.mark.parametrize(
@@ -902,7 +1135,7 @@ def test_ten_megabyte_body_answers_413(client, seeded, redis, enqueued, subscrib
     response = post_raw(client, path, body)
 
     assert_refused(response, 413, f"larger than {limit()[path]} bytes")
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
     assert enqueued == []
 
 
@@ -944,7 +1177,7 @@ def test_lying_content_length_is_refused(
     response = post_raw(client, path, body, CONTENT_LENGTH=content_length)
 
     assert_refused(response, status, error)
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
     assert enqueued == []
 
 
@@ -960,6 +1193,364 @@ def test_a_body_longer_than_its_content_length_is_still_bounded(rf):
     assert refused.value.status == 413
 
 
+# Batches on the callback endpoint (section 7), as a publisher or an attacker sends them --
+
+
+def batch_of(channel, count, **fields):
+    return [wire_event(channel, **fields) for _ in range(count)]
+
+
+def ids_of(events):
+    return [event["id"] for event in events]
+
+
+def handled_ids(handler):
+    return sorted(call.args[0].id for call in handler.call_args_list)
+
+
+def test_batch_queues_every_event_in_order_and_each_runs_every_handler(
+    client, celery_worker, eventually, enqueued, subscribed
+):
+    channel, first = subscribed
+    second = new_handler()
+    subscribe("publisher", channel.removeprefix(SOURCE_PREFIX), second)
+    events = [wire_event(channel, payload={"n": n}) for n in range(5)]
+
+    response = post_json(client, CALLBACKS, {"events": events})
+
+    assert response.status_code == 200
+    assert "X-Toot-Unsubscribe" not in response
+    assert [job["id"] for job in enqueued] == ids_of(events)
+    assert [job["payload"] for job in enqueued] == [{"n": n} for n in range(5)]
+    eventually(
+        lambda: first.call_count == second.call_count == 5,
+        what="both handlers to run for every event",
+    )
+    assert handled_ids(first) == handled_ids(second) == sorted(ids_of(events))
+    received = {call.args[0].id: call.args[0] for call in first.call_args_list}
+    for n, event in enumerate(events):
+        assert received[event["id"]].payload == {"n": n}
+        assert received[event["id"]].timestamp == dt.datetime(2015, 10, 23, 16, 50, 9, tzinfo=UTC)
+
+
+def test_batch_of_one_event_is_accepted(client, enqueued, subscribed):
+    channel, _handler = subscribed
+    [event] = batch_of(channel, 1)
+
+    response = post_json(client, CALLBACKS, {"events": [event]})
+
+    assert response.status_code == 200
+    assert [job["id"] for job in enqueued] == [event["id"]]
+
+
+def test_events_of_a_batch_without_id_or_timestamp_get_their_own(client, enqueued, subscribed):
+    channel, _handler = subscribed
+    before = timezone.now()
+
+    response = post_json(client, CALLBACKS, {"events": [{"channel": channel}] * 3})
+
+    assert response.status_code == 200
+    assert len({job["id"] for job in enqueued}) == 3
+    for job in enqueued:
+        assert uuid.UUID(job["id"]).version == 4
+        assert before <= dt.datetime.fromisoformat(job["timestamp"]) <= timezone.now()
+
+
+@pytest.mark.parametrize("max_events", [1, 3])
+def test_batch_of_batch_max_events_is_accepted_and_one_more_is_refused(
+    client, enqueued, subscribed, max_events
+):
+    channel, _handler = subscribed
+    full, over = batch_of(channel, max_events), batch_of(channel, max_events + 1)
+
+    with override_settings(TOOT={**settings.TOOT, "BATCH_MAX_EVENTS": max_events}):
+        refused = post_json(client, CALLBACKS, {"events": over})
+        accepted = post_json(client, CALLBACKS, {"events": full})
+
+    assert_refused(refused, 422, f"events must be a list of 1 to {max_events} events")
+    assert accepted.status_code == 200
+    assert [job["id"] for job in enqueued] == ids_of(full)
+
+
+def test_batch_max_events_is_100_by_default(client, enqueued, subscribed):
+    channel, _handler = subscribed
+    full, over = batch_of(channel, 100), batch_of(channel, 101)
+
+    refused = post_json(client, CALLBACKS, {"events": over})
+    accepted = post_json(client, CALLBACKS, {"events": full})
+
+    assert_refused(refused, 422, "events must be a list of 1 to 100 events")
+    assert accepted.status_code == 200
+    assert [job["id"] for job in enqueued] == ids_of(full)
+
+
+# EVENT stands for a valid event on a subscribed channel, so that a body that got through
+# would queue it.
+BAD_BATCH_BODIES = [
+    pytest.param('{"events": []}', id="empty"),
+    pytest.param('{"events": "x"}', id="string"),
+    pytest.param('{"events": ""}', id="empty-string"),
+    pytest.param('{"events": null}', id="null"),
+    pytest.param('{"events": 1}', id="number"),
+    pytest.param('{"events": true}', id="true"),
+    pytest.param('{"events": {}}', id="object"),
+    pytest.param('{"events": EVENT}', id="an-event-not-in-a-list"),
+    pytest.param('{"events": {"0": EVENT}}', id="events-by-index"),
+    pytest.param('{"channel": "CHANNEL", "events": []}', id="empty-beside-a-channel"),
+]
+
+
+@pytest.mark.parametrize("body", BAD_BATCH_BODIES)
+def test_events_that_are_not_a_list_of_events_answer_422(
+    client, seeded, redis, enqueued, subscribed, body
+):
+    channel, _handler = subscribed
+    body = body.replace("EVENT", json.dumps(wire_event(channel))).replace("CHANNEL", channel)
+
+    response = post_raw(client, CALLBACKS, body)
+
+    assert_refused(response, 422, "events must be a list of 1 to 100 events")
+    assert enqueued == []
+    assert stored(redis) == seeded
+
+
+BAD_BATCH_MEMBERS = [
+    pytest.param(5, "event must be a JSON object", id="number"),
+    pytest.param(None, "event must be a JSON object", id="null"),
+    pytest.param("EVENT", "event must be a JSON object", id="string"),
+    pytest.param([], "event must be a JSON object", id="array"),
+    pytest.param({"events": []}, "channel is missing", id="nested-batch"),
+    pytest.param({"payload": {"key": "value"}}, "channel is missing", id="no-channel"),
+]
+
+
+def malformed_event(channel, member):
+    """A BAD_BATCH_MEMBERS or BAD_EVENT_FIELDS value as an event of ``channel``."""
+    if not (isinstance(member, dict) and "events" not in member and "payload" not in member):
+        return member
+    return {**wire_event(channel), **json.loads(json.dumps(member).replace("CHANNEL", channel))}
+
+
+@pytest.mark.parametrize(
+    ("member", "error"),
+    BAD_BATCH_MEMBERS + [pytest.param(p.values[0], p.values[1], id=p.id) for p in BAD_EVENT_FIELDS],
+)
+def test_a_malformed_event_in_a_batch_is_named_and_nothing_is_queued(
+    client, seeded, redis, enqueued, subscribed, member, error
+):
+    channel, _handler = subscribed
+    events = batch_of(channel, 5)
+    events[3] = malformed_event(channel, member)
+
+    response = post_json(client, CALLBACKS, {"events": events})
+
+    assert_refused(response, 422, error)
+    assert response.json()["error"].startswith("events[3]: ")
+    assert enqueued == []  # not even the three valid events before it
+    assert stored(redis) == seeded
+
+
+@pytest.mark.parametrize(
+    ("channels", "stray"),
+    [
+        pytest.param(["A", "A", "B", "A"], 2, id="one-stray"),
+        pytest.param(["A", "B"], 1, id="second"),
+        pytest.param(["U", "A", "A"], 1, id="after-an-unsubscribed-one"),
+        pytest.param(["A", "A", "U"], 2, id="an-unsubscribed-one-last"),
+        pytest.param(["A", "A."], 1, id="a-longer-name"),
+    ],
+)
+def test_a_batch_of_mixed_channels_answers_422_naming_the_first_stray(
+    client, enqueued, subscribed, channels, stray
+):
+    channel, _handler = subscribed
+    other = SOURCE_PREFIX + "orders." + uuid.uuid4().hex[:12] + ".v1"
+    subscribe("publisher", other.removeprefix(SOURCE_PREFIX), new_handler())
+    names = {"A": channel, "A.": channel + ".x", "B": other, "U": SOURCE_PREFIX + "nobody.v1"}
+    events = [wire_event(names[name]) for name in channels]
+
+    response = post_json(client, CALLBACKS, {"events": events})
+
+    assert_refused(response, 422, f"events[{stray}]: every event of a batch must be of one channel")
+    assert "X-Toot-Unsubscribe" not in response
+    assert enqueued == []
+
+
+def test_batch_on_an_unsubscribed_channel_asks_to_unsubscribe_and_queues_nothing(
+    client, enqueued, subscribed
+):
+    _channel, _handler = subscribed
+    events = batch_of(SOURCE_PREFIX + "nobody.listens.v1", 3)
+
+    response = post_json(client, CALLBACKS, {"events": events})
+
+    assert response.status_code == 200
+    assert response["X-Toot-Unsubscribe"] == "True"
+    assert enqueued == []
+
+
+def padded_batch(channel, count, size):
+    """``count`` events of ``channel`` whose batch body (json.dumps) is ``size`` bytes."""
+    events = batch_of(channel, count, payload="")
+    padding = size - len(json.dumps({"events": events}))
+    for index, event in enumerate(events):
+        event["payload"] = "p" * (padding // count + (index < padding % count))
+    body = json.dumps({"events": events})
+    assert len(body) == size
+    return events, body
+
+
+def test_a_batch_over_the_body_limit_answers_413_and_at_it_is_accepted(
+    client, enqueued, subscribed
+):
+    channel, _handler = subscribed
+    # Five events, each well under MAX_EVENT_BYTES (256 KiB): only the whole is too large.
+    over_events, over = padded_batch(channel, 5, BATCH_MAX_BYTES + 1)
+    exact_events, exact = padded_batch(channel, 5, BATCH_MAX_BYTES)
+    assert max(len(json.dumps(event)) for event in over_events) < conf.MAX_EVENT_BYTES
+
+    refused = post_raw(client, CALLBACKS, over)
+    accepted = post_raw(client, CALLBACKS, exact)
+
+    assert_refused(refused, 413, f"larger than {BATCH_MAX_BYTES} bytes")
+    assert accepted.status_code == 200
+    assert [job["id"] for job in enqueued] == ids_of(exact_events)
+
+
+def test_a_larger_max_event_bytes_raises_the_batch_body_limit_too(client, enqueued, subscribed):
+    channel, _handler = subscribed
+    limit = 2 * BATCH_MAX_BYTES
+    events, body = padded_batch(channel, 4, limit)
+    _, over = padded_batch(channel, 4, limit + 1)
+
+    with override_settings(TOOT={**settings.TOOT, "MAX_EVENT_BYTES": limit}):
+        refused = post_raw(client, CALLBACKS, over)
+        accepted = post_raw(client, CALLBACKS, body)
+
+    assert_refused(refused, 413, f"larger than {limit} bytes")
+    assert accepted.status_code == 200
+    assert [job["id"] for job in enqueued] == ids_of(events)
+
+
+def test_a_single_event_over_max_event_bytes_is_413_though_a_batch_may_be_larger(
+    client, enqueued, subscribed
+):
+    channel, _handler = subscribed
+    event = wire_event(channel, payload="")
+    padding = conf.MAX_EVENT_BYTES - len(json.dumps(event))
+    exact = json.dumps(wire_event(channel, payload="p" * padding))
+    over = json.dumps(wire_event(channel, payload="p" * (padding + 1)))
+    assert len(over) < BATCH_MAX_BYTES
+
+    refused = post_raw(client, CALLBACKS, over)
+    accepted = post_raw(client, CALLBACKS, exact)
+
+    assert_refused(refused, 413, f"event is larger than {conf.MAX_EVENT_BYTES} bytes")
+    assert accepted.status_code == 200
+    assert [job["payload"] for job in enqueued] == ["p" * padding]
+
+
+def test_a_batch_with_an_event_nested_past_max_json_depth_is_refused(client, enqueued, subscribed):
+    channel, _handler = subscribed
+    # {"events": [event]} is two levels around the event's own object, and the event one
+    # around its payload. (Between the two: see the known bug below.)
+    batch = json.dumps({"events": [wire_event(channel, payload="DEEP")]})
+
+    refused = post_raw(client, CALLBACKS, batch.replace('"DEEP"', nested(MAX_JSON_DEPTH)))
+    accepted = post_raw(client, CALLBACKS, batch.replace('"DEEP"', nested(MAX_JSON_DEPTH - 3)))
+
+    assert_refused(refused, 400, "nested too deeply")
+    assert accepted.status_code == 200
+    assert len(enqueued) == 1
+
+
+# What a toot publisher sends (toot.sending), the callback endpoint takes -------------------
+
+
+def publisher_bodies(channel, events):
+    """The bodies toot.sending builds from ``events`` for a subscriber that asked for batches."""
+    store.add(channel, "http://batched.example/toot/callbacks", batch=True)
+    return [delivery.body for delivery in sending.plan([{"event": event} for event in events])]
+
+
+def test_a_batch_a_toot_publisher_builds_near_the_body_limit_is_accepted(
+    client, redis, enqueued, subscribed
+):
+    channel, _handler = subscribed
+    events = batch_of(channel, 5, payload="")
+    # Encoded compactly as the publisher sends them: five events of BATCH_MAX_BYTES - 4 bytes
+    # in all, each far under MAX_EVENT_BYTES, so that publish() takes every one. With the
+    # commas and the {"events":[...]} around them that is over the body limit (a batch once
+    # came out 13 bytes over it: refused, retried, dead-lettered).
+    padding = BATCH_MAX_BYTES - 4 - sum(len(wire_json(event)) for event in events)
+    for index, event in enumerate(events):
+        event["payload"] = "p" * (padding // 5 + (index < padding % 5))
+        check_size(event)
+    bodies = publisher_bodies(channel, events)
+
+    responses = [post_raw(client, CALLBACKS, body) for body in bodies]
+
+    assert [r.status_code for r in responses] == [200] * len(bodies), [len(b) for b in bodies]
+    assert [job["id"] for job in enqueued] == ids_of(events)
+
+
+# Known bugs (see each reason): strict, so that a fix makes them fail until unmarked.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the callback endpoint applies MAX_JSON_DEPTH to the whole batch body, two levels "
+    "above its events: an event publish() takes is refused (400) once in a batch",
+)
+def test_an_event_as_deep_as_publish_takes_is_accepted_in_a_batch(
+    client, redis, enqueued, subscribed
+):
+    channel, _handler = subscribed
+    event = wire_event(channel, payload=json.loads(nested(MAX_JSON_DEPTH - 1)))
+    check_size(event)  # publish() takes it, and a single delivery of it is accepted
+    assert post_json(client, CALLBACKS, event).status_code == 200
+    [body] = publisher_bodies(channel, [event])
+
+    response = post_raw(client, CALLBACKS, body)
+
+    assert response.status_code == 200, response.content
+    assert [job["id"] for job in enqueued] == [event["id"]] * 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an event over MAX_EVENT_BYTES is refused alone (413) but accepted in a batch",
+)
+def test_an_event_over_max_event_bytes_is_refused_in_a_batch_too(client, enqueued, subscribed):
+    channel, _handler = subscribed
+    large = wire_event(channel, payload="p" * 4000)
+
+    with override_settings(TOOT={**settings.TOOT, "MAX_EVENT_BYTES": 2048}):
+        alone = post_json(client, CALLBACKS, large)
+        batched = post_json(client, CALLBACKS, {"events": [wire_event(channel), large]})
+
+    assert_refused(alone, 413, "larger than 2048 bytes")
+    assert_refused(batched, 413, "larger than 2048 bytes")
+    assert enqueued == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="json.loads reads bytes with surrogatepass: a lone surrogate written out in UTF-8 "
+    "(ill-formed, as b'\\xff' is) passes, and the handler gets a str no UTF-8 encoder takes",
+)
+@pytest.mark.parametrize("batched", [False, True], ids=["event", "batch"])
+def test_a_lone_surrogate_written_out_is_not_valid_json(client, enqueued, subscribed, batched):
+    channel, _handler = subscribed
+    event = json.dumps(wire_event(channel, payload="SURROGATE")).encode()
+    body = b'{"events": [' + event + b"]}" if batched else event
+
+    response = post_raw(client, CALLBACKS, body.replace(b"SURROGATE", b"\xed\xa0\x80"))
+
+    assert_refused(response, 400, "not valid JSON")
+    assert enqueued == []
+
+
 # Found by tests/test_fuzz.py -----------------------------------------------------------
 
 
@@ -969,7 +1560,7 @@ def test_delete_with_more_query_fields_than_django_parses_answers_a_json_400(cli
     response = client.delete(f"{SUBSCRIPTIONS}?{'&'.join(['channel=x'] * 1001)}")
 
     assert_refused(response, 400, "too many query parameters")
-    assert store_contents(redis) == seeded
+    assert stored(redis) == seeded
 
 
 def test_event_nested_about_as_deep_as_the_parser_reads_is_enqueued_or_refused(
@@ -1045,9 +1636,9 @@ def test_body_nested_past_max_json_depth_is_refused_and_at_it_accepted(
     def body(depth):  # the object around the nested arrays is one level
         return f"{{{fields}: {nested(depth - 1)}}}"
 
-    before = store_contents(redis)
+    before = stored(redis)
     refused = post_raw(client, path, body(MAX_JSON_DEPTH + 1))
-    assert store_contents(redis) == before
+    assert stored(redis) == before
     accepted = post_raw(client, path, body(MAX_JSON_DEPTH))
 
     assert_refused(refused, 400, f"nested too deeply (over {MAX_JSON_DEPTH} levels)")
