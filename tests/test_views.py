@@ -1497,11 +1497,6 @@ def test_a_batch_a_toot_publisher_builds_near_the_body_limit_is_accepted(
 # Known bugs (see each reason): strict, so that a fix makes them fail until unmarked.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the callback endpoint applies MAX_JSON_DEPTH to the whole batch body, two levels "
-    "above its events: an event publish() takes is refused (400) once in a batch",
-)
 def test_an_event_as_deep_as_publish_takes_is_accepted_in_a_batch(
     client, redis, enqueued, subscribed
 ):
@@ -1517,10 +1512,6 @@ def test_an_event_as_deep_as_publish_takes_is_accepted_in_a_batch(
     assert [job["id"] for job in enqueued] == [event["id"]] * 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an event over MAX_EVENT_BYTES is refused alone (413) but accepted in a batch",
-)
 def test_an_event_over_max_event_bytes_is_refused_in_a_batch_too(client, enqueued, subscribed):
     channel, _handler = subscribed
     large = wire_event(channel, payload="p" * 4000)
@@ -1534,11 +1525,6 @@ def test_an_event_over_max_event_bytes_is_refused_in_a_batch_too(client, enqueue
     assert enqueued == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="json.loads reads bytes with surrogatepass: a lone surrogate written out in UTF-8 "
-    "(ill-formed, as b'\\xff' is) passes, and the handler gets a str no UTF-8 encoder takes",
-)
 @pytest.mark.parametrize("batched", [False, True], ids=["event", "batch"])
 def test_a_lone_surrogate_written_out_is_not_valid_json(client, enqueued, subscribed, batched):
     channel, _handler = subscribed

@@ -21,7 +21,7 @@ from django.views.decorators.csrf import csrf_exempt
 from toot import auth, queue, signing, ssrf, store, tasks
 from toot.broker import BROKER_ERRORS
 from toot.conf import Source, conf
-from toot.events import Event
+from toot.events import Event, wire_json
 from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature
 from toot.registry import registry
 from toot.sending import BATCH_MAX_BYTES
@@ -60,8 +60,8 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def read_json(request: HttpRequest, max_bytes: int) -> Any:
-    """The request body as JSON, refusing oversized and malformed bodies."""
+def read_json(request: HttpRequest, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The request body as JSON, refusing oversized, malformed and too deeply nested bodies."""
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
@@ -75,13 +75,20 @@ def read_json(request: HttpRequest, max_bytes: int) -> Any:
     if len(body) > max_bytes:
         raise Refused(413, f"body is larger than {max_bytes} bytes")
     try:
-        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        # Strict UTF-8: json.loads(bytes) would let a lone surrogate through, which no
+        # UTF-8 encoder takes back (a handler's own Redis or database writes included).
+        text = body.decode("utf-8")
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise Refused(400, "body is not valid JSON") from None
-    # Only a body with that many brackets can nest that deep: most are not walked at all.
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and nests_deeper(data):
-        raise Refused(400, f"body is nested too deeply (over {MAX_JSON_DEPTH} levels)")
+    if too_deep(body, data, max_depth):
+        raise Refused(400, f"body is nested too deeply (over {max_depth} levels)")
     return data
+
+
+def too_deep(body: bytes, data: Any, max_depth: int) -> bool:
+    # Only a body with that many brackets can nest that deep: most are not walked at all.
+    return body.count(b"[") + body.count(b"{") > max_depth and nests_deeper(data, max_depth)
 
 
 @method_decorator(csrf_exempt, name="dispatch")
@@ -215,10 +222,13 @@ class CallbackView(TootView):
     @staticmethod
     def events(request: HttpRequest) -> list[Event]:
         """The body's event, or its batch's events (PROTOCOL.md section 7), all of one channel."""
-        data = read_json(request, max(conf.MAX_EVENT_BYTES, BATCH_MAX_BYTES))
+        # {"events": [...]} nests its events two levels deeper: each is held to the limit.
+        data = read_json(request, max(conf.MAX_EVENT_BYTES, BATCH_MAX_BYTES), MAX_JSON_DEPTH + 2)
         if not (isinstance(data, dict) and "events" in data):
             if len(request.body) > conf.MAX_EVENT_BYTES:
                 raise Refused(413, f"event is larger than {conf.MAX_EVENT_BYTES} bytes")
+            if too_deep(request.body, data, MAX_JSON_DEPTH):
+                raise Refused(400, f"body is nested too deeply (over {MAX_JSON_DEPTH} levels)")
             try:
                 return [Event.from_dict(data)]
             except InvalidEvent as exc:
@@ -235,6 +245,10 @@ class CallbackView(TootView):
             if events[index].channel != events[0].channel:
                 raise Refused(
                     422, f"events[{index}]: every event of a batch must be of one channel"
+                )
+            if len(wire_json(item)) > conf.MAX_EVENT_BYTES:  # as a publisher measures it
+                raise Refused(
+                    413, f"events[{index}]: event is larger than {conf.MAX_EVENT_BYTES} bytes"
                 )
         return events
 
