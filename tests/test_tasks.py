@@ -498,3 +498,27 @@ def test_start_without_a_lease_sends_nothing(down_app, caplog):
     caplog.set_level(logging.WARNING, logger="toot.tasks")
     tasks.start(queue.OUT, None, down_app)  # its broker is down: sending would fail
     assert caplog.records == []
+
+
+def test_a_failing_drain_puts_its_batch_back_for_later_and_ends_its_lease(
+    celery_worker, eventually, own_queue, redis, monkeypatch
+):
+    failures: list[list[Any]] = []
+
+    def failing(items, keep_alive):  # as a dead-letter write with the database down
+        failures.append(items)
+        raise RuntimeError("database down")
+
+    monkeypatch.setitem(tasks.PROCESSORS, own_queue, failing)
+    drain_id = send({"n": 1}, {"n": 2}, name=own_queue)
+
+    eventually(lambda: failures and not live_leases(redis, own_queue), what="the drain to fail")
+    # Back as retries some seconds out, not at once (a failure again would spin):
+    ready, delayed, _ = queue._keys(own_queue)
+    assert redis.llen(ready) == 0
+    due = [score - redis_now(redis) for _, score in redis.zrange(delayed, 0, -1, withscores=True)]
+    assert len(due) == 2
+    assert all(tasks.ABANDONED_DELAY - 5 < seconds <= tasks.ABANDONED_DELAY for seconds in due)
+    assert not redis.exists(queue.claimed_key(own_queue, drain_id))
+    # No lease is left behind: the next push starts a drain at once.
+    assert queue.push(own_queue, [{"n": 3}]) is not None

@@ -91,6 +91,18 @@ end
 return items
 """
 )
+# KEYS: delayed, leases, claimed; ARGV: drain id, delay. Puts what a failing drain held
+# back as retries due in delay seconds, and ends its lease.
+ABANDON_SCRIPT = (
+    _NOW
+    + """
+for _, item in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), item)
+end
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+)
 # KEYS: ready, delayed, leases; ARGV: drain id. Ends the drain's lease unless work is
 # waiting: checked in the same step, so an item pushed meanwhile is never left alone.
 RELEASE_SCRIPT = (
@@ -196,6 +208,15 @@ def renew(queue: str, drain_id: str) -> None:
 def release(queue: str, drain_id: str) -> bool:
     """End the drain's lease; False (the lease kept) when work is waiting."""
     return bool(run_script(RELEASE_SCRIPT, _keys(queue), [drain_id]))
+
+
+def abandon(queue: str, drain_id: str, delay: float) -> None:
+    """End a failing drain: what it held is tried again in ``delay`` seconds, by any drain.
+
+    Its lease ends at once, so that new items do not wait for it to run out.
+    """
+    _, delayed, leases = _keys(queue)
+    run_script(ABANDON_SCRIPT, [delayed, leases, claimed_key(queue, drain_id)], [drain_id, delay])
 
 
 def forget(queue: str, drain_id: str) -> None:
