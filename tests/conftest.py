@@ -7,12 +7,14 @@ from typing import Any
 
 import pytest
 from celery.contrib.testing.worker import start_worker
+from celery.worker import state as worker_state
 from django.conf import settings
 from django.test import Client
+from pytest_django import live_server_helper
 
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
-from toot import queue, relay, store, tasks
+from toot import handling, queue, relay, store, tasks
 from toot.registry import registry
 
 
@@ -127,3 +129,52 @@ def enqueued(monkeypatch):
 
     monkeypatch.setattr(queue, "push", push)
     return events
+
+
+@pytest.fixture
+def handled_while_subscribed(request, eventually):
+    """Every event a test queued is handled before conftest's _clean_registry unsubscribes
+    its handlers: left behind, it would fail for want of a handler, and be dead-lettered
+    into a database most tests here may not touch."""
+    if "enqueued" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("celery_worker")
+    redis = request.getfixturevalue("redis")
+    enqueued = request.getfixturevalue("enqueued")
+    yield
+
+    def handled():
+        keys = [
+            f"{settings.TOOT['KEY_PREFIX']}handled:{event['id']}:{name}"
+            for event in enqueued
+            for name in handling.handlers_by_name(event["channel"])
+        ]
+        return all(state == b"done" for state in redis.mget(keys)) if keys else True
+
+    eventually(handled, what="every queued event to be handled")
+
+
+@pytest.fixture
+def no_drain_at_work(eventually):
+    """The settings these tests change are every thread's, the drains of the tests' worker
+    included: one at work would reach another Redis, or none, and end without giving back its
+    lease, which holds new drains back for a minute."""
+    queued = settings.CELERY_TASK_DEFAULT_QUEUE
+
+    def idle():
+        return not (worker_state.requests or store.get_redis().llen(queued))
+
+    eventually(idle, what="the worker's drains to end")
+
+
+@pytest.fixture(scope="session")
+def live_server(django_db_setup):
+    """pytest-django's, started once the test database exists.
+
+    Started before it, the server thread would take the in-memory SQLite settings and
+    share the test thread's connection, which crashes when a test's flush meets a request.
+    """
+    server = live_server_helper.LiveServer("localhost")
+    yield server
+    server.stop()

@@ -14,7 +14,7 @@ from django.test import RequestFactory, override_settings
 
 import toot
 from tests.http_server import HTTPServer, Reply
-from tests.utils import store_contents
+from tests.utils import callback_urls, store_contents
 from toot import store
 from toot.auth import authorization_header, bearer_token
 from toot.conf import conf
@@ -148,7 +148,7 @@ def test_any_accepted_token_lets_every_method_through(client, redis, token):
     assert listed.status_code == 200
     assert listed.json()["subscriptions"] == {CHANNEL: [CALLBACK_URL]}
     assert removed.status_code == 204
-    assert store.callback_urls(CHANNEL) == []
+    assert callback_urls(CHANNEL) == []
 
 
 @pytest.mark.parametrize(
@@ -160,7 +160,7 @@ def test_the_scheme_is_case_insensitive_and_spaces_are_tolerated(client, redis, 
         response = post(client, {"Authorization": authorization})
 
     assert response.status_code == 201
-    assert store.callback_urls(CHANNEL) == [CALLBACK_URL]
+    assert callback_urls(CHANNEL) == [CALLBACK_URL]
 
 
 def test_authentication_comes_before_the_method_check(client, seeded, redis):
@@ -197,7 +197,7 @@ def test_open_by_default_as_the_ruby_gem_is(client, redis):
     response = post(client, {})
 
     assert response.status_code == 201
-    assert store.callback_urls(CHANNEL) == [CALLBACK_URL]
+    assert callback_urls(CHANNEL) == [CALLBACK_URL]
 
 
 # A callable --------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_a_callable_that_allows_lets_the_request_through(client, redis, request_
 
     assert response.status_code in (200, 204)  # 204: the POST found it there already
     expected = [] if request_ is delete else [CALLBACK_URL]
-    assert store.callback_urls(CHANNEL) == expected
+    assert callback_urls(CHANNEL) == expected
 
 
 @pytest.mark.parametrize("request_", REQUESTS)
@@ -279,7 +279,7 @@ def test_registration_with_the_token_at_a_publisher_that_requires_it(live_server
         register()
     with pytest.raises(toot.RegisterSubscriptionFailure) as wrong:
         register(TOKEN="wrong-token")
-    assert store.callback_urls(PREFIX + "users.updated.v1") == []
+    assert callback_urls(PREFIX + "users.updated.v1") == []
 
     [registration] = register(TOKEN=TOKENS[0])
 
@@ -287,4 +287,4 @@ def test_registration_with_the_token_at_a_publisher_that_requires_it(live_server
     assert "authentication required" in without.value.detail
     assert "invalid bearer token" in wrong.value.detail
     assert registration.status == 201
-    assert store.callback_urls(PREFIX + "users.updated.v1") == [settings.TOOT["CALLBACK_URL"]]
+    assert callback_urls(PREFIX + "users.updated.v1") == [settings.TOOT["CALLBACK_URL"]]

@@ -3,7 +3,6 @@ from __future__ import annotations
 from io import StringIO
 
 import pytest
-from celery.worker import state as worker_state
 from django.conf import settings
 from django.core.checks import ERROR, WARNING
 from django.core.management import call_command
@@ -12,29 +11,17 @@ from django.test import override_settings
 from django.urls import path
 
 import toot
-from toot import store
 from toot.checks import check_security, check_settings, check_subscriptions
 from toot.conf import DEFAULTS
 from toot.views import CallbackView
+
+pytestmark = pytest.mark.usefixtures("no_drain_at_work")
 
 SOURCE = settings.TOOT["SOURCES"]["publisher"]
 
 
 def toot_settings(**options):
     return override_settings(TOOT={**settings.TOOT, **options})
-
-
-@pytest.fixture(autouse=True)
-def _no_drain_at_work(eventually):
-    """The settings these tests change are every thread's, the drains of the tests' worker
-    included: one at work would reach another Redis, or none, and end without giving back its
-    lease, which holds new drains back for a minute."""
-    queued = settings.CELERY_TASK_DEFAULT_QUEUE
-
-    def idle():
-        return not (worker_state.requests or store.get_redis().llen(queued))
-
-    eventually(idle, what="the worker's drains to end")
 
 
 def with_source(**options):

@@ -13,7 +13,7 @@ from django.test import override_settings
 import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply
-from tests.utils import sources
+from tests.utils import callback_urls, sources
 from toot import store
 from toot.deadletters import bury_delivery, bury_handler
 from toot.delivery import Outcome
@@ -61,7 +61,7 @@ def test_prints_created(publisher):
     toot.subscribe("publisher", "users.updated.v1", on_user)
 
     assert register() == [f"publisher: {USERS} -> {publisher}: created"]
-    assert store.callback_urls(USERS) == [CALLBACK_URL]
+    assert callback_urls(USERS) == [CALLBACK_URL]
 
 
 def test_prints_already_registered(publisher):
@@ -120,7 +120,7 @@ def test_failure_does_not_stop_the_others(live_server, redis, peer):
     assert "status 503" in first
     assert second.startswith(f"publisher: {USERS} -> {subscriptions}: created")
     assert third.startswith(f"second: org.example.second.users.updated.v1 -> {closed}: failed (")
-    assert store.callback_urls(USERS) == [CALLBACK_URL]
+    assert callback_urls(USERS) == [CALLBACK_URL]
 
 
 def test_dry_run_lists_and_sends_nothing(peer):
@@ -159,7 +159,7 @@ def test_dry_run_does_not_touch_a_real_publisher(publisher):
     [line] = register("--dry-run")
 
     assert "would POST" in line
-    assert store.callback_urls(USERS) == []
+    assert callback_urls(USERS) == []
 
 
 def test_no_subscriptions(peer):

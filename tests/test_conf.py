@@ -3,13 +3,14 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from celery.worker import state as worker_state
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
-from toot import ConfigError, store
+from toot import ConfigError
 from toot.conf import DEFAULT_REDIS_URL, DEFAULT_RETRY_SCHEDULE, DEFAULTS, Source, conf
+
+pytestmark = pytest.mark.usefixtures("no_drain_at_work")
 
 PUBLISHER = {
     "SUBSCRIPTION_URL": "https://pub.example/toot/subscriptions",
@@ -20,19 +21,6 @@ PUBLISHER = {
 def toot(**options):
     """The tests' TOOT setting with ``options`` changed."""
     return override_settings(TOOT={**settings.TOOT, **options})
-
-
-@pytest.fixture(autouse=True)
-def _no_drain_at_work(eventually):
-    """The settings these tests change are every thread's, the drains of the tests' worker
-    included: one at work would reach another Redis, or none, and end without giving back its
-    lease, which holds new drains back for a minute."""
-    queued = settings.CELERY_TASK_DEFAULT_QUEUE
-
-    def idle():
-        return not (worker_state.requests or store.get_redis().llen(queued))
-
-    eventually(idle, what="the worker's drains to end")
 
 
 @pytest.fixture

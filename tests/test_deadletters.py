@@ -16,6 +16,7 @@ from django.utils import timezone
 import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply
+from tests.utils import callback_urls
 from toot import store
 from toot.deadletters import bury_delivery, bury_handler, redeliver
 from toot.delivery import Outcome
@@ -160,7 +161,7 @@ def test_a_gone_subscriber_ends_the_dead_letter_and_the_subscription(redis):
         assert redeliver(letter) is True
 
     assert not DeadLetter.objects.exists()
-    assert peer.url not in store.callback_urls(PUBLISHED)
+    assert peer.url not in callback_urls(PUBLISHED)
 
 
 # redeliver(): handlers

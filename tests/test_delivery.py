@@ -17,6 +17,7 @@ from django.test import override_settings
 
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply
+from tests.utils import callback_urls
 from toot import store
 from toot.delivery import MAX_RETRY_AFTER_EXTRA, attempt, next_delay, parse_retry_after
 from toot.events import Event, wire_json
@@ -215,9 +216,9 @@ def test_unsubscribe_header_on_a_2xx_removes_the_subscription(redis, event, chan
         with caplog.at_level(logging.INFO, logger="toot.delivery"):
             outcome = send(event, leaving.url)
         assert outcome.ok
-        assert store.callback_urls(channel) == [staying.url]
+        assert callback_urls(channel) == [staying.url]
         assert send(event, staying.url).ok
-        assert store.callback_urls(channel) == [staying.url]
+        assert callback_urls(channel) == [staying.url]
     [record] = [r for r in caplog.records if "unsubscribe" in r.getMessage()]
     assert event["id"] in record.getMessage()
     assert channel in record.getMessage()
@@ -227,7 +228,7 @@ def test_unsubscribe_header_on_a_failure_keeps_the_subscription(redis, event, ch
     with HTTPServer(Reply(500, headers={"X-Toot-Unsubscribe": "true"})) as peer:
         store.add(channel, peer.url)
         assert not send(event, peer.url).ok
-    assert store.callback_urls(channel) == [peer.url]
+    assert callback_urls(channel) == [peer.url]
 
 
 def test_gone_removes_the_subscription(redis, event, channel):
@@ -238,7 +239,7 @@ def test_gone_removes_the_subscription(redis, event, channel):
     assert outcome.gone
     assert not outcome.ok
     assert (outcome.status, outcome.error) == (410, "gone for good")
-    assert store.callback_urls(channel) == [staying.url]
+    assert callback_urls(channel) == [staying.url]
 
 
 @pytest.mark.parametrize("status", [429, 503])
@@ -286,8 +287,8 @@ def test_unsubscribe_removes_the_url_from_the_channel_named_only(redis, channel)
         store.add(channel, peer.url)
         store.add(elsewhere, peer.url)
         assert attempt(peer.url, channel, b"{}", "m1").gone
-    assert store.callback_urls(channel) == []
-    assert store.callback_urls(elsewhere) == [peer.url]
+    assert callback_urls(channel) == []
+    assert callback_urls(elsewhere) == [peer.url]
 
 
 def test_a_malformed_signing_secret_sends_nothing_and_is_a_failure(event, caplog):

@@ -10,6 +10,7 @@ import uuid
 import pytest
 import redis as redis_py
 from django.conf import settings
+from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
@@ -153,3 +154,21 @@ def test_a_claim_older_than_claim_timeout_is_taken_over(
     assert [request.json() for request in subscriber.requests] == [stale.to_dict()]
     [row] = OutboxEvent.objects.all()
     assert (row.event["id"], row.claim) == (fresh.id, "busy")
+
+
+def test_a_relay_that_loses_the_race_for_its_rows_moves_nothing(redis, suffix):
+    publish_while_redis_is_down(suffix, 2)
+    raced = []
+
+    def another_relay_claims_first(execute, sql, params, many, context):
+        # Between this relay's look at the free rows and its own claim, another claims them.
+        if not raced and sql.lstrip().upper().startswith("UPDATE"):
+            raced.append(sql)
+            OutboxEvent.objects.update(claim="other", claimed_at=timezone.now())
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(another_relay_claims_first):
+        assert outbox.relay(celery_app) == 0
+
+    assert raced
+    assert set(OutboxEvent.objects.values_list("claim", flat=True)) == {"other"}

@@ -10,7 +10,7 @@ from django.test import override_settings
 import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
-from tests.utils import sources
+from tests.utils import callback_urls, sources
 from toot import store
 from toot.registration import Registration, planned_registrations, register
 
@@ -53,7 +53,7 @@ def test_registers_with_the_publisher(publisher):
 
     [registration] = toot.register_subscriptions()
 
-    assert store.callback_urls(USERS) == [CALLBACK_URL]
+    assert callback_urls(USERS) == [CALLBACK_URL]
     assert registration.status == 201
     assert registration.created
     assert registration.error is None
@@ -165,7 +165,7 @@ def test_204_is_already_registered(publisher):
 
     assert (registration.status, registration.created) == (204, False)
     assert registration.error is None
-    assert store.callback_urls(USERS) == [CALLBACK_URL]
+    assert callback_urls(USERS) == [CALLBACK_URL]
 
 
 @pytest.mark.parametrize("status", [200, 202])
@@ -197,7 +197,7 @@ def test_refusal_raises_with_the_status(publisher):
     assert excinfo.value.subscription_url == publisher
     assert "422" in str(excinfo.value)
     assert "callback_url" in excinfo.value.detail  # the publisher's JSON error
-    assert store.callback_urls(USERS) == []
+    assert callback_urls(USERS) == []
 
 
 def test_wrong_subscription_url_raises_with_the_404(live_server):
@@ -333,7 +333,7 @@ def test_register_one(publisher):
 
     assert register(planned).status == 201
     assert register(planned).status == 204
-    assert store.callback_urls(USERS) == [CALLBACK_URL]
+    assert callback_urls(USERS) == [CALLBACK_URL]
 
 
 # Channels are checked again at registration: the source's prefix may have changed.

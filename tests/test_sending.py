@@ -23,6 +23,7 @@ from django.test import override_settings
 
 import toot
 from tests.http_server import HTTPServer, Reply, in_order
+from tests.utils import callback_urls
 from toot import sending, store
 from toot.events import Event, wire_json
 from toot.models import DeadLetter
@@ -408,7 +409,7 @@ def test_x_toot_unsubscribe_unsubscribes_after_delivering(redis, channel):
         assert process(new(events)) == []
 
         assert [r.json() for r in leaving.requests] == [{"events": events}]
-    assert store.callback_urls(channel) == []
+    assert callback_urls(channel) == []
 
 
 def test_a_subscriber_s_retry_after_is_honoured(redis, channel):
@@ -439,7 +440,7 @@ def test_a_refused_url_dead_letters_every_event_of_the_batch_at_once(redis, chan
     for letter in letters:
         assert (letter.kind, letter.attempts, letter.last_status) == ("delivery", 1, None)
         assert "must be an https URL" in letter.last_error
-    assert store.callback_urls(channel) == [peer.url]  # refused, not unsubscribed
+    assert callback_urls(channel) == [peer.url]  # refused, not unsubscribed
 
 
 @pytest.mark.django_db

@@ -26,7 +26,7 @@ from django.test import override_settings
 
 import toot
 from tests.http_server import HTTPServer, Reply, in_order
-from toot import Event, handling, store, subscribe
+from toot import Event, store, subscribe
 from toot.conf import conf
 from toot.exceptions import ConfigError, InvalidSignature
 from toot.models import DeadLetter
@@ -39,6 +39,8 @@ from toot.signing import (
     signature_headers,
     verify,
 )
+
+pytestmark = pytest.mark.usefixtures("handled_while_subscribed")
 
 CALLBACKS = "/toot/callbacks"
 SOURCE = conf.raw["SOURCES"]["publisher"]
@@ -68,30 +70,6 @@ def source_settings(**source_options):
 
 def on_event(event: Event) -> None:
     """The shape of a handler; the tests' handlers are autospecs of it."""
-
-
-@pytest.fixture(autouse=True)
-def _handled_while_subscribed(request, eventually):
-    """Every event a test queued is handled before conftest's _clean_registry unsubscribes
-    its handlers: left behind, it would fail for want of a handler, and be dead-lettered
-    into a database most tests here may not touch."""
-    if "enqueued" not in request.fixturenames:
-        yield
-        return
-    request.getfixturevalue("celery_worker")
-    redis = request.getfixturevalue("redis")
-    enqueued = request.getfixturevalue("enqueued")
-    yield
-
-    def handled():
-        keys = [
-            f"{settings.TOOT['KEY_PREFIX']}handled:{event['id']}:{name}"
-            for event in enqueued
-            for name in handling.handlers_by_name(event["channel"])
-        ]
-        return all(state == b"done" for state in redis.mget(keys)) if keys else True
-
-    eventually(handled, what="every queued event to be handled")
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from django.urls import reverse
 
 import toot
 from tests.http_server import HTTPServer
+from tests.utils import callback_urls
 from toot import delivery, ssrf, store
 from toot.events import Event, wire_json
 from toot.models import DeadLetter
@@ -309,7 +310,7 @@ def test_registering_a_refused_url_answers_422_and_stores_nothing(client, redis,
     assert response.status_code == 422
     assert response["Content-Type"] == "application/json"
     assert reason in response.json()["error"]
-    assert store.callback_urls(CHANNEL) == ["https://kept.example/cb"]
+    assert callback_urls(CHANNEL) == ["https://kept.example/cb"]
 
 
 @pytest.mark.parametrize(
@@ -331,7 +332,7 @@ def test_registering_an_allowed_url_answers_201(client, redis, dns, url, options
         response = subscribe(client, url)
 
     assert response.status_code == 201, response.content
-    assert store.callback_urls(CHANNEL) == [url]
+    assert callback_urls(CHANNEL) == [url]
 
 
 def test_a_temporary_resolver_failure_answers_503(client, redis, dns):
@@ -342,7 +343,7 @@ def test_a_temporary_resolver_failure_answers_503(client, redis, dns):
 
     assert response.status_code == 503
     assert "try again" in response.json()["error"]
-    assert store.callback_urls(CHANNEL) == []
+    assert callback_urls(CHANNEL) == []
 
 
 def test_a_url_stored_before_the_rules_can_still_be_unsubscribed(client, redis):
@@ -355,7 +356,7 @@ def test_a_url_stored_before_the_rules_can_still_be_unsubscribed(client, redis):
         )
 
     assert response.status_code == 204
-    assert store.callback_urls(CHANNEL) == []
+    assert callback_urls(CHANNEL) == []
 
 
 # Deliveries ---------------------------------------------------------------------------
@@ -417,7 +418,7 @@ def test_a_refused_delivery_is_dead_lettered_at_once(celery_worker, eventually):
     assert letter.attempts == 1  # RETRY_SCHEDULE has three retries; none was used
     assert letter.last_status is None
     assert "must be an https URL" in letter.last_error
-    assert store.callback_urls(event.channel) == [subscriber.url]  # refused, not unsubscribed
+    assert callback_urls(event.channel) == [subscriber.url]  # refused, not unsubscribed
 
 
 def test_a_host_that_does_not_resolve_yet_is_retried(celery_worker, eventually, dns):

@@ -4,12 +4,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis as redis_py
-from celery.worker import state as worker_state
 from django.conf import settings
 from django.test import override_settings
 
 from devtools.processes import free_port
+from tests.utils import callback_urls
 from toot import store
+
+pytestmark = pytest.mark.usefixtures("no_drain_at_work")
 
 CHANNEL = "org.example.test.users.updated.v1"
 OTHER_CHANNEL = "org.example.test.orders.created.v1"
@@ -21,19 +23,6 @@ OTHER_KEY = f"{settings.TOOT['KEY_PREFIX']}script-test"
 
 def toot_settings(**options):
     return override_settings(TOOT={**settings.TOOT, **options})
-
-
-@pytest.fixture(autouse=True)
-def _no_drain_at_work(eventually):
-    """The settings these tests change are every thread's, the drains of the tests' worker
-    included: one at work would reach another Redis, or none, and end without giving back its
-    lease, which holds new drains back for a minute."""
-    queued = settings.CELERY_TASK_DEFAULT_QUEUE
-
-    def idle():
-        return not (worker_state.requests or store.get_redis().llen(queued))
-
-    eventually(idle, what="the worker's drains to end")
 
 
 def other_db_url():
@@ -83,14 +72,14 @@ def fresh_clients(monkeypatch):
 
 def test_add_returns_true_when_added(redis):
     assert store.add(CHANNEL, SUB_A) is True
-    assert store.callback_urls(CHANNEL) == [SUB_A]
+    assert callback_urls(CHANNEL) == [SUB_A]
 
 
 def test_add_returns_false_when_already_there(redis):
     store.add(CHANNEL, SUB_A)
 
     assert store.add(CHANNEL, SUB_A) is False
-    assert store.callback_urls(CHANNEL) == [SUB_A]
+    assert callback_urls(CHANNEL) == [SUB_A]
 
 
 def test_remove_returns_true_when_removed(redis):
@@ -98,7 +87,7 @@ def test_remove_returns_true_when_removed(redis):
     store.add(CHANNEL, SUB_B)
 
     assert store.remove(CHANNEL, SUB_A) is True
-    assert store.callback_urls(CHANNEL) == [SUB_B]
+    assert callback_urls(CHANNEL) == [SUB_B]
 
 
 def test_remove_returns_false_when_not_there(redis):
@@ -106,7 +95,7 @@ def test_remove_returns_false_when_not_there(redis):
 
     assert store.remove(CHANNEL, SUB_B) is False
     assert store.remove(OTHER_CHANNEL, SUB_A) is False
-    assert store.callback_urls(CHANNEL) == [SUB_A]
+    assert callback_urls(CHANNEL) == [SUB_A]
 
 
 def test_remove_twice(redis):
@@ -121,16 +110,16 @@ def test_callback_urls_per_channel_sorted(redis):
     store.add(CHANNEL, SUB_A)
     store.add(OTHER_CHANNEL, SUB_B)
 
-    assert store.callback_urls(CHANNEL) == [SUB_A, SUB_B]
-    assert store.callback_urls(OTHER_CHANNEL) == [SUB_B]
-    assert store.callback_urls("org.example.test.nothing.v1") == []
+    assert callback_urls(CHANNEL) == [SUB_A, SUB_B]
+    assert callback_urls(OTHER_CHANNEL) == [SUB_B]
+    assert callback_urls("org.example.test.nothing.v1") == []
 
 
 def test_non_ascii_callback_url_round_trips(redis):
     url = "https://bücher.example/toot/callbacks"
 
     assert store.add(CHANNEL, url) is True
-    assert store.callback_urls(CHANNEL) == [url]
+    assert callback_urls(CHANNEL) == [url]
     assert store.subscriptions() == {CHANNEL: [url]}
 
 
@@ -209,7 +198,7 @@ def test_key_prefixes_do_not_see_each_other(redis):
     with toot_settings(KEY_PREFIX=first):
         store.add(CHANNEL, SUB_A)
     with toot_settings(KEY_PREFIX=second):
-        assert store.callback_urls(CHANNEL) == []
+        assert callback_urls(CHANNEL) == []
         assert store.subscriptions() == {}
         assert store.remove(CHANNEL, SUB_A) is False
         assert store.add(CHANNEL, SUB_B) is True
@@ -248,7 +237,7 @@ def test_adding_again_without_batch_turns_it_off_and_with_it_on(redis):
     assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_A, True)]}
     assert store.add(CHANNEL, SUB_A, batch=False) is False
     assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_A, False)]}
-    assert store.callback_urls(CHANNEL) == [SUB_A]
+    assert callback_urls(CHANNEL) == [SUB_A]
 
 
 def test_remove_drops_the_batch_flag(redis):
@@ -374,9 +363,9 @@ def test_redis_timeout_applies_to_the_client(fresh_clients):
 def test_redis_connection_setting_names_the_client_factory(redis, other_db):
     with toot_settings(REDIS_CONNECTION="tests.test_store.other_db_client"):
         assert store.add(CHANNEL, SUB_A) is True
-        assert store.callback_urls(CHANNEL) == [SUB_A]
+        assert callback_urls(CHANNEL) == [SUB_A]
 
-    assert store.callback_urls(CHANNEL) == []  # not in the store's own database
+    assert callback_urls(CHANNEL) == []  # not in the store's own database
     assert other_db.smembers(f"{settings.TOOT['KEY_PREFIX']}subscriptions:{CHANNEL}") == {
         SUB_A.encode()
     }
@@ -404,6 +393,6 @@ def test_unreachable_server_raises_connection_error(fresh_clients):
 def test_unreachable_client_from_redis_connection_raises_connection_error():
     with toot_settings(REDIS_CONNECTION="tests.test_store.unreachable_client"):
         with pytest.raises(redis_py.ConnectionError):
-            store.callback_urls(CHANNEL)
+            callback_urls(CHANNEL)
         with pytest.raises(redis_py.ConnectionError):
             store.remove(CHANNEL, SUB_A)

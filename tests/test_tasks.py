@@ -16,6 +16,7 @@ from django.test import override_settings
 
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
+from tests.utils import callback_urls
 from toot import queue, sending, store, tasks
 from toot.events import Event
 from toot.models import DeadLetter
@@ -222,7 +223,7 @@ def test_gone_removes_the_subscription_at_once(celery_worker, eventually, channe
     with HTTPServer(Reply(410)) as gone:
         store.add(channel, gone.url)
         send(make_event(channel), name=own_queue)
-        eventually(lambda: store.callback_urls(channel) == [])
+        eventually(lambda: callback_urls(channel) == [])
         eventually(lambda: queue.pending(own_queue) == 0, what="the drain to be done")
         assert len(gone.requests) == 1
     assert not DeadLetter.objects.exists()
@@ -247,7 +248,7 @@ def test_unsubscribe_header_removes_the_callback(celery_worker, eventually, chan
         store.add(channel, gone.url)
         store.add(channel, stays.url)
         send(make_event(channel))
-        eventually(lambda: store.callback_urls(channel) == [stays.url])
+        eventually(lambda: callback_urls(channel) == [stays.url])
         assert len(gone.requests) == 1
 
 
@@ -257,7 +258,7 @@ def test_unsubscribe_header_on_a_failure_is_ignored(celery_worker, eventually, c
         store.add(channel, server.url)
         send(make_event(channel))
         eventually(lambda: len(server.requests) == 2)
-        assert store.callback_urls(channel) == [server.url]
+        assert callback_urls(channel) == [server.url]
 
 
 # The in queue: local handlers

@@ -29,14 +29,16 @@ from django.utils import timezone
 
 from devtools.processes import free_port
 from tests.broker import broker_unreachable
-from tests.utils import store_contents
-from toot import Event, handling, queue, sending, signing, store, subscribe
+from tests.utils import callback_urls, store_contents
+from toot import Event, queue, sending, signing, store, subscribe
 from toot.conf import conf
 from toot.events import wire_json
 from toot.publishing import check_size
 from toot.sending import BATCH_MAX_BYTES
 from toot.validation import MAX_JSON_DEPTH
 from toot.views import MAX_SUBSCRIPTION_BYTES
+
+pytestmark = pytest.mark.usefixtures("handled_while_subscribed")
 
 SUBSCRIPTIONS = "/toot/subscriptions"
 CALLBACKS = "/toot/callbacks"
@@ -78,30 +80,6 @@ def seeded(redis):
     store.add(OWN_PREFIX + "users.updated.v1", "http://other.example/callbacks")
     store.add("org.example.other.orders.v1", CALLBACK_URL)
     return stored(redis)
-
-
-@pytest.fixture(autouse=True)
-def _handled_while_subscribed(request, eventually):
-    """Every event a test queued is handled before conftest's _clean_registry unsubscribes
-    its handlers: left behind, it would fail for want of a handler, and be dead-lettered
-    into a database most tests here may not touch."""
-    if "enqueued" not in request.fixturenames:
-        yield
-        return
-    request.getfixturevalue("celery_worker")
-    redis = request.getfixturevalue("redis")
-    enqueued = request.getfixturevalue("enqueued")
-    yield
-
-    def handled():
-        keys = [
-            f"{settings.TOOT['KEY_PREFIX']}handled:{event['id']}:{name}"
-            for event in enqueued
-            for name in handling.handlers_by_name(event["channel"])
-        ]
-        return all(state == b"done" for state in redis.mget(keys)) if keys else True
-
-    eventually(handled, what="every queued event to be handled")
 
 
 def stored(redis):
@@ -156,7 +134,7 @@ def test_post_new_subscription_answers_201_and_stores_it(client, redis):
     )
 
     assert response.status_code == 201
-    assert store.callback_urls(OWN_PREFIX + "a.v1") == [CALLBACK_URL]
+    assert callback_urls(OWN_PREFIX + "a.v1") == [CALLBACK_URL]
 
 
 def test_post_existing_subscription_answers_204_and_keeps_one(client, redis):
@@ -166,7 +144,7 @@ def test_post_existing_subscription_answers_204_and_keeps_one(client, redis):
     response = post_json(client, SUBSCRIPTIONS, body)
 
     assert response.status_code == 204
-    assert store.callback_urls(OWN_PREFIX + "a.v1") == [CALLBACK_URL]
+    assert callback_urls(OWN_PREFIX + "a.v1") == [CALLBACK_URL]
 
 
 def test_post_second_callback_url_to_a_channel_answers_201(client, redis):
@@ -179,7 +157,7 @@ def test_post_second_callback_url_to_a_channel_answers_201(client, redis):
     )
 
     assert response.status_code == 201
-    assert store.callback_urls(OWN_PREFIX + "a.v1") == ["http://b.example/cb", CALLBACK_URL]
+    assert callback_urls(OWN_PREFIX + "a.v1") == ["http://b.example/cb", CALLBACK_URL]
 
 
 def test_post_without_channel_answers_422(client, seeded, redis):
@@ -203,7 +181,7 @@ def test_post_of_longest_allowed_channel_and_url_is_stored(client, redis):
     response = post_json(client, SUBSCRIPTIONS, {"channel": channel, "callback_url": url})
 
     assert response.status_code == 201
-    assert store.callback_urls(channel) == [url]
+    assert callback_urls(channel) == [url]
 
 
 def test_get_lists_only_channels_with_our_prefix(client, redis):
@@ -282,8 +260,8 @@ def test_delete_removes_the_subscription_and_answers_204(client, seeded, redis):
     response = client.delete(f"{SUBSCRIPTIONS}?{query}")
 
     assert response.status_code == 204
-    assert store.callback_urls(channel) == ["http://other.example/callbacks"]
-    assert store.callback_urls("org.example.other.orders.v1") == [CALLBACK_URL]
+    assert callback_urls(channel) == ["http://other.example/callbacks"]
+    assert callback_urls("org.example.other.orders.v1") == [CALLBACK_URL]
 
 
 def test_delete_of_the_last_url_drops_the_channel_from_the_listing(client, redis):

@@ -34,3 +34,10 @@ def sources(options: dict[str, Any] | None = None, /, **urls: str) -> override_s
             },
         }
     )
+
+
+def callback_urls(channel: str) -> list[str]:
+    """The callback URLs subscribed to ``channel``, as the publisher's drain finds them."""
+    from toot import store
+
+    return [url for url, _batch in store.subscribers([channel])[channel]]

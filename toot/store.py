@@ -96,10 +96,6 @@ def remove(channel: str, callback_url: str) -> bool:
     return bool(run_script(REMOVE_SCRIPT, keys, [callback_url, channel]))
 
 
-def callback_urls(channel: str) -> list[str]:
-    return sorted(as_text(url) for url in get_redis().smembers(_channel_key(channel)))
-
-
 def subscribers(channels: Iterable[str]) -> dict[str, list[tuple[str, bool]]]:
     """Each channel's callback URLs, with whether each asked for batches; one round trip."""
     channels = list(dict.fromkeys(channels))
