@@ -29,7 +29,7 @@ from toot.queue import Retry
 logger = logging.getLogger(__name__)
 
 # Deliveries in flight at once per drain.
-SENDERS = 4
+SENDERS = 8
 _executor: tuple[int, ThreadPoolExecutor] | None = None
 
 # A batch's body stays under this, well below Django's DATA_UPLOAD_MAX_MEMORY_SIZE
