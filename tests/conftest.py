@@ -14,6 +14,7 @@ from pytest_django import live_server_helper
 
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
+from tests.utils import spy_pushes
 from toot import handling, queue, relay, store, tasks
 from toot.registry import registry
 
@@ -114,21 +115,8 @@ def client():
 
 @pytest.fixture
 def enqueued(monkeypatch):
-    """The events queued for handlers (the ``in`` queue) during the test, as pushed.
-
-    A spy, not a stand-in: every push still goes to Redis, and is recorded once it did.
-    """
-    events = []
-    real_push = queue.push
-
-    def push(name, items):
-        drain_id = real_push(name, items)
-        if name == queue.IN:
-            events.extend(item["event"] for item in items)
-        return drain_id
-
-    monkeypatch.setattr(queue, "push", push)
-    return events
+    """The events queued for handlers (the ``in`` queue) during the test, as pushed."""
+    return spy_pushes(monkeypatch, queue.IN)
 
 
 @pytest.fixture

@@ -9,33 +9,20 @@ import uuid
 
 import pytest
 import redis as redis_py
-from django.conf import settings
 from django.db import connection
-from django.test import override_settings
 from django.utils import timezone
 
 import toot
-from devtools.processes import free_port
 from tests.broker import broker_unreachable
 from tests.celery import app as celery_app
 from tests.http_server import HTTPServer
+from tests.utils import redis_down
 from toot import outbox, store
 from toot.models import OutboxEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 PREFIX = "org.example.test."
-
-
-def unreachable_redis():
-    """The TOOT["REDIS_CONNECTION"] of Redis being down: a client of a port nobody serves."""
-    return redis_py.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
-
-
-def redis_down():
-    return override_settings(
-        TOOT={**settings.TOOT, "REDIS_CONNECTION": "tests.test_outbox.unreachable_redis"}
-    )
 
 
 @pytest.fixture

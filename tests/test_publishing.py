@@ -10,15 +10,14 @@ import uuid
 from typing import Any
 
 import pytest
-import redis as redis_py
 from django.conf import settings
 from django.db import connection, transaction
 from django.test import override_settings
 
 import toot
-from devtools.processes import free_port
 from tests.broker import broker_unreachable
 from tests.http_server import HTTPServer
+from tests.utils import redis_down, spy_pushes
 from toot import queue, store
 from toot.models import OutboxEvent
 
@@ -33,32 +32,8 @@ def suffix():
 
 @pytest.fixture
 def pushed(monkeypatch):
-    """The events pushed onto the ``out`` queue during the test, as pushed.
-
-    A spy, not a stand-in: every push still goes to Redis, and is recorded once it did.
-    """
-    events: list[dict[str, Any]] = []
-    real_push = queue.push
-
-    def push(name, items):
-        drain_id = real_push(name, items)
-        if name == queue.OUT:
-            events.extend(item["event"] for item in items)
-        return drain_id
-
-    monkeypatch.setattr(queue, "push", push)
-    return events
-
-
-def unreachable_redis():
-    """The TOOT["REDIS_CONNECTION"] of Redis being down: a client of a port nobody serves."""
-    return redis_py.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
-
-
-def redis_down():
-    return override_settings(
-        TOOT={**settings.TOOT, "REDIS_CONNECTION": "tests.test_publishing.unreachable_redis"}
-    )
+    """The events pushed onto the ``out`` queue during the test, as pushed."""
+    return spy_pushes(monkeypatch, queue.OUT)
 
 
 def test_publish_returns_the_event_on_the_prefixed_channel(celery_worker):

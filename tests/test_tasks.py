@@ -8,7 +8,6 @@ import uuid
 from typing import Any
 
 import pytest
-import redis as redis_py
 from celery import Celery
 from celery.signals import task_postrun
 from django.conf import settings
@@ -25,11 +24,6 @@ from toot.registry import subscribe
 
 def toot_settings(**options):
     return override_settings(TOOT={**settings.TOOT, **options})
-
-
-def unreachable_redis():
-    """The TOOT["REDIS_CONNECTION"] of Redis being down: a client of a port nobody serves."""
-    return redis_py.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
 
 
 @pytest.fixture
@@ -488,7 +482,7 @@ def test_start_with_redis_down_too_leaves_the_lease_to_end_by_itself(down_app, r
     name = f"out-{uuid.uuid4().hex[:8]}"
     drain_id = queue.push(name, [])
 
-    with toot_settings(REDIS_CONNECTION="tests.test_tasks.unreachable_redis"):
+    with toot_settings(REDIS_CONNECTION="tests.utils.unreachable_redis"):
         tasks.start(name, drain_id, down_app)  # raises nothing
 
     assert "Cannot start a drain of the out-" in caplog.text

@@ -41,3 +41,39 @@ def callback_urls(channel: str) -> list[str]:
     from toot import store
 
     return [url for url, _batch in store.subscribers([channel])[channel]]
+
+
+def unreachable_redis() -> Any:
+    """A TOOT["REDIS_CONNECTION"] of Redis being down: a client of a port nobody serves."""
+    import redis
+
+    from devtools.processes import free_port
+
+    return redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+
+
+def redis_down() -> override_settings:
+    """The tests' settings with toot's Redis unreachable."""
+    return override_settings(
+        TOOT={**settings.TOOT, "REDIS_CONNECTION": "tests.utils.unreachable_redis"}
+    )
+
+
+def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:
+    """The events pushed onto queue ``name`` from now on, as pushed.
+
+    A spy, not a stand-in: every push still goes to Redis, and is recorded once it did.
+    """
+    from toot import queue
+
+    events: list[dict[str, Any]] = []
+    real_push = queue.push
+
+    def push(queue_name: str, items: Any) -> str | None:
+        drain_id = real_push(queue_name, items)
+        if queue_name == name:
+            events.extend(item["event"] for item in items)
+        return drain_id
+
+    monkeypatch.setattr(queue, "push", push)
+    return events
