@@ -38,7 +38,6 @@ def post(request):
     def post(url, body="{}", headers=None):
         return post_json(url, body, headers, target=ssrf.target(url) if pinned else None)
 
-    post.path = request.param
     return post
 
 

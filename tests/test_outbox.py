@@ -145,7 +145,7 @@ def test_a_claim_older_than_claim_timeout_is_taken_over(
 
 def test_a_relay_that_loses_the_race_for_its_rows_moves_nothing(redis, suffix):
     publish_while_redis_is_down(suffix, 2)
-    raced = []
+    raced: list[str] = []
 
     def another_relay_claims_first(execute, sql, params, many, context):
         # Between this relay's look at the free rows and its own claim, another claims them.

@@ -543,7 +543,7 @@ def test_lanes_split_one_urls_deliveries_and_give_many_urls_one_each(monkeypatch
 def test_a_burst_to_one_subscriber_keeps_senders_deliveries_in_flight(redis, channel, monkeypatch):
     set_senders(monkeypatch, 4)
     together = threading.Barrier(4)
-    met = []
+    met: list[bool] = []
 
     def answer(request):
         # The first four requests answer only once all four have arrived: in flight at once.

@@ -506,6 +506,7 @@ def test_a_failing_drain_puts_its_batch_back_for_later_and_ends_its_lease(
 
     monkeypatch.setitem(tasks.PROCESSORS, own_queue, failing)
     drain_id = send({"n": 1}, {"n": 2}, name=own_queue)
+    assert drain_id is not None
 
     eventually(lambda: failures and not live_leases(redis, own_queue), what="the drain to fail")
     # Back as retries some seconds out, not at once (a failure again would spin):

@@ -265,7 +265,7 @@ class Topology:
         try:
             key = f"{self.key_prefixes[role]}queue:{{{name}}}:leases"
             seconds, _ = client.time()
-            drains: list[str] = client.zrangebyscore(key, seconds, "+inf")
+            drains = [str(drain) for drain in client.zrangebyscore(key, seconds, "+inf")]
             if drains:
                 client.zadd(key, dict.fromkeys(drains, seconds - 1), xx=True)
             return drains
