@@ -21,7 +21,6 @@ from urllib.parse import urlencode
 
 import pytest
 import redis as redis_py
-from celery.worker import state as worker_state
 from django.conf import settings
 from django.test import override_settings
 from django.urls import reverse
@@ -694,12 +693,6 @@ def waiting(redis):
     return [json.loads(item)["event"] for item in redis.lrange(IN_QUEUE + "ready", 0, -1)]
 
 
-def drains_idle(redis):
-    """No drain runs in the worker (lingering for work included) or waits for it in the
-    broker: none can take what is pushed now, or die while Redis is away."""
-    return not (redis.llen(settings.CELERY_TASK_DEFAULT_QUEUE) or worker_state.requests)
-
-
 @pytest.mark.parametrize("batched", [False, True], ids=["event", "batch"])
 def test_unreachable_redis_at_the_callback_answers_503_and_the_retry_is_queued_whole(
     client, redis, celery_worker, eventually, enqueued, subscribed, batched
@@ -722,12 +715,11 @@ def test_unreachable_redis_at_the_callback_answers_503_and_the_retry_is_queued_w
 
 
 def test_a_broker_failure_when_starting_the_drain_still_answers_200_and_the_events_wait(
-    client, redis, celery_worker, eventually, enqueued, subscribed, caplog
+    client, redis, celery_worker, no_drain_at_work, eventually, enqueued, subscribed, caplog
 ):
+    # No drain at work (the fixture waited): only one started for this batch could take it.
     channel, handler = subscribed
     events = batch_of(channel, 3)
-    # No drain running: only one started for this batch could take it off the queue.
-    eventually(lambda: drains_idle(redis), what="earlier drains to end")
 
     with broker_unreachable(), caplog.at_level(logging.WARNING, logger="toot.tasks"):
         response = post_json(client, CALLBACKS, {"events": events})
