@@ -16,6 +16,7 @@ from devtools.processes import wait_for
 from tests.celery import app as celery_app
 from tests.utils import spy_pushes
 from toot import handling, queue, relay, store, tasks
+from toot.events import Event
 from toot.registry import registry
 
 
@@ -128,17 +129,16 @@ def handled_while_subscribed(request, eventually):
         yield
         return
     request.getfixturevalue("celery_worker")
-    redis = request.getfixturevalue("redis")
+    request.getfixturevalue("redis")  # its clean-up runs after this wait
     enqueued = request.getfixturevalue("enqueued")
     yield
 
     def handled():
-        keys = [
-            f"{settings.TOOT['KEY_PREFIX']}handled:{event['id']}:{name}"
-            for event in enqueued
-            for name in handling.handlers_by_name(event["channel"])
-        ]
-        return all(state == b"done" for state in redis.mget(keys)) if keys else True
+        return all(
+            handling.state(event, name) == handling.DONE
+            for event in map(Event.from_dict, enqueued)
+            for name in handling.handlers_by_name(event.channel)
+        )
 
     eventually(handled, what="every queued event to be handled")
 

@@ -838,12 +838,12 @@ class Subscriber:
         """Wait until the worker has handled every enqueued event, so that nothing of this
         test is still writing when the next test looks at the store."""
         names = list(handling.handlers_by_name(SUBSCRIBED))
-        keys = [
-            f"{KEY_PREFIX}handled:{event['id']}:{name}" for event in self.enqueued for name in names
-        ]
+        events = [Event.from_dict(event) for event in self.enqueued]
 
         def done() -> bool:
-            return all(value == b"done" for value in redis.mget(keys)) if keys else True
+            return all(
+                handling.state(event, name) == handling.DONE for event in events for name in names
+            )
 
         eventually(done, what="the worker to handle every enqueued event")
 

@@ -45,8 +45,15 @@ def new_event():
     return Event(CHANNEL, {"id": 1})
 
 
-def key(event, name):
-    return f"{settings.TOOT['KEY_PREFIX']}handled:{event.id}:{name}"
+def hold_claim(redis, event, name):
+    """What another worker running the handler holds."""
+    redis.set(handling._claim_key(event, name), "1", ex=CLAIM_SECONDS)
+
+
+def mark_done(redis, event, name):
+    """What another worker leaves once it ran the handler."""
+    redis.delete(handling._claim_key(event, name))
+    redis.hset(handling._done_key(event), handling._field(event, name), 1)
 
 
 def recorder(calls, label, fail_times=0):
@@ -117,8 +124,9 @@ def test_each_handler_runs_once_and_is_then_remembered_for_dedupe_ttl(redis, cap
         assert run(event) == {}
         assert calls == ["first", "second"]
         for handler in (first, second):
-            assert redis.get(key(event, handler_name(handler))) == DONE.encode()
-            assert 1200 < redis.ttl(key(event, handler_name(handler))) <= 1234
+            assert handling.state(event, handler_name(handler)) == DONE
+            # At least DEDUPE_TTL after the end of the event's hour, counted from now.
+            assert 1234 < redis.ttl(handling._done_key(event)) <= 1234 + handling.HOUR
 
         with caplog.at_level(logging.INFO, logger="toot.handling"):
             assert run(event) == {}  # the publisher retried a delivery that was handled
@@ -142,12 +150,12 @@ def test_the_claim_is_held_while_the_handler_runs(redis):
 
     def look_at_the_claim(event):
         name = handler_name(look_at_the_claim)
-        seen.append((redis.get(key(event, name)), redis.ttl(key(event, name))))
+        seen.append((handling.state(event, name), redis.ttl(handling._claim_key(event, name))))
 
     subscribe("publisher", "users.updated.v1", look_at_the_claim)
     assert run(event) == {}
     [(state, ttl)] = seen
-    assert state == b"running"
+    assert state == handling.RUNNING
     assert 0 < ttl <= CLAIM_SECONDS
 
 
@@ -164,8 +172,8 @@ def test_a_raising_handler_is_reported_and_released_for_a_later_run(redis, caplo
     assert list(failures) == [handler_name(flaky)]
     assert isinstance(failures[handler_name(flaky)], RuntimeError)
     assert str(failures[handler_name(flaky)]) == "flaky failed"
-    assert not redis.exists(key(event, handler_name(flaky)))  # released: a retry may run it
-    assert redis.get(key(event, handler_name(good))) == DONE.encode()
+    assert handling.state(event, handler_name(flaky)) is None  # released: a retry may run it
+    assert handling.state(event, handler_name(good)) == DONE
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert event.id in record.getMessage()
     assert handler_name(flaky) in record.getMessage()
@@ -173,7 +181,7 @@ def test_a_raising_handler_is_reported_and_released_for_a_later_run(redis, caplo
 
     assert run(event) == {}  # the retry: only the handler that failed runs again
     assert calls == ["good", "flaky", "flaky"]
-    assert redis.get(key(event, handler_name(flaky))) == DONE.encode()
+    assert handling.state(event, handler_name(flaky)) == DONE
 
 
 def test_names_restricts_the_run_to_those_handlers(redis):
@@ -185,7 +193,7 @@ def test_names_restricts_the_run_to_those_handlers(redis):
 
     assert run(event, [handler_name(second)]) == {}
     assert calls == ["second"]
-    assert not redis.exists(key(event, handler_name(first)))
+    assert handling.state(event, handler_name(first)) is None
 
     assert run(event, []) == {}
     assert calls == ["second"]
@@ -208,7 +216,7 @@ def test_a_held_claim_is_already_running(redis):
     subscribe("publisher", "users.updated.v1", handler)
     event = new_event()
     name = handler_name(handler)
-    redis.set(key(event, name), "running", ex=CLAIM_SECONDS)  # another worker is running it
+    hold_claim(redis, event, name)  # another worker is running it
 
     failures = run(event)
 
@@ -216,7 +224,7 @@ def test_a_held_claim_is_already_running(redis):
     assert isinstance(failures[name], AlreadyRunning)
     assert event.id in str(failures[name])
     assert calls == []
-    assert redis.get(key(event, name)) == b"running"  # still the other worker's
+    assert handling.state(event, name) == handling.RUNNING  # still the other worker's
 
 
 def test_a_claim_left_by_a_dead_worker_expires_and_the_handler_runs(redis, eventually):
@@ -224,7 +232,8 @@ def test_a_claim_left_by_a_dead_worker_expires_and_the_handler_runs(redis, event
     handler = recorder(calls, "orphaned")
     subscribe("publisher", "users.updated.v1", handler)
     event = new_event()
-    redis.set(key(event, handler_name(handler)), "running", px=300)  # its worker was killed
+    claim = handling._claim_key(event, handler_name(handler))
+    redis.set(claim, "1", px=300)  # its worker was killed
 
     assert isinstance(run(event)[handler_name(handler)], AlreadyRunning)
     eventually(lambda: run(event) == {}, what="the orphaned claim to expire")
@@ -238,7 +247,8 @@ def test_dedupe_keys_are_under_key_prefix(redis):
     other = f"{settings.TOOT['KEY_PREFIX']}other:"
 
     with override_settings(TOOT={**settings.TOOT, "KEY_PREFIX": other}):
-        assert handling._key(event, "x").startswith(other)
+        assert handling._done_key(event).startswith(other)
+        assert handling._claim_key(event, "x").startswith(other)
         assert run(event) == {}
     assert run(event) == {}  # under another prefix, nothing remembers it
     assert calls == ["one", "one"]
@@ -375,12 +385,12 @@ def test_a_held_claim_is_retried_later_and_then_skipped(redis):
     subscribe("publisher", "users.updated.v1", handler)
     event = new_event()
     name = handler_name(handler)
-    redis.set(key(event, name), "running", ex=CLAIM_SECONDS)  # another drain runs it
+    hold_claim(redis, event, name)  # another drain runs it
 
     [(retry, _)] = process([item_for(event)])
 
     assert (retry["handlers"], retry["attempts"]) == ([name], 1)
-    redis.set(key(event, name), DONE)  # that drain finished
+    mark_done(redis, event, name)  # that drain finished
     assert process([retry]) == []
     assert calls == []
 
@@ -475,3 +485,39 @@ def test_a_dead_letter_for_no_handler_runs_every_handler_once_replayed(redis):
 
     assert deadletters.redeliver(letter)
     assert ran == [event]
+
+
+@pytest.mark.parametrize(
+    ("age", "low", "high"),
+    [
+        (dt.timedelta(days=5), 0, 0),  # a late event: remembered DEDUPE_TTL from now
+        (-dt.timedelta(days=365 * 50), 0, handling.HOUR),  # a future one pins nothing for long
+    ],
+    ids=["late", "future"],
+)
+def test_done_marks_last_dedupe_ttl_however_old_or_new_the_event(redis, age, low, high):
+    calls: list[str] = []
+    subscribe("publisher", "users.updated.v1", recorder(calls, "once"))
+    event = Event(CHANNEL, {"id": 1}, timestamp=timezone.now() - age)
+
+    with override_settings(TOOT={**settings.TOOT, "DEDUPE_TTL": 1234}):
+        assert run(event) == {}
+        assert run(event) == {}  # deduped all the same
+
+    assert calls == ["once"]
+    assert 1234 + low - 5 <= redis.ttl(handling._done_key(event)) <= 1234 + high
+
+
+def test_a_done_mark_is_a_16_byte_field_of_its_hours_hash(redis):
+    subscribe("publisher", "users.updated.v1", lambda event: None)
+    stamp = timezone.now()
+    events = [Event(CHANNEL, {"id": n}, timestamp=stamp) for n in range(3)]
+
+    for event in events:
+        assert run(event) == {}
+
+    [done] = {handling._done_key(event) for event in events}  # one hash for the hour
+    assert redis.hlen(done) == 3
+    assert {len(field) for field in redis.hkeys(done)} == {16}
+    prefix = settings.TOOT["KEY_PREFIX"]
+    assert not list(redis.scan_iter(match=f"{prefix}handled:running:*"))  # claims are gone

@@ -1,13 +1,21 @@
 """Running local handlers at most once per event, whatever the publisher retries.
 
-Each (event id, handler) is claimed with Redis ``SET NX`` before the handler runs and
-marked done for ``DEDUPE_TTL`` seconds after; the TTL must outlast the publisher's retry
-window, so that a delivery retried after the handler ran does not run it again.
+Each (event id, handler) is claimed with a Redis key (``SET NX``, for CLAIM_SECONDS)
+before the handler runs, and marked done after. Done marks are kept for at least
+``DEDUPE_TTL`` seconds, which must outlast the publisher's retry window, so that a
+delivery retried after the handler ran does not run it again.
+
+Done marks are the bulk of toot's Redis memory at any real rate: a key each cost about
+220 bytes for three days. So they are 16-byte digests in one hash per hour of the
+events' timestamps (about 70 bytes each), and each hash expires DEDUPE_TTL after its
+last mark. The claim keys live only while a handler runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,14 +27,33 @@ from toot.delivery import next_delay
 from toot.events import Event
 from toot.queue import Retry
 from toot.registry import Handler, registry
-from toot.store import get_redis
+from toot.store import as_text, get_redis, run_script
 
 logger = logging.getLogger(__name__)
 
 DONE = "done"
+RUNNING = "running"
 # How long a claim protects a running handler; a worker that dies mid-handler leaves
 # the claim behind, and the retry after it expires runs the handler again.
 CLAIM_SECONDS = 600
+HOUR = 3600
+
+# KEYS: (done hash, claim key) per (event, handler); ARGV: claim seconds, then a field
+# per pair. Returns, per pair, "done", "running" (another holds the claim) or "claimed".
+CLAIM_SCRIPT = """
+local states = {}
+for i = 1, #KEYS, 2 do
+  local field = ARGV[(i + 1) / 2 + 1]
+  if redis.call('HEXISTS', KEYS[i], field) == 1 then
+    states[#states + 1] = 'done'
+  elseif redis.call('SET', KEYS[i + 1], '1', 'NX', 'EX', ARGV[1]) then
+    states[#states + 1] = 'claimed'
+  else
+    states[#states + 1] = 'running'
+  end
+end
+return states
+"""
 
 
 # Stands for every handler of the channel where none was found: its retry (and dead
@@ -57,8 +84,33 @@ def handlers_by_name(channel: str) -> dict[str, Handler]:
     return named
 
 
-def _key(event: Event, name: str) -> str:
-    return f"{conf.KEY_PREFIX}handled:{event.id}:{name}"
+def _field(event: Event, name: str) -> bytes:
+    return hashlib.blake2b(f"{event.id}\0{name}".encode(), digest_size=16).digest()
+
+
+def _done_key(event: Event) -> str:
+    return f"{conf.KEY_PREFIX}handled:{int(event.timestamp.timestamp()) // HOUR}"
+
+
+def _claim_key(event: Event, name: str) -> str:
+    return f"{conf.KEY_PREFIX}handled:running:{_field(event, name).hex()}"
+
+
+def _done_until(event: Event) -> int:
+    """When the event's hash may go: DEDUPE_TTL after its hour, counted from now at the
+    earliest (a late event is remembered as long as any) and an hour from now at the
+    latest (a timestamp in the future pins nothing for long)."""
+    now = time.time()
+    hour_end = (int(event.timestamp.timestamp()) // HOUR + 1) * HOUR
+    return int(min(max(hour_end, now), now + HOUR)) + conf.DEDUPE_TTL
+
+
+def state(event: Event, name: str) -> str | None:
+    """DONE, RUNNING or None (neither) for the event's handler ``name``."""
+    client = get_redis()
+    if client.hexists(_done_key(event), _field(event, name)):
+        return DONE
+    return RUNNING if client.exists(_claim_key(event, name)) else None
 
 
 def run(event: Event, names: list[str] | None = None) -> dict[str, Exception]:
@@ -101,24 +153,19 @@ def run_many(
         ]
     if not planned:
         return failures
-    client = get_redis()
-    with client.pipeline(transaction=False) as pipe:
-        for _, event, name, _ in planned:
-            pipe.set(_key(event, name), "running", nx=True, ex=CLAIM_SECONDS)
-            pipe.get(_key(event, name))
-        replies = pipe.execute()
-    # None where this run claimed the handler, else the state another run left.
-    states = [
-        None if claimed else state
-        for claimed, state in zip(replies[::2], replies[1::2], strict=True)
-    ]
-    with client.pipeline(transaction=False) as marks:
-        for (index, event, name, handler), state in zip(planned, states, strict=True):
-            if state in (DONE, DONE.encode()):
+    keys: list[str] = []
+    for _, event, name, _ in planned:
+        keys += [_done_key(event), _claim_key(event, name)]
+    fields = [_field(event, name) for _, event, name, _ in planned]
+    states = [as_text(s) for s in run_script(CLAIM_SCRIPT, keys, [CLAIM_SECONDS, *fields])]
+    # One step: a run that checks between the done mark and the claim's end sees either.
+    with get_redis().pipeline(transaction=True) as marks:
+        for (index, event, name, handler), claim in zip(planned, states, strict=True):
+            if claim == DONE:
                 logger.info(
                     "Event %s on %s: %s already handled it, skipped", event.id, event.channel, name
                 )
-            elif state is not None:
+            elif claim == RUNNING:
                 failures[index][name] = AlreadyRunning(
                     f"{name} is already running for event {event.id}"
                 )
@@ -127,13 +174,16 @@ def run_many(
                 try:
                     handler(event)
                 except Exception as exc:
-                    marks.delete(_key(event, name))
+                    marks.delete(_claim_key(event, name))
                     logger.exception(
                         "Event %s on %s: handler %s raised", event.id, event.channel, name
                     )
                     failures[index][name] = exc
                 else:
-                    marks.set(_key(event, name), DONE, ex=conf.DEDUPE_TTL)
+                    done = _done_key(event)
+                    marks.hset(done, _field(event, name), 1)
+                    marks.expireat(done, _done_until(event))
+                    marks.delete(_claim_key(event, name))
         marks.execute()
     return failures
 
