@@ -14,7 +14,7 @@ from pytest_django import live_server_helper
 
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
-from tests.utils import spy_pushes
+from tests.utils import addrinfo, spy_pushes
 from toot import handling, queue, relay, store, tasks
 from toot.events import Event
 from toot.registry import registry
@@ -97,12 +97,7 @@ def dns(monkeypatch):
         answer = answers[name]() if callable(answers[name]) else answers[name]
         if isinstance(answer, Exception):
             raise answer
-        return [
-            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))
-            if ":" in address
-            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))
-            for address in answer
-        ]
+        return addrinfo(answer, port)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return SimpleNamespace(answers=answers, lookups=lookups)

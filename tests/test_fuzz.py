@@ -55,6 +55,7 @@ from django.utils.http import parse_header_parameters
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
+from tests.utils import addrinfo
 from toot import handling, queue, signing, store, subscribe
 from toot.events import Event
 from toot.sending import BATCH_MAX_BYTES
@@ -772,12 +773,7 @@ def offline_dns(monkeypatch):
         answer = ANSWERS[zlib.crc32(name.lower().encode()) % len(ANSWERS)]
         if answer is None:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [
-            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))
-            if ":" in address
-            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))
-            for address in answer
-        ]
+        return addrinfo(answer, port)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 

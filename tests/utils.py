@@ -77,3 +77,15 @@ def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:
 
     monkeypatch.setattr(queue, "push", push)
     return events
+
+
+def addrinfo(addresses: list[str], port: Any) -> list[tuple[Any, ...]]:
+    """What socket.getaddrinfo answers for ``addresses``: the stand-in resolvers' reply."""
+    import socket
+
+    return [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))
+        if ":" in address
+        else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))
+        for address in addresses
+    ]
