@@ -15,21 +15,19 @@ default (``own_store``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import redis
 import requests
 from django.conf import settings
-from django.test import override_settings
 
 from devtools.processes import (
     ROOT,
@@ -42,7 +40,6 @@ from devtools.processes import (
 )
 from devtools.redis_server import redis_server_binary
 from tests.http_server import RecordedRequest, Reply
-from toot import queue
 
 PREFIX = "org.example.publisher."
 ROLES = ("publisher", "subscriber")
@@ -236,22 +233,24 @@ class Topology:
 
     # toot's state, as the role's processes see it
 
-    @contextlib.contextmanager
-    def toot_of(self, role: str) -> Iterator[None]:
-        """toot's own functions (``toot.queue``...) on ``role``'s Redis and keys."""
-        with override_settings(
-            TOOT={
-                **settings.TOOT,
-                "REDIS_URL": self.env[role]["TOOT_REDIS_URL"],
-                "KEY_PREFIX": self.key_prefixes[role],
-            }
-        ):
-            yield
-
     def pending(self, role: str, name: str) -> int:
-        """Items in ``role``'s queue ``name``: ready, held by drains, or waiting for a retry."""
-        with self.toot_of(role):
-            return queue.pending(name)
+        """Items in ``role``'s queue ``name``: ready, held by drains, or waiting for a retry.
+
+        Read from toot.queue's documented key layout with a client of its own, not through
+        toot with the settings overridden: an override reaches every thread of this
+        process, the relay of the tests' own worker included, which would then wake
+        ``role``'s queue and start a drain there that no worker of ``role`` runs.
+        """
+        client = redis.Redis.from_url(self.env[role]["TOOT_REDIS_URL"], decode_responses=True)
+        try:
+            base = f"{self.key_prefixes[role]}queue:{{{name}}}:"
+            drains = [str(drain) for drain in client.zrange(f"{base}leases", 0, -1)]
+            held = [int(client.llen(f"{base}claimed:{drain}")) for drain in drains]
+            return (
+                int(client.llen(f"{base}ready")) + int(client.zcard(f"{base}delayed")) + sum(held)
+            )
+        finally:
+            client.close()
 
     def end_leases(self, role: str, name: str) -> list[str]:
         """End every live lease on ``role``'s queue ``name`` now; the drain ids.
