@@ -225,14 +225,15 @@ def in_a_child(answer):
         os.waitpid(pid, 0)
 
 
-# The child only builds a session; the fork warning of Python 3.12+ is about other work.
+# The child only builds one; the fork warning of Python 3.12+ is about other work.
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_default_session_is_one_per_process():
-    session = client.get_session()
-    assert client.get_session() is session
+@pytest.mark.parametrize("made", [client.get_session, client._pools], ids=["session", "pools"])
+def test_the_default_session_and_toots_pools_are_one_per_process(made):
+    first = made()
+    assert made() is first
 
-    assert in_a_child(lambda: b"new" if client.get_session() is not session else b"same") == b"new"
-    assert client.get_session() is session
+    assert in_a_child(lambda: b"new" if made() is not first else b"same") == b"new"
+    assert made() is first
 
 
 def test_a_compressed_body_is_capped_once_decompressed(server, post):
@@ -364,15 +365,6 @@ def test_a_connection_left_mid_body_is_not_reused(server):
 
     assert len(first.body) == MAX_RESPONSE_BYTES
     assert second.body == b"next"
-
-
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_toots_pools_are_one_manager_per_process():
-    pools = client._pools()
-    assert client._pools() is pools
-
-    assert in_a_child(lambda: b"new" if client._pools() is not pools else b"same") == b"new"
-    assert client._pools() is pools
 
 
 @pytest.mark.parametrize(
