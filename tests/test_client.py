@@ -205,37 +205,6 @@ def test_default_session_is_used_without_the_setting(server):
     assert "X-Test-Session" not in server.requests[0].headers
 
 
-def in_a_child(answer):
-    """What ``answer()`` returns (bytes) in a forked child of this process."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.write(write, answer())
-        finally:
-            os._exit(0)
-    os.close(write)
-    try:
-        answered, _, _ = select.select([read], [], [], 30)
-        if not answered:
-            os.kill(pid, signal.SIGKILL)
-        return os.read(read, 16) if answered else b"no answer"
-    finally:
-        os.close(read)
-        os.waitpid(pid, 0)
-
-
-# The child only builds one; the fork warning of Python 3.12+ is about other work.
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-@pytest.mark.parametrize("made", [client.get_session, client._pools], ids=["session", "pools"])
-def test_the_default_session_and_toots_pools_are_one_per_process(made):
-    first = made()
-    assert made() is first
-
-    assert in_a_child(lambda: b"new" if made() is not first else b"same") == b"new"
-    assert made() is first
-
-
 def test_a_compressed_body_is_capped_once_decompressed(server, post):
     server.reply = Reply(200, {"Content-Encoding": "gzip"}, gzip.compress(b"\0" * 10_000_000))
 

@@ -27,6 +27,7 @@ from tests.utils import callback_urls
 from toot import sending, store
 from toot.events import Event, wire_json
 from toot.models import DeadLetter
+from toot.per_process import PerProcess
 from toot.sending import Delivery, plan
 
 PREFIX = "org.example.test."
@@ -38,7 +39,7 @@ EMPTY_BATCH = len(b'{"events":[]}')
 
 def set_senders(monkeypatch, count):
     monkeypatch.setattr(sending, "SENDERS", count)
-    monkeypatch.setattr(sending, "_executor", None)  # threads for that many
+    monkeypatch.setattr(sending, "_senders", PerProcess(sending.new_senders))  # that many
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ from tests.utils import callback_urls
 from toot import queue, sending, store, tasks
 from toot.events import Event
 from toot.models import DeadLetter
+from toot.per_process import PerProcess
 from toot.registry import subscribe
 
 
@@ -391,7 +392,7 @@ def test_a_long_batch_renews_the_drains_lease(
     # one delivery after another.
     monkeypatch.setattr(queue, "LEASE_SECONDS", 2.0)
     monkeypatch.setattr(sending, "SENDERS", 1)
-    monkeypatch.setattr(sending, "_executor", None)
+    monkeypatch.setattr(sending, "_senders", PerProcess(sending.new_senders))
     woken: list[str | None] = []
     lock = threading.Lock()
 

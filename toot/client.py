@@ -32,6 +32,7 @@ from urllib3.exceptions import (
 
 from toot import transport
 from toot.conf import conf
+from toot.per_process import PerProcess
 from toot.ssrf import Target
 
 # Only the start of an answer is kept, for error messages: a peer must not be able to
@@ -39,21 +40,17 @@ from toot.ssrf import Target
 MAX_RESPONSE_BYTES = 64 * 1024
 JSON_HEADERS = {"Content-Type": "application/json"}
 
-_default_session: tuple[int, requests.Session] | None = None
-_own_pools: tuple[int, urllib3.PoolManager] | None = None
+
+def _new_session() -> requests.Session:
+    """toot's session, sending through a TootAdapter."""
+    session = requests.Session()
+    adapter = transport.TootAdapter()
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
 
 
-def _own_session() -> requests.Session:
-    """toot's session, sending through a TootAdapter: one per process."""
-    global _default_session
-    # A pool inherited through fork() shares sockets with the parent.
-    if _default_session is None or _default_session[0] != os.getpid():
-        session = requests.Session()
-        adapter = transport.TootAdapter()
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        _default_session = (os.getpid(), session)
-    return _default_session[1]
+_own_session = PerProcess(_new_session)
 
 
 def get_session() -> requests.Session:
@@ -164,15 +161,15 @@ def _proxied(url: str) -> bool:
     return select_proxy(url, proxies) is not None and not should_bypass_proxies(url, None)
 
 
-def _pools() -> urllib3.PoolManager:
-    """toot's urllib3 pools, one manager per process (a forked child must not share sockets)."""
-    global _own_pools
-    if _own_pools is None or _own_pools[0] != os.getpid():
-        # Several connections per peer: a threaded worker runs several drains at once.
-        manager = urllib3.PoolManager(num_pools=100, maxsize=10)
-        manager.pool_classes_by_scheme = transport.WATCHED_POOLS
-        _own_pools = (os.getpid(), manager)
-    return _own_pools[1]
+def _new_pools() -> urllib3.PoolManager:
+    """toot's urllib3 pools, for deliveries that need neither proxy nor HTTP_SESSION."""
+    # Several connections per peer: a threaded worker runs several drains at once.
+    manager = urllib3.PoolManager(num_pools=100, maxsize=10)
+    manager.pool_classes_by_scheme = transport.WATCHED_POOLS
+    return manager
+
+
+_pools = PerProcess(_new_pools)
 
 
 def _post_pinned(

@@ -11,7 +11,6 @@ same webhook-id, and to the dead letters once the schedule is spent.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +23,13 @@ from toot import deadletters, store
 from toot.conf import conf
 from toot.delivery import Outcome, attempt, next_delay
 from toot.events import wire_json
+from toot.per_process import PerProcess
 from toot.queue import Retry
 
 logger = logging.getLogger(__name__)
 
 # Deliveries in flight at once per drain.
 SENDERS = 8
-_executor: tuple[int, ThreadPoolExecutor] | None = None
 
 # A batch's body stays under this, well below Django's DATA_UPLOAD_MAX_MEMORY_SIZE
 # default (2.5 MB); an event larger than this alone goes in a batch of its own.
@@ -144,12 +143,11 @@ def lanes(deliveries: list[Delivery]) -> list[list[Delivery]]:
     return [group[i::per_url] for group in by_url.values() for i in range(min(per_url, len(group)))]
 
 
-def _senders() -> ThreadPoolExecutor:
-    """This process's sending threads (a forked child makes its own)."""
-    global _executor
-    if _executor is None or _executor[0] != os.getpid():
-        _executor = (os.getpid(), ThreadPoolExecutor(SENDERS, thread_name_prefix="toot-send"))
-    return _executor[1]
+def new_senders() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(SENDERS, thread_name_prefix="toot-send")
+
+
+_senders = PerProcess(new_senders)
 
 
 def process(items: list[dict[str, Any]], keep_alive: Callable[[], None]) -> list[Retry]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-import os
 import socket
 import threading
 import time
@@ -32,6 +31,7 @@ from requests import PreparedRequest, ReadTimeout, Response
 from requests.adapters import HTTPAdapter
 from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPSConnectionPool
 
+from toot.per_process import PerProcess
 from toot.ssrf import Target
 
 if TYPE_CHECKING:
@@ -110,7 +110,6 @@ class Watchdog(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(name="toot-deadlines", daemon=True)
-        self.pid = os.getpid()
         self._due: list[tuple[float, int, Deadline]] = []
         self._order = itertools.count()  # ties never compare Deadlines
         self._changed = threading.Condition()
@@ -138,18 +137,13 @@ class Watchdog(threading.Thread):
             deadline._expire()  # outside the lock: cutting a socket may take a moment
 
 
-_watchdog_lock = threading.Lock()
-_watchdog_thread: Watchdog | None = None
+def _start_watchdog() -> Watchdog:
+    watchdog = Watchdog()
+    watchdog.start()
+    return watchdog
 
 
-def _watchdog() -> Watchdog:
-    """This process's watchdog: a child of fork() has none of its parent's threads."""
-    global _watchdog_thread
-    with _watchdog_lock:
-        if _watchdog_thread is None or _watchdog_thread.pid != os.getpid():
-            _watchdog_thread = Watchdog()
-            _watchdog_thread.start()
-        return _watchdog_thread
+_watchdog = PerProcess(_start_watchdog)
 
 
 def _cut(watched: Any) -> None:
