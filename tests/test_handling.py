@@ -227,6 +227,26 @@ def test_a_held_claim_is_already_running(redis):
     assert handling.state(event, name) == handling.RUNNING  # still the other worker's
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeded", "raised"])
+def test_a_run_that_outlasted_its_claim_leaves_the_next_runs_claim_alone(redis, fails):
+    event = new_event()
+
+    def slow(event):
+        # The claim expired meanwhile, and a retry on another worker took it.
+        redis.set(handling._claim_key(event, handler_name(slow)), "another run", ex=60)
+        if fails:
+            raise RuntimeError("slow failed")
+
+    subscribe("publisher", "users.updated.v1", slow)
+    name = handler_name(slow)
+
+    failures = run(event)
+
+    assert list(failures) == ([name] if fails else [])
+    assert redis.get(handling._claim_key(event, name)) == b"another run"
+    assert handling.state(event, name) == (DONE if not fails else handling.RUNNING)
+
+
 def test_a_claim_left_by_a_dead_worker_expires_and_the_handler_runs(redis, eventually):
     calls: list[str] = []
     handler = recorder(calls, "orphaned")

@@ -1,9 +1,11 @@
 """Running local handlers at most once per event, whatever the publisher retries.
 
 Each (event id, handler) is claimed with a Redis key (``SET NX``, for CLAIM_SECONDS)
-before the handler runs, and marked done after. Done marks are kept for at least
-``DEDUPE_TTL`` seconds, which must outlast the publisher's retry window, so that a
-delivery retried after the handler ran does not run it again.
+before the handler runs, and marked done after. The key holds a token of the run that
+took it: a run that outlasted its claim must not end the claim another run took since.
+Done marks are kept for at least ``DEDUPE_TTL`` seconds, which must outlast the
+publisher's retry window, so that a delivery retried after the handler ran does not run
+it again.
 
 Done marks are the bulk of toot's Redis memory at any real rate: a key each cost about
 220 bytes for three days. So they are 16-byte digests in one hash per hour of the
@@ -25,7 +27,7 @@ from toot import deadletters
 from toot.conf import conf
 from toot.delivery import next_delay
 from toot.events import Event
-from toot.queue import Retry
+from toot.queue import Retry, new_id
 from toot.registry import Handler, registry
 from toot.store import as_text, get_redis, run_script
 
@@ -38,21 +40,36 @@ RUNNING = "running"
 CLAIM_SECONDS = 600
 HOUR = 3600
 
-# KEYS: (done hash, claim key) per (event, handler); ARGV: claim seconds, then a field
-# per pair. Returns, per pair, "done", "running" (another holds the claim) or "claimed".
+# KEYS: (done hash, claim key) per (event, handler); ARGV: claim seconds, the run's
+# token, then a field per pair. Returns, per pair, "done", "running" (another holds the
+# claim) or "claimed".
 CLAIM_SCRIPT = """
 local states = {}
 for i = 1, #KEYS, 2 do
-  local field = ARGV[(i + 1) / 2 + 1]
+  local field = ARGV[(i + 1) / 2 + 2]
   if redis.call('HEXISTS', KEYS[i], field) == 1 then
     states[#states + 1] = 'done'
-  elseif redis.call('SET', KEYS[i + 1], '1', 'NX', 'EX', ARGV[1]) then
+  elseif redis.call('SET', KEYS[i + 1], ARGV[2], 'NX', 'EX', ARGV[1]) then
     states[#states + 1] = 'claimed'
   else
     states[#states + 1] = 'running'
   end
 end
 return states
+"""
+# KEYS: (done hash, claim key) per handler run; ARGV: the run's token, then per run its
+# field and, if it succeeded, when the hash may expire ("" if it failed). Marks the
+# successes done and ends the claims that are still the run's own, in one step: a run
+# that checks between the two sees either.
+END_SCRIPT = """
+for i = 1, #KEYS, 2 do
+  local j = i + 1
+  if ARGV[j + 1] ~= '' then
+    redis.call('HSET', KEYS[i], ARGV[j], 1)
+    redis.call('EXPIREAT', KEYS[i], ARGV[j + 1])
+  end
+  if redis.call('GET', KEYS[i + 1]) == ARGV[1] then redis.call('DEL', KEYS[i + 1]) end
+end
 """
 
 
@@ -157,34 +174,34 @@ def run_many(
     for _, event, name, _ in planned:
         keys += [_done_key(event), _claim_key(event, name)]
     fields = [_field(event, name) for _, event, name, _ in planned]
-    states = [as_text(s) for s in run_script(CLAIM_SCRIPT, keys, [CLAIM_SECONDS, *fields])]
-    # One step: a run that checks between the done mark and the claim's end sees either.
-    with get_redis().pipeline(transaction=True) as marks:
-        for (index, event, name, handler), claim in zip(planned, states, strict=True):
-            if claim == DONE:
-                logger.info(
-                    "Event %s on %s: %s already handled it, skipped", event.id, event.channel, name
-                )
-            elif claim == RUNNING:
-                failures[index][name] = AlreadyRunning(
-                    f"{name} is already running for event {event.id}"
-                )
-            else:
-                keep_alive()
-                try:
-                    handler(event)
-                except Exception as exc:
-                    marks.delete(_claim_key(event, name))
-                    logger.exception(
-                        "Event %s on %s: handler %s raised", event.id, event.channel, name
-                    )
-                    failures[index][name] = exc
-                else:
-                    done = _done_key(event)
-                    marks.hset(done, _field(event, name), 1)
-                    marks.expireat(done, _done_until(event))
-                    marks.delete(_claim_key(event, name))
-        marks.execute()
+    token = new_id()
+    states = run_script(CLAIM_SCRIPT, keys, [CLAIM_SECONDS, token, *fields])
+    ran_keys: list[str] = []
+    ran: list[Any] = [token]
+    for (index, event, name, handler), claim, field in zip(planned, states, fields, strict=True):
+        claim = as_text(claim)
+        if claim == DONE:
+            logger.info(
+                "Event %s on %s: %s already handled it, skipped", event.id, event.channel, name
+            )
+            continue
+        if claim == RUNNING:
+            failures[index][name] = AlreadyRunning(
+                f"{name} is already running for event {event.id}"
+            )
+            continue
+        keep_alive()
+        ran_keys += [_done_key(event), _claim_key(event, name)]
+        try:
+            handler(event)
+        except Exception as exc:
+            ran += [field, ""]
+            logger.exception("Event %s on %s: handler %s raised", event.id, event.channel, name)
+            failures[index][name] = exc
+        else:
+            ran += [field, _done_until(event)]
+    if ran_keys:
+        run_script(END_SCRIPT, ran_keys, ran)
     return failures
 
 
