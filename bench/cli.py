@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--skip-limits",
         action="store_true",
-        help="do not measure the Celery no-op and plain POST rates",
+        help="do not measure the Celery no-op and plain POST rates, nor the paced floor",
     )
     what.add_argument(
         "--limit-tasks",
@@ -323,6 +323,18 @@ class Run:
             post = driver.post_rate(args.limit_duration)
             say(f"  {post['requests_per_s']:,.0f} requests/s")
             self.results["limits"] = {"celery_noop": noop, "post": post}
+            if not args.skip_paced:
+                floors = []
+                for rate in args.rates:
+                    say(f"Limits: plain POST and Redis round trip at {rate:g}/s ...")
+                    floor = driver.paced_floor(rate, args.duration)
+                    say(
+                        f"  POST p50 {floor['post_ms']['p50']:.1f} ms, "
+                        f"p99 {floor['post_ms']['p99']:.1f} ms; "
+                        f"Redis p50 {floor['redis_ms']['p50']:.2f} ms"
+                    )
+                    floors.append(floor)
+                self.results["limits"]["paced"] = floors
         if not args.skip_burst:
             base_rate: float | None = None
             for copies in self.copies:

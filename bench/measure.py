@@ -35,6 +35,24 @@ def percentile(values: Iterable[float], pct: float) -> float | None:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+# The body of a plain POST: an event as toot sends it, to a view that does nothing.
+PLAIN_BODY = json.dumps(
+    {
+        "id": "00000000-0000-0000-0000-000000000000",
+        "timestamp": "2024-01-01T00:00:00+00:00",
+        "payload": {"n": 0, "sent_at": 1700000000.0},
+        "channel": "org.example.publisher." + SUBSCRIBER_CHANNEL,
+    }
+).encode()
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def _sleep_until(moment: float) -> None:
+    pause = moment - time.monotonic()
+    if pause > 0:
+        time.sleep(pause)
+
+
 def spread_ms(seconds: list[float]) -> dict[str, float | None]:
     ms = [value * 1000 for value in seconds]
     return {
@@ -237,9 +255,7 @@ class Driver:
             sent.add(event_id)
             durations.append(took)
             next_at += 1 / rate
-            pause = next_at - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
+            _sleep_until(next_at)
         elapsed = time.monotonic() - started
         topology.wait_for_receipts(events, stall)
         time.sleep(grace)
@@ -309,31 +325,26 @@ class Driver:
             "concurrency": self.topology.options.concurrency,
         }
 
+    def _plain_post(self, session: requests.Session) -> None:
+        """One POST of an event's size to the subscriber's trivial view (no toot in it)."""
+        url = f"{self.topology.subscriber_url}/bench/noop"
+        response = session.post(url, data=PLAIN_BODY, headers=JSON_HEADERS, timeout=10)
+        if response.status_code != 200:
+            raise BenchError(f"POST {url}: {response.status_code}")
+
     def post_rate(self, duration: float) -> dict[str, Any]:
         """Plain POSTs to the subscriber's gunicorn from one requests.Session, one at a time."""
-        url = f"{self.topology.subscriber_url}/bench/noop"
-        body = json.dumps(
-            {
-                "id": "00000000-0000-0000-0000-000000000000",
-                "timestamp": "2024-01-01T00:00:00+00:00",
-                "payload": {"n": 0, "sent_at": 1700000000.0},
-                "channel": "org.example.publisher." + SUBSCRIBER_CHANNEL,
-            }
-        ).encode()
-        headers = {"Content-Type": "application/json"}
         pid = self.topology.pids()["subscriber-web"]
         with requests.Session() as session:
             for _ in range(50):
-                session.post(url, data=body, headers=headers, timeout=10).raise_for_status()
+                self._plain_post(session)
             count = 0
             cpu_before = procstat.cpu_seconds(pid)
             client_before = time.process_time()
             started = time.perf_counter()
             deadline = started + duration
             while time.perf_counter() < deadline:
-                response = session.post(url, data=body, headers=headers, timeout=10)
-                if response.status_code != 200:
-                    raise BenchError(f"POST {url}: {response.status_code}")
+                self._plain_post(session)
                 count += 1
             elapsed = time.perf_counter() - started
             client_cpu = time.process_time() - client_before
@@ -345,6 +356,33 @@ class Driver:
             "server_cpu_ms_per_request": cpu * 1000 / count,
             "client_cpu_ms_per_request": client_cpu * 1000 / count,
         }
+
+    def paced_floor(self, rate: float, duration: float) -> dict[str, Any]:
+        """At ``rate`` a second: how long a plain POST to the subscriber's gunicorn takes,
+        and a Redis round trip of toot's own client (what publish() waits for), half a
+        period later. Paced latency and publish() cannot go below these on this machine:
+        a machine that is slow to wake after a pause makes both slower at 20/s than at 200/s.
+        """
+        from toot.store import get_redis
+
+        client = get_redis()
+        posts: list[float] = []
+        pings: list[float] = []
+        period = 1 / rate
+        with requests.Session() as session:
+            self._plain_post(session)
+            next_at = time.monotonic()
+            for _ in range(max(1, round(rate * duration))):
+                started = time.perf_counter()
+                self._plain_post(session)
+                posts.append(time.perf_counter() - started)
+                _sleep_until(next_at + period / 2)
+                started = time.perf_counter()
+                client.ping()
+                pings.append(time.perf_counter() - started)
+                next_at += period
+                _sleep_until(next_at)
+        return {"rate": rate, "post_ms": spread_ms(posts), "redis_ms": spread_ms(pings)}
 
     # Flat memory: worker RSS after 10 % of the events and after all of them
 

@@ -64,6 +64,12 @@ def table(results: dict[str, Any]) -> list[str]:
                 f"{post['server_cpu_ms_per_request']:.2f} ms, client "
                 f"{post['client_cpu_ms_per_request']:.2f} ms)"
             )
+        for floor in limits.get("paced", []):
+            lines.append(
+                f"  At {floor['rate']:g}/s: that POST p50 {_num(floor['post_ms']['p50'])} ms, "
+                f"p99 {_num(floor['post_ms']['p99'])} ms; a Redis round trip of toot's client "
+                f"p50 {_num(floor['redis_ms']['p50'], 2)} ms"
+            )
 
     bursts = results.get("bursts") or []
     noop_rate = (limits.get("celery_noop") or {}).get("tasks_per_s")
@@ -121,10 +127,12 @@ def table(results: dict[str, Any]) -> list[str]:
         lines.append("Paced: latency from publish() to the handler, M=1")
         lines.append(
             "  mode   rate/s  events  achieved/s  p50 ms  p95 ms  p99 ms  max ms  lost  dup"
-            "  publish() p50  p99 ms"
+            "  publish() p50  p99 ms   POST p50  p99   Redis p50"
         )
+        floors = {floor["rate"]: floor for floor in limits.get("paced", [])}
         for run in paced:
             latency, tally = run["latency_ms"], run["tally"]
+            floor = floors.get(run["rate"])
             lines.append(
                 f"  {run['mode']:<6} {run['rate']:>6g} {run['events']:>7} "
                 f"{run['achieved_rate']:>11.1f} {_num(latency['p50']):>7} "
@@ -132,6 +140,17 @@ def table(results: dict[str, Any]) -> list[str]:
                 f"{_num(latency['p99']):>7} {_num(latency['max']):>7} {tally['lost']:>5} "
                 f"{tally['duplicated']:>4}  {_num(run['publish_ms']['p50'], 2):>13} "
                 f"{_num(run['publish_ms']['p99'], 2):>5}"
+                + (
+                    f"  {_num(floor['post_ms']['p50']):>9} {_num(floor['post_ms']['p99']):>4}"
+                    f"  {_num(floor['redis_ms']['p50'], 2):>10}"
+                    if floor
+                    else ""
+                )
+            )
+        if floors:
+            lines.append(
+                "  POST, Redis: the same run's plain POST and Redis round trip at that pace "
+                "(limits above)"
             )
 
     memory = results.get("memory")
