@@ -36,5 +36,12 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "loggers": {"toot": {"handlers": ["console"], "level": env("TOOT_LOG_LEVEL", default="INFO")}},
+    "loggers": {
+        "toot": {
+            "handlers": ["console"],
+            "level": env("TOOT_LOG_LEVEL", default="INFO"),
+            # Not again through the root logger, which a Celery worker gives a handler too.
+            "propagate": False,
+        }
+    },
 }
