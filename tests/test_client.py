@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import select
-import signal
 import socket
 import time
 
@@ -15,7 +12,7 @@ from django.test import override_settings
 
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
-from toot import client, ssrf
+from toot import ssrf
 from toot.client import MAX_RESPONSE_BYTES, post_json
 
 # A delivery is pinned to the address the SSRF guard checked and goes through toot's own

@@ -23,17 +23,14 @@ class PerProcess(Generic[T]):
         self._made: tuple[int, T] | None = None
         self._lock = threading.Lock()
         # A thread of the parent may hold the lock as it forks: the child gets a new one.
-        if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
+        if hasattr(os, "register_at_fork"):  # pragma: no branch - Windows has no fork()
             os.register_at_fork(after_in_child=self._after_fork)
 
     def __call__(self) -> T:
-        made = self._made
-        if made is None or made[0] != os.getpid():
-            with self._lock:  # made once even when threads ask at the same time
-                made = self._made
-                if made is None or made[0] != os.getpid():
-                    made = self._made = (os.getpid(), self._make())
-        return made[1]
+        with self._lock:  # made once even when threads ask at the same time
+            if self._made is None or self._made[0] != os.getpid():
+                self._made = (os.getpid(), self._make())
+            return self._made[1]
 
-    def _after_fork(self) -> None:
+    def _after_fork(self) -> None:  # pragma: no cover - runs in the forked child
         self._lock = threading.Lock()
