@@ -14,17 +14,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import procstat, report
+from bench import procstat, report, steadiness
 from bench.measure import Driver, batch_available, driver_peak_rss_mib
 from bench.topology import BenchError, Options, Topology
 from devtools.processes import ROOT
 
 MODES = ("single", "batch")
+STEADINESS_SECONDS = 3.0
 DESCRIPTION = """\
 toot's end-to-end benchmark. Starts Redis (embedded unless $TOOT_REDIS_URL is set), the
 example publisher and subscriber (gunicorn + a Celery worker each), subscribes M callback
 URLs to one channel, and measures burst throughput, paced latency, the machine's limits
-(Celery no-op task rate, plain POST rate), CPU per delivery by process and peak memory.
+(how steady its CPUs are, Celery no-op task rate, plain POST rate and latency), CPU per
+delivery by process and peak memory.
 Prints a table, writes JSON (and a PNG chart with matplotlib) to --output-dir, and ends
 with one line per mode and M: mode=<single|batch> M=<m> deliveries_per_s=<x>.
 Exits 1 if any event was lost or delivered twice."""
@@ -113,7 +115,8 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--skip-limits",
         action="store_true",
-        help="do not measure the Celery no-op and plain POST rates, nor the paced floor",
+        help="do not measure the machine's limits (CPU steadiness, Celery no-op task rate, "
+        "plain POST rate, the paced floor)",
     )
     what.add_argument(
         "--limit-tasks",
@@ -316,13 +319,19 @@ class Run:
         args, driver = self.args, self.driver
         self.start_mode(mode)
         if not args.skip_limits and not self.results["limits"]:
+            say(f"Limits: CPU steadiness, a spinner on each core for {STEADINESS_SECONDS:g}s ...")
+            steady = steadiness.measure(STEADINESS_SECONDS)
+            say(
+                f"  speed per {steady['window_ms']:.0f} ms window: median "
+                f"{steady['median']:.0%}, slowest {steady['slowest']:.0%}"
+            )
             say(f"Limits: Celery no-op tasks ({args.limit_tasks}) ...")
             noop = driver.celery_noop_rate(args.limit_tasks)
             say(f"  {noop['tasks_per_s']:,.0f} tasks/s")
             say(f"Limits: POST to the subscriber's gunicorn for {args.limit_duration:g}s ...")
             post = driver.post_rate(args.limit_duration)
             say(f"  {post['requests_per_s']:,.0f} requests/s")
-            self.results["limits"] = {"celery_noop": noop, "post": post}
+            self.results["limits"] = {"steadiness": steady, "celery_noop": noop, "post": post}
             if not args.skip_paced:
                 floors = []
                 for rate in args.rates:

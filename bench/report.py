@@ -48,6 +48,15 @@ def table(results: dict[str, Any]) -> list[str]:
     if limits:
         lines.append("")
         lines.append("Limits of this machine, same run")
+        steady = limits.get("steadiness")
+        if steady:
+            lines.append(
+                f"  CPU steadiness, a spinner on each of {steady['cores']} cores for "
+                f"{steady['seconds']:g}s: speed per {steady['window_ms']:.0f} ms window, against "
+                f"the fastest, median {steady['median']:.0%}, 5th percentile {steady['p5']:.0%}, "
+                f"slowest {steady['slowest']:.0%}; {steady['under_half']:.0%} of windows under "
+                "half speed"
+            )
         noop = limits.get("celery_noop")
         if noop:
             lines.append(
