@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 from types import SimpleNamespace
@@ -47,11 +48,21 @@ def _clean_registry():
 
 
 @pytest.fixture(scope="session")
-def _worker_session():
+def _worker_session(django_db_setup, django_db_blocker):
     """A real Celery worker in this process, consuming this run's queue."""
-    with start_worker(
-        celery_app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30
-    ) as worker:
+    with contextlib.ExitStack() as stack:
+        # Celery's Django fixup runs the system checks as the worker starts, and Django
+        # 6.1's reach the database: the test database, whichever test starts the worker.
+        with django_db_blocker.unblock():
+            worker = stack.enter_context(
+                start_worker(
+                    celery_app,
+                    pool="threads",
+                    concurrency=4,
+                    perform_ping_check=False,
+                    shutdown_timeout=30,
+                )
+            )
         # The CLI worker starts the relay on worker_ready. Its outbox step needs the
         # database, which most tests may not touch; test_outbox runs that step itself.
         relay.start(celery_app, outbox=False)

@@ -64,11 +64,13 @@ def post_raw(client, path, body, **extra):
 
 
 def assert_refused(response, status, error_part):
+    """``error_part`` is in the JSON error (or one of them, given a tuple)."""
     assert response.status_code == status
     assert response["Content-Type"] == "application/json"
     error = response.json()["error"]
     assert isinstance(error, str)
-    assert error_part in error
+    parts = error_part if isinstance(error_part, tuple) else (error_part,)
+    assert any(part in error for part in parts), error
 
 
 @pytest.fixture
@@ -739,6 +741,7 @@ def test_a_broker_failure_when_starting_the_drain_still_answers_200_and_the_even
 
 NEW_SUBSCRIPTION = f'"channel": "{OWN_PREFIX}new.v1", "callback_url": "{CALLBACK_URL}"'
 DEEP = 100_000
+TOO_DEEP_FOR_JSON = ("not valid JSON", "nested too deeply")
 
 
 def nested(depth):
@@ -777,10 +780,11 @@ BAD_SUBSCRIPTION_BODIES = [
     pytest.param(with_new_subscription(', "x": NaN'), 400, "not valid JSON", id="nan"),
     pytest.param(with_new_subscription(', "x": Infinity'), 400, "not valid JSON", id="infinity"),
     pytest.param(with_new_subscription(', "x": -Infinity'), 400, "not valid JSON", id="-infinity"),
-    # 5,000 levels: as deep as fits in a registration's 16 KiB, far past the parser's limit.
-    pytest.param(nested(5_000).encode(), 400, "not valid JSON", id="deep-array"),
+    # 5,000 levels: as deep as fits in a registration's 16 KiB. Python 3.11's parser gives
+    # up on it; that of 3.12 and later reads it, and the depth check refuses it.
+    pytest.param(nested(5_000).encode(), 400, TOO_DEEP_FOR_JSON, id="deep-array"),
     pytest.param(
-        with_new_subscription(f', "x": {nested(5_000)}'), 400, "not valid JSON", id="deep-field"
+        with_new_subscription(f', "x": {nested(5_000)}'), 400, TOO_DEEP_FOR_JSON, id="deep-field"
     ),
     pytest.param(nested(DEEP).encode(), 413, "larger than 16384 bytes", id="deep-100000"),
     pytest.param(
