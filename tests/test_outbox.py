@@ -109,7 +109,7 @@ def test_a_relay_while_redis_is_still_down_keeps_every_row(
 
 
 def test_a_relay_while_the_broker_is_down_moves_the_rows_and_a_drain_starts_later(
-    celery_worker, eventually, suffix, subscriber, caplog
+    celery_worker, no_drain_at_work, eventually, suffix, subscriber, caplog
 ):
     caplog.set_level(logging.WARNING, logger="toot.tasks")  # a started worker sets ERROR
     events = publish_while_redis_is_down(suffix, 3)
