@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 from django.utils import timezone
@@ -110,7 +111,11 @@ def _done_key(event: Event) -> str:
 
 
 def _claim_key(event: Event, name: str) -> str:
-    return f"{conf.KEY_PREFIX}handled:running:{_field(event, name).hex()}"
+    return _claim_key_of(_field(event, name))
+
+
+def _claim_key_of(field: bytes) -> str:
+    return f"{conf.KEY_PREFIX}handled:running:{field.hex()}"
 
 
 def _done_until(event: Event) -> int:
@@ -170,15 +175,19 @@ def run_many(
         ]
     if not planned:
         return failures
-    keys: list[str] = []
-    for _, event, name, _ in planned:
-        keys += [_done_key(event), _claim_key(event, name)]
     fields = [_field(event, name) for _, event, name, _ in planned]
+    # (done hash, claim key) per planned run, in the order of the scripts' KEYS.
+    pairs = [
+        (_done_key(event), _claim_key_of(field))
+        for (_, event, _, _), field in zip(planned, fields, strict=True)
+    ]
     token = new_id()
-    states = run_script(CLAIM_SCRIPT, keys, [CLAIM_SECONDS, token, *fields])
+    states = run_script(CLAIM_SCRIPT, [*chain(*pairs)], [CLAIM_SECONDS, token, *fields])
     ran_keys: list[str] = []
     ran: list[Any] = [token]
-    for (index, event, name, handler), claim, field in zip(planned, states, fields, strict=True):
+    for (index, event, name, handler), claim, field, pair in zip(
+        planned, states, fields, pairs, strict=True
+    ):
         claim = as_text(claim)
         if claim == DONE:
             logger.info(
@@ -191,7 +200,7 @@ def run_many(
             )
             continue
         keep_alive()
-        ran_keys += [_done_key(event), _claim_key(event, name)]
+        ran_keys += pair
         try:
             handler(event)
         except Exception as exc:

@@ -81,14 +81,14 @@ def read_json(request: HttpRequest, max_bytes: int, max_depth: int = MAX_JSON_DE
         data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise Refused(400, "body is not valid JSON") from None
-    if too_deep(body, data, max_depth):
-        raise Refused(400, f"body is nested too deeply (over {max_depth} levels)")
+    refuse_too_deep(body, data, max_depth)
     return data
 
 
-def too_deep(body: bytes, data: Any, max_depth: int) -> bool:
+def refuse_too_deep(body: bytes, data: Any, max_depth: int) -> None:
     # Only a body with that many brackets can nest that deep: most are not walked at all.
-    return body.count(b"[") + body.count(b"{") > max_depth and nests_deeper(data, max_depth)
+    if body.count(b"[") + body.count(b"{") > max_depth and nests_deeper(data, max_depth):
+        raise Refused(400, f"body is nested too deeply (over {max_depth} levels)")
 
 
 @method_decorator(csrf_exempt, name="dispatch")
@@ -227,8 +227,7 @@ class CallbackView(TootView):
         if not (isinstance(data, dict) and "events" in data):
             if len(request.body) > conf.MAX_EVENT_BYTES:
                 raise Refused(413, f"event is larger than {conf.MAX_EVENT_BYTES} bytes")
-            if too_deep(request.body, data, MAX_JSON_DEPTH):
-                raise Refused(400, f"body is nested too deeply (over {MAX_JSON_DEPTH} levels)")
+            refuse_too_deep(request.body, data, MAX_JSON_DEPTH)
             try:
                 return [Event.from_dict(data)]
             except InvalidEvent as exc:
