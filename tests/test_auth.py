@@ -10,11 +10,11 @@ from urllib.parse import urlencode
 
 import pytest
 from django.conf import settings
-from django.test import RequestFactory, override_settings
+from django.test import RequestFactory
 
 import toot
 from tests.http_server import HTTPServer, Reply
-from tests.utils import callback_urls, store_contents
+from tests.utils import callback_urls, store_contents, toot_settings
 from toot import store
 from toot.auth import authorization_header, bearer_token
 from toot.conf import conf
@@ -26,10 +26,6 @@ CALLBACK_URL = "http://subscriber.example/toot/callbacks"
 SUBSCRIPTION = {"channel": CHANNEL, "callback_url": CALLBACK_URL}
 TOKENS = ["first-token-0123456789", "second-token-9876543210"]
 PREFIX = conf.source("publisher").channel_prefix
-
-
-def toot_settings(**options):
-    return override_settings(TOOT={**settings.TOOT, **options})
 
 
 def with_tokens(tokens=TOKENS):

@@ -11,6 +11,7 @@ from django.test import override_settings
 from django.urls import path
 
 import toot
+from tests.utils import toot_settings
 from toot.checks import check_security, check_settings, check_subscriptions
 from toot.conf import DEFAULTS
 from toot.views import CallbackView
@@ -18,10 +19,6 @@ from toot.views import CallbackView
 pytestmark = pytest.mark.usefixtures("no_drain_at_work")
 
 SOURCE = settings.TOOT["SOURCES"]["publisher"]
-
-
-def toot_settings(**options):
-    return override_settings(TOOT={**settings.TOOT, **options})
 
 
 def with_source(**options):

@@ -830,7 +830,7 @@ class Subscriber:
         """The ids of the events the handler was called with, by the worker."""
         return {call.args[0].id for call in self.handler.call_args_list}
 
-    def drain(self, redis: Any, eventually: Any) -> None:
+    def drain(self, eventually: Any) -> None:
         """Wait until the worker has handled every enqueued event, so that nothing of this
         test is still writing when the next test looks at the store."""
         names = list(handling.handlers_by_name(SUBSCRIBED))
@@ -851,7 +851,7 @@ def subscriber(celery_worker, redis, eventually):
     subscribe("publisher", SUBSCRIBED_SUFFIX, handler)
     result = Subscriber(handler)
     yield result
-    result.drain(redis, eventually)
+    result.drain(eventually)
     # The worker's side: the handler ran for the events the test saw enqueued, no other.
     assert result.handled_ids() == {event["id"] for event in result.enqueued}
 

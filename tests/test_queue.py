@@ -13,6 +13,7 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
+from tests.utils import expire, live_leases, redis_now, toot_settings
 from toot import queue
 
 
@@ -23,12 +24,7 @@ def name(redis):
 
 
 def max_drains(count):
-    return override_settings(TOOT={**settings.TOOT, "MAX_DRAINS": count})
-
-
-def redis_now(redis) -> float:
-    seconds, microseconds = redis.time()
-    return float(seconds + microseconds / 1_000_000)
+    return toot_settings(MAX_DRAINS=count)
 
 
 def leased(name: str, pushed: list[dict[str, Any]]) -> str:
@@ -61,19 +57,9 @@ def claimed(redis, name, drain_id):
     return decoded(redis.lrange(queue.claimed_key(name, drain_id), 0, -1))
 
 
-def live_leases(redis, name):
-    leases = redis.zrangebyscore(queue._keys(name)[2], redis_now(redis), "+inf")
-    return sorted(lease.decode() for lease in leases)
-
-
 def schedule(redis, name, item, seconds):
     """A retry due in ``seconds`` (by Redis' clock), as a drain's claim writes it."""
     redis.zadd(queue._keys(name)[1], {queue.encode(item): redis_now(redis) + seconds})
-
-
-def expire(redis, name, drain_id):
-    """End a drain's lease now, as time does for a drain that died: its score in the past."""
-    redis.zadd(queue._keys(name)[2], {drain_id: redis_now(redis) - 1})
 
 
 def blocked_in_blmove(redis) -> int:

@@ -12,20 +12,16 @@ from types import SimpleNamespace
 import pytest
 from celery.signals import worker_ready, worker_shutting_down
 from django.conf import settings
-from django.test import override_settings
 
 from tests.broker import broker_unreachable, probe_app, queued
 from tests.http_server import HTTPServer
+from tests.utils import expire, toot_settings
 from toot import queue, relay, store
 from toot.events import Event
 from toot.models import OutboxEvent
 from toot.relay import QUIET_SECONDS, Relay
 
 labels = count()
-
-
-def toot_settings(**options):
-    return override_settings(TOOT={**settings.TOOT, **options})
 
 
 @pytest.fixture
@@ -132,8 +128,7 @@ def test_a_relay_gives_a_dead_drains_batch_back_and_starts_a_drain(
     assert dead is not None
     assert queue.claim(out, dead, 100) == items  # and then its worker was killed
     running(Relay(probe, outbox=False))
-    lease_end = redis.time()[0] - 1
-    redis.zadd(queue._keys(out)[2], {dead: lease_end})  # its lease ran out
+    expire(redis, out, dead)  # its lease ran out
 
     eventually(lambda: started(probe), what="a drain to be started")
 

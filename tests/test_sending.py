@@ -19,15 +19,13 @@ import uuid
 import pytest
 import standardwebhooks
 from django.conf import settings
-from django.test import override_settings
 
 import toot
 from tests.http_server import HTTPServer, Reply, in_order
-from tests.utils import callback_urls
+from tests.utils import callback_urls, set_senders, toot_settings
 from toot import sending, store
 from toot.events import Event, wire_json
 from toot.models import DeadLetter
-from toot.per_process import PerProcess
 from toot.sending import Delivery, plan
 
 PREFIX = "org.example.test."
@@ -35,11 +33,6 @@ STAMP = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
 FIRST_ATTEMPT = "2026-01-02T03:04:05+00:00"
 BATCH_ID = re.compile(r"[0-9a-f]{32}")
 EMPTY_BATCH = len(b'{"events":[]}')
-
-
-def set_senders(monkeypatch, count):
-    monkeypatch.setattr(sending, "SENDERS", count)
-    monkeypatch.setattr(sending, "_senders", PerProcess(sending.new_senders))  # that many
 
 
 @pytest.fixture(autouse=True)
@@ -58,10 +51,6 @@ def channel():
 @pytest.fixture
 def secret():
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def toot_settings(**options):
-    return override_settings(TOOT={**settings.TOOT, **options})
 
 
 def make_events(channel, count, pad=0):

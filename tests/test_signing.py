@@ -21,11 +21,10 @@ from unittest.mock import create_autospec
 
 import pytest
 import standardwebhooks
-from django.conf import settings
-from django.test import override_settings
 
 import toot
 from tests.http_server import HTTPServer, Reply, in_order
+from tests.utils import toot_settings
 from toot import Event, store, subscribe
 from toot.conf import conf
 from toot.exceptions import ConfigError, InvalidSignature
@@ -57,10 +56,6 @@ SPEC_SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 def new_secret(size=32):
     return "whsec_" + base64.b64encode(secrets.token_bytes(size)).decode()
-
-
-def toot_settings(**options):
-    return override_settings(TOOT={**settings.TOOT, **options})
 
 
 def source_settings(**source_options):

@@ -16,13 +16,11 @@ import socket
 import uuid
 
 import pytest
-from django.conf import settings
-from django.test import override_settings
 from django.urls import reverse
 
 import toot
 from tests.http_server import HTTPServer
-from tests.utils import callback_urls
+from tests.utils import callback_urls, toot_settings
 from toot import delivery, ssrf, store
 from toot.events import Event, wire_json
 from toot.models import DeadLetter
@@ -81,10 +79,6 @@ REFUSED = [
     ("64:ff9b::a9fe:a9fe", "leads to 169.254.169.254, a link-local"),
     ("64:ff9b::10.0.0.1", "leads to 10.0.0.1, a private"),
 ]
-
-
-def toot_settings(**options):
-    return override_settings(TOOT={**settings.TOOT, **options})
 
 
 def no_allow_lists(**options):

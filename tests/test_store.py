@@ -5,10 +5,9 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis as redis_py
 from django.conf import settings
-from django.test import override_settings
 
 from devtools.processes import free_port
-from tests.utils import callback_urls
+from tests.utils import callback_urls, redis_down, toot_settings
 from toot import store
 
 pytestmark = pytest.mark.usefixtures("no_drain_at_work")
@@ -21,10 +20,6 @@ REDIS_URL = settings.TOOT["REDIS_URL"]
 OTHER_KEY = f"{settings.TOOT['KEY_PREFIX']}script-test"
 
 
-def toot_settings(**options):
-    return override_settings(TOOT={**settings.TOOT, **options})
-
-
 def other_db_url():
     """The tests' Redis server, in a database the store does not use by default."""
     parts = urlsplit(REDIS_URL)
@@ -35,10 +30,6 @@ def other_db_url():
 def other_db_client():
     """The TOOT["REDIS_CONNECTION"] of these tests: a client of another database."""
     return redis_py.Redis.from_url(other_db_url())
-
-
-def unreachable_client():
-    return redis_py.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
 
 
 def keys(client):
@@ -325,7 +316,7 @@ def test_run_script_reaches_the_redis_connection_client(other_db):
 
 def test_run_script_on_an_unreachable_server_raises_connection_error():
     with (
-        toot_settings(REDIS_CONNECTION="tests.test_store.unreachable_client"),
+        redis_down(),
         pytest.raises(redis_py.ConnectionError),
     ):
         store.run_script(ECHO_SCRIPT, ["k"], ["a"])
@@ -391,7 +382,7 @@ def test_unreachable_server_raises_connection_error(fresh_clients):
 
 
 def test_unreachable_client_from_redis_connection_raises_connection_error():
-    with toot_settings(REDIS_CONNECTION="tests.test_store.unreachable_client"):
+    with redis_down():
         with pytest.raises(redis_py.ConnectionError):
             callback_urls(CHANNEL)
         with pytest.raises(redis_py.ConnectionError):

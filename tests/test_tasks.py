@@ -11,20 +11,22 @@ import pytest
 from celery import Celery
 from celery.signals import task_postrun
 from django.conf import settings
-from django.test import override_settings
 
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
-from tests.utils import callback_urls
+from tests.utils import (
+    callback_urls,
+    expire,
+    live_leases,
+    redis_down,
+    redis_now,
+    set_senders,
+    toot_settings,
+)
 from toot import queue, sending, store, tasks
 from toot.events import Event
 from toot.models import DeadLetter
-from toot.per_process import PerProcess
 from toot.registry import subscribe
-
-
-def toot_settings(**options):
-    return override_settings(TOOT={**settings.TOOT, **options})
 
 
 @pytest.fixture
@@ -72,7 +74,7 @@ def down_app():
     app.close()
 
 
-def make_event(channel: str = "org.example.test.users.updated.v1") -> dict[str, Any]:
+def make_event(channel: str) -> dict[str, Any]:
     return Event(channel, {"id": 123}).to_dict()
 
 
@@ -90,18 +92,6 @@ def send(*events: dict[str, Any], name: str = queue.OUT) -> str | None:
 def handle(*events: dict[str, Any]) -> None:
     """What the callback view does with events it received."""
     send(*events, name=queue.IN)
-
-
-def redis_now(redis) -> float:
-    seconds, microseconds = redis.time()
-    return float(seconds + microseconds / 1_000_000)
-
-
-def live_leases(redis, name):
-    return [
-        lease.decode()
-        for lease in redis.zrangebyscore(queue._keys(name)[2], redis_now(redis), "+inf")
-    ]
 
 
 # The out queue: events delivered to subscribers
@@ -144,12 +134,11 @@ def test_a_batch_subscriber_gets_the_waiting_events_in_one_post(
         assert sorted((r.json() for r in single.requests), key=ids) == sorted(events, key=ids)
 
 
-def test_a_delivery_sends_the_wire_json(celery_worker, eventually, channel):
+def test_a_delivery_sends_the_wire_json(celery_worker, eventually, channel, peer):
     event = make_event(channel)
-    with HTTPServer() as peer:
-        store.add(channel, peer.url + "/toot/callbacks")
-        send(event)
-        eventually(lambda: peer.requests)
+    store.add(channel, peer.url + "/toot/callbacks")
+    send(event)
+    eventually(lambda: peer.requests)
     [request] = peer.requests
     assert request.path == "/toot/callbacks"
     assert set(request.json()) == {"id", "timestamp", "payload", "channel"}
@@ -391,8 +380,7 @@ def test_a_long_batch_renews_the_drains_lease(
     # A lease of 2 s, renewed when over a quarter of it has passed; the batch takes 3 s,
     # one delivery after another.
     monkeypatch.setattr(queue, "LEASE_SECONDS", 2.0)
-    monkeypatch.setattr(sending, "SENDERS", 1)
-    monkeypatch.setattr(sending, "_senders", PerProcess(sending.new_senders))
+    set_senders(monkeypatch, 1)
     woken: list[str | None] = []
     lock = threading.Lock()
 
@@ -424,8 +412,7 @@ def test_a_drain_killed_mid_batch_loses_nothing(
         assert len(queue.claim(own_queue, dead, tasks.CLAIM_LIMIT)) == 3
         assert queue.wake(own_queue) is None  # its lease is live: its batch stays with it
 
-        queue_leases = queue._keys(own_queue)[2]
-        redis.zadd(queue_leases, {dead: redis_now(redis) - 1})  # the lease ran out
+        expire(redis, own_queue, dead)  # the lease ran out
         drain_id = queue.wake(own_queue)  # what the relay does next
         assert drain_id not in (None, dead)
         tasks.start(own_queue, drain_id)
@@ -483,7 +470,7 @@ def test_start_with_redis_down_too_leaves_the_lease_to_end_by_itself(down_app, r
     name = f"out-{uuid.uuid4().hex[:8]}"
     drain_id = queue.push(name, [])
 
-    with toot_settings(REDIS_CONNECTION="tests.utils.unreachable_redis"):
+    with redis_down():
         tasks.start(name, drain_id, down_app)  # raises nothing
 
     assert "Cannot start a drain of the out-" in caplog.text

@@ -18,10 +18,9 @@ import uuid
 import pytest
 import requests
 import trustme
-from django.conf import settings
-from django.test import override_settings
 
 from tests.http_server import HTTPServer
+from tests.utils import toot_settings
 from toot import client, delivery, publishing, ssrf, store, transport
 from toot.events import Event, wire_json
 
@@ -33,10 +32,6 @@ SESSION: dict[str, requests.Session] = {}
 
 def session() -> requests.Session:
     return SESSION["session"]
-
-
-def toot_settings(**options):
-    return override_settings(TOOT={**settings.TOOT, **options})
 
 
 def answer_once(dns, name, then=NOT_AGAIN):

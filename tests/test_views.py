@@ -351,28 +351,25 @@ def subscribers(channel):
     return store.subscribers([channel])[channel]
 
 
-def test_post_with_batch_true_stores_the_flag(client, redis):
-    body = {"channel": OWN_PREFIX + "a.v1", "callback_url": CALLBACK_URL, "batch": True}
-
-    response = post_json(client, SUBSCRIPTIONS, body)
-
-    assert response.status_code == 201
-    assert subscribers(OWN_PREFIX + "a.v1") == [(CALLBACK_URL, True)]
+# A registration without batches: no "batch", or false.
+WITHOUT_BATCH = [pytest.param({}, id="without-batch"), pytest.param({"batch": False}, id="false")]
 
 
 @pytest.mark.parametrize(
-    "extra", [pytest.param({}, id="without-batch"), pytest.param({"batch": False}, id="false")]
+    ("extra", "flag"),
+    [
+        pytest.param({"batch": True}, True, id="true"),
+        *(pytest.param(*param.values, False, id=param.id) for param in WITHOUT_BATCH),
+    ],
 )
-def test_post_without_batch_stores_none(client, redis, extra):
+def test_post_stores_the_batch_flag(client, redis, extra, flag):
     body = {"channel": OWN_PREFIX + "a.v1", "callback_url": CALLBACK_URL, **extra}
 
     assert post_json(client, SUBSCRIPTIONS, body).status_code == 201
-    assert subscribers(OWN_PREFIX + "a.v1") == [(CALLBACK_URL, False)]
+    assert subscribers(OWN_PREFIX + "a.v1") == [(CALLBACK_URL, flag)]
 
 
-@pytest.mark.parametrize(
-    "extra", [pytest.param({}, id="without-batch"), pytest.param({"batch": False}, id="false")]
-)
+@pytest.mark.parametrize("extra", WITHOUT_BATCH)
 def test_registering_again_without_batch_turns_it_off(client, redis, extra):
     channel = OWN_PREFIX + "a.v1"
     body = {"channel": channel, "callback_url": CALLBACK_URL}

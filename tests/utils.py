@@ -52,11 +52,44 @@ def unreachable_redis() -> Any:
     return redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
 
 
+def toot_settings(**options: Any) -> override_settings:
+    """The tests' settings with these TOOT keys changed."""
+    return override_settings(TOOT={**settings.TOOT, **options})
+
+
 def redis_down() -> override_settings:
     """The tests' settings with toot's Redis unreachable."""
-    return override_settings(
-        TOOT={**settings.TOOT, "REDIS_CONNECTION": "tests.utils.unreachable_redis"}
-    )
+    return toot_settings(REDIS_CONNECTION="tests.utils.unreachable_redis")
+
+
+def redis_now(redis: Any) -> float:
+    """Redis' own clock, which toot's queues run on."""
+    seconds, microseconds = redis.time()
+    return float(seconds + microseconds / 1_000_000)
+
+
+def live_leases(redis: Any, name: str) -> list[str]:
+    """The drain ids holding a live lease on queue ``name``."""
+    from toot import queue
+
+    leases = redis.zrangebyscore(queue._keys(name)[2], redis_now(redis), "+inf")
+    return sorted(lease.decode() for lease in leases)
+
+
+def expire(redis: Any, name: str, drain_id: str) -> None:
+    """End a drain's lease now, as time does for a drain that died: its score in the past."""
+    from toot import queue
+
+    redis.zadd(queue._keys(name)[2], {drain_id: redis_now(redis) - 1})
+
+
+def set_senders(monkeypatch: Any, count: int) -> None:
+    """Deliveries in flight per drain: ``count``, with threads for that many."""
+    from toot import sending
+    from toot.per_process import PerProcess
+
+    monkeypatch.setattr(sending, "SENDERS", count)
+    monkeypatch.setattr(sending, "_senders", PerProcess(sending.new_senders))
 
 
 def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:
