@@ -73,11 +73,10 @@ def table(results: dict[str, Any]) -> list[str]:
                 f"{post['server_cpu_ms_per_request']:.2f} ms, client "
                 f"{post['client_cpu_ms_per_request']:.2f} ms)"
             )
-        for floor in limits.get("paced", []):
+        if limits.get("paced"):
             lines.append(
-                f"  At {floor['rate']:g}/s: that POST p50 {_num(floor['post_ms']['p50'])} ms, "
-                f"p99 {_num(floor['post_ms']['p99'])} ms; a Redis round trip of toot's client "
-                f"p50 {_num(floor['redis_ms']['p50'], 2)} ms"
+                "  At each paced rate, that POST and a Redis round trip of toot's client: "
+                "the paced table's last columns"
             )
 
     bursts = results.get("bursts") or []
@@ -158,8 +157,8 @@ def table(results: dict[str, Any]) -> list[str]:
             )
         if floors:
             lines.append(
-                "  POST, Redis: the same run's plain POST and Redis round trip at that pace "
-                "(limits above)"
+                "  POST, Redis: the same run's plain POST (ms, p50 and p99) and Redis round trip "
+                "at that pace"
             )
 
     memory = results.get("memory")

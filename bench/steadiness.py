@@ -40,14 +40,17 @@ def measure(seconds: float) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(cores), mp_context=context) as pool:
         runs = list(pool.map(spin, cores, [seconds] * len(cores)))
+    # Here, not at the top: the spawned spinners import this module, and need none of it.
+    from bench.measure import percentile
+
     fastest = max(max(run) for run in runs)
-    speeds = sorted(count / fastest for run in runs for count in run)
+    speeds = [count / fastest for run in runs for count in run]
     return {
         "cores": len(cores),
         "seconds": seconds,
         "window_ms": WINDOW * 1000,
-        "median": speeds[len(speeds) // 2],
-        "p5": speeds[len(speeds) // 20],
-        "slowest": speeds[0],
+        "median": percentile(speeds, 50),
+        "p5": percentile(speeds, 5),
+        "slowest": min(speeds),
         "under_half": sum(speed < 0.5 for speed in speeds) / len(speeds),
     }
