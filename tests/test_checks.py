@@ -104,6 +104,8 @@ def test_e001_toot_setting_not_a_dict(value):
         ("SIGNING_SECRETS", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
         ("SUBSCRIPTIONS_AUTH", {"TOKENS": []}),
         ("SUBSCRIPTIONS_AUTH", "tests.no_such_module.authorize"),
+        ("REDIS_CONNECTION", "tests.no_such_module.client"),
+        ("HTTP_SESSION", "tests.utils"),
         ("MAX_DRAINS", 0),
         ("MAX_DRAINS", 1.5),
         ("MAX_DRAINS", True),

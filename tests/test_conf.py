@@ -3,10 +3,12 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+import requests
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
+from tests.utils import unreachable_redis
 from toot import ConfigError
 from toot.conf import DEFAULT_REDIS_URL, DEFAULT_RETRY_SCHEDULE, DEFAULTS, Source, conf
 
@@ -92,8 +94,8 @@ def test_config_error_is_improperly_configured():
         ),
         ("CALLBACK_URL", None, None),
         ("REDIS_URL", "redis://redis.example:6380/2", "redis://redis.example:6380/2"),
-        ("REDIS_CONNECTION", "myproject.redis.client", "myproject.redis.client"),
-        ("HTTP_SESSION", "myproject.http.session", "myproject.http.session"),
+        ("REDIS_CONNECTION", "tests.utils.unreachable_redis", unreachable_redis),
+        ("HTTP_SESSION", "requests.Session", requests.Session),
         ("KEY_PREFIX", "myproject:toot:", "myproject:toot:"),
         ("KEY_PREFIX", "", ""),
         ("CONNECT_TIMEOUT", 2, 2.0),
@@ -386,10 +388,6 @@ def test_subscriptions_auth_forms(value, expected):
         ({"TOKENS": [""]}, r'\["TOKENS"\]\[0\]'),
         ({"TOKENS": [None]}, r'\["TOKENS"\]\[0\]'),
         ({"TOKENS": ["caf\u00e9"]}, "printable ASCII"),
-        ("tests.test_conf.no_such_function", "cannot be imported"),
-        ("no_such_module.authorize", "cannot be imported"),
-        ("authorize", "cannot be imported"),
-        ("tests.test_conf.NOT_CALLABLE", "not callable"),
         (True, "must be None"),
         (["abc"], "must be None"),
     ],
@@ -399,6 +397,23 @@ def test_subscriptions_auth_of_the_wrong_shape_raises_config_error(value, messag
         conf.SUBSCRIPTIONS_AUTH  # noqa: B018
     assert 'TOOT["SUBSCRIPTIONS_AUTH"]' in str(excinfo.value)
     assert "with space" not in str(excinfo.value)  # a token is never quoted
+
+
+@pytest.mark.parametrize("key", ["REDIS_CONNECTION", "HTTP_SESSION", "SUBSCRIPTIONS_AUTH"])
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("tests.test_conf.no_such_function", "cannot be imported"),
+        ("no_such_module.factory", "cannot be imported"),
+        ("factory", "cannot be imported"),
+        ("tests.test_conf.NOT_CALLABLE", "not callable"),
+    ],
+)
+def test_a_dotted_path_that_names_no_callable_raises_config_error(key, path, message):
+    """Caught by the system checks (toot.E002), not by the first publish or request."""
+    with toot(**{key: path}), pytest.raises(ConfigError, match=message) as excinfo:
+        getattr(conf, key)
+    assert f'TOOT["{key}"] names {path!r}' in str(excinfo.value)
 
 
 def test_source_secret_secrets_and_token():

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 import requests
 import urllib3
-from django.utils.module_loading import import_string
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy, should_bypass_proxies
 from urllib3.exceptions import (
     ConnectTimeoutError,
@@ -55,9 +54,9 @@ _own_session = PerProcess(_new_session)
 
 def get_session() -> requests.Session:
     """``TOOT["HTTP_SESSION"]``'s session if set, else one per process."""
-    if conf.HTTP_SESSION:
-        session: requests.Session = import_string(conf.HTTP_SESSION)()
-        return session
+    factory = conf.HTTP_SESSION
+    if factory is not None:
+        return factory()
     return _own_session()
 
 

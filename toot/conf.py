@@ -15,6 +15,8 @@ from django.utils.module_loading import import_string
 from toot.exceptions import ConfigError
 
 if TYPE_CHECKING:
+    import redis
+    import requests
     from django.http import HttpRequest
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -127,6 +129,21 @@ class Settings:
             raise ConfigError(f'TOOT["{key}"] must be a positive number, not {value!r}.')
         return float(value)
 
+    def _factory(self, key: str) -> Callable[..., Any] | None:
+        """The callable a dotted-path setting names, or None when the setting is None."""
+        path = self._optional_str(key)
+        if path is None:
+            return None
+        try:
+            factory = import_string(path)
+        except ImportError as exc:
+            raise ConfigError(
+                f'TOOT["{key}"] names {path!r}, which cannot be imported: {exc}'
+            ) from None
+        if not callable(factory):
+            raise ConfigError(f'TOOT["{key}"] names {path!r}, which is not callable.')
+        return factory  # type: ignore[no-any-return]
+
     def _whole(self, key: str) -> int:
         value = self._positive(key)
         if value != int(value):  # 0.5 would otherwise become 0
@@ -210,12 +227,12 @@ class Settings:
         return DEFAULT_REDIS_URL
 
     @property
-    def REDIS_CONNECTION(self) -> str | None:
-        return self._optional_str("REDIS_CONNECTION")
+    def REDIS_CONNECTION(self) -> Callable[[], redis.Redis] | None:
+        return self._factory("REDIS_CONNECTION")
 
     @property
-    def HTTP_SESSION(self) -> str | None:
-        return self._optional_str("HTTP_SESSION")
+    def HTTP_SESSION(self) -> Callable[[], requests.Session] | None:
+        return self._factory("HTTP_SESSION")
 
     @property
     def KEY_PREFIX(self) -> str:
@@ -324,15 +341,7 @@ class Settings:
                 raise ConfigError(f'{name}["TOKENS"] must be a non-empty list of tokens.')
             return tuple(_token(token, f'{name}["TOKENS"][{i}]') for i, token in enumerate(tokens))
         if isinstance(value, str):
-            try:
-                authenticate = import_string(value)
-            except ImportError as exc:
-                raise ConfigError(
-                    f"{name} names {value!r}, which cannot be imported: {exc}"
-                ) from None
-            if not callable(authenticate):
-                raise ConfigError(f"{name} names {value!r}, which is not callable.")
-            return authenticate  # type: ignore[no-any-return]
+            return self._factory("SUBSCRIPTIONS_AUTH")
         raise ConfigError(
             f'{name} must be None, {{"TOKENS": [...]}} or the dotted path of a callable, '
             f"not {type(value).__name__}."

@@ -11,7 +11,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
-from django.utils.module_loading import import_string
 from redis.commands.core import Script
 
 from toot.conf import conf
@@ -41,11 +40,11 @@ return removed
 
 def get_redis() -> redis.Redis:
     """The client for the store: ``TOOT["REDIS_CONNECTION"]`` if set, else one per URL."""
-    if conf.REDIS_CONNECTION:
-        client: redis.Redis = import_string(conf.REDIS_CONNECTION)()
-        return client
+    factory = conf.REDIS_CONNECTION
+    if factory is not None:
+        return factory()
     key = (conf.REDIS_URL, conf.REDIS_TIMEOUT)
-    client = _clients.get(key)  # type: ignore[assignment]
+    client = _clients.get(key)
     if client is None:
         client = _clients[key] = redis.Redis.from_url(
             key[0],
