@@ -525,6 +525,12 @@ def test_w005_dedupe_ttl_shorter_than_the_retry_window():
     assert "792 s" in message.msg  # (60 + 600) x 1.2, the longest jittered window
 
 
+def test_w005_quiet_in_a_project_that_subscribes_to_no_source():
+    """A publisher alone keeps no done marks: DEDUPE_TTL means nothing to it."""
+    with toot_settings(RETRY_SCHEDULE=[60, 600], DEDUPE_TTL=600, SOURCES={}):
+        assert "toot.W005" not in ids(run_checks())
+
+
 def test_w005_quiet_when_the_ttl_outlasts_the_retries():
     with toot_settings(RETRY_SCHEDULE=[60, 600], DEDUPE_TTL=792):
         assert "toot.W005" not in ids(run_checks())

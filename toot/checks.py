@@ -92,16 +92,18 @@ def check_settings(
 
 
 def _dedupe_warnings() -> list[CheckMessage]:
-    # The publisher's schedule is not known here; a toot publisher's default is ours.
+    # Done marks only matter to a subscriber. Its publishers' schedules are not known
+    # here: its own stands in for them, as a toot publisher's default is the same.
     window = sum(conf.RETRY_SCHEDULE) * (1 + JITTER)
-    if window <= conf.DEDUPE_TTL:
+    if not conf.SOURCES or window <= conf.DEDUPE_TTL:
         return []
     return [
         Warning(
             f'TOOT["DEDUPE_TTL"] ({conf.DEDUPE_TTL} s) is shorter than the retry window of '
             f'TOOT["RETRY_SCHEDULE"] (up to {window:.0f} s).',
             hint="A delivery retried after its handler ran would run the handler again: "
-            "raise DEDUPE_TTL above the publisher's retry window.",
+            "raise DEDUPE_TTL above your publishers' retry window (this project's own "
+            "RETRY_SCHEDULE stands in for theirs here).",
             id="toot.W005",
         )
     ]
