@@ -21,7 +21,7 @@ from toot import store
 from toot.deadletters import bury_delivery, bury_handler, redeliver
 from toot.delivery import Outcome
 from toot.events import Event, wire_json
-from toot.handling import handler_name
+from toot.handling import ALL, handler_name
 from toot.models import DeadLetter
 
 pytestmark = pytest.mark.django_db
@@ -230,3 +230,45 @@ def test_redelivery_runs_only_the_dead_lettered_handler(redis):
 
     assert redeliver(letter_for_handler(recovered)) is True
     assert calls == ["recovered"]
+
+
+def letter_for_every_handler():
+    """As filed when an event found no handler at all (unsubscribed since it was accepted)."""
+    event = Event(SUBSCRIBED, {"id": 1}).to_dict()
+    return bury_handler(event, ALL, 4, LookupError("no handler"), FIRST_ATTEMPT)
+
+
+def test_a_letter_for_every_handler_runs_the_handlers_there_are_now(redis):
+    calls = []
+    toot.subscribe("publisher", "users.updated.v1", lambda event: calls.append("one"))
+    toot.subscribe("publisher", "users.updated.v1", lambda event: calls.append("two"))
+
+    assert redeliver(letter_for_every_handler()) is True
+
+    assert sorted(calls) == ["one", "two"]
+    assert not DeadLetter.objects.exists()
+
+
+def test_a_letter_for_every_handler_keeps_the_errors_of_those_that_fail(redis):
+    def broken(event):
+        raise KeyError("customer")
+
+    toot.subscribe("publisher", "users.updated.v1", on_update)
+    toot.subscribe("publisher", "users.updated.v1", broken)
+    letter = letter_for_every_handler()
+
+    assert redeliver(letter) is False
+
+    letter.refresh_from_db()
+    assert (letter.handler, letter.attempts) == (ALL, 5)
+    assert letter.last_error == "KeyError('customer')"
+
+
+def test_a_letter_for_every_handler_with_still_none_is_kept(redis):
+    letter = letter_for_every_handler()
+
+    assert redeliver(letter) is False
+
+    letter.refresh_from_db()
+    assert letter.attempts == 5
+    assert letter.last_error == repr(LookupError(f"no handler for {SUBSCRIBED} here"))

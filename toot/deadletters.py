@@ -99,7 +99,8 @@ def redeliver(letter: DeadLetter) -> bool:
     else:
         failures = handling.run(Event.from_dict(letter.event), [letter.handler])
         ok, status = not failures, None
-        error = repr(failures[letter.handler]) if failures else ""
+        # Keyed by each handler's name: a letter filed under ALL runs every handler.
+        error = "; ".join(map(repr, failures.values()))
     if ok:
         logger.info(
             "Event %s on %s: dead letter %s redelivered", letter.event_id, letter.channel, letter.pk
