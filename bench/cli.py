@@ -108,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
         default=list(MODES),
         metavar="MODE,...",
         help="delivery modes: single (one event per request) and batch "
-        "(PROTOCOL.md section 7, once toot has it); default single,batch",
+        "(PROTOCOL.md section 7); default single,batch",
     )
     what.add_argument("--skip-burst", action="store_true", help="no burst runs")
     what.add_argument("--skip-paced", action="store_true", help="no paced runs")
