@@ -139,7 +139,7 @@ def test_publish_keeps_the_event_in_the_outbox_when_redis_is_unreachable(suffix,
     for event, message in zip(events, warnings, strict=True):
         assert event.id in message
         assert event.channel in message
-        assert "Redis unreachable" in message
+        assert "Redis failed" in message
         assert "outbox" in message
 
 

@@ -9,7 +9,7 @@ it again.
 
 Done marks are the bulk of toot's Redis memory at any real rate: a key each cost about
 220 bytes for three days. So they are 16-byte digests in one hash per hour of the
-events' timestamps (about 70 bytes each), and each hash expires DEDUPE_TTL after its
+events' timestamps (about 90 bytes each), and each hash expires DEDUPE_TTL after its
 last mark. The claim keys live only while a handler runs.
 """
 

@@ -29,7 +29,7 @@ def keep(event: dict[str, Any], error: Exception) -> None:
 
     OutboxEvent.objects.create(event=event)
     logger.warning(
-        "Event %s on %s: Redis unreachable (%s); kept in the outbox",
+        "Event %s on %s: Redis failed (%s); kept in the outbox",
         event["id"],
         event["channel"],
         error,

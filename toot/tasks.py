@@ -107,7 +107,11 @@ def start(name: str, drain_id: str | None, app: Celery | None = None) -> None:
         if time.monotonic() - _last_warning > QUIET_SECONDS:
             level, _last_warning = logging.WARNING, time.monotonic()
         logger.log(
-            level, "Cannot start a drain of the %s queue now (%s); the relay will", name, exc
+            level,
+            "Cannot start a drain of the %s queue now (%s); a worker's relay will once the "
+            "broker answers",
+            name,
+            exc,
         )
         with contextlib.suppress(*BROKER_ERRORS):  # else the lease ends by itself
             queue.forget(name, drain_id)
