@@ -166,6 +166,18 @@ def test_claim_takes_at_most_limit_and_drops_the_last_batch(redis, name):
     assert not redis.exists(queue.claimed_key(name, "drain"))
 
 
+def test_a_runs_first_claim_takes_over_what_a_dead_run_of_its_id_held(redis, name):
+    """A message run twice (acks_late, a redelivery) must not drop the first run's batch."""
+    queue.push(name, items(1, 2, 3))
+    assert queue.claim(name, "drain", 2) == items(1, 2)  # the first run, then it died
+
+    assert queue.claim(name, "drain", 2, first=True) == items(1, 2)  # in order, first
+
+    assert ready(redis, name) == items(3)
+    assert queue.claim(name, "drain", 2) == items(3)  # later claims end their batch
+    assert queue.pending(name) == 1
+
+
 def test_a_claim_of_zero_takes_nothing_and_ends_the_batch(redis, name):
     queue.push(name, items(1, 2))
     assert queue.claim(name, "drain", 1) == items(1)

@@ -424,6 +424,38 @@ def test_a_drain_killed_mid_batch_loses_nothing(
         eventually(lambda: queue.pending(own_queue) == 0)
 
 
+def test_a_drain_message_run_twice_sends_what_the_first_run_held(
+    celery_worker, eventually, channel, own_queue, redis
+):
+    """With a project's acks_late, a killed child's message runs again under the same id."""
+    events = [make_event(channel) for _ in range(3)]
+    with HTTPServer() as subscriber:
+        store.add(channel, subscriber.url)
+        drain_id = queue.push(own_queue, [{"event": event} for event in events])
+        assert drain_id is not None
+        # Its first run claimed the batch, and its worker was killed before it was done.
+        assert len(queue.claim(own_queue, drain_id, tasks.CLAIM_LIMIT)) == 3
+
+        tasks.start(own_queue, drain_id)  # the same message, delivered again
+
+        eventually(lambda: len(subscriber.requests) == 3)
+        assert sorted(r.json()["id"] for r in subscriber.requests) == sorted(
+            e["id"] for e in events
+        )
+        eventually(lambda: queue.pending(own_queue) == 0)
+
+
+def test_a_drain_is_acknowledged_as_it_starts_whatever_the_project_says(celery_worker):
+    app = tasks.drain.app
+    assert app.conf.task_acks_late is False  # the tests' own default ...
+    app.conf.task_acks_late = app.conf.task_reject_on_worker_lost = True
+    try:  # ... and a project's that acknowledges late: toot's lease is what recovers work
+        assert tasks.drain.acks_late is False
+        assert tasks.drain.reject_on_worker_lost is False
+    finally:
+        app.conf.task_acks_late = app.conf.task_reject_on_worker_lost = False
+
+
 # Starting a drain
 
 

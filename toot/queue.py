@@ -69,13 +69,19 @@ for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
 return start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 """
 )
-# KEYS: ready, delayed, leases, claimed; ARGV: drain id, limit, lease seconds, then
-# pairs of retry item and delay. Ends the drain's last batch (its retries scheduled, its
-# items dropped), renews the lease, makes due retries ready, and claims up to limit items.
+# KEYS: ready, delayed, leases, claimed; ARGV: drain id, limit, lease seconds, first
+# ("1" for a run's first claim), then pairs of retry item and delay. Ends the drain's last
+# batch (its retries scheduled, its items dropped), renews the lease, makes due retries
+# ready, and claims up to limit items. A run's first claim has no last batch: what the
+# list holds then is a dead run's under the same id, and goes back to the front of ready.
 CLAIM_SCRIPT = (
     _NOW
     + """
-for i = 4, #ARGV, 2 do redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i]) end
+if ARGV[4] == '1' then
+  local left = redis.call('LRANGE', KEYS[4], 0, -1)
+  for i = #left, 1, -1 do redis.call('LPUSH', KEYS[1], left[i]) end
+end
+for i = 5, #ARGV, 2 do redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i]) end
 redis.call('DEL', KEYS[4])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
 local limit = tonumber(ARGV[2])
@@ -185,15 +191,17 @@ def push(queue: str, items: Sequence[dict[str, Any]]) -> str | None:
 
 
 def claim(
-    queue: str, drain_id: str, limit: int, retries: Sequence[Retry] = ()
+    queue: str, drain_id: str, limit: int, retries: Sequence[Retry] = (), *, first: bool = False
 ) -> list[dict[str, Any]]:
     """End the drain's last batch and claim the next, of up to ``limit`` items, in one step.
 
     The last batch's items are dropped and its ``retries`` (item, delay) scheduled
-    together, so that a crash leaves either the whole batch claimed or none of it.
+    together, so that a crash leaves either the whole batch claimed or none of it. A run's
+    ``first`` claim drops nothing: a message run twice (a project's ``acks_late``, a
+    broker's redelivery) finds what the dead run held and takes it over.
     """
     keys = [*_keys(queue), claimed_key(queue, drain_id)]
-    args: list[Any] = [drain_id, limit, LEASE_SECONDS]
+    args: list[Any] = [drain_id, limit, LEASE_SECONDS, int(first)]
     for item, delay in retries:
         args += [encode(item), delay]
     return [json.loads(item) for item in run_script(CLAIM_SCRIPT, keys, args)]

@@ -45,7 +45,9 @@ PROCESSORS: dict[str, Callable[[list[dict[str, Any]], Callable[[], None]], list[
 }
 
 
-@shared_task(name="toot.drain", ignore_result=True)
+# Acknowledged as it starts, whatever the project's Celery settings say: a drain's work
+# is safe in Redis, and its lease, not the broker, decides when another drain takes it.
+@shared_task(name="toot.drain", ignore_result=True, acks_late=False, reject_on_worker_lost=False)
 def drain(name: str, drain_id: str) -> int:
     """Process ``name``'s items until it is empty; returns how many were processed.
 
@@ -70,10 +72,10 @@ def _drain(name: str, drain_id: str) -> int:
             queue.renew(name, drain_id)
             renewed = time.monotonic()
 
-    count, retries = 0, list[queue.Retry]()
+    count, retries, first = 0, list[queue.Retry](), True
     while True:
-        items = queue.claim(name, drain_id, CLAIM_LIMIT, retries)
-        renewed, retries = time.monotonic(), []
+        items = queue.claim(name, drain_id, CLAIM_LIMIT, retries, first=first)
+        renewed, retries, first = time.monotonic(), [], False
         if not items:
             # Within the client's socket timeout, which would otherwise end the wait.
             item = queue.wait(name, drain_id, min(LINGER_SECONDS, conf.REDIS_TIMEOUT / 2))
