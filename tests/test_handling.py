@@ -6,6 +6,8 @@ import datetime as dt
 import functools
 import json
 import logging
+import time
+from types import SimpleNamespace
 
 import pytest
 from django.conf import settings
@@ -302,6 +304,60 @@ def test_run_many_runs_each_handler_once_per_event_across_batches(redis):
         ("first", three.id),
         ("second", three.id),
     ]
+
+
+def test_each_run_is_marked_done_before_the_next_handler_runs(redis):
+    """A worker killed by a later handler of the batch leaves the earlier ones done."""
+    seen: list[tuple[str | None, ...]] = []
+    one, two, three = new_event(), new_event(), new_event()
+
+    def handler(event):
+        seen.append(tuple(handling.state(e, handler_name(handler)) for e in (one, two, three)))
+
+    subscribe("publisher", "users.updated.v1", handler)
+
+    assert run_many([(one, None), (two, None), (three, None)]) == [{}, {}, {}]
+
+    assert seen == [
+        (handling.RUNNING, handling.RUNNING, handling.RUNNING),
+        (DONE, handling.RUNNING, handling.RUNNING),
+        (DONE, DONE, handling.RUNNING),
+    ]
+
+
+def test_a_claim_older_than_half_its_time_is_checked_and_renewed_before_its_handler(
+    redis, monkeypatch
+):
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(
+        handling, "time", SimpleNamespace(monotonic=lambda: clock.now, time=time.time)
+    )
+    first, second, third = new_event(), new_event(), new_event()
+    ran: list[Event] = []
+    ttls: list[int] = []
+
+    def slow(event):
+        ran.append(event)
+        claim = functools.partial(handling._claim_key, name=handler_name(slow))
+        if event == first:
+            clock.now += CLAIM_SECONDS  # the batch's other claims ran out meanwhile,
+            redis.set(claim(second), "another run", ex=60)  # a retry elsewhere took one
+            redis.delete(claim(third))  # and nobody the other
+        else:
+            ttls.append(redis.ttl(claim(event)))
+
+    subscribe("publisher", "users.updated.v1", slow)
+    name = handler_name(slow)
+
+    failures = run_many([(first, None), (second, None), (third, None)])
+
+    assert ran == [first, third]
+    assert list(failures[1]) == [name]
+    assert isinstance(failures[1][name], AlreadyRunning)
+    assert redis.get(handling._claim_key(second, name)) == b"another run"
+    assert failures[2] == {}
+    assert ttls and ttls[0] > CLAIM_SECONDS - 10  # taken again for a whole claim
+    assert handling.state(third, name) == DONE
 
 
 def test_run_many_reports_the_failures_of_each_event_apart(redis):

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DONE = "done"
 RUNNING = "running"
+CLAIMED = "claimed"
 # How long a claim protects a running handler; a worker that dies mid-handler leaves
 # the claim behind, and the retry after it expires runs the handler again.
 CLAIM_SECONDS = 600
@@ -58,19 +59,25 @@ for i = 1, #KEYS, 2 do
 end
 return states
 """
-# KEYS: (done hash, claim key) per handler run; ARGV: the run's token, then per run its
-# field and, if it succeeded, when the hash may expire ("" if it failed). Marks the
-# successes done and ends the claims that are still the run's own, in one step: a run
-# that checks between the two sees either.
+# KEYS: done hash, claim key; ARGV: claim seconds, the run's token, its field. Renews a
+# claim the run took, unless it ran out and another run took it ("running") or did the
+# work meanwhile ("done").
+RENEW_SCRIPT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[3]) == 1 then return 'done' end
+local held = redis.call('GET', KEYS[2])
+if held and held ~= ARGV[2] then return 'running' end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
+return 'claimed'
+"""
+# KEYS: done hash, claim key; ARGV: the run's token, its field, and, if it succeeded,
+# when the hash may expire ("" if it failed). Marks a success done and ends the claim if
+# it is still the run's own, in one step: a run that checks between the two sees either.
 END_SCRIPT = """
-for i = 1, #KEYS, 2 do
-  local j = i + 1
-  if ARGV[j + 1] ~= '' then
-    redis.call('HSET', KEYS[i], ARGV[j], 1)
-    redis.call('EXPIREAT', KEYS[i], ARGV[j + 1])
-  end
-  if redis.call('GET', KEYS[i + 1]) == ARGV[1] then redis.call('DEL', KEYS[i + 1]) end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[2], 1)
+  redis.call('EXPIREAT', KEYS[1], ARGV[3])
 end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 """
 
 
@@ -145,10 +152,13 @@ def run_many(
 ) -> list[dict[str, Exception]]:
     """Run each event's handlers (only the names given, if any); the failures of each.
 
-    The claims and done marks of the whole batch take one round trip each. A name that
-    is no longer subscribed (renamed or removed by a deploy) is a failure, not a silent
-    success: its retries and its dead letter keep the work visible. ``keep_alive`` is
-    called before each handler runs (a drain renews its lease there).
+    The claims of the whole batch take one round trip. Each run is marked done as soon as
+    it returns, not with the batch: a worker killed by a later handler must not leave the
+    earlier ones to run again once their claims expire. A claim older than half
+    CLAIM_SECONDS is renewed before its handler runs. A name that is no longer subscribed
+    (renamed or removed by a deploy) is a failure, not a silent success: its retries and
+    its dead letter keep the work visible. ``keep_alive`` is called before each handler
+    runs (a drain renews its lease there).
     """
     failures: list[dict[str, Exception]] = []
     planned: list[tuple[int, Event, str, Handler]] = []
@@ -183,12 +193,13 @@ def run_many(
     ]
     token = new_id()
     states = run_script(CLAIM_SCRIPT, [*chain(*pairs)], [CLAIM_SECONDS, token, *fields])
-    ran_keys: list[str] = []
-    ran: list[Any] = [token]
+    claimed_at = time.monotonic()
     for (index, event, name, handler), claim, field, pair in zip(
         planned, states, fields, pairs, strict=True
     ):
         claim = as_text(claim)
+        if claim == CLAIMED and time.monotonic() - claimed_at > CLAIM_SECONDS / 2:
+            claim = as_text(run_script(RENEW_SCRIPT, pair, [CLAIM_SECONDS, token, field]))
         if claim == DONE:
             logger.info(
                 "Event %s on %s: %s already handled it, skipped", event.id, event.channel, name
@@ -200,17 +211,15 @@ def run_many(
             )
             continue
         keep_alive()
-        ran_keys += pair
+        done_until: int | str = ""
         try:
             handler(event)
         except Exception as exc:
-            ran += [field, ""]
             logger.exception("Event %s on %s: handler %s raised", event.id, event.channel, name)
             failures[index][name] = exc
         else:
-            ran += [field, _done_until(event)]
-    if ran_keys:
-        run_script(END_SCRIPT, ran_keys, ran)
+            done_until = _done_until(event)
+        run_script(END_SCRIPT, pair, [token, field, done_until])
     return failures
 
 
