@@ -345,6 +345,24 @@ def test_a_url_that_failed_is_not_tried_again_in_the_same_batch(redis, channel, 
         assert [r.json() for r in down.requests[1:]] == events
 
 
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_refusal_of_one_body_holds_back_none_of_the_url_s_other_deliveries(
+    redis, channel, status
+):
+    events = make_events(channel, 3)
+
+    def refuse_the_second(request):
+        return Reply(status if request.json()["id"] == events[1]["id"] else 200)
+
+    with HTTPServer(refuse_the_second) as peer:
+        store.add(channel, peer.url)
+
+        retries = process(new(events))
+
+    assert [r.json() for r in peer.requests] == events  # each was sent
+    assert [item["delivery"]["id"] for item, _ in retries] == [events[1]["id"]]
+
+
 def test_a_failed_batch_holds_back_the_url_s_other_batches(redis, channel, secret):
     events = make_events(channel, 3)
     with (

@@ -39,6 +39,14 @@ class Outcome:
     def gone(self) -> bool:
         return self.status == 410
 
+    @property
+    def of_the_url(self) -> bool:
+        """A failure the URL's other deliveries would meet too: no answer, a refusal, 410,
+        429 or 5xx; not one of this body alone (400, 413, 422...)."""
+        if self.ok:
+            return False
+        return self.status is None or self.status >= 500 or self.status in (410, 429)
+
 
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header: delta-seconds or an HTTP date."""

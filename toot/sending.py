@@ -154,10 +154,10 @@ def process(items: list[dict[str, Any]], keep_alive: Callable[[], None]) -> list
     """Send the claimed items' deliveries; returns the retries to schedule.
 
     Up to SENDERS deliveries are in flight at once: most of a delivery's time is spent
-    waiting for the subscriber. A URL that failed is not tried again in the same batch:
-    its other deliveries count the same failure, so that one unreachable subscriber costs
-    one timeout, not one each. Outcomes are settled (logged, retried, dead-lettered) here,
-    in the drain's own thread.
+    waiting for the subscriber. A URL that failed as a whole (Outcome.of_the_url) is not
+    tried again in the same batch: its other deliveries count the same failure, so that
+    one unreachable subscriber costs one timeout, not one each. Outcomes are settled
+    (logged, retried, dead-lettered) here, in the drain's own thread.
     """
     failed: dict[str, Outcome] = {}
 
@@ -168,7 +168,7 @@ def process(items: list[dict[str, Any]], keep_alive: Callable[[], None]) -> list
             outcome = failed.get(delivery.url)
             if outcome is None:
                 outcome = attempt(delivery.url, delivery.channel, delivery.body, delivery.id)
-                if not outcome.ok:
+                if outcome.of_the_url:
                     failed.setdefault(delivery.url, outcome)
             sent.append((delivery, outcome))
         return sent
