@@ -23,7 +23,7 @@ from django.conf import settings
 import toot
 from tests.http_server import HTTPServer, Reply, in_order
 from tests.utils import callback_urls, set_senders, toot_settings
-from toot import sending, store
+from toot import queue, sending, store
 from toot.events import Event, wire_json
 from toot.models import DeadLetter
 from toot.sending import Delivery, plan
@@ -469,6 +469,27 @@ def test_a_spent_schedule_dead_letters_each_event_of_the_batch(redis, channel):
         assert (letter.callback_url, letter.attempts) == (peer.url, last + 1)
         assert (letter.last_status, letter.last_error) == (500, "still broken")
         assert letter.first_attempt_at == dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+
+
+def test_a_dead_letter_that_cannot_be_written_holds_back_only_its_delivery(redis, channel, caplog):
+    # No django_db mark: the database refuses this test, as it would while it is down.
+    events = make_events(channel, 2)
+    with (
+        HTTPServer(Reply(500)) as down,
+        HTTPServer() as up,
+        toot_settings(RETRY_SCHEDULE=[]),  # the first failure is dead-lettered
+    ):
+        store.add(channel, down.url)
+        store.add(channel, up.url)
+
+        retries = process(new(events))
+
+    assert [r.json() for r in up.requests] == events  # sent once, not put back
+    assert [(item["delivery"]["url"], delay) for item, delay in retries] == [
+        (down.url, queue.FAILED_WORK_DELAY)
+    ] * 2
+    assert {item["delivery"]["attempts"] for item, _ in retries} == {0}  # not counted
+    assert "cannot record its outcome" in caplog.text
 
 
 @pytest.mark.django_db

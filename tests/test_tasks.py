@@ -534,7 +534,7 @@ def test_a_failing_drain_puts_its_batch_back_for_later_and_ends_its_lease(
     assert redis.llen(ready) == 0
     due = [score - redis_now(redis) for _, score in redis.zrange(delayed, 0, -1, withscores=True)]
     assert len(due) == 2
-    assert all(tasks.ABANDONED_DELAY - 5 < seconds <= tasks.ABANDONED_DELAY for seconds in due)
+    assert all(queue.FAILED_WORK_DELAY - 5 < seconds <= queue.FAILED_WORK_DELAY for seconds in due)
     assert not redis.exists(queue.claimed_key(own_queue, drain_id))
     # No lease is left behind: the next push starts a drain at once.
     assert queue.push(own_queue, [{"n": 3}]) is not None

@@ -40,6 +40,9 @@ Retry = tuple[dict[str, Any], float]
 
 # A drain renews its lease at every batch; one whose lease ends is presumed dead.
 LEASE_SECONDS = 60
+# What a failing drain held, or a delivery whose outcome could not be recorded, is tried
+# again after this long: not at once and not in a loop.
+FAILED_WORK_DELAY = 10.0
 
 # Another drain starts when more than this many items per running drain wait: a steady
 # trickle stays with the drain that has it (no Celery message per event), a burst gets up

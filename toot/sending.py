@@ -24,7 +24,7 @@ from toot.conf import conf
 from toot.delivery import Outcome, attempt, next_delay
 from toot.events import wire_json
 from toot.per_process import PerProcess
-from toot.queue import Retry
+from toot.queue import FAILED_WORK_DELAY, Retry
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,19 @@ def process(items: list[dict[str, Any]], keep_alive: Callable[[], None]) -> list
     results = _senders().map(send, planned) if len(planned) > 1 else map(send, planned)
     retries: list[Retry] = []
     for delivery, outcome in (pair for lane in results for pair in lane):
-        retry = settle(delivery, outcome)
+        try:
+            retry = settle(delivery, outcome)
+        except Exception:
+            # The database down as a dead letter is written, say. Raising would put the
+            # whole batch back, to be sent again to every subscriber: only this delivery
+            # waits, as if this attempt had not been made.
+            logger.exception(
+                "Delivery %s to %s: cannot record its outcome; trying it again in %.0fs",
+                delivery.id,
+                delivery.url,
+                FAILED_WORK_DELAY,
+            )
+            retry = delivery.as_item(), FAILED_WORK_DELAY
         if retry is not None:
             retries.append(retry)
     return retries

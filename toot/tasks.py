@@ -31,8 +31,6 @@ DRAIN_SECONDS = 5.0
 # An idle drain waits this long for the next item before it ends: under a light, steady
 # load one drain picks up each event as it comes, without a Celery message.
 LINGER_SECONDS = 0.5
-# What a failing drain held is tried again after this long, not at once and not in a loop.
-ABANDONED_DELAY = 10.0
 
 # While the broker is down, every publish and every relay tick fails to start a drain:
 # one warning per this many seconds says so, the rest are logged at DEBUG.
@@ -52,13 +50,13 @@ def drain(name: str, drain_id: str) -> int:
     """Process ``name``'s items until it is empty; returns how many were processed.
 
     A drain that fails (the database down while it writes a dead letter, say) puts what
-    it held back for another drain in ABANDONED_DELAY seconds, and raises.
+    it held back for another drain in queue.FAILED_WORK_DELAY seconds, and raises.
     """
     try:
         return _drain(name, drain_id)
     except Exception:
         with contextlib.suppress(Exception):  # Redis itself down: the lease ends by itself
-            queue.abandon(name, drain_id, ABANDONED_DELAY)
+            queue.abandon(name, drain_id, queue.FAILED_WORK_DELAY)
         raise
 
 
