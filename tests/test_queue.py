@@ -34,6 +34,12 @@ def leased(name: str, pushed: list[dict[str, Any]]) -> str:
     return drain_id
 
 
+def holding(redis, name: str, drain_id: str = "drain") -> str:
+    """A live lease for ``drain_id``, as a push that starts its drain takes one."""
+    redis.zadd(queue._keys(name)[2], {drain_id: redis_now(redis) + queue.LEASE_SECONDS})
+    return drain_id
+
+
 def items(*labels: Any) -> list[dict[str, Any]]:
     return [{"n": label} for label in labels]
 
@@ -72,6 +78,7 @@ def blocked_in_blmove(redis) -> int:
 
 
 def test_push_appends_in_order_and_claim_takes_the_oldest_first(redis, name):
+    holding(redis, name)
     queue.push(name, items(1, 2))
     queue.push(name, items(3))
 
@@ -115,7 +122,7 @@ def test_racing_pushers_start_at_most_max_drains(redis, name):
     started = [drain_id for drain_id in drain_ids if drain_id is not None]
     assert len(started) == len(set(started)) == 3
     assert live_leases(redis, name) == sorted(started)
-    claimed_items = queue.claim(name, "drain", 10_000)
+    claimed_items = queue.claim(name, started[0], 10_000)
     assert len(claimed_items) == pushers * queue.BACKLOG_PER_DRAIN
 
 
@@ -128,6 +135,7 @@ def test_a_push_that_cannot_be_encoded_queues_nothing_and_takes_no_lease(redis, 
 
 
 def test_a_claim_never_sees_part_of_a_push(redis, name):
+    holding(redis, name)
     pushes, size = 200, 20
 
     def pusher():
@@ -151,6 +159,7 @@ def test_a_claim_never_sees_part_of_a_push(redis, name):
 
 
 def test_claim_takes_at_most_limit_and_drops_the_last_batch(redis, name):
+    holding(redis, name)
     queue.push(name, items(1, 2, 3, 4, 5))
 
     assert queue.claim(name, "drain", 2) == items(1, 2)
@@ -168,6 +177,7 @@ def test_claim_takes_at_most_limit_and_drops_the_last_batch(redis, name):
 
 def test_a_runs_first_claim_takes_over_what_a_dead_run_of_its_id_held(redis, name):
     """A message run twice (acks_late, a redelivery) must not drop the first run's batch."""
+    holding(redis, name)
     queue.push(name, items(1, 2, 3))
     assert queue.claim(name, "drain", 2) == items(1, 2)  # the first run, then it died
 
@@ -179,6 +189,7 @@ def test_a_runs_first_claim_takes_over_what_a_dead_run_of_its_id_held(redis, nam
 
 
 def test_a_claim_of_zero_takes_nothing_and_ends_the_batch(redis, name):
+    holding(redis, name)
     queue.push(name, items(1, 2))
     assert queue.claim(name, "drain", 1) == items(1)
 
@@ -191,6 +202,7 @@ def test_a_claim_of_zero_takes_nothing_and_ends_the_batch(redis, name):
 
 
 def test_claim_schedules_the_last_batchs_retries_as_it_drops_the_batch(redis, name):
+    holding(redis, name)
     queue.push(name, items(1, 2, 3))
     assert queue.claim(name, "drain", 3) == items(1, 2, 3)
     retries = [({"n": 1, "attempts": 1}, 30.0), ({"n": 2, "attempts": 1}, 3600.0)]
@@ -207,6 +219,7 @@ def test_claim_schedules_the_last_batchs_retries_as_it_drops_the_batch(redis, na
 
 
 def test_a_retry_due_at_once_is_claimed_behind_what_was_ready(redis, name):
+    holding(redis, name)
     queue.push(name, items(1))
     assert queue.claim(name, "drain", 1) == items(1)
     queue.push(name, items(2))
@@ -218,6 +231,7 @@ def test_a_retry_due_at_once_is_claimed_behind_what_was_ready(redis, name):
 
 
 def test_due_retries_become_ready_and_later_ones_wait(redis, name):
+    holding(redis, name)
     schedule(redis, name, {"n": "due"}, -1)
     schedule(redis, name, {"n": "later"}, 3600)
 
@@ -255,8 +269,9 @@ def test_racing_drains_claim_each_item_exactly_once(redis, name):
             taken += batch
         return taken
 
+    drain_ids = [holding(redis, name, f"drain-{n}") for n in range(drains)]
     with ThreadPoolExecutor(drains) as pool:
-        results = list(pool.map(drain, [f"drain-{n}" for n in range(drains)], timeout=60))
+        results = list(pool.map(drain, drain_ids, timeout=60))
 
     assert sorted(item["n"] for taken in results for item in taken) == list(range(count))
     assert sum(1 for taken in results if taken) > 1  # the drains really did share the work
@@ -338,6 +353,35 @@ def test_release_keeps_the_lease_for_a_due_retry_only(redis, name, due_in, relea
     assert live_leases(redis, name) == ([] if released else [drain_id])
 
 
+def test_a_drain_whose_lease_went_to_another_can_neither_claim_nor_renew(redis, name):
+    drain_id = leased(name, items(1, 2))
+    assert queue.claim(name, drain_id, 1) == items(1)
+    expire(redis, name, drain_id)
+    assert queue.wake(name) not in (None, drain_id)  # the relay gave item 1 to another drain
+
+    with pytest.raises(queue.LeaseLost):
+        queue.claim(name, drain_id, 10, [({"n": 1, "attempts": 1}, 30.0)])
+    with pytest.raises(queue.LeaseLost):
+        queue.renew(name, drain_id)
+
+    assert delayed(redis, name) == []  # item 1's retry is the other drain's to schedule
+    assert ready(redis, name) == items(1, 2)
+    assert drain_id not in live_leases(redis, name)
+
+
+def test_a_batch_taken_after_the_lease_went_is_ended_by_the_drain_that_took_it(redis, name):
+    drain_id = leased(name, items(1, 2))
+    redis.zrem(queue._keys(name)[2], drain_id)  # gone, by whatever means
+    assert queue.wait(name, drain_id, 1) == {"n": 1}  # as the drain lingered
+
+    with pytest.raises(queue.LeaseLost):
+        queue.claim(name, drain_id, 10, [({"n": 1, "attempts": 1}, 30.0)])
+
+    assert [item for item, _ in delayed(redis, name)] == [{"n": 1, "attempts": 1}]
+    assert ready(redis, name) == items(2)  # nothing more claimed
+    assert claimed(redis, name, drain_id) == []
+
+
 def test_renew_extends_a_lease(redis, name):
     drain_id = leased(name, items(1))
     assert queue.claim(name, drain_id, 1) == items(1)
@@ -361,8 +405,9 @@ def test_forget_gives_up_a_lease_and_keeps_the_items(redis, name):
         queue.forget(name, drain_id)
 
         assert live_leases(redis, name) == []
-        assert queue.push(name, items(3)) not in (None, drain_id)
-    assert queue.claim(name, "drain", 10) == items(1, 2, 3)
+        another = queue.push(name, items(3))
+        assert another not in (None, drain_id)
+    assert queue.claim(name, another, 10) == items(1, 2, 3)
 
 
 # wake: what the relay does every RELAY_INTERVAL
@@ -436,7 +481,7 @@ def test_wake_starts_a_drain_only_when_work_waits_and_a_lease_is_free(redis, nam
 def test_pending_counts_ready_delayed_and_claimed_items(redis, name):
     first = leased(name, items(1, 2, 3, 4, 5))
     assert queue.claim(name, first, 2) == items(1, 2)
-    assert queue.claim(name, "second", 1) == items(3)
+    assert queue.claim(name, holding(redis, name, "second"), 1) == items(3)
     expire(redis, name, first)  # dead, not yet recovered: its items still count
     schedule(redis, name, {"n": "retry"}, 3600)
 
@@ -446,15 +491,16 @@ def test_pending_counts_ready_delayed_and_claimed_items(redis, name):
 
 def test_queues_are_namespaced_by_key_prefix(redis, name):
     other = f"{settings.TOOT['KEY_PREFIX']}other:"  # still under the run's, which `redis` cleans
-    queue.push(name, items("mine"))
+    mine = leased(name, items("mine"))
 
     with override_settings(TOOT={**settings.TOOT, "KEY_PREFIX": other}):
         assert queue.pending(name) == 0
-        assert queue.claim(name, "drain", 10) == []
+        with pytest.raises(queue.LeaseLost):  # the lease is under the other prefix
+            queue.claim(name, mine, 10)
         queue.push(name, items("theirs"))
         assert queue.pending(name) == 1
 
-    assert queue.claim(name, "drain", 10) == items("mine")
+    assert queue.claim(name, mine, 10) == items("mine")
     assert redis.llen(f"{other}queue:{{{name}}}:ready") == 1
 
 

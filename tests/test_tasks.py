@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -398,6 +399,36 @@ def test_a_long_batch_renews_the_drains_lease(
     assert woken == [None] * 4  # nothing given back to be sent a second time
     assert sorted((r.json() for r in subscriber.requests), key=ids) == sorted(events, key=ids)
     assert drains == [(own_queue, drain_id, 4)]
+
+
+def test_a_drain_whose_lease_went_to_another_stops_and_schedules_nothing(
+    celery_worker, eventually, channel, own_queue, drains, redis, caplog
+):
+    caplog.set_level(logging.WARNING, logger="toot.tasks")
+    taken_over: list[str | None] = []
+
+    def hung(request):
+        # The drain went quiet past its lease, and a relay gave its batch to another.
+        [dead] = live_leases(redis, own_queue)
+        expire(redis, own_queue, dead)
+        taken_over.append(queue.wake(own_queue))
+        return Reply(500)
+
+    event = make_event(channel)
+    with HTTPServer(hung) as subscriber:
+        store.add(channel, subscriber.url)
+        drain_id = send(event, name=own_queue)
+
+        eventually(lambda: drains, what="the drain to end")
+    assert drains == [(own_queue, drain_id, 0)]
+    assert len(subscriber.requests) == len(taken_over) == 1
+    assert taken_over[0] not in (None, drain_id)
+    # Its failed delivery is not scheduled: the event waits, whole, for the other drain.
+    assert redis.zcard(queue._keys(own_queue)[1]) == 0
+    assert [json.loads(item) for item in redis.lrange(queue._keys(own_queue)[0], 0, -1)] == [
+        {"event": event}
+    ]
+    assert f"Drain {drain_id} of the {own_queue} queue stopped" in caplog.text
 
 
 def test_a_drain_killed_mid_batch_loses_nothing(

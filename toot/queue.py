@@ -53,6 +53,14 @@ _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
+# Puts what a drain's claimed list holds back at the front of ready, first in order.
+_GIVE_BACK = """
+local function give_back(ready, claimed)
+  local items = redis.call('LRANGE', claimed, 0, -1)
+  for i = #items, 1, -1 do redis.call('LPUSH', ready, items[i]) end
+  redis.call('DEL', claimed)
+end
+"""
 # Takes a lease for drain_id and returns it when a drain should start, else false.
 _START = f"""
 local function start(ready, leases, max_drains, lease_seconds, drain_id)
@@ -77,15 +85,20 @@ return start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 # batch (its retries scheduled, its items dropped), renews the lease, makes due retries
 # ready, and claims up to limit items. A run's first claim has no last batch: what the
 # list holds then is a dead run's under the same id, and goes back to the front of ready.
+# Once the lease is gone it returns false, and renews and claims nothing. The last batch
+# is then ended only if the list still holds it: else the relay gave it to another drain,
+# which sends it and schedules its retries.
 CLAIM_SCRIPT = (
     _NOW
+    + _GIVE_BACK
     + """
-if ARGV[4] == '1' then
-  local left = redis.call('LRANGE', KEYS[4], 0, -1)
-  for i = #left, 1, -1 do redis.call('LPUSH', KEYS[1], left[i]) end
+local leased = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if ARGV[4] == '1' then give_back(KEYS[1], KEYS[4]) end
+if leased or redis.call('EXISTS', KEYS[4]) == 1 then
+  for i = 5, #ARGV, 2 do redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i]) end
+  redis.call('DEL', KEYS[4])
 end
-for i = 5, #ARGV, 2 do redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i]) end
-redis.call('DEL', KEYS[4])
+if not leased then return false end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
 local limit = tonumber(ARGV[2])
 if limit < 1 then return {} end
@@ -100,6 +113,15 @@ if #items > 0 then
   redis.call('RPUSH', KEYS[4], unpack(items))
 end
 return items
+"""
+)
+# KEYS: leases; ARGV: drain id, lease seconds. Extends the lease unless it is gone.
+RENEW_SCRIPT = (
+    _NOW
+    + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return 1
 """
 )
 # KEYS: delayed, leases, claimed; ARGV: drain id, delay. Puts what a failing drain held
@@ -131,13 +153,11 @@ return 1
 # drain id when work waits and a drain should start.
 WAKE_SCRIPT = (
     _NOW
+    + _GIVE_BACK
     + _START
     + """
 for _, drain in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
-  local claimed = ARGV[1] .. drain
-  local items = redis.call('LRANGE', claimed, 0, -1)
-  for i = #items, 1, -1 do redis.call('LPUSH', KEYS[1], items[i]) end  -- first, in order
-  redis.call('DEL', claimed)
+  give_back(KEYS[1], ARGV[1] .. drain)
   redis.call('ZREM', KEYS[3], drain)
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
@@ -163,6 +183,14 @@ def _keys(queue: str) -> tuple[str, str, str]:
 
 def claimed_key(queue: str, drain_id: str) -> str:
     return f"{_base(queue)}claimed:{drain_id}"
+
+
+class LeaseLost(Exception):
+    """The drain's lease ran out and the relay gave what it held to another drain.
+
+    The drain stops at once, without ending its batch: the other drain sends that work,
+    and schedules its retries, in its place.
+    """
 
 
 def encode(item: dict[str, Any]) -> str:
@@ -207,7 +235,10 @@ def claim(
     args: list[Any] = [drain_id, limit, LEASE_SECONDS, int(first)]
     for item, delay in retries:
         args += [encode(item), delay]
-    return [json.loads(item) for item in run_script(CLAIM_SCRIPT, keys, args)]
+    items = run_script(CLAIM_SCRIPT, keys, args)
+    if items is None:
+        raise LeaseLost
+    return [json.loads(item) for item in items]
 
 
 def wait(queue: str, drain_id: str, timeout: float) -> dict[str, Any] | None:
@@ -223,8 +254,8 @@ def wait(queue: str, drain_id: str, timeout: float) -> dict[str, Any] | None:
 
 def renew(queue: str, drain_id: str) -> None:
     """Extend the drain's lease: a long batch must not look like a dead drain's."""
-    seconds, micros = get_redis().time()
-    get_redis().zadd(_keys(queue)[2], {drain_id: seconds + micros / 1_000_000 + LEASE_SECONDS})
+    if not run_script(RENEW_SCRIPT, _keys(queue)[2:], [drain_id, LEASE_SECONDS]):
+        raise LeaseLost
 
 
 def release(queue: str, drain_id: str) -> bool:

@@ -49,11 +49,21 @@ PROCESSORS: dict[str, Callable[[list[dict[str, Any]], Callable[[], None]], list[
 def drain(name: str, drain_id: str) -> int:
     """Process ``name``'s items until it is empty; returns how many were processed.
 
-    A drain that fails (the database down while it writes a dead letter, say) puts what
-    it held back for another drain in queue.FAILED_WORK_DELAY seconds, and raises.
+    A drain that went without renewing its lease for LEASE_SECONDS (a call that hung)
+    stops without ending its batch: what it held is another drain's by then. A drain that
+    fails (the database down while it writes a dead letter, say) puts what it held back
+    for another drain in queue.FAILED_WORK_DELAY seconds, and raises.
     """
     try:
         return _drain(name, drain_id)
+    except queue.LeaseLost:
+        logger.warning(
+            "Drain %s of the %s queue stopped: its lease ran out, and what it held went to "
+            "another drain",
+            drain_id,
+            name,
+        )
+        return 0
     except Exception:
         with contextlib.suppress(Exception):  # Redis itself down: the lease ends by itself
             queue.abandon(name, drain_id, queue.FAILED_WORK_DELAY)
