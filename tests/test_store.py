@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import socket
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -387,3 +389,21 @@ def test_unreachable_client_from_redis_connection_raises_connection_error():
             callback_urls(CHANNEL)
         with pytest.raises(redis_py.ConnectionError):
             store.remove(CHANNEL, SUB_A)
+
+
+def test_a_command_whose_reply_never_comes_is_sent_once():
+    """No retry: a claim run again after its reply was lost would drop a batch."""
+    # The kernel completes each connection for the listen queue: none is ever answered.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = store.new_client(f"redis://127.0.0.1:{server.getsockname()[1]}/0", 0.3)
+        with pytest.raises(redis_py.TimeoutError):
+            client.ping()
+
+        server.setblocking(False)
+        connections = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                connections.append(server.accept()[0])
+        for connection in connections:
+            connection.close()
+    assert len(connections) == 1

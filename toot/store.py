@@ -11,7 +11,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.commands.core import Script
+from redis.retry import Retry
 
 from toot.conf import conf
 
@@ -46,13 +48,21 @@ def get_redis() -> redis.Redis:
     key = (conf.REDIS_URL, conf.REDIS_TIMEOUT)
     client = _clients.get(key)
     if client is None:
-        client = _clients[key] = redis.Redis.from_url(
-            key[0],
-            socket_connect_timeout=key[1],
-            socket_timeout=key[1],
-            health_check_interval=30,
-        )
+        client = _clients[key] = new_client(*key)
     return client
+
+
+def new_client(url: str, timeout: float) -> redis.Redis:
+    """The client toot builds from REDIS_URL and REDIS_TIMEOUT."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        health_check_interval=30,
+        # No retry of a command whose reply was lost: a claim run twice would drop the
+        # batch the first run took. redis-py's Redis() has retried by default since 6.0.
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 def run_script(text: str, keys: Sequence[str], args: Iterable[Any]) -> Any:
