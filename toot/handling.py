@@ -162,8 +162,11 @@ def run_many(
     """
     failures: list[dict[str, Exception]] = []
     planned: list[tuple[int, Event, str, Handler]] = []
+    by_channel: dict[str, dict[str, Handler]] = {}  # a batch is mostly of one channel
     for index, (event, names) in enumerate(jobs):
-        named = handlers_by_name(event.channel)
+        named = by_channel.get(event.channel)
+        if named is None:
+            named = by_channel[event.channel] = handlers_by_name(event.channel)
         if names == [ALL]:
             names = None
         if names is None and not named:
