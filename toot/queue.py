@@ -186,10 +186,10 @@ def claimed_key(queue: str, drain_id: str) -> str:
 
 
 class LeaseLost(Exception):
-    """The drain's lease ran out and the relay gave what it held to another drain.
+    """The drain's lease ran out, and the relay gave what it held to another drain.
 
-    The drain stops at once, without ending its batch: the other drain sends that work,
-    and schedules its retries, in its place.
+    The drain stops at once: the other drain sends that work, and schedules its retries,
+    in its place.
     """
 
 

@@ -50,7 +50,7 @@ def drain(name: str, drain_id: str) -> int:
     """Process ``name``'s items until it is empty; returns how many were processed.
 
     A drain that went without renewing its lease for LEASE_SECONDS (a call that hung)
-    stops without ending its batch: what it held is another drain's by then. A drain that
+    stops, and schedules no retries: what it held is another drain's by then. A drain that
     fails (the database down while it writes a dead letter, say) puts what it held back
     for another drain in queue.FAILED_WORK_DELAY seconds, and raises.
     """
