@@ -10,11 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import redis as redis_py
 from django.conf import settings
 from django.test import override_settings
 
 from tests.utils import expire, live_leases, redis_now, toot_settings
-from toot import queue
+from toot import queue, store
+from toot.conf import conf
 
 
 @pytest.fixture
@@ -68,9 +70,10 @@ def schedule(redis, name, item, seconds):
     redis.zadd(queue._keys(name)[1], {queue.encode(item): redis_now(redis) + seconds})
 
 
-def blocked_in_blmove(redis) -> int:
-    return sum(
-        1 for client in redis.client_list() if client["cmd"] == "blmove" and "b" in client["flags"]
+def blocked_in_blmove(redis, client_name: str) -> bool:
+    return any(
+        client["name"] == client_name and client["cmd"] == "blmove" and "b" in client["flags"]
+        for client in redis.client_list()
     )
 
 
@@ -281,14 +284,25 @@ def test_racing_drains_claim_each_item_exactly_once(redis, name):
 # wait
 
 
-def test_wait_returns_an_item_pushed_while_it_blocks(redis, name, eventually):
+def test_wait_returns_an_item_pushed_while_it_blocks(redis, name, eventually, monkeypatch):
     drain_id = leased(name, [])  # the lease the drain holds
+    # The waiting thread's own client, named: the test worker's drains block in BLMOVE too.
+    waiting = redis_py.Redis.from_url(conf.REDIS_URL, client_name=f"wait-{name}")
+    mine = threading.get_ident
+    waiter_id: list[int] = []
+    monkeypatch.setattr(
+        queue, "get_redis", lambda: waiting if waiter_id == [mine()] else store.get_redis()
+    )
     got: list[Any] = []
-    already_blocked = blocked_in_blmove(redis)
-    waiter = threading.Thread(target=lambda: got.append(queue.wait(name, drain_id, 20)))
+
+    def wait() -> None:
+        waiter_id.append(mine())
+        got.append(queue.wait(name, drain_id, 20))
+
+    waiter = threading.Thread(target=wait)
     started = time.monotonic()
     waiter.start()
-    eventually(lambda: blocked_in_blmove(redis) > already_blocked, what="wait to block")
+    eventually(lambda: blocked_in_blmove(redis, f"wait-{name}"), what="wait to block")
 
     queue.push(name, items(1))
 
@@ -301,6 +315,7 @@ def test_wait_returns_an_item_pushed_while_it_blocks(redis, name, eventually):
     assert queue.pending(name) == 1
     assert queue.claim(name, drain_id, 10) == []
     assert queue.pending(name) == 0
+    waiting.close()
 
 
 def test_wait_returns_none_after_the_timeout(redis, name):
