@@ -386,7 +386,7 @@ def test_a_drain_whose_lease_went_to_another_can_neither_claim_nor_renew(redis, 
 
 def test_a_batch_taken_after_the_lease_went_is_ended_by_the_drain_that_took_it(redis, name):
     drain_id = leased(name, items(1, 2))
-    redis.zrem(queue._keys(name)[2], drain_id)  # gone, by whatever means
+    queue.forget(name, drain_id)  # gone, by whatever means
     assert queue.wait(name, drain_id, 1) == {"n": 1}  # as the drain lingered
 
     with pytest.raises(queue.LeaseLost):
