@@ -20,17 +20,20 @@ class PerProcess(Generic[T]):
 
     def __init__(self, make: Callable[[], T]) -> None:
         self._make = make
-        self._made: tuple[int, T] | None = None
+        self._made: tuple[T] | None = None
         self._lock = threading.Lock()
-        # A thread of the parent may hold the lock as it forks: the child gets a new one.
+        # A forked child forgets the value, and gets a new lock: a thread of the parent may
+        # hold the old one as it forks. Forgetting at fork spares every call a getpid().
         if hasattr(os, "register_at_fork"):  # pragma: no branch - Windows has no fork()
             os.register_at_fork(after_in_child=self._after_fork)
 
     def __call__(self) -> T:
-        with self._lock:  # made once even when threads ask at the same time
-            if self._made is None or self._made[0] != os.getpid():
-                self._made = (os.getpid(), self._make())
-            return self._made[1]
+        made = self._made
+        if made is None:
+            with self._lock:  # made once even when threads ask at the same time
+                made = self._made = self._made or (self._make(),)
+        return made[0]
 
     def _after_fork(self) -> None:  # pragma: no cover - runs in the forked child
+        self._made = None
         self._lock = threading.Lock()
