@@ -784,15 +784,15 @@ def pushed(monkeypatch):
     items), recorded once Redis took it. A spy: each push still goes to Redis."""
     records: list[tuple[str, list[dict[str, Any]]]] = []
     thread = threading.get_ident()
-    real_push = queue.push
+    real_push = queue.push_encoded
 
-    def push(name, items):
+    def push_encoded(name, items):
         drain_id = real_push(name, items)
         if threading.get_ident() == thread:
-            records.append((name, list(items)))
+            records.append((name, [json.loads(item) for item in items]))
         return drain_id
 
-    monkeypatch.setattr(queue, "push", push)
+    monkeypatch.setattr(queue, "push_encoded", push_encoded)
     return records
 
 

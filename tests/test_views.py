@@ -32,7 +32,7 @@ from tests.utils import callback_urls, store_contents
 from toot import Event, queue, sending, signing, store, subscribe
 from toot.conf import conf
 from toot.events import wire_json
-from toot.publishing import check_size
+from toot.publishing import encoded
 from toot.sending import BATCH_MAX_BYTES
 from toot.validation import MAX_JSON_DEPTH
 from toot.views import MAX_SUBSCRIPTION_BYTES
@@ -1456,7 +1456,7 @@ def test_a_batch_a_toot_publisher_builds_near_the_body_limit_is_accepted(
     padding = BATCH_MAX_BYTES - 4 - sum(len(wire_json(event)) for event in events)
     for index, event in enumerate(events):
         event["payload"] = "p" * (padding // 5 + (index < padding % 5))
-        check_size(event)
+        encoded(event)
     bodies = publisher_bodies(channel, events)
 
     responses = [post_raw(client, CALLBACKS, body) for body in bodies]
@@ -1473,7 +1473,7 @@ def test_an_event_as_deep_as_publish_takes_is_accepted_in_a_batch(
 ):
     channel, _handler = subscribed
     event = wire_event(channel, payload=json.loads(nested(MAX_JSON_DEPTH - 1)))
-    check_size(event)  # publish() takes it, and a single delivery of it is accepted
+    encoded(event)  # publish() takes it, and a single delivery of it is accepted
     assert post_json(client, CALLBACKS, event).status_code == 200
     [body] = publisher_bodies(channel, [event])
 

@@ -97,18 +97,20 @@ def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:
 
     A spy, not a stand-in: every push still goes to Redis, and is recorded once it did.
     """
+    import json
+
     from toot import queue
 
     events: list[dict[str, Any]] = []
-    real_push = queue.push
+    real_push = queue.push_encoded
 
-    def push(queue_name: str, items: Any) -> str | None:
+    def push_encoded(queue_name: str, items: Any) -> str | None:
         drain_id = real_push(queue_name, items)
         if queue_name == name:
-            events.extend(item["event"] for item in items)
+            events.extend(json.loads(item)["event"] for item in items)
         return drain_id
 
-    monkeypatch.setattr(queue, "push", push)
+    monkeypatch.setattr(queue, "push_encoded", push_encoded)
     return events
 
 

@@ -217,7 +217,12 @@ def push(queue: str, items: Sequence[dict[str, Any]]) -> str | None:
     BACKLOG_PER_DRAIN), up to MAX_DRAINS. The lease is already taken for that id: the
     caller sends ``toot.drain`` with it.
     """
-    args = [conf.MAX_DRAINS, LEASE_SECONDS, new_id(), *map(encode, items)]
+    return push_encoded(queue, [encode(item) for item in items])
+
+
+def push_encoded(queue: str, items: Sequence[str]) -> str | None:
+    """``push`` for items already encoded: publish() encodes its event only once."""
+    args = [conf.MAX_DRAINS, LEASE_SECONDS, new_id(), *items]
     return _optional_text(run_script(PUSH_SCRIPT, _keys(queue)[::2], args))
 
 
