@@ -214,10 +214,17 @@ def git_commit() -> str:
 def versions() -> dict[str, str]:
     import celery
     import django
+    import redis
+    from redis.utils import HIREDIS_AVAILABLE
 
     import toot
 
-    return {"django": django.get_version(), "celery": celery.__version__, "toot": toot.__version__}
+    return {
+        "django": django.get_version(),
+        "celery": celery.__version__,
+        "toot": toot.__version__,
+        "redis_py": redis.__version__ + (" with hiredis" if HIREDIS_AVAILABLE else ""),
+    }
 
 
 def interrupt(signum: int, frame: FrameType | None) -> None:

@@ -27,7 +27,7 @@ def table(results: dict[str, Any]) -> list[str]:
     lines.append(
         f"toot benchmark {meta['started']}  run {meta['run_id']}  {meta['cpus']} cores  "
         f"Python {meta['python']}  Django {meta['django']}  Celery {meta['celery']}  "
-        f"toot {meta['toot']}  commit {meta['commit']}"
+        f"redis-py {meta['redis_py']}  toot {meta['toot']}  commit {meta['commit']}"
     )
     lines.append(
         f"topology: Redis {meta['redis']}; gunicorn gthread {options['web_workers']} workers x "
