@@ -13,8 +13,9 @@ from django.conf import settings
 from kombu import pools
 from kombu.utils.collections import eqhash
 
-from devtools.processes import free_port
+from devtools.processes import free_port, wait_for
 from tests.celery import app as celery_app
+from tests.utils import live_leases
 from toot.store import get_redis
 
 
@@ -51,6 +52,19 @@ def broker_unreachable(app: Celery = celery_app) -> Iterator[str]:
             pool = group.pop(down, None)
             if pool is not None:
                 pool.force_close_all()
+
+
+@contextmanager
+def broker_unreachable_and_no_drain(name: str) -> Iterator[str]:
+    """``broker_unreachable``, once no drain of queue ``name`` holds a lease: the next push
+    must start one, and fails to.
+
+    A drain that the relay started just before (for work an earlier test left) ends once
+    it finds nothing more to do, and none can start meanwhile.
+    """
+    with broker_unreachable() as url:
+        wait_for(lambda: not live_leases(get_redis(), name), 30, f"the {name} queue's drains")
+        yield url
 
 
 PROBE_TASK = "tests.probe"

@@ -13,11 +13,11 @@ from django.db import connection
 from django.utils import timezone
 
 import toot
-from tests.broker import broker_unreachable
+from tests.broker import broker_unreachable_and_no_drain
 from tests.celery import app as celery_app
 from tests.http_server import HTTPServer
 from tests.utils import redis_down
-from toot import outbox, store
+from toot import outbox, queue, store
 from toot.models import OutboxEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -114,7 +114,7 @@ def test_a_relay_while_the_broker_is_down_moves_the_rows_and_a_drain_starts_late
     caplog.set_level(logging.WARNING, logger="toot.tasks")  # a started worker sets ERROR
     events = publish_while_redis_is_down(suffix, 3)
 
-    with broker_unreachable():
+    with broker_unreachable_and_no_drain(queue.OUT):
         assert outbox.relay(celery_app) == 3  # on the queue: the rows have done their part
 
     assert not OutboxEvent.objects.exists()

@@ -15,7 +15,7 @@ from django.db import connection, transaction
 from django.test import override_settings
 
 import toot
-from tests.broker import broker_unreachable
+from tests.broker import broker_unreachable_and_no_drain
 from tests.http_server import HTTPServer
 from tests.utils import redis_down, spy_pushes
 from toot import queue, store
@@ -79,7 +79,7 @@ def test_published_while_the_broker_is_down_the_event_waits_on_the_queue(
         store.add(PREFIX + suffix, subscriber.url)
         # No drain at work (the fixture waited for the worker to be idle): this publish
         # tries to start one.
-        with broker_unreachable():
+        with broker_unreachable_and_no_drain(queue.OUT):
             event = toot.publish(suffix, {"id": "while down"})  # raises nothing
             assert any(
                 "Cannot start a drain of the out queue now" in record.getMessage()

@@ -27,7 +27,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from devtools.processes import free_port
-from tests.broker import broker_unreachable
+from tests.broker import broker_unreachable_and_no_drain
 from tests.utils import callback_urls, store_contents
 from toot import Event, queue, sending, signing, store, subscribe
 from toot.conf import conf
@@ -720,7 +720,10 @@ def test_a_broker_failure_when_starting_the_drain_still_answers_200_and_the_even
     channel, handler = subscribed
     events = batch_of(channel, 3)
 
-    with broker_unreachable(), caplog.at_level(logging.WARNING, logger="toot.tasks"):
+    with (
+        broker_unreachable_and_no_drain(queue.IN),
+        caplog.at_level(logging.WARNING, logger="toot.tasks"),
+    ):
         response = post_json(client, CALLBACKS, {"events": events})
         waiting_then, handled_then = waiting(redis), handler.called
 
