@@ -3,6 +3,7 @@
 
     python3 dev.py demo [--count N] [--rate R]  the publisher/subscriber demo (.venvs/demo)
     python3 dev.py test [pytest args...]        the test suite with coverage (.venvs/test)
+    python3 dev.py test --hiredis [args...]     the same with hiredis (.venvs/test-hiredis)
     python3 dev.py lint                         ruff check, ruff format --check, mypy
     python3 dev.py check-package                build sdist + wheel, install and check the wheel
     python3 dev.py bench [--help | args...]     the end-to-end benchmark (.venvs/bench)
@@ -158,7 +159,10 @@ def bench(args: list[str]) -> None:
 
 
 def test(args: list[str]) -> None:
-    python = ensure_venv("test", "test")
+    if args[:1] == ["--hiredis"]:  # redis-py's C parser, as the README advises for production
+        python, args = ensure_venv("test-hiredis", "test,hiredis"), args[1:]
+    else:
+        python = ensure_venv("test", "test")
     # The same commands as tox.ini's, so a tox env and this agree.
     code = run(
         python,
