@@ -263,7 +263,7 @@ def test_redeliver_all_including_handlers(peer, redis):
 
     assert lines == [  # in the order they were buried
         f"[1/2] {delivery.event_id} on {USERS} -> {peer.url}: delivered",
-        f"[2/2] {handler.event_id} on {USERS} -> {handler.handler}: delivered",
+        f"[2/2] {handler.event_id} on {USERS} -> {handler.handler}: handled",
         "2 of 2 redelivered.",
     ]
     assert remaining() == set()

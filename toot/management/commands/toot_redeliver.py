@@ -40,7 +40,7 @@ class Command(BaseCommand):
         for number, letter in enumerate(letters.iterator(), start=1):
             target = letter.callback_url or letter.handler
             if redeliver(letter):
-                outcome = self.style.SUCCESS("delivered")
+                outcome = self.style.SUCCESS("delivered" if letter.callback_url else "handled")
             else:
                 failed += 1
                 outcome = self.style.ERROR(
