@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
@@ -19,10 +20,10 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-def in_a_child(answer):
+def in_a_child(answer, fork=os.fork):
     """What ``answer()`` returns (bytes) in a forked child of this process."""
     read, write = os.pipe()
-    pid = os.fork()
+    pid = fork()
     if pid == 0:  # pragma: no cover - the child
         try:
             os.write(write, answer())
@@ -50,6 +51,16 @@ def test_toots_pools_threads_and_ids_are_one_per_process(made):
 
     assert in_a_child(lambda: b"new" if made() is not first else b"same") == b"new"
     assert made() is first
+
+
+def test_a_child_forked_without_pythons_fork_hooks_makes_its_own():
+    # As uWSGI forks its workers by default: C's fork(), and none of os.fork()'s hooks.
+    fork = ctypes.CDLL(None, use_errno=True).fork
+    first = queue.new_id()
+
+    child_id = in_a_child(lambda: queue.new_id().encode(), fork).decode()
+
+    assert child_id[:16] != first[:16]  # a prefix of its own: no lease id of the parent's
 
 
 def test_threads_asking_at_once_get_one_value():

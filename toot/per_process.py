@@ -20,20 +20,22 @@ class PerProcess(Generic[T]):
 
     def __init__(self, make: Callable[[], T]) -> None:
         self._make = make
-        self._made: tuple[T] | None = None
+        self._made: tuple[int, T] | None = None
         self._lock = threading.Lock()
-        # A forked child forgets the value, and gets a new lock: a thread of the parent may
-        # hold the old one as it forks. Forgetting at fork spares every call a getpid().
+        # A thread of the parent may hold the lock as it forks: the child gets a new one.
         if hasattr(os, "register_at_fork"):  # pragma: no branch - Windows has no fork()
             os.register_at_fork(after_in_child=self._after_fork)
 
     def __call__(self) -> T:
+        # The value is checked against the pid, not only forgotten at fork: uWSGI forks its
+        # workers without running Python's at-fork hooks.
+        pid = os.getpid()
         made = self._made
-        if made is None:
+        if made is None or made[0] != pid:  # the lock only to make it, not on every call
             with self._lock:  # made once even when threads ask at the same time
-                made = self._made = self._made or (self._make(),)
-        return made[0]
+                made = self._made
+                made = self._made = made if made and made[0] == pid else (pid, self._make())
+        return made[1]
 
     def _after_fork(self) -> None:  # pragma: no cover - runs in the forked child
-        self._made = None
         self._lock = threading.Lock()
