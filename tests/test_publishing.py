@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -151,6 +152,20 @@ def test_publish_in_a_transaction_keeps_the_event_on_commit_when_redis_is_down(s
             assert not OutboxEvent.objects.exists()  # nothing is sent or kept before commit
         [row] = OutboxEvent.objects.all()
     assert row.event == event.to_dict()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("redis_up", [True, False], ids=["queued", "kept"])
+def test_a_payload_changed_before_the_commit_is_sent_as_published(
+    celery_worker, suffix, pushed, redis_up
+):
+    payload = {"n": 1}
+    with contextlib.nullcontext() if redis_up else redis_down(), transaction.atomic():
+        toot.publish(suffix, payload)
+        payload["n"] = 2  # the caller's dict, changed before the commit sends the event
+
+    sent = pushed if redis_up else [row.event for row in OutboxEvent.objects.all()]
+    assert [event["payload"] for event in sent] == [{"n": 1}]
 
 
 @pytest.mark.django_db(transaction=True)

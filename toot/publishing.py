@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -50,14 +51,14 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
     """
     full_channel = check_channel((conf.CHANNEL_PREFIX if prefix is None else prefix) + channel)
     event = Event(full_channel, payload)
-    wire = event.to_dict()
-    text = encoded(wire)
+    # The text is what is sent, on commit: a payload the caller changes meanwhile is not.
+    text = encoded(event.to_dict())
 
     def send() -> None:
         try:
             drain_id = queue.push_encoded(queue.OUT, [f'{{"event":{text}}}'])
         except BROKER_ERRORS as exc:  # no retry loop in the caller's request: the outbox is it
-            outbox.keep(wire, exc)
+            outbox.keep(json.loads(text), exc)
             return
         logger.info("Event %s on %s: published", event.id, event.channel)
         tasks.start(queue.OUT, drain_id)
