@@ -59,6 +59,15 @@ TOOT = {
         },
     },
 }
+
+# Loaded with the settings, as a project's package __init__.py loads its app (toot.W006).
+from check_celery import app as celery_app  # noqa: E402
+"""
+CHECK_CELERY = """\
+from celery import Celery
+
+app = Celery("check")
+app.config_from_object("django.conf:settings", namespace="CELERY")
 """
 # Run by the installed venv: toot comes from there, not from the checkout (argv[1]), and
 # holds the files argv[2:].
@@ -236,6 +245,7 @@ def check_package(args: list[str]) -> None:
         project.mkdir()
         (project / "check_settings.py").write_text(CHECK_SETTINGS)
         (project / "check_urls.py").write_text(CHECK_URLS)
+        (project / "check_celery.py").write_text(CHECK_CELERY)
         environ = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
         environ |= {"DJANGO_SETTINGS_MODULE": "check_settings", "PYTHONPATH": str(project)}
         (project / "check_install.py").write_text(CHECK_INSTALL)

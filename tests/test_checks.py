@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -12,7 +15,7 @@ from django.urls import path
 
 import toot
 from tests.utils import toot_settings
-from toot.checks import check_security, check_settings, check_subscriptions
+from toot.checks import check_celery, check_security, check_settings, check_subscriptions
 from toot.conf import DEFAULTS
 from toot.views import CallbackView
 
@@ -541,3 +544,37 @@ def test_w005_default_ttl_outlasts_the_default_schedule():
         RETRY_SCHEDULE=DEFAULTS["RETRY_SCHEDULE"], DEDUPE_TTL=DEFAULTS["DEDUPE_TTL"]
     ):
         assert "toot.W005" not in ids(run_checks())
+
+
+# Celery: toot.W006
+
+
+def test_w006_quiet_where_the_projects_celery_app_is_loaded():
+    assert check_celery() == []  # the tests' conftest imports tests.celery
+
+
+def test_w006_when_celery_falls_back_to_its_default_app(monkeypatch):
+    # This process without the tests' app: Celery makes its fallback app, as it does in
+    # a project that loads none (the subprocess test below runs one).
+    monkeypatch.setattr("celery._state.default_app", None)
+    monkeypatch.setattr("celery._state._tls.current_app", None)
+
+    [message] = check_celery()
+
+    assert message.id == "toot.W006"
+    assert "from .celery import app as celery_app" in str(message.hint)
+
+
+def test_w006_in_a_process_that_loads_no_celery_app_of_the_project():
+    # As manage.py check runs for a project whose __init__.py does not import its app:
+    # nothing of the tests' own (tests/celery.py) is imported by their settings.
+    checked = subprocess.run(
+        [sys.executable, "-m", "django", "check", "--settings", "tests.settings"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert checked.returncode == 0, checked.stderr  # a warning does not fail the check
+    assert "(toot.W006) No Celery app of this project is loaded" in checked.stderr

@@ -10,8 +10,9 @@ class TootConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from toot.checks import check_security, check_settings, check_subscriptions
+        from toot.checks import check_celery, check_security, check_settings, check_subscriptions
 
         checks.register(check_settings)
         checks.register(check_subscriptions)
+        checks.register(check_celery)
         checks.register(check_security, checks.Tags.security)

@@ -1,4 +1,4 @@
-"""System checks for the ``TOOT`` setting and the local subscriptions."""
+"""System checks for the ``TOOT`` setting, the local subscriptions and the Celery app."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import celery
 from django.apps import AppConfig
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
@@ -205,6 +206,25 @@ def check_subscriptions(
         if sub.source not in sources
     ]
     return messages
+
+
+def check_celery(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    # Celery's fallback, made when no app of the project was loaded, is named "default".
+    if celery.current_app.main != "default":
+        return []
+    return [
+        Warning(
+            "No Celery app of this project is loaded: publish() and the callbacks endpoint "
+            "would send toot.drain through Celery's default app, to amqp://localhost, not to "
+            "your broker.",
+            hint="Import your Celery app in your project package's __init__.py "
+            "(from .celery import app as celery_app), as Celery's Django guide does; see "
+            "step 4 of Setup in toot's README.",
+            id="toot.W006",
+        )
+    ]
 
 
 def check_security(
