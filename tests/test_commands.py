@@ -95,8 +95,7 @@ def test_failure_prints_the_status_and_exits_non_zero(live_server, redis):
         call_command("toot_register_subscriptions", stdout=out, no_color=True)
 
     [line] = out.getvalue().splitlines()
-    assert line.startswith(f"publisher: {USERS} -> {nowhere}: failed (")
-    assert "status 404" in line
+    assert line.startswith(f"publisher: {USERS} -> {nowhere}: failed (the source answered 404")
 
 
 def test_failure_does_not_stop_the_others(live_server, redis, peer):
@@ -116,8 +115,7 @@ def test_failure_does_not_stop_the_others(live_server, redis, peer):
     assert len(lines) == 3
     first, second, third = sorted(lines)
     assert first.startswith("first: org.example.first.users.updated.v1 -> ")
-    assert "failed (" in first
-    assert "status 503" in first
+    assert "failed (the source answered 503" in first
     assert second.startswith(f"publisher: {USERS} -> {subscriptions}: created")
     assert third.startswith(f"second: org.example.second.users.updated.v1 -> {closed}: failed (")
     assert callback_urls(USERS) == [CALLBACK_URL]

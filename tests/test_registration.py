@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import requests
 from django.conf import settings
@@ -244,8 +246,9 @@ def test_timeout_is_raised_as_it_is(peer):
         toot.register_subscriptions()
 
 
-def test_every_registration_is_tried_before_the_first_error_is_raised(peer):
-    peer.reply = in_order(Reply(500), Reply(201))
+def test_every_registration_is_tried_before_the_first_error_is_raised(peer, caplog):
+    caplog.set_level(logging.WARNING, logger="toot.registration")  # a started worker sets ERROR
+    peer.reply = in_order(Reply(500, body=b'{"error": "down"}'), Reply(201))
     with sources(first=f"{peer.url}/first", second=closed_url(), third=f"{peer.url}/third"):
         toot.subscribe("first", "users.updated.v1", on_user)
         toot.subscribe("second", "users.updated.v1", on_user)
@@ -261,6 +264,13 @@ def test_every_registration_is_tried_before_the_first_error_is_raised(peer):
     assert isinstance(reported[0].error, toot.RegisterSubscriptionFailure)
     assert isinstance(reported[1].error, requests.ConnectionError)
     assert (reported[2].status, reported[2].error) == (201, None)
+    # Each failure logged once, its reason not repeating the channel and URL it follows.
+    first, second = [r.getMessage() for r in caplog.records if r.name == "toot.registration"]
+    assert first == (
+        f"Registering {reported[0].channel} at {peer.url}/first failed: "
+        'the source answered 500: {"error": "down"}'
+    )
+    assert second.startswith(f"Registering {reported[1].channel} at {reported[1].subscription_url}")
 
 
 def test_report_sees_each_registration(publisher):

@@ -40,6 +40,17 @@ class Registration:
     def created(self) -> bool:
         return self.status == 201
 
+    @property
+    def failure(self) -> str | None:
+        """Why it failed, for a line that names the source, channel and URL already.
+
+        A refusal is the source's answer: its error names the source's settings, not ours.
+        """
+        if isinstance(self.error, RegisterSubscriptionFailure):
+            detail = self.error.detail
+            return f"the source answered {self.error.status}{': ' + detail if detail else ''}"
+        return None if self.error is None else str(self.error)
+
 
 def planned_registrations() -> list[Registration]:
     """One registration per distinct (source, full channel) among local subscriptions."""
@@ -100,14 +111,14 @@ def register_subscriptions(
             try:
                 register(registration)
             except (RegisterSubscriptionFailure, requests.RequestException) as exc:
+                registration.error = exc
+                first_error = first_error or exc
                 logger.warning(
                     "Registering %s at %s failed: %s",
                     registration.channel,
                     registration.subscription_url,
-                    exc,
+                    registration.failure,
                 )
-                registration.error = exc
-                first_error = first_error or exc
         if report is not None:
             report(registration)
     if first_error is not None:

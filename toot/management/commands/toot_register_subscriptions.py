@@ -33,7 +33,7 @@ class Command(BaseCommand):
         if self.dry_run:
             self.stdout.write(f"{where}: would POST {registration.body}")
         elif registration.error is not None:
-            self.stdout.write(self.style.ERROR(f"{where}: failed ({registration.error})"))
+            self.stdout.write(self.style.ERROR(f"{where}: failed ({registration.failure})"))
         elif registration.created:
             self.stdout.write(self.style.SUCCESS(f"{where}: created"))
         else:
