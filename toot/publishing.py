@@ -33,9 +33,7 @@ def encoded(wire: dict[str, Any]) -> str:
         raise InvalidEvent(f"payload is not JSON: {exc}") from None
     if len(text) > conf.MAX_EVENT_BYTES:
         raise EventTooLarge(wire["channel"], len(text), conf.MAX_EVENT_BYTES)
-    # Only a text with that many brackets can nest that deep: most are not walked at all.
-    # Too deep, a toot subscriber refuses it (400), every retry again.
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and nests_deeper(wire):
+    if nests_deeper(wire, text=text):  # a toot subscriber refuses it (400), every retry again
         raise InvalidEvent(f"payload is nested more than {MAX_JSON_DEPTH - 1} levels deep")
     return text
 

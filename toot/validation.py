@@ -65,11 +65,21 @@ def url_error(url: object, *, name: str = "callback_url") -> str | None:
     return None
 
 
-def nests_deeper(data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+def nests_deeper(
+    data: Any, limit: int = MAX_JSON_DEPTH, *, text: str | bytes | None = None
+) -> bool:
     """Whether ``data`` nests arrays and objects more than ``limit`` levels deep.
 
-    Level by level: no recursion (what the limit guards against), a few list passes.
+    Level by level: no recursion (what the limit guards against), a few list passes. Given
+    the JSON ``text`` that ``data`` was read from or encoded as, only a text with more
+    brackets than ``limit`` is walked: no other can nest that deep, and most are not.
     """
+    if isinstance(text, bytes):
+        brackets = text.count(b"[") + text.count(b"{")
+    else:
+        brackets = limit + 1 if text is None else text.count("[") + text.count("{")
+    if brackets <= limit:
+        return False
     level, depth = [data], 0
     while True:
         containers = [value for value in level if isinstance(value, (dict, list))]

@@ -86,8 +86,7 @@ def read_json(request: HttpRequest, max_bytes: int, max_depth: int = MAX_JSON_DE
 
 
 def refuse_too_deep(body: bytes, data: Any, max_depth: int) -> None:
-    # Only a body with that many brackets can nest that deep: most are not walked at all.
-    if body.count(b"[") + body.count(b"{") > max_depth and nests_deeper(data, max_depth):
+    if nests_deeper(data, max_depth, text=body):
         raise Refused(400, f"body is nested too deeply (over {max_depth} levels)")
 
 
