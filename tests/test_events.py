@@ -8,6 +8,7 @@ import uuid
 from types import MappingProxyType
 
 import pytest
+from django.test import override_settings
 from django.utils import timezone
 
 from toot import Event, InvalidEvent, TootError
@@ -51,6 +52,16 @@ def test_new_event_gets_a_uuid4_id_and_the_current_aware_time():
     assert before <= event.timestamp <= after
     assert event.channel == CHANNEL
     assert event.payload == {"key": 1}
+
+
+@override_settings(USE_TZ=False, TIME_ZONE="America/Chicago")
+def test_a_project_without_time_zone_support_still_sends_the_instant_with_an_offset():
+    # Django's timezone.now() is naive local time there, which peers would read as UTC.
+    wire = Event(CHANNEL).to_dict()["timestamp"]
+
+    sent = dt.datetime.fromisoformat(wire)
+    assert sent.utcoffset() is not None
+    assert abs(sent - dt.datetime.now(UTC)) < dt.timedelta(minutes=1)
 
 
 def test_new_events_get_different_ids():

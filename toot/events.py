@@ -52,7 +52,8 @@ class Event:
         timestamp: dt.datetime | None = None,
     ) -> None:
         self.id = id or str(uuid.uuid4())
-        self.timestamp = timestamp or timezone.now()
+        # Not timezone.now(): without USE_TZ that is naive local time, read as UTC by peers.
+        self.timestamp = timestamp or dt.datetime.now(dt.timezone.utc)
         self.channel = channel
         self.payload = payload
 
