@@ -384,6 +384,11 @@ SHORT_SECRET = "whsec_c2hvcnRzZWNyZXQ="  # "shortsecret": 11 bytes
             'TOOT["SOURCES"]["publisher"]["SECRETS"][1]',
             "at least 24 random bytes",
         ),
+        (  # SECRET from env("...", default=None): None is unset, SECRETS is what counts
+            {"SOURCES": {"publisher": {**SOURCE, "SECRET": None, "SECRETS": [GOOD_SECRET, "x"]}}},
+            'TOOT["SOURCES"]["publisher"]["SECRETS"][1]',
+            'start with "whsec_"',
+        ),
     ],
 )
 def test_e007_malformed_secret(options, named, error):
@@ -412,6 +417,11 @@ def test_well_formed_secrets_and_tokens_pass():
         SOURCES={"publisher": {**SOURCE, "SECRETS": [GOOD_SECRET], "TOKEN": "t0ken"}},
     ):
         assert run_checks() == []
+
+
+def test_a_secret_set_to_none_is_no_secret():
+    with with_source(SECRET=None):
+        assert check_settings() == []
 
 
 def test_secret_and_token_are_known_source_keys():

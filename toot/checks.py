@@ -131,7 +131,7 @@ def _allowed_network_warnings() -> list[CheckMessage]:
 def _secret_errors(raw: Any) -> list[CheckMessage]:
     named = [(f'TOOT["SIGNING_SECRETS"][{i}]', s) for i, s in enumerate(conf.SIGNING_SECRETS)]
     for source in conf.SOURCES.values():
-        if "SECRET" in raw["SOURCES"][source.name]:
+        if raw["SOURCES"][source.name].get("SECRET") is not None:  # as conf reads it
             named.append((f'TOOT["SOURCES"]["{source.name}"]["SECRET"]', source.secrets[0]))
         else:
             key = f'TOOT["SOURCES"]["{source.name}"]["SECRETS"]'
