@@ -57,6 +57,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {
         "NAME": os.path.join(tempfile.gettempdir(), f"toot-test-{RUN_ID}.sqlite3")
     }
+# A second database, for what a project with several must get right: publish() inside an
+# atomic block on it, the outbox read from the primary when reads go to a replica.
+DATABASES["other"] = {
+    "ENGINE": "django.db.backends.sqlite3",
+    "NAME": "",
+    "TEST": {"NAME": os.path.join(tempfile.gettempdir(), f"toot-test-{RUN_ID}-other.sqlite3")},
+}
 USE_TZ = True
 STATIC_URL = "/static/"
 

@@ -10,6 +10,7 @@ import uuid
 import pytest
 import redis as redis_py
 from django.db import connection
+from django.test import override_settings
 from django.utils import timezone
 
 import toot
@@ -159,3 +160,27 @@ def test_a_relay_that_loses_the_race_for_its_rows_moves_nothing(redis, suffix):
 
     assert raced
     assert set(OutboxEvent.objects.values_list("claim", flat=True)) == {"other"}
+
+
+class ReadsFromTheReplica:
+    """The router of Django's multi-database guide: reads go to a replica, which lags."""
+
+    def db_for_read(self, model, **hints):
+        return "other"
+
+    def db_for_write(self, model, **hints):
+        return "default"
+
+
+@pytest.mark.django_db(databases=["default", "other"], transaction=True)
+def test_the_relay_reads_its_rows_from_the_database_it_claims_them_in(
+    celery_worker, eventually, suffix, subscriber
+):
+    events = publish_while_redis_is_down(suffix, 2)
+
+    with override_settings(DATABASE_ROUTERS=[f"{__name__}.ReadsFromTheReplica"]):
+        assert outbox.relay(celery_app) == 2
+
+    assert not OutboxEvent.objects.exists()
+    eventually(lambda: len(subscriber.requests) == 2, what="the kept events to be delivered")
+    assert delivered(subscriber) == as_sent(events)

@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from celery import Celery
+from django.db import router
 from django.db.models import Q
 from django.utils import timezone
 
@@ -45,21 +46,24 @@ def relay(app: Celery, limit: int = BATCH) -> int:
     """
     from toot.models import OutboxEvent
 
+    # Every query on the database the rows are written to: a replica that reads go to
+    # would not have the claim just made, and the rows would never leave.
+    rows_in = OutboxEvent.objects.using(router.db_for_write(OutboxEvent))
     now = timezone.now()
     free = Q(claimed_at__isnull=True) | Q(claimed_at__lt=now - dt.timedelta(seconds=CLAIM_TIMEOUT))
-    ids = list(OutboxEvent.objects.filter(free).values_list("pk", flat=True)[:limit])
+    ids = list(rows_in.filter(free).values_list("pk", flat=True)[:limit])
     if not ids:
         return 0
     token = uuid.uuid4().hex
-    OutboxEvent.objects.filter(free, pk__in=ids).update(claim=token, claimed_at=now)
+    rows_in.filter(free, pk__in=ids).update(claim=token, claimed_at=now)
     try:
-        rows = list(OutboxEvent.objects.filter(claim=token))
+        rows = list(rows_in.filter(claim=token))
         if not rows:  # another relay claimed them first
             return 0
         drain_id = queue.push(queue.OUT, [{"event": row.event} for row in rows])
-        OutboxEvent.objects.filter(pk__in=[row.pk for row in rows]).delete()
+        rows_in.filter(pk__in=[row.pk for row in rows]).delete()
     finally:
-        OutboxEvent.objects.filter(claim=token).update(claim="", claimed_at=None)
+        rows_in.filter(claim=token).update(claim="", claimed_at=None)
     for row in rows:
         logger.info(
             "Event %s on %s: moved from the outbox to the queue",
