@@ -121,6 +121,34 @@ def test_publish_in_a_transaction_is_sent_on_commit(celery_worker, eventually, s
         assert subscriber.requests[0].json()["id"] == event.id
 
 
+@pytest.mark.django_db(databases=["default", "other"], transaction=True)
+def test_a_rolled_back_transaction_on_another_database_publishes_nothing(
+    celery_worker, suffix, pushed
+):
+    with pytest.raises(RuntimeError), transaction.atomic(using="other"):
+        toot.publish(suffix, {"id": "rolled back"})
+        raise RuntimeError("roll back")
+
+    assert pushed == []
+
+
+@pytest.mark.django_db(databases=["default", "other"], transaction=True)
+@pytest.mark.parametrize("rolled_back", [None, "default", "other"])
+def test_publish_in_transactions_on_two_databases_is_sent_once_both_commit(
+    celery_worker, suffix, pushed, rolled_back
+):
+    with contextlib.suppress(RuntimeError), transaction.atomic():
+        with contextlib.suppress(RuntimeError), transaction.atomic(using="other"):
+            event = toot.publish(suffix, {"id": 4})
+            if rolled_back == "other":
+                raise RuntimeError("roll back")
+        assert pushed == []  # "other" is done, the default database not yet
+        if rolled_back == "default":
+            raise RuntimeError("roll back")
+
+    assert [sent["id"] for sent in pushed] == ([event.id] if rolled_back is None else [])
+
+
 # Redis unreachable: the event waits in the outbox (toot.outbox)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import connections, transaction
 
 from toot import outbox, queue, tasks
 from toot.broker import BROKER_ERRORS
@@ -41,8 +43,9 @@ def encoded(wire: dict[str, Any]) -> str:
 def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> Event:
     """Publish ``payload`` on ``CHANNEL_PREFIX + channel`` (or ``prefix + channel``).
 
-    Returns at once with the event. Inside ``transaction.atomic()`` the event is sent
-    only when the transaction commits, so a rolled-back change announces nothing. When
+    Returns at once with the event. Inside ``transaction.atomic()``, on any database, the
+    event is sent only once the transaction commits, so a rolled-back change announces
+    nothing. When
     Redis is unreachable the event waits in the database outbox instead. An event
     whose JSON is over ``MAX_EVENT_BYTES`` raises EventTooLarge, a payload that is not
     JSON InvalidEvent, and nothing is sent.
@@ -61,10 +64,28 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
         logger.info("Event %s on %s: published", event.id, event.channel)
         tasks.start(queue.OUT, drain_id)
 
-    # Checking the flag first spares a project with no database (or outside any
-    # transaction) the connection that on_commit() opens to ask about autocommit.
-    if connections[DEFAULT_DB_ALIAS].in_atomic_block:
-        transaction.on_commit(send)
+    # Only connections already open can be in a transaction: asking the others would open
+    # them (on_commit() asks about autocommit), in a project that may have no database.
+    atomic = [c.alias for c in connections.all(initialized_only=True) if c.in_atomic_block]
+    if atomic:
+        after_commits(atomic, send)
     else:
         send()
     return event
+
+
+def after_commits(aliases: list[str], send: Callable[[], None]) -> None:
+    """Call ``send`` once the transactions on every one of ``aliases`` have committed.
+
+    A change made in any of them may be what the event announces: if one rolls back, its
+    callback is dropped and ``send`` never runs.
+    """
+    waiting = set(aliases)
+
+    def committed(alias: str) -> None:
+        waiting.discard(alias)
+        if not waiting:
+            send()
+
+    for alias in aliases:
+        transaction.on_commit(functools.partial(committed, alias), using=alias)
