@@ -33,7 +33,7 @@ from toot import Event, queue, sending, signing, store, subscribe
 from toot.conf import conf
 from toot.events import wire_json
 from toot.publishing import encoded
-from toot.sending import BATCH_MAX_BYTES
+from toot.sending import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES
 from toot.validation import MAX_JSON_DEPTH
 from toot.views import MAX_SUBSCRIPTION_BYTES
 
@@ -1091,7 +1091,7 @@ def limit():
     """The body size limit of each endpoint, which its 413 error names."""
     return {
         SUBSCRIPTIONS: MAX_SUBSCRIPTION_BYTES,
-        CALLBACKS: max(conf.MAX_EVENT_BYTES, BATCH_MAX_BYTES),
+        CALLBACKS: max(conf.MAX_EVENT_BYTES + BATCH_WRAPPER_BYTES, BATCH_MAX_BYTES),
     }
 
 
@@ -1394,16 +1394,33 @@ def test_a_batch_over_the_body_limit_answers_413_and_at_it_is_accepted(
 def test_a_larger_max_event_bytes_raises_the_batch_body_limit_too(client, enqueued, subscribed):
     channel, _handler = subscribed
     limit = 2 * BATCH_MAX_BYTES
-    events, body = padded_batch(channel, 4, limit)
-    _, over = padded_batch(channel, 4, limit + 1)
+    # Room for a batch of one event of MAX_EVENT_BYTES: the event and {"events":[]}.
+    body_limit = limit + BATCH_WRAPPER_BYTES
+    events, body = padded_batch(channel, 4, body_limit)
+    _, over = padded_batch(channel, 4, body_limit + 1)
 
     with override_settings(TOOT={**settings.TOOT, "MAX_EVENT_BYTES": limit}):
         refused = post_raw(client, CALLBACKS, over)
         accepted = post_raw(client, CALLBACKS, body)
 
-    assert_refused(refused, 413, f"larger than {limit} bytes")
+    assert_refused(refused, 413, f"larger than {body_limit} bytes")
     assert accepted.status_code == 200
     assert [job["id"] for job in enqueued] == ids_of(events)
+
+
+def test_a_batch_of_one_event_of_max_event_bytes_is_accepted(client, enqueued, subscribed):
+    channel, _handler = subscribed
+    limit = 2 * BATCH_MAX_BYTES  # over the batch limit: the event goes in a batch of its own
+    event = wire_event(channel, payload="")
+    event["payload"] = "p" * (limit - len(wire_json(event)))
+    assert len(wire_json(event)) == limit  # as much as publish() takes
+
+    with override_settings(TOOT={**settings.TOOT, "MAX_EVENT_BYTES": limit}):
+        [(_, body)] = sending._chunks([event], [wire_json(event)])  # as a publisher sends it
+        accepted = post_raw(client, CALLBACKS, body)
+
+    assert accepted.status_code == 200
+    assert [job["id"] for job in enqueued] == [event["id"]]
 
 
 def test_a_single_event_over_max_event_bytes_is_413_though_a_batch_may_be_larger(

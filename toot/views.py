@@ -24,7 +24,7 @@ from toot.conf import Source, conf
 from toot.events import Event, wire_json
 from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature
 from toot.registry import registry
-from toot.sending import BATCH_MAX_BYTES
+from toot.sending import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES
 from toot.validation import MAX_JSON_DEPTH, channel_error, nests_deeper, url_error
 
 logger = logging.getLogger(__name__)
@@ -221,8 +221,11 @@ class CallbackView(TootView):
     @staticmethod
     def events(request: HttpRequest) -> list[Event]:
         """The body's event, or its batch's events (PROTOCOL.md section 7), all of one channel."""
-        # {"events": [...]} nests its events two levels deeper: each is held to the limit.
-        data = read_json(request, max(conf.MAX_EVENT_BYTES, BATCH_MAX_BYTES), MAX_JSON_DEPTH + 2)
+        # A batch of several events stays under BATCH_MAX_BYTES; one larger event goes
+        # alone, in its wrapper. {"events": [...]} nests its events two levels deeper:
+        # each is held to the limit.
+        size = max(conf.MAX_EVENT_BYTES + BATCH_WRAPPER_BYTES, BATCH_MAX_BYTES)
+        data = read_json(request, size, MAX_JSON_DEPTH + 2)
         if not (isinstance(data, dict) and "events" in data):
             if len(request.body) > conf.MAX_EVENT_BYTES:
                 raise Refused(413, f"event is larger than {conf.MAX_EVENT_BYTES} bytes")
