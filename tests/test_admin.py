@@ -98,6 +98,16 @@ def test_a_dead_letter_shows_read_only(admin_client):
     assert not response.context["adminform"].form.fields  # every field is read-only
 
 
+def test_a_dead_letter_cannot_be_added(admin_client):
+    """Every field is read-only: an added letter would fail on its NOT NULL fields."""
+    add = reverse("admin:toot_deadletter_add")
+
+    assert admin_client.get(add).status_code == 403
+    assert admin_client.post(add, {}).status_code == 403
+    assert not admin_client.get(reverse(CHANGELIST)).context["has_add_permission"]
+    assert not DeadLetter.objects.exists()
+
+
 def test_the_changelist_needs_a_staff_user(client):
     response = client.get(reverse(CHANGELIST))
     assert response.status_code == 302
@@ -126,6 +136,26 @@ def test_redeliver_selected_reports_what_was_delivered_and_what_failed(admin_cli
     assert set(DeadLetter.objects.values_list("pk", flat=True)) == {failed.pk, untouched.pk}
     failed.refresh_from_db()
     assert (failed.attempts, failed.last_status, failed.last_error) == (5, 503, "still down")
+
+
+def test_redeliver_selected_reports_a_gone_subscriber_apart(admin_client, redis):
+    """A 410 removes the letter but delivers nothing: not among the redelivered."""
+    with HTTPServer(Reply(410)) as gone, HTTPServer(Reply(204)) as up:
+        letters = [delivery_letter(gone.url), delivery_letter(up.url)]
+
+        response = admin_client.post(
+            reverse(CHANGELIST),
+            {"action": "redeliver_selected", "_selected_action": [letter.pk for letter in letters]},
+            follow=True,
+        )
+
+        assert (len(gone.requests), len(up.requests)) == (1, 1)
+    messages = [(m.level, m.message) for m in get_messages(response.wsgi_request)]
+    assert messages == [
+        (constants.SUCCESS, "1 redelivered."),
+        (constants.WARNING, "1 gone (410), removed undelivered."),
+    ]
+    assert not DeadLetter.objects.exists()
 
 
 def test_redeliver_selected_when_all_succeed_reports_no_failure(admin_client):

@@ -6,7 +6,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from toot.deadletters import redeliver
+from toot.deadletters import Replay, redeliver
 from toot.models import DeadLetter
 
 if TYPE_CHECKING:
@@ -33,17 +33,20 @@ class DeadLetterAdmin(ModelAdmin):
     readonly_fields = [field.name for field in DeadLetter._meta.fields]
     actions = ["redeliver_selected"]
 
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        """Dead letters are made by toot only: with every field read-only, an add would fail."""
+        return False
+
     @admin.action(description="Redeliver selected dead letters")
     def redeliver_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
-        delivered = failed = 0
+        counts = dict.fromkeys(Replay, 0)
         for letter in queryset:
-            if redeliver(letter):
-                delivered += 1
-            else:
-                failed += 1
-        if delivered:
+            counts[redeliver(letter)] += 1
+        if delivered := counts[Replay.REDELIVERED]:
             self.message_user(request, f"{delivered} redelivered.", messages.SUCCESS)
-        if failed:
+        if gone := counts[Replay.GONE]:
+            self.message_user(request, f"{gone} gone (410), removed undelivered.", messages.WARNING)
+        if failed := counts[Replay.FAILED]:
             self.message_user(
                 request, f"{failed} failed again; see their last error.", messages.WARNING
             )
