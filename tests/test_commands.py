@@ -307,6 +307,39 @@ def test_letters_that_fail_again_are_kept_and_the_command_fails(peer):
     assert (failing.attempts, failing.last_status, failing.last_error) == (5, 503, "maintenance")
 
 
+def test_a_gone_subscriber_is_counted_apart_from_the_delivered(peer, redis):
+    """A 410 removes the letter, as a delivery would, but the event reached nobody."""
+    with HTTPServer(Reply(410)) as gone:
+        store.add(USERS, gone.url)
+        removed, delivered = dead_letter(gone.url), dead_letter(peer.url)
+
+        lines = redeliver_command("--all")
+
+        assert len(gone.requests) == 1
+    assert lines == [
+        f"[1/2] {removed.event_id} on {USERS} -> {gone.url}: "
+        "gone (410): not delivered, subscription and letter removed",
+        f"[2/2] {delivered.event_id} on {USERS} -> {peer.url}: delivered",
+        "1 of 2 redelivered; 1 gone (410), removed undelivered.",
+    ]
+    assert remaining() == set()
+    assert callback_urls(USERS) == []
+
+
+def test_redeliver_unknown_ids_is_a_command_error(peer):
+    letter = dead_letter(peer.url)
+    missing = letter.pk + 1
+
+    with pytest.raises(CommandError) as error:
+        redeliver_command(str(missing + 7), str(letter.pk), str(missing), str(missing))
+
+    assert (
+        str(error.value) == f"No such dead letters: {missing}, {missing + 7}; nothing redelivered."
+    )
+    assert remaining() == {letter.pk}
+    assert peer.requests == []
+
+
 def test_redeliver_help(capsys):
     with pytest.raises(SystemExit):
         call_command("toot_redeliver", "--help")

@@ -18,7 +18,7 @@ from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply
 from tests.utils import callback_urls
 from toot import store
-from toot.deadletters import bury_delivery, bury_handler, redeliver
+from toot.deadletters import Replay, bury_delivery, bury_handler, redeliver
 from toot.delivery import Outcome
 from toot.events import Event, wire_json
 from toot.handling import ALL, handler_name
@@ -100,7 +100,7 @@ def test_a_redelivered_delivery_is_deleted():
     with HTTPServer(Reply(204)) as peer:
         letter = letter_for_delivery(peer.url + "/toot/callbacks")
 
-        assert redeliver(letter) is True
+        assert redeliver(letter) is Replay.REDELIVERED
 
     assert not DeadLetter.objects.filter(pk=letter.pk).exists()
     [request] = peer.requests
@@ -118,7 +118,7 @@ def test_a_redelivery_sends_the_single_event_signed_under_its_id(redis):
         store.add(PUBLISHED, peer.url, batch=True)
         letter = letter_for_delivery(peer.url)
 
-        assert redeliver(letter) is True
+        assert redeliver(letter) is Replay.REDELIVERED
 
     [request] = peer.requests
     assert request.body == wire_json(letter.event).encode()
@@ -132,7 +132,7 @@ def test_a_delivery_that_fails_again_is_kept_as_one_more_attempt():
         letter = letter_for_delivery(peer.url)
         before = DeadLetter.objects.get(pk=letter.pk)
 
-        assert redeliver(letter) is False
+        assert redeliver(letter) is Replay.FAILED
 
     after = DeadLetter.objects.get(pk=letter.pk)
     assert len(peer.requests) == 1
@@ -145,7 +145,7 @@ def test_a_delivery_that_fails_again_is_kept_as_one_more_attempt():
 def test_a_delivery_that_cannot_connect_is_kept_with_the_error():
     letter = letter_for_delivery(f"http://127.0.0.1:{free_port()}/toot/callbacks")
 
-    assert redeliver(letter) is False
+    assert redeliver(letter) is Replay.FAILED
 
     letter.refresh_from_db()
     assert letter.attempts == 5
@@ -153,12 +153,34 @@ def test_a_delivery_that_cannot_connect_is_kept_with_the_error():
     assert letter.last_error.startswith("ConnectionError: ")
 
 
-def test_a_gone_subscriber_ends_the_dead_letter_and_the_subscription(redis):
+def test_a_gone_subscriber_ends_the_dead_letter_and_the_subscription(redis, caplog):
+    """A 410 is no delivery: the event reached nobody, and the log says so, not "redelivered"."""
+    caplog.set_level(logging.INFO, logger="toot.deadletters")
     with HTTPServer(Reply(410)) as peer:
         store.add(PUBLISHED, peer.url)
         letter = letter_for_delivery(peer.url)
+        pk = letter.pk  # None once deleted
+        caplog.clear()
 
-        assert redeliver(letter) is True
+        assert redeliver(letter) is Replay.GONE
+
+    assert not DeadLetter.objects.exists()
+    assert peer.url not in callback_urls(PUBLISHED)
+    [record] = [r for r in caplog.records if r.name == "toot.deadletters"]
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        f"Event {letter.event_id} on {PUBLISHED}: dead letter {pk} not delivered, "
+        f"{peer.url} is gone (410); removed"
+    )
+
+
+def test_an_unsubscribe_with_a_2xx_is_still_a_delivery(redis):
+    """The subscriber took the event (PROTOCOL.md section 2), though it wants no more."""
+    with HTTPServer(Reply(200, headers={"X-Toot-Unsubscribe": "True"})) as peer:
+        store.add(PUBLISHED, peer.url)
+        letter = letter_for_delivery(peer.url)
+
+        assert redeliver(letter) is Replay.REDELIVERED
 
     assert not DeadLetter.objects.exists()
     assert peer.url not in callback_urls(PUBLISHED)
@@ -176,7 +198,7 @@ def test_a_redelivered_handler_runs_and_is_deleted(redis):
     toot.subscribe("publisher", "users.updated.v1", on_event)
     letter = letter_for_handler(on_event)
 
-    assert redeliver(letter) is True
+    assert redeliver(letter) is Replay.REDELIVERED
 
     assert seen == [Event.from_dict(letter.event)]
     assert seen[0].payload == {"id": 1}
@@ -190,7 +212,7 @@ def test_a_handler_that_fails_again_is_kept_as_one_more_attempt(redis):
     toot.subscribe("publisher", "users.updated.v1", still_broken)
     letter = letter_for_handler(still_broken)
 
-    assert redeliver(letter) is False
+    assert redeliver(letter) is Replay.FAILED
 
     letter.refresh_from_db()
     assert letter.attempts == 5
@@ -206,7 +228,7 @@ def test_a_handler_no_longer_subscribed_is_kept(redis):
     letter = letter_for_handler(gone)  # buried, then the subscription was removed
     toot.subscribe("publisher", "users.updated.v1", on_update)
 
-    assert redeliver(letter) is False
+    assert redeliver(letter) is Replay.FAILED
 
     letter.refresh_from_db()
     assert calls == []
@@ -228,7 +250,7 @@ def test_redelivery_runs_only_the_dead_lettered_handler(redis):
     toot.subscribe("publisher", "users.updated.v1", healthy)
     toot.subscribe("publisher", "users.updated.v1", recovered)
 
-    assert redeliver(letter_for_handler(recovered)) is True
+    assert redeliver(letter_for_handler(recovered)) is Replay.REDELIVERED
     assert calls == ["recovered"]
 
 
@@ -243,7 +265,7 @@ def test_a_letter_for_every_handler_runs_the_handlers_there_are_now(redis):
     toot.subscribe("publisher", "users.updated.v1", lambda event: calls.append("one"))
     toot.subscribe("publisher", "users.updated.v1", lambda event: calls.append("two"))
 
-    assert redeliver(letter_for_every_handler()) is True
+    assert redeliver(letter_for_every_handler()) is Replay.REDELIVERED
 
     assert sorted(calls) == ["one", "two"]
     assert not DeadLetter.objects.exists()
@@ -257,7 +279,7 @@ def test_a_letter_for_every_handler_keeps_the_errors_of_those_that_fail(redis):
     toot.subscribe("publisher", "users.updated.v1", broken)
     letter = letter_for_every_handler()
 
-    assert redeliver(letter) is False
+    assert redeliver(letter) is Replay.FAILED
 
     letter.refresh_from_db()
     assert (letter.handler, letter.attempts) == (ALL, 5)
@@ -267,7 +289,7 @@ def test_a_letter_for_every_handler_keeps_the_errors_of_those_that_fail(redis):
 def test_a_letter_for_every_handler_with_still_none_is_kept(redis):
     letter = letter_for_every_handler()
 
-    assert redeliver(letter) is False
+    assert redeliver(letter) is Replay.FAILED
 
     letter.refresh_from_db()
     assert letter.attempts == 5

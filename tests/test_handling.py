@@ -559,7 +559,7 @@ def test_a_dead_letter_for_no_handler_runs_every_handler_once_replayed(redis):
     ran: list[Event] = []
     subscribe("publisher", "users.updated.v1", ran.append)
 
-    assert deadletters.redeliver(letter)
+    assert deadletters.redeliver(letter) is deadletters.Replay.REDELIVERED
     assert ran == [event]
 
 

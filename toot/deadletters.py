@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -86,16 +87,35 @@ def bury_handler(
     )
 
 
-def redeliver(letter: DeadLetter) -> bool:
-    """Replay one dead letter now, in this process; deleted on success, else updated.
+class Replay(enum.Enum):
+    """What replaying a dead letter came to."""
+
+    REDELIVERED = "redelivered"
+    # Answered 410: the letter is removed, as a 410 ends a delivery's retries, but the
+    # event reached nobody, so it is not counted as redelivered.
+    GONE = "gone"
+    FAILED = "failed"
+
+
+def redeliver(letter: DeadLetter) -> Replay:
+    """Replay one dead letter now, in this process; deleted on success or 410, else updated.
 
     Each replay counts as an attempt.
     """
     if letter.kind == "delivery":  # DeadLetter.Kind.DELIVERY
         body = wire_json(letter.event).encode()
         outcome = delivery.attempt(letter.callback_url, letter.channel, body, letter.event_id)
-        ok = outcome.ok or outcome.gone
-        status, error = outcome.status, outcome.error
+        if outcome.gone:  # attempt() removed the subscription; retrying is pointless
+            logger.warning(
+                "Event %s on %s: dead letter %s not delivered, %s is gone (410); removed",
+                letter.event_id,
+                letter.channel,
+                letter.pk,
+                letter.callback_url,
+            )
+            letter.delete()
+            return Replay.GONE
+        ok, status, error = outcome.ok, outcome.status, outcome.error
     else:
         failures = handling.run(Event.from_dict(letter.event), [letter.handler])
         ok, status = not failures, None
@@ -106,7 +126,7 @@ def redeliver(letter: DeadLetter) -> bool:
             "Event %s on %s: dead letter %s redelivered", letter.event_id, letter.channel, letter.pk
         )
         letter.delete()
-        return True
+        return Replay.REDELIVERED
     letter.attempts += 1
     letter.last_status = status
     letter.last_error = error
@@ -119,4 +139,4 @@ def redeliver(letter: DeadLetter) -> bool:
         letter.pk,
         error,
     )
-    return False
+    return Replay.FAILED

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from toot.deadletters import redeliver
+from toot.deadletters import Replay, redeliver
 from toot.models import DeadLetter
 
 
@@ -30,25 +30,39 @@ class Command(BaseCommand):
             raise CommandError("Say which dead letters: ids, --channel, --callback-url or --all.")
         letters = DeadLetter.objects.order_by("id")
         if ids:
+            # A mistyped or already replayed id is an error, not "0 of 0": nothing is replayed.
+            found = set(letters.filter(pk__in=ids).values_list("pk", flat=True))
+            if missing := sorted(set(ids) - found):
+                raise CommandError(
+                    f"No such dead letters: {', '.join(map(str, missing))}; nothing redelivered."
+                )
             letters = letters.filter(pk__in=ids)
         if channel:
             letters = letters.filter(channel=channel)
         if callback_url:
             letters = letters.filter(callback_url=callback_url)
         total = letters.count()
-        failed = 0
+        counts = dict.fromkeys(Replay, 0)
         for number, letter in enumerate(letters.iterator(), start=1):
             target = letter.callback_url or letter.handler
-            if redeliver(letter):
+            replay = redeliver(letter)
+            counts[replay] += 1
+            if replay is Replay.REDELIVERED:
                 outcome = self.style.SUCCESS("delivered" if letter.callback_url else "handled")
+            elif replay is Replay.GONE:
+                outcome = self.style.WARNING(
+                    "gone (410): not delivered, subscription and letter removed"
+                )
             else:
-                failed += 1
                 outcome = self.style.ERROR(
                     f"failed again ({letter.last_status or letter.last_error})"
                 )
             self.stdout.write(
                 f"[{number}/{total}] {letter.event_id} on {letter.channel} -> {target}: {outcome}"
             )
-        self.stdout.write(f"{total - failed} of {total} redelivered.")
-        if failed:
+        summary = f"{counts[Replay.REDELIVERED]} of {total} redelivered"
+        if gone := counts[Replay.GONE]:
+            summary += f"; {gone} gone (410), removed undelivered"
+        self.stdout.write(summary + ".")
+        if failed := counts[Replay.FAILED]:
             raise CommandError(f"{failed} dead letters failed again and were kept.")
