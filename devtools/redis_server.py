@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from devtools.processes import Process, free_port, wait_for
@@ -38,14 +39,20 @@ def _answers(port: int) -> bool:
         return False
 
 
-def start_redis(log_dir: Path | None = None, port: int | None = None) -> tuple[Process, str]:
+def start_redis(
+    log_dir: Path | None = None,
+    port: int | None = None,
+    *,
+    binary: str | None = None,
+    options: Sequence[str] = (),
+) -> tuple[Process, str]:
     """A redis-server on ``port`` (default: a free one); restartable on the same port."""
     port = port or free_port()
     workdir = tempfile.mkdtemp(prefix="toot-redis-")
     process = Process(
         "redis",
         [
-            redis_server_binary(),
+            binary or redis_server_binary(),
             "--port",
             str(port),
             "--bind",
@@ -56,6 +63,7 @@ def start_redis(log_dir: Path | None = None, port: int | None = None) -> tuple[P
             "no",
             "--dir",
             workdir,
+            *options,
         ],
         log_dir=log_dir,
     ).start()

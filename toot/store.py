@@ -7,6 +7,7 @@ the callback URLs that asked for batches (PROTOCOL.md section 7).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -52,10 +53,15 @@ def get_redis() -> redis.Redis:
     return client
 
 
+# Celery's rediss:// URLs name ssl's constants, ssl_cert_reqs=CERT_REQUIRED, which redis-py
+# refuses: it takes required, optional or none. REDIS_URL defaults to the broker's URL.
+_CELERY_CERT_REQS = re.compile(r"([?&]ssl_cert_reqs=)CERT_(REQUIRED|OPTIONAL|NONE)(?=&|$)", re.I)
+
+
 def new_client(url: str, timeout: float) -> redis.Redis:
     """The client toot builds from REDIS_URL and REDIS_TIMEOUT."""
     return redis.Redis.from_url(
-        url,
+        _CELERY_CERT_REQS.sub(lambda match: match[1] + match[2].lower(), url),
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         health_check_interval=30,
