@@ -11,9 +11,10 @@ import uuid
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import connection, transaction
-from django.test import override_settings
+from django.test import AsyncClient, override_settings
 
 import toot
 from tests.broker import broker_unreachable_and_no_drain
@@ -170,6 +171,22 @@ def test_publish_keeps_the_event_in_the_outbox_when_redis_is_unreachable(suffix,
         assert event.channel in message
         assert "Redis failed" in message
         assert "outbox" in message
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("redis_up", [True, False], ids=["queued", "kept"])
+def test_publish_from_an_async_view_sends_or_keeps_the_event(celery_worker, pushed, redis_up):
+    # The ORM refuses to run in an event loop's thread: the outbox must not need it to.
+    with contextlib.nullcontext() if redis_up else redis_down():
+        response = async_to_sync(AsyncClient().get)("/async-publish/")
+
+    assert response.status_code == 200
+    event_id = response.json()["id"]
+    if redis_up:
+        assert [event["id"] for event in pushed] == [event_id]
+    else:
+        kept = [row.event for row in OutboxEvent.objects.all()]
+        assert [event["id"] for event in kept] == [event_id]
 
 
 @pytest.mark.django_db(transaction=True)

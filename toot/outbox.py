@@ -7,13 +7,15 @@ Redis answers again.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Celery
-from django.db import router
+from django.db import connections, router
 from django.db.models import Q
 from django.utils import timezone
 
@@ -26,15 +28,34 @@ CLAIM_TIMEOUT = 60.0
 
 
 def keep(event: dict[str, Any], error: Exception) -> None:
-    from toot.models import OutboxEvent
-
-    OutboxEvent.objects.create(event=event)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        _keep(event)
+    else:
+        # publish() from async code, an async view: the ORM refuses to run in the event
+        # loop's thread, and the event must not be lost. The loop waits, as it did for Redis.
+        with ThreadPoolExecutor(1) as thread:
+            thread.submit(_keep_and_close, event).result()
     logger.warning(
         "Event %s on %s: Redis failed (%s); kept in the outbox",
         event["id"],
         event["channel"],
         error,
     )
+
+
+def _keep(event: dict[str, Any]) -> None:
+    from toot.models import OutboxEvent
+
+    OutboxEvent.objects.create(event=event)
+
+
+def _keep_and_close(event: dict[str, Any]) -> None:
+    try:
+        _keep(event)
+    finally:
+        connections.close_all()  # this thread's own, which would otherwise stay open
 
 
 def relay(app: Celery, limit: int = BATCH) -> int:
