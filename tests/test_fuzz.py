@@ -352,10 +352,11 @@ def each_fits(events: list[Any], limit: int) -> bool:
 
 
 def well_formed(body: bytes) -> bool:
-    """Whether ``body`` is UTF-8, as JSON must be: a lone surrogate written out is not."""
+    """Whether the JSON ``body`` is Unicode text: UTF-8, as JSON must be, and with no lone
+    surrogate, whether written out (not UTF-8) or escaped (not text once read)."""
     try:
-        body.decode("utf-8")
-    except UnicodeDecodeError:
+        json.dumps(json.loads(body.decode("utf-8")), ensure_ascii=False).encode("utf-8")
+    except UnicodeError:
         return False
     return True
 

@@ -294,6 +294,29 @@ def test_a_payload_that_is_not_json_is_refused(suffix, pushed, payload):
     assert pushed == []
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("redis_up", [True, False], ids=["queued", "kept"])
+@pytest.mark.parametrize(
+    "payload", [{"s": "\ud800"}, ["\udfff"], {"\udc00\ud800": 1}], ids=["high", "low", "key"]
+)
+def test_a_payload_with_a_lone_surrogate_is_refused(suffix, pushed, payload, redis_up):
+    # Valid JSON as an escape, but no Unicode text: PostgreSQL refuses it in an outbox row,
+    # and a subscriber's dead letter.
+    with (
+        contextlib.nullcontext() if redis_up else redis_down(),
+        pytest.raises(toot.InvalidEvent, match="lone surrogate"),
+    ):
+        toot.publish(suffix, payload)
+    assert pushed == []
+    assert not OutboxEvent.objects.exists()
+
+
+def test_a_payload_with_characters_past_the_bmp_is_sent(celery_worker, suffix, pushed):
+    toot.publish(suffix, {"s": "\U0001f600"})  # a surrogate pair escape in the JSON
+
+    assert [event["payload"] for event in pushed] == [{"s": "\U0001f600"}]
+
+
 def test_a_payload_nested_deeper_than_subscribers_read_is_refused(celery_worker):
     from toot.validation import MAX_JSON_DEPTH
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -93,3 +94,23 @@ def nests_deeper(
             for value in containers
             for child in (value.values() if isinstance(value, dict) else value)
         ]
+
+
+# What JSON text a lone surrogate can hide behind: an escape of U+D800 to U+DFFF.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def holds_lone_surrogate(data: Any, text: str) -> bool:
+    """Whether ``data``, read from or encoded as the JSON ``text``, holds a lone surrogate.
+
+    JSON's "\\ud800" escape makes one: valid JSON, but not Unicode text, which no UTF-8
+    encoder takes (PostgreSQL's, for an outbox row or a dead letter, included). Only a text
+    with a surrogate escape is checked: most have none.
+    """
+    if not _SURROGATE_ESCAPE.search(text):
+        return False
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -25,7 +25,13 @@ from toot.events import Event, wire_json
 from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature
 from toot.registry import registry
 from toot.sending import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES
-from toot.validation import MAX_JSON_DEPTH, channel_error, nests_deeper, url_error
+from toot.validation import (
+    MAX_JSON_DEPTH,
+    channel_error,
+    holds_lone_surrogate,
+    nests_deeper,
+    url_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +87,8 @@ def read_json(request: HttpRequest, max_bytes: int, max_depth: int = MAX_JSON_DE
         data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise Refused(400, "body is not valid JSON") from None
+    if holds_lone_surrogate(data, text):  # the same, written as a \ud800 escape
+        raise Refused(400, "body is not valid JSON text: it holds a lone surrogate escape")
     refuse_too_deep(body, data, max_depth)
     return data
 
