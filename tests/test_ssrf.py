@@ -164,7 +164,10 @@ def test_allowed_callback_hosts_match_as_django_allowed_hosts(host, patterns, al
         ("https://127.0.0.1/cb", "host 127.0.0.1 is a loopback address"),
         ("https://[::1]:8443/cb", "host ::1 is a loopback address"),
         ("https://169.254.169.254/latest/meta-data/", "instance metadata"),
-        ("https://[::ffff:169.254.169.254]/latest", "leads to 169.254.169.254"),
+        (
+            "https://[::ffff:169.254.169.254]/latest",
+            "host ::ffff:169.254.169.254 is an address that leads to 169.254.169.254, a link-local",
+        ),
         ("https://[64:ff9b::a9fe:a9fe]/latest", "leads to 169.254.169.254"),
         ("https://10.0.0.1/cb", "private"),
         # A real name that resolves locally, and the spellings of 127.0.0.1 that

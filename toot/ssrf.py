@@ -107,7 +107,7 @@ def address_error(address: IPAddress, allowed: tuple[IPNetwork, ...] = ()) -> st
         return None
     if embedded is not None:
         reason = address_error(embedded)
-        return reason and f"which leads to {embedded}, {reason}"
+        return reason and f"an address that leads to {embedded}, {reason}"
     for network, reason in BLOCKED_NETWORKS:
         if address in network:
             return reason
