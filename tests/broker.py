@@ -1,12 +1,17 @@
-"""Real brokers for tests: one that is unreachable for a while, and queues a test reads."""
+"""Real brokers for tests: one that is unreachable for a while, one that never answers, one
+that falls silent once connected, and queues a test reads."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 from django.conf import settings
@@ -16,6 +21,8 @@ from kombu.utils.collections import eqhash
 from devtools.processes import free_port, wait_for
 from tests.celery import app as celery_app
 from tests.utils import live_leases
+from toot import broker
+from toot.conf import conf
 from toot.store import get_redis
 
 
@@ -44,14 +51,19 @@ def broker_unreachable(app: Celery = celery_app) -> Iterator[str]:
     try:
         yield url
     finally:
-        down = eqhash(app.connection_for_write())
+        # The app's connection, and toot's own with its timeouts (toot.broker).
+        down = [
+            eqhash(app.connection_for_write()),
+            eqhash(broker.connection_for(app, conf.REDIS_TIMEOUT)),
+        ]
         app.conf.update(broker_url=saved_url)
         _set_pools(app, saved_pools)
         # kombu keeps its pools per URL in global groups: drop the dead URL's.
         for group in (pools.producers, pools.connections):
-            pool = group.pop(down, None)
-            if pool is not None:
-                pool.force_close_all()
+            for key in down:
+                pool = group.pop(key, None)
+                if pool is not None:
+                    pool.force_close_all()
 
 
 @contextmanager
@@ -71,12 +83,15 @@ PROBE_TASK = "tests.probe"
 
 
 @contextmanager
-def probe_app(queue: str) -> Iterator[Celery]:
-    """A Celery app on the tests' broker whose default queue is ``queue``, one no worker reads.
+def probe_app(queue: str, broker_url: str | None = None) -> Iterator[Celery]:
+    """A Celery app on the tests' broker (or ``broker_url``, a way to it) whose default queue
+    is ``queue``, one no worker reads.
 
     Its one task, PROBE_TASK, never runs: a test reads what was sent with ``queued()``.
     """
-    app = Celery("toot-probe", broker=settings.CELERY_BROKER_URL, set_as_current=False)
+    app = Celery(
+        "toot-probe", broker=broker_url or settings.CELERY_BROKER_URL, set_as_current=False
+    )
     app.conf.task_default_queue = queue
 
     @app.task(name=PROBE_TASK, shared=False)
@@ -99,3 +114,150 @@ def queued(queue: str) -> list[tuple[str, list[Any], dict[str, Any]]]:
         args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
         messages.append((message["headers"]["task"], args, kwargs))
     return messages
+
+
+def url_of(scheme: str, port: int) -> str:
+    """A URL of a broker of ``scheme`` ("redis" or "amqp") at 127.0.0.1:``port``."""
+    return {
+        "redis": f"redis://127.0.0.1:{port}/0",
+        "amqp": f"amqp://guest:guest@127.0.0.1:{port}//",
+    }[scheme]
+
+
+def _hang_up(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked on it
+    sock.close()
+
+
+class SilentBroker:
+    """A port that accepts connections and never answers: a broker behind a load balancer
+    whose backend is gone, or a stuck one. It reads what it is sent, and keeps every
+    connection open for as long as the client does."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._accepted: list[socket.socket] = []
+        self._closed_by_client: set[socket.socket] = set()
+        self._thread = threading.Thread(target=self._accept, name="silent-broker", daemon=True)
+
+    def url(self, scheme: str) -> str:
+        return url_of(scheme, self.port)
+
+    @property
+    def accepted(self) -> int:
+        with self._lock:
+            return len(self._accepted)
+
+    def open_connections(self) -> int:
+        """How many of the connections accepted so far the client has not closed."""
+        with self._lock:
+            for sock in self._accepted:
+                if sock not in self._closed_by_client and self._client_closed(sock):
+                    self._closed_by_client.add(sock)
+            return len(self._accepted) - len(self._closed_by_client)
+
+    @staticmethod
+    def _client_closed(sock: socket.socket) -> bool:
+        try:
+            while sock.recv(65536, socket.MSG_DONTWAIT):  # what it sent: never answered
+                pass
+        except BlockingIOError:
+            return False  # nothing more to read, and no end of file: still open
+        except OSError:
+            return True  # reset
+        return True  # end of file
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:  # the listener was closed
+                return
+            with self._lock:
+                self._accepted.append(sock)
+
+    def __enter__(self) -> SilentBroker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _hang_up(self._listener)
+        self._thread.join(10)
+        with self._lock:
+            for sock in self._accepted:
+                sock.close()
+
+
+class HushingProxy:
+    """A way to a real broker that passes everything on both ways until ``hush()``; from
+    then on, until ``resume()``, it swallows whatever either side sends, on connections
+    old and new: a broker that falls silent once connected, without closing anything."""
+
+    def __init__(self, url: str) -> None:
+        upstream = urlsplit(url)
+        self._upstream = (upstream.hostname or "127.0.0.1", upstream.port or 6379)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        netloc = upstream.netloc.rpartition("@")[0]
+        self.url = upstream._replace(
+            netloc=f"{netloc}@127.0.0.1:{self.port}" if netloc else f"127.0.0.1:{self.port}"
+        ).geturl()
+        self.hushed = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, name="proxy", daemon=True)]
+
+    @property
+    def connections(self) -> int:
+        """How many connections it has passed on so far."""
+        with self._lock:
+            return len(self._sockets) // 2
+
+    def hush(self) -> None:
+        self.hushed.set()
+
+    def resume(self) -> None:
+        self.hushed.clear()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._upstream, timeout=10)
+            except OSError:  # the listener was closed
+                return
+            server.settimeout(None)
+            pumps = [
+                threading.Thread(target=self._pump, args=pair, name="proxy-pump", daemon=True)
+                for pair in ((client, server), (server, client))
+            ]
+            with self._lock:
+                self._sockets += [client, server]
+                self._threads += pumps
+            for pump in pumps:
+                pump.start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not self.hushed.is_set():
+                    target.sendall(data)
+        # One side hung up: so does the other.
+        _hang_up(source)
+        _hang_up(target)
+
+    def __enter__(self) -> HushingProxy:
+        self._threads[0].start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _hang_up(self._listener)
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            _hang_up(sock)
+        for thread in threads:
+            thread.join(10)

@@ -1,24 +1,86 @@
-"""Sending a task to the broker without kombu's connection retries."""
+"""Sending a task to the broker with one connection attempt, and timeouts."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
-from celery import Task
-from kombu.exceptions import OperationalError
+from celery import Celery, Task
+from kombu import Connection, pools
+from kombu.exceptions import LimitExceeded, OperationalError
+from kombu.pools import ProducerPool
 
-# What sending a task raises when the broker is unreachable.
+from toot.conf import conf
+
+# What sending a task raises when the broker is unreachable, or does not answer in time.
 BROKER_ERRORS = (OperationalError, redis.RedisError, OSError)
+
+# The transport options that bound a kombu transport's blocking calls, by its driver_name.
+# Left unset they wait forever (kombu's Redis transport, py-amqp after connecting): a
+# broker that accepts connections and never answers (a load balancer whose backend is
+# gone, a stuck server) would hold a web request, or the relay, for good.
+TIMEOUT_OPTIONS: dict[str, tuple[str, ...]] = {
+    # kombu.transport.redis (sentinel:// too) hands them to redis-py's connections.
+    "redis": ("socket_connect_timeout", "socket_timeout"),
+    # kombu.transport.pyamqp passes its transport options to amqp.Connection, over the
+    # connection's own connect_timeout: that one bounds the TCP connect and the AMQP
+    # handshake, read_timeout and write_timeout every later read and write (SO_RCVTIMEO,
+    # SO_SNDTIMEO): opening the channel, declaring the queue, publishing.
+    "py-amqp": ("connect_timeout", "read_timeout", "write_timeout"),
+}
 
 
 def send_now(task: Task[Any, Any], args: Sequence[Any], **options: Any) -> None:
-    """Send ``task`` with one connection attempt, raising BROKER_ERRORS at once if it fails.
+    """Send ``task`` with one connection attempt, raising BROKER_ERRORS at once if it fails,
+    or within a few times REDIS_TIMEOUT if the broker does not answer.
 
     Even with ``retry=False`` kombu retries connecting for its connect timeout (about 6 s),
     which would hold a web request, or a relay past the timeout of its claims.
     """
-    with task.app.producer_or_acquire() as producer:
-        producer.connection.ensure_connection(max_retries=0)
-        task.apply_async(tuple(args), retry=False, producer=producer, **options)
+    # REDIS_TIMEOUT because the same web requests and relay steps wait that long at most
+    # for toot's Redis, which is often the broker too (REDIS_URL falls back to a Redis
+    # CELERY_BROKER_URL): one bound on what they wait for, and one setting to tune it.
+    timeout = conf.REDIS_TIMEOUT
+    pool: ProducerPool = pools.producers[connection_for(task.app, timeout)]
+    try:
+        # Every producer is busy only while a send is, within its timeouts; but there may
+        # be more sends than producers (broker_pool_limit, 10 by default).
+        producer = pool.acquire(block=True, timeout=timeout)
+    except LimitExceeded as exc:
+        raise OperationalError(f"No broker connection free within {timeout:g} s") from exc
+    with producer:
+        connection = cast("Connection", producer.connection)  # a pool's producers have one
+        try:
+            connection.ensure_connection(max_retries=0)
+            task.apply_async(tuple(args), retry=False, producer=producer, **options)
+        except BROKER_ERRORS:
+            # A connection cut short by a timeout may be out of step with the broker (an
+            # answer still to come): the next send starts on a new one. collect() closes
+            # it without a word to the broker, which would mean waiting for an answer again.
+            connection.collect()
+            raise
+
+
+def connection_for(app: Celery, timeout: float) -> Connection:
+    """A (lazy) connection to ``app``'s broker with the app's options, but no timeout over
+    ``timeout`` seconds where its transport has them (TIMEOUT_OPTIONS: Redis, RabbitMQ).
+
+    toot's own, not the app's, so that toot changes none of the project's Celery settings:
+    the app's connections may serve calls of the project's that must wait longer. Its
+    pools live in kombu's global pool groups as the app's do, keyed by the connection's
+    options (the timeouts among them): one per broker and timeout, not one per call.
+    """
+    # The connection the app itself publishes through (Celery's send_task).
+    theirs = app.producer_pool.connections.connection
+    transport_options = dict(theirs.transport_options or {})
+    for key in TIMEOUT_OPTIONS.get(theirs.transport.driver_name, ()):
+        # A shorter timeout of the project's stands. py-amqp's connect_timeout comes from
+        # the connection unless a transport option overrides it: Celery's
+        # broker_connection_timeout, 4 s by default.
+        current = transport_options.get(
+            key, theirs.connect_timeout if key == "connect_timeout" else None
+        )
+        bounded = isinstance(current, (int, float)) and 0 < current <= timeout
+        transport_options[key] = current if bounded else timeout
+    return theirs.clone(transport_options=transport_options)
