@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 from celery import Celery
 from django.conf import settings
+from kombu import pools
 
 from devtools.processes import wait_for
 from tests.broker import HushingProxy, SilentBroker, probe_app, queued, url_of
@@ -128,6 +129,25 @@ def test_sends_share_a_connection(redis):
 
         assert proxy.connections == connections
         assert [args[0] for _, args, _ in queued(celery_queue)] == names
+
+
+def test_a_send_that_finds_no_free_connection_in_time_gives_up(redis, caplog):
+    caplog.set_level(logging.WARNING, logger="toot.tasks")
+    celery_queue = f"{settings.TOOT['KEY_PREFIX']}busy-{uuid.uuid4().hex[:8]}"
+    name = new_queue()
+    with probe_app(celery_queue) as app, toot_settings(REDIS_TIMEOUT=TIMEOUT):
+        pool = pools.producers[broker.connection_for(app, TIMEOUT)]
+        busy = [pool.acquire() for _ in range(pool.limit)]  # other sends, all under way
+        try:
+            thread = in_time(lambda: tasks.start(name, queue.push(name, []), app))
+        finally:
+            for producer in busy:
+                producer.release()
+
+    [warning] = warnings_of(caplog, thread)
+    assert "No broker connection free within 0.5 s" in warning
+    assert live_leases(redis, name) == []
+    assert queued(celery_queue) == []
 
 
 @pytest.mark.parametrize(
