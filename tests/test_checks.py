@@ -232,6 +232,8 @@ def test_e004_subscription_to_an_undefined_source():
         "http://sub.example:99999/toot/callbacks",
         "http://[::1/toot/callbacks",
         "http://sub.example/toot/call backs",
+        # From the environment: os.environ reads bytes that are not UTF-8 as lone surrogates.
+        "https://sub.example/toot/callbacks\udcff",
         "",
     ],
 )

@@ -60,7 +60,7 @@ def url_error(url: object, *, name: str = "callback_url") -> str | None:
         return f"{name} must not carry credentials (userinfo)"
     if any(ch.isspace() or ord(ch) < 0x20 for ch in url):
         return f"{name} must not contain whitespace or control characters"
-    # JSON's "\ud800" escape yields a lone surrogate, which no UTF-8 client (Redis) can encode.
+    # From os.environ, bytes that are not UTF-8; no UTF-8 client (Redis) can encode them.
     if any(0xD800 <= ord(ch) <= 0xDFFF for ch in url):
         return f"{name} must not contain lone surrogates"
     return None
