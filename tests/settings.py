@@ -61,7 +61,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 # atomic block on it, the outbox read from the primary when reads go to a replica.
 DATABASES["other"] = {
     "ENGINE": "django.db.backends.sqlite3",
-    "NAME": "",
+    # A name even outside tests: Django 6.1's checks open every database (manage.py check).
+    "NAME": ":memory:",
     "TEST": {"NAME": os.path.join(tempfile.gettempdir(), f"toot-test-{RUN_ID}-other.sqlite3")},
 }
 USE_TZ = True
