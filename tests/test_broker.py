@@ -12,10 +12,11 @@ from celery import Celery
 from django.conf import settings
 from kombu import pools
 
-from devtools.processes import wait_for
-from tests.broker import HushingProxy, SilentBroker, probe_app, queued, url_of
+from devtools.processes import free_port, wait_for
+from tests.broker import PROBE_TASK, HushingProxy, SilentBroker, probe_app, queued, url_of
 from tests.utils import live_leases, toot_settings
 from toot import broker, queue, tasks
+from toot.conf import conf
 
 # REDIS_TIMEOUT in these tests, and how long a send may take at most: a few of them. Without
 # timeouts kombu's Redis transport waits forever, py-amqp as long as the project's
@@ -148,6 +149,33 @@ def test_a_send_that_finds_no_free_connection_in_time_gives_up(redis, caplog):
     assert "No broker connection free within 0.5 s" in warning
     assert live_leases(redis, name) == []
     assert queued(celery_queue) == []
+
+
+def test_the_projects_own_sends_leave_toots_pool_as_it_was(redis):
+    # kombu adds a send's retry policy to its connection's transport options: toot's pool,
+    # keyed by its options, must not follow them (a new pool, the last left open).
+    celery_queue = f"{settings.TOOT['KEY_PREFIX']}own-{uuid.uuid4().hex[:8]}"
+    first, second = new_queue(), new_queue()
+    with probe_app(celery_queue) as app:
+        tasks.start(first, queue.push(first, []), app)
+        pool = pools.producers[broker.connection_for(app, conf.REDIS_TIMEOUT)]
+        app.tasks[PROBE_TASK].apply_async(retry_policy={"max_retries": 1})
+
+        tasks.start(second, queue.push(second, []), app)
+
+        assert pools.producers[broker.connection_for(app, conf.REDIS_TIMEOUT)] is pool
+    assert len(queued(celery_queue)) == 3
+
+
+def test_a_send_tries_each_of_the_brokers_urls(redis):
+    celery_queue = f"{settings.TOOT['KEY_PREFIX']}failover-{uuid.uuid4().hex[:8]}"
+    down_first = f"redis://127.0.0.1:{free_port()}/0;{settings.CELERY_BROKER_URL}"
+    names = [new_queue() for _ in range(3)]
+    with probe_app(celery_queue, down_first) as app, toot_settings(REDIS_TIMEOUT=TIMEOUT):
+        for name in names:
+            tasks.start(name, queue.push(name, []), app)
+
+    assert [args[0] for _, args, _ in queued(celery_queue)] == names
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,11 @@ def send_now(task: Task[Any, Any], args: Sequence[Any], **options: Any) -> None:
     with producer:
         connection = cast("Connection", producer.connection)  # a pool's producers have one
         try:
-            connection.ensure_connection(max_retries=0)
+            # One attempt at each of the broker's URLs ("redis://a;redis://b"), at once.
+            tries = max(len(connection.alt), 1)
+            connection.ensure_connection(
+                max_retries=tries - 1, interval_start=0, interval_step=0, interval_max=0
+            )
             task.apply_async(tuple(args), retry=False, producer=producer, **options)
         except BROKER_ERRORS:
             # A connection cut short by a timeout may be out of step with the broker (an
@@ -71,10 +75,12 @@ def connection_for(app: Celery, timeout: float) -> Connection:
     pools live in kombu's global pool groups as the app's do, keyed by the connection's
     options (the timeouts among them): one per broker and timeout, not one per call.
     """
-    # The connection the app itself publishes through (Celery's send_task).
-    theirs = app.producer_pool.connections.connection
+    # As the app makes the connections it publishes through, from its settings: not one of
+    # those, whose options its sends change (kombu adds their retry policy), which would
+    # make a new pool of toot's, and leave the last one open, at each change.
+    theirs = app.connection_for_write()
     transport_options = dict(theirs.transport_options or {})
-    for key in TIMEOUT_OPTIONS.get(theirs.transport.driver_name, ()):
+    for key in TIMEOUT_OPTIONS.get(theirs.get_transport_cls().driver_name, ()):
         # A shorter timeout of the project's stands. py-amqp's connect_timeout comes from
         # the connection unless a transport option overrides it: Celery's
         # broker_connection_timeout, 4 s by default.
