@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from unittest.mock import create_autospec
@@ -352,13 +352,27 @@ def each_fits(events: list[Any], limit: int) -> bool:
 
 
 def well_formed(body: bytes) -> bool:
-    """Whether the JSON ``body`` is Unicode text: UTF-8, as JSON must be, and with no lone
-    surrogate, whether written out (not UTF-8) or escaped (not text once read)."""
+    """Whether the JSON ``body`` is text a database stores: UTF-8, as JSON must be, with no
+    lone surrogate, written out (not UTF-8) or escaped (not text once read), and no NUL
+    (which PostgreSQL's jsonb refuses)."""
     try:
-        json.dumps(json.loads(body.decode("utf-8")), ensure_ascii=False).encode("utf-8")
+        data = json.loads(body.decode("utf-8"))
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeError:
         return False
-    return True
+    return not any("\x00" in string for string in strings_in(data))
+
+
+def strings_in(data: Any) -> Iterator[str]:
+    if isinstance(data, str):
+        yield data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield key
+            yield from strings_in(value)
+    elif isinstance(data, list):
+        for value in data:
+            yield from strings_in(value)
 
 
 @st.composite

@@ -297,14 +297,23 @@ def test_a_payload_that_is_not_json_is_refused(suffix, pushed, payload):
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("redis_up", [True, False], ids=["queued", "kept"])
 @pytest.mark.parametrize(
-    "payload", [{"s": "\ud800"}, ["\udfff"], {"\udc00\ud800": 1}], ids=["high", "low", "key"]
+    ("payload", "error"),
+    [
+        pytest.param({"s": "\ud800"}, "lone surrogate", id="high"),
+        pytest.param(["\udfff"], "lone surrogate", id="low"),
+        pytest.param({"\udc00\ud800": 1}, "lone surrogate", id="key"),
+        pytest.param({"s": "a\x00b"}, "NUL character", id="nul"),
+        pytest.param({"a\x00": [1]}, "NUL character", id="nul-key"),
+    ],
 )
-def test_a_payload_with_a_lone_surrogate_is_refused(suffix, pushed, payload, redis_up):
-    # Valid JSON as an escape, but no Unicode text: PostgreSQL refuses it in an outbox row,
-    # and a subscriber's dead letter.
+def test_a_payload_with_text_no_database_stores_is_refused(
+    suffix, pushed, payload, error, redis_up
+):
+    # Valid JSON as escapes, but a lone surrogate is no Unicode text, and PostgreSQL's jsonb
+    # refuses NUL: the outbox row, or a subscriber's dead letter, could not be written.
     with (
         contextlib.nullcontext() if redis_up else redis_down(),
-        pytest.raises(toot.InvalidEvent, match="lone surrogate"),
+        pytest.raises(toot.InvalidEvent, match=error),
     ):
         toot.publish(suffix, payload)
     assert pushed == []

@@ -15,7 +15,7 @@ from toot.broker import BROKER_ERRORS
 from toot.conf import conf
 from toot.events import Event, wire_json
 from toot.exceptions import EventTooLarge, InvalidEvent
-from toot.validation import MAX_JSON_DEPTH, check_channel, holds_lone_surrogate, nests_deeper
+from toot.validation import MAX_JSON_DEPTH, check_channel, nests_deeper, unstorable_text
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,11 @@ def encoded(wire: dict[str, Any]) -> str:
         raise InvalidEvent(f"payload is not JSON: {exc}") from None
     if len(text) > conf.MAX_EVENT_BYTES:
         raise EventTooLarge(wire["channel"], len(text), conf.MAX_EVENT_BYTES)
-    if holds_lone_surrogate(wire, text):
-        raise InvalidEvent("payload is not Unicode text: it holds a lone surrogate")
     if nests_deeper(wire, text=text):  # a toot subscriber refuses it (400), every retry again
         raise InvalidEvent(f"payload is nested more than {MAX_JSON_DEPTH - 1} levels deep")
+    unstorable = unstorable_text(wire, text)
+    if unstorable:  # a toot subscriber refuses it too (400)
+        raise InvalidEvent(f"payload holds {unstorable}")
     return text
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,21 +95,41 @@ def nests_deeper(
         ]
 
 
-# What JSON text a lone surrogate can hide behind: an escape of U+D800 to U+DFFF.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# What JSON text a string no database stores can hide behind: an escape of a surrogate
+# (U+D800 to U+DFFF) or of NUL.
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
 
 
-def holds_lone_surrogate(data: Any, text: str) -> bool:
-    """Whether ``data``, read from or encoded as the JSON ``text``, holds a lone surrogate.
+def unstorable_text(data: Any, text: str) -> str | None:
+    """What in ``data``, read from or encoded as the JSON ``text``, PostgreSQL cannot store
+    as JSON (an outbox row, a dead letter), or None.
 
-    JSON's "\\ud800" escape makes one: valid JSON, but not Unicode text, which no UTF-8
-    encoder takes (PostgreSQL's, for an outbox row or a dead letter, included). Only a text
-    with a surrogate escape is checked: most have none.
+    JSON's "\\ud800" escape makes a lone surrogate, which is not Unicode text and which no
+    UTF-8 encoder takes; its "\\u0000" makes NUL, which jsonb refuses. Only a text with
+    such an escape is walked: most have none. Call it once the nesting is checked.
     """
-    if not _SURROGATE_ESCAPE.search(text):
-        return False
+    if not _UNSTORABLE_ESCAPE.search(text):
+        return None
+    level = [data]  # level by level, as nests_deeper() walks
+    while level:
+        children: list[Any] = []
+        for value in level:
+            if isinstance(value, str):
+                if "\x00" in value:
+                    return "a NUL character (\\u0000), which PostgreSQL cannot store as JSON"
+                if not value.isascii() and not _encodable(value):
+                    return "a lone surrogate, which is not Unicode text"
+            elif isinstance(value, dict):
+                children += [*value, *value.values()]  # its keys are strings too
+            elif isinstance(value, list):
+                children += value
+        level = children
+    return None
+
+
+def _encodable(text: str) -> bool:
     try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
-        return True
-    return False
+        return False
+    return True

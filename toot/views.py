@@ -28,8 +28,8 @@ from toot.sending import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES
 from toot.validation import (
     MAX_JSON_DEPTH,
     channel_error,
-    holds_lone_surrogate,
     nests_deeper,
+    unstorable_text,
     url_error,
 )
 
@@ -87,9 +87,10 @@ def read_json(request: HttpRequest, max_bytes: int, max_depth: int = MAX_JSON_DE
         data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise Refused(400, "body is not valid JSON") from None
-    if holds_lone_surrogate(data, text):  # the same, written as a \ud800 escape
-        raise Refused(400, "body is not valid JSON text: it holds a lone surrogate escape")
     refuse_too_deep(body, data, max_depth)
+    unstorable = unstorable_text(data, text)
+    if unstorable:
+        raise Refused(400, f"body holds {unstorable}")
     return data
 
 
