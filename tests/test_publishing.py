@@ -150,6 +150,19 @@ def test_publish_in_transactions_on_two_databases_is_sent_once_both_commit(
     assert [sent["id"] for sent in pushed] == ([event.id] if rolled_back is None else [])
 
 
+@pytest.mark.django_db(databases=["default", "other"])
+def test_a_test_on_two_databases_sees_the_event_on_the_default_ones_commit(
+    celery_worker, suffix, pushed, django_capture_on_commit_callbacks
+):
+    # The test's own atomic blocks on each database never commit: as with one database,
+    # running the default one's callbacks sends the event.
+    with django_capture_on_commit_callbacks(execute=True):
+        event = toot.publish(suffix, {"id": 5})
+        assert pushed == []
+
+    assert [sent["id"] for sent in pushed] == [event.id]
+
+
 # Redis unreachable: the event waits in the outbox (toot.outbox)
 
 

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
 from toot import outbox, queue, tasks
 from toot.broker import BROKER_ERRORS
@@ -67,14 +67,31 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
         logger.info("Event %s on %s: published", event.id, event.channel)
         tasks.start(queue.OUT, drain_id)
 
-    # Only connections already open can be in a transaction: asking the others would open
-    # them (on_commit() asks about autocommit), in a project that may have no database.
-    atomic = [c.alias for c in connections.all(initialized_only=True) if c.in_atomic_block]
+    atomic = in_transaction()
     if atomic:
         after_commits(atomic, send)
     else:
         send()
     return event
+
+
+def in_transaction() -> list[str]:
+    """The databases in a transaction now, whose commits the event waits for.
+
+    Only connections already open can be: asking the others would open them (on_commit()
+    asks about autocommit), in a project that may have no database. The blocks a test case
+    opens on each database (Django's TestCase, pytest-django's django_db) never commit:
+    they count on the default database only, where captureOnCommitCallbacks() runs them.
+    """
+    return [
+        connection.alias
+        for connection in connections.all(initialized_only=True)
+        if connection.in_atomic_block
+        and (
+            connection.alias == DEFAULT_DB_ALIAS
+            or not all(getattr(b, "_from_testcase", False) for b in connection.atomic_blocks)
+        )
+    ]
 
 
 def after_commits(aliases: list[str], send: Callable[[], None]) -> None:
