@@ -48,10 +48,9 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
 
     Returns at once with the event. Inside ``transaction.atomic()``, on any database, the
     event is sent only once the transaction commits, so a rolled-back change announces
-    nothing. When
-    Redis is unreachable the event waits in the database outbox instead. An event
-    whose JSON is over ``MAX_EVENT_BYTES`` raises EventTooLarge, a payload that is not
-    JSON InvalidEvent, and nothing is sent.
+    nothing. When Redis is unreachable the event waits in the database outbox instead. An
+    event whose JSON is over ``MAX_EVENT_BYTES`` raises EventTooLarge, a payload that is
+    not JSON, or that no database stores (encoded()), InvalidEvent, and nothing is sent.
     """
     full_channel = check_channel((conf.CHANNEL_PREFIX if prefix is None else prefix) + channel)
     event = Event(full_channel, payload)
