@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,7 +61,7 @@ def url_error(url: object, *, name: str = "callback_url") -> str | None:
     if any(ch.isspace() or ord(ch) < 0x20 for ch in url):
         return f"{name} must not contain whitespace or control characters"
     # From os.environ, bytes that are not UTF-8; no UTF-8 client (Redis) can encode them.
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in url):
+    if not _encodable(url):
         return f"{name} must not contain lone surrogates"
     return None
 
@@ -70,9 +71,8 @@ def nests_deeper(
 ) -> bool:
     """Whether ``data`` nests arrays and objects more than ``limit`` levels deep.
 
-    Level by level: no recursion (what the limit guards against), a few list passes. Given
-    the JSON ``text`` that ``data`` was read from or encoded as, only a text with more
-    brackets than ``limit`` is walked: no other can nest that deep, and most are not.
+    Given the JSON ``text`` that ``data`` was read from or encoded as, only a text with
+    more brackets than ``limit`` is walked: no other can nest that deep, and most are not.
     """
     if isinstance(text, bytes):
         brackets = text.count(b"[") + text.count(b"{")
@@ -80,19 +80,27 @@ def nests_deeper(
         brackets = limit + 1 if text is None else text.count("[") + text.count("{")
     if brackets <= limit:
         return False
-    level, depth = [data], 0
-    while True:
-        containers = [value for value in level if isinstance(value, (dict, list))]
-        if not containers:
-            return False
-        depth += 1
-        if depth > limit:
-            return True
-        level = [
-            child
-            for value in containers
-            for child in (value.values() if isinstance(value, dict) else value)
-        ]
+    for depth, level in enumerate(_levels(data)):
+        if depth == limit:  # a container this deep holds a level more than the limit
+            return any(isinstance(value, (dict, list)) for value in level)
+    return False
+
+
+def _levels(data: Any) -> Iterator[list[Any]]:
+    """``data``'s values level by level, an object's keys among its children.
+
+    No recursion (what a depth limit guards against): a few list passes.
+    """
+    level = [data]
+    while level:
+        yield level
+        children: list[Any] = []
+        for value in level:
+            if isinstance(value, dict):
+                children += [*value, *value.values()]
+            elif isinstance(value, list):
+                children += value
+        level = children
 
 
 # What JSON text a string no database stores can hide behind: an escape of a surrogate
@@ -110,24 +118,21 @@ def unstorable_text(data: Any, text: str) -> str | None:
     """
     if not _UNSTORABLE_ESCAPE.search(text):
         return None
-    level = [data]  # level by level, as nests_deeper() walks
-    while level:
-        children: list[Any] = []
+    for level in _levels(data):
         for value in level:
-            if isinstance(value, str):
-                if "\x00" in value:
-                    return "a NUL character (\\u0000), which PostgreSQL cannot store as JSON"
-                if not value.isascii() and not _encodable(value):
-                    return "a lone surrogate, which is not Unicode text"
-            elif isinstance(value, dict):
-                children += [*value, *value.values()]  # its keys are strings too
-            elif isinstance(value, list):
-                children += value
-        level = children
+            if not isinstance(value, str):
+                continue
+            if "\x00" in value:
+                return "a NUL character (\\u0000), which PostgreSQL cannot store as JSON"
+            if not _encodable(value):
+                return "a lone surrogate, which is not Unicode text"
     return None
 
 
 def _encodable(text: str) -> bool:
+    """Whether ``text`` is Unicode text: it holds no lone surrogate."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
