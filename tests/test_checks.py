@@ -558,6 +558,33 @@ def test_w005_default_ttl_outlasts_the_default_schedule():
         assert "toot.W005" not in ids(run_checks())
 
 
+# Lease: toot.W007
+
+
+def test_w007_a_delivery_that_could_outlive_its_drains_lease():
+    with toot_settings(CONNECT_TIMEOUT=5, READ_TIMEOUT=30, LEASE_SECONDS=40):
+        [message] = run_checks()
+    assert message.id == "toot.W007"
+    assert "(35 s) is over three quarters of" in message.msg
+    assert 'TOOT["LEASE_SECONDS"] (40 s)' in message.msg
+
+
+def test_w007_quiet_with_the_defaults():
+    with toot_settings(
+        CONNECT_TIMEOUT=DEFAULTS["CONNECT_TIMEOUT"],
+        READ_TIMEOUT=DEFAULTS["READ_TIMEOUT"],
+        LEASE_SECONDS=DEFAULTS["LEASE_SECONDS"],
+    ):
+        assert "toot.W007" not in ids(run_checks())
+
+
+def test_e002_lease_seconds_must_be_a_positive_number():
+    with toot_settings(LEASE_SECONDS=0):
+        [message] = run_checks()
+    assert message.id == "toot.E002"
+    assert 'TOOT["LEASE_SECONDS"] must be a positive number' in message.msg
+
+
 # Celery: toot.W006
 
 

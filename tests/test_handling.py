@@ -6,18 +6,17 @@ import datetime as dt
 import functools
 import json
 import logging
-import time
-from types import SimpleNamespace
 
 import pytest
 from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 
-from toot import deadletters, handling
+from tests.utils import WatchedLease, redis_down, redis_now
+from toot import deadletters, handling, queue
+from toot.conf import conf
 from toot.events import Event
 from toot.handling import (
-    CLAIM_SECONDS,
     DONE,
     AlreadyRunning,
     handler_name,
@@ -47,9 +46,14 @@ def new_event():
     return Event(CHANNEL, {"id": 1})
 
 
-def hold_claim(redis, event, name):
-    """What another worker running the handler holds."""
-    redis.set(handling._claim_key(event, name), "1", ex=CLAIM_SECONDS)
+def hold_claim(redis, event, name, holder="~another-run", ms=60_000):
+    """What another process running the handler holds, through its heartbeat."""
+    redis.set(handling._claim_key(event, name), holder, px=ms)
+
+
+def live_lease(redis, drain_id):
+    """A lease that has not ended, as a running drain holds it."""
+    redis.zadd(queue.leases_key(queue.IN), {drain_id: redis_now(redis) + 60})
 
 
 def mark_done(redis, event, name):
@@ -158,7 +162,7 @@ def test_the_claim_is_held_while_the_handler_runs(redis):
     assert run(event) == {}
     [(state, ttl)] = seen
     assert state == handling.RUNNING
-    assert 0 < ttl <= CLAIM_SECONDS
+    assert 0 < ttl <= conf.LEASE_SECONDS  # a run of its own
 
 
 def test_a_raising_handler_is_reported_and_released_for_a_later_run(redis, caplog):
@@ -249,17 +253,120 @@ def test_a_run_that_outlasted_its_claim_leaves_the_next_runs_claim_alone(redis, 
     assert handling.state(event, name) == (DONE if not fails else handling.RUNNING)
 
 
-def test_a_claim_left_by_a_dead_worker_expires_and_the_handler_runs(redis, eventually):
+def test_a_claim_whose_heartbeat_stopped_expires_and_the_handler_runs(redis, eventually):
     calls: list[str] = []
     handler = recorder(calls, "orphaned")
     subscribe("publisher", "users.updated.v1", handler)
     event = new_event()
-    claim = handling._claim_key(event, handler_name(handler))
-    redis.set(claim, "1", px=300)  # its worker was killed
+    hold_claim(redis, event, handler_name(handler), ms=300)  # its process was killed
 
     assert isinstance(run(event)[handler_name(handler)], AlreadyRunning)
     eventually(lambda: run(event) == {}, what="the orphaned claim to expire")
     assert calls == ["orphaned"]
+
+
+def test_a_claim_of_a_live_drain_is_already_running(redis):
+    calls: list[str] = []
+    handler = recorder(calls, "busy")
+    subscribe("publisher", "users.updated.v1", handler)
+    event = new_event()
+    live_lease(redis, "other-drain")
+    hold_claim(redis, event, handler_name(handler), holder="other-drain")
+
+    failures = run_many([(event, None)], WatchedLease())
+
+    assert isinstance(failures[0][handler_name(handler)], AlreadyRunning)
+    assert calls == []
+
+
+@pytest.mark.parametrize("lease", ["ended", "given back"])
+def test_the_claims_of_a_drain_whose_lease_ended_are_taken_over_at_once(redis, caplog, lease):
+    """A worker killed mid-batch: the next drain runs what it had claimed, without waiting."""
+    calls: list[str] = []
+    handler = recorder(calls, "orphaned")
+    subscribe("publisher", "users.updated.v1", handler)
+    events = [new_event() for _ in range(3)]
+    name = handler_name(handler)
+    if lease == "ended":  # its score has passed; the relay has not removed it yet
+        redis.zadd(queue.leases_key(queue.IN), {"dead-drain": redis_now(redis) - 1})
+    for event in events:
+        hold_claim(redis, event, name, holder="dead-drain", ms=3_600_000)
+
+    with caplog.at_level(logging.WARNING, logger="toot.handling"):
+        assert run_many([(event, None) for event in events], WatchedLease()) == [{}, {}, {}]
+
+    assert calls == ["orphaned"] * 3
+    assert all(handling.state(event, name) == DONE for event in events)
+    taken = [r.getMessage() for r in caplog.records if "whose lease ended" in r.getMessage()]
+    assert taken[0] == (
+        f"Event {events[0].id} on {CHANNEL}: {name} was claimed by drain dead-drain, whose "
+        "lease ended; running it here"
+    )
+    assert len(taken) == 3
+
+
+def test_a_drain_claims_under_its_lease_and_its_handler_runs_under_the_heartbeat(redis):
+    """Claims not yet started live with the lease; a running one outlives it, held by the
+    heartbeat, so that a slow handler never runs twice."""
+    first, second = new_event(), new_event()
+    lease = WatchedLease()
+    seen: list[tuple[bytes | None, bytes | None]] = []
+    later: list[dict[str, Exception]] = []
+
+    def slow(event):
+        claim = functools.partial(handling._claim_key, name=handler_name(slow))
+        if event == first:
+            seen.append((redis.get(claim(first)), redis.get(claim(second))))
+            handling.heartbeat().beat()  # a beat while it runs
+            seen.append((redis.get(claim(first)), redis.get(claim(second))))
+            # Its drain's lease has ended (it never was live here): another drain meets
+            # the running handler, and takes over the one not started.
+            later.extend(run_many([(first, None)], WatchedLease()))
+
+    subscribe("publisher", "users.updated.v1", slow)
+    name = handler_name(slow)
+    owner = lease.id.encode()
+
+    failures = run_many([(first, None), (second, None)], lease)
+
+    assert seen == [(owner, owner), (b"~" + owner, owner)]
+    assert isinstance(later[0][name], AlreadyRunning)
+    assert failures == [{}, {}]
+    assert handling.state(first, name) == DONE
+    assert not list(redis.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}handled:running:*"))
+
+
+def test_a_run_outside_a_drain_holds_its_claims_through_the_heartbeat(redis):
+    """A dead letter replayed: no lease holds its claims, the heartbeat does from the start."""
+    event = new_event()
+    held: list[tuple[bytes, int]] = []
+
+    def handler(event):
+        claim = handling._claim_key(event, handler_name(handler))
+        redis.pexpire(claim, 1000)  # as if the lease were nearly over
+        handling.heartbeat().beat()
+        held.append((redis.get(claim)[:1], redis.pttl(claim)))
+
+    subscribe("publisher", "users.updated.v1", handler)
+
+    with override_settings(TOOT={**settings.TOOT, "LEASE_SECONDS": 30}):
+        assert run(event) == {}
+
+    [(first_byte, ttl)] = held
+    assert first_byte == b"~"
+    assert 29_000 < ttl <= 30_000  # held a lease more
+
+
+def test_a_heartbeat_that_cannot_reach_redis_warns_and_keeps_beating(redis, caplog):
+    beating = handling.heartbeat()
+    with (
+        beating.holding(["some-claim"], "owner", "~owner"),
+        redis_down(),
+        caplog.at_level(logging.WARNING, logger="toot.handling"),
+    ):
+        beating.beat()
+    assert "Cannot renew the claims of running handlers" in caplog.text
+    beating.beat()  # holds nothing now: no round trip, nothing to say
 
 
 def test_dedupe_keys_are_under_key_prefix(redis):
@@ -325,41 +432,6 @@ def test_each_run_is_marked_done_before_the_next_handler_runs(redis):
     ]
 
 
-def test_a_claim_older_than_half_its_time_is_checked_and_renewed_before_its_handler(
-    redis, monkeypatch
-):
-    clock = SimpleNamespace(now=100.0)
-    monkeypatch.setattr(
-        handling, "time", SimpleNamespace(monotonic=lambda: clock.now, time=time.time)
-    )
-    first, second, third = new_event(), new_event(), new_event()
-    ran: list[Event] = []
-    ttls: list[int] = []
-
-    def slow(event):
-        ran.append(event)
-        claim = functools.partial(handling._claim_key, name=handler_name(slow))
-        if event == first:
-            clock.now += CLAIM_SECONDS  # the batch's other claims ran out meanwhile,
-            redis.set(claim(second), "another run", ex=60)  # a retry elsewhere took one
-            redis.delete(claim(third))  # and nobody the other
-        else:
-            ttls.append(redis.ttl(claim(event)))
-
-    subscribe("publisher", "users.updated.v1", slow)
-    name = handler_name(slow)
-
-    failures = run_many([(first, None), (second, None), (third, None)])
-
-    assert ran == [first, third]
-    assert list(failures[1]) == [name]
-    assert isinstance(failures[1][name], AlreadyRunning)
-    assert redis.get(handling._claim_key(second, name)) == b"another run"
-    assert failures[2] == {}
-    assert ttls and ttls[0] > CLAIM_SECONDS - 10  # taken again for a whole claim
-    assert handling.state(third, name) == DONE
-
-
 def test_run_many_reports_the_failures_of_each_event_apart(redis):
     calls: list[str] = []
     flaky = recorder(calls, "flaky", fail_times=1)
@@ -392,7 +464,7 @@ def item_for(event, **retry):
 
 def process(items):
     """handling.process as a drain calls it; the retries."""
-    return handling.process(items, lambda: None)
+    return handling.process(items, WatchedLease())
 
 
 def test_process_keeps_the_drains_lease_alive_before_each_handler(redis):
@@ -403,7 +475,7 @@ def test_process_keeps_the_drains_lease_alive_before_each_handler(redis):
 
     handling.process(
         [item_for(Event(CHANNEL, {"n": n})) for n in range(3)],
-        lambda: kept_alive.append(len(ran)),
+        WatchedLease(lambda: kept_alive.append(len(ran))),
     )
 
     # A batch of slow handlers must not outlast the lease: renewed before each one.
@@ -455,20 +527,39 @@ def test_a_handler_that_raised_is_retried_alone_with_its_attempts(redis, caplog)
     assert calls == ["good", "flaky", "flaky", "flaky"]
 
 
-def test_a_held_claim_is_retried_later_and_then_skipped(redis):
+def test_a_handler_running_elsewhere_is_deferred_without_spending_an_attempt(redis, caplog):
     calls: list[str] = []
-    handler = recorder(calls, "busy")
+    handler, other = recorder(calls, "busy"), recorder(calls, "free")
     subscribe("publisher", "users.updated.v1", handler)
+    subscribe("publisher", "users.updated.v1", other)
     event = new_event()
     name = handler_name(handler)
     hold_claim(redis, event, name)  # another drain runs it
+    item = item_for(event, attempts=2, first_attempt_at="2026-01-02T03:04:05+00:00")
 
-    [(retry, _)] = process([item_for(event)])
+    with caplog.at_level(logging.INFO, logger="toot.handling"):
+        [(retry, delay)] = process([item])
 
-    assert (retry["handlers"], retry["attempts"]) == ([name], 1)
+    assert retry == {**item, "handlers": [name]}  # its attempts unchanged
+    assert delay == handling.DEFER_SECONDS
+    assert f"Event {event.id} on {CHANNEL}: {name} running elsewhere" in caplog.text
     mark_done(redis, event, name)  # that drain finished
     assert process([retry]) == []
-    assert calls == []
+    assert calls == ["free"]
+
+
+@pytest.mark.django_db
+def test_a_handler_running_elsewhere_is_never_dead_lettered(redis):
+    handler = recorder([], "busy")
+    subscribe("publisher", "users.updated.v1", handler)
+    event = new_event()
+    hold_claim(redis, event, handler_name(handler))
+    spent = item_for(event, attempts=len(settings.TOOT["RETRY_SCHEDULE"]))
+
+    [(retry, _)] = process([spent])  # the schedule is spent, but nothing failed
+
+    assert retry["attempts"] == spent["attempts"]
+    assert not DeadLetter.objects.exists()
 
 
 def test_the_same_event_twice_in_one_batch_runs_its_handlers_once(redis):
@@ -477,12 +568,8 @@ def test_the_same_event_twice_in_one_batch_runs_its_handlers_once(redis):
     subscribe("publisher", "users.updated.v1", recorder(calls, "once"))
     event = new_event()
 
-    retries = process([item_for(event), item_for(event)])
+    assert process([item_for(event), item_for(event)]) == []  # the first copy covers both
 
-    assert calls == ["once"]
-    # The second copy met the first's claim; its retry finds the handler done.
-    assert [retry["attempts"] for retry, _ in retries] == [1]
-    assert process([retry for retry, _ in retries]) == []
     assert calls == ["once"]
 
 

@@ -38,7 +38,7 @@ def leased(name: str, pushed: list[dict[str, Any]]) -> str:
 
 def holding(redis, name: str, drain_id: str = "drain") -> str:
     """A live lease for ``drain_id``, as a push that starts its drain takes one."""
-    redis.zadd(queue._keys(name)[2], {drain_id: redis_now(redis) + queue.LEASE_SECONDS})
+    redis.zadd(queue._keys(name)[2], {drain_id: redis_now(redis) + conf.LEASE_SECONDS})
     return drain_id
 
 
@@ -255,7 +255,7 @@ def test_a_claim_renews_the_drains_lease(redis, name):
     assert queue.claim(name, drain_id, 1) == items(2)
 
     lease_end = redis.zscore(queue._keys(name)[2], drain_id)
-    assert before + queue.LEASE_SECONDS <= lease_end <= redis_now(redis) + queue.LEASE_SECONDS
+    assert before + conf.LEASE_SECONDS <= lease_end <= redis_now(redis) + conf.LEASE_SECONDS
     assert queue.wake(name) is None  # a live drain: what it holds stays with it
     assert claimed(redis, name, drain_id) == items(2)
 
@@ -407,7 +407,7 @@ def test_renew_extends_a_lease(redis, name):
 
     lease_end = redis.zscore(queue._keys(name)[2], drain_id)
     # Redis TIME in whole seconds: the lease may end up to a second early, never late.
-    assert before + queue.LEASE_SECONDS - 1 <= lease_end <= redis_now(redis) + queue.LEASE_SECONDS
+    assert before + conf.LEASE_SECONDS - 1 <= lease_end <= redis_now(redis) + conf.LEASE_SECONDS
     assert queue.wake(name) is None
     assert claimed(redis, name, drain_id) == items(1)
 

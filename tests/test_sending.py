@@ -22,7 +22,7 @@ from django.conf import settings
 
 import toot
 from tests.http_server import HTTPServer, Reply, in_order
-from tests.utils import callback_urls, set_senders, toot_settings
+from tests.utils import WatchedLease, callback_urls, set_senders, toot_settings
 from toot import queue, sending, store
 from toot.events import Event, wire_json
 from toot.models import DeadLetter
@@ -76,7 +76,7 @@ def process(items):
     items = json.loads(json.dumps(items))
     deliveries = len(plan(items))
     kept_alive = []
-    retries = sending.process(items, lambda: kept_alive.append(1))
+    retries = sending.process(items, WatchedLease(lambda: kept_alive.append(1), queue.OUT))
     assert len(kept_alive) == deliveries  # a long batch keeps its lease
     return [(json.loads(json.dumps(item)), delay) for item, delay in retries]
 

@@ -380,7 +380,6 @@ def test_a_long_batch_renews_the_drains_lease(
 ):
     # A lease of 2 s, renewed when over a quarter of it has passed; the batch takes 3 s,
     # one delivery after another.
-    monkeypatch.setattr(queue, "LEASE_SECONDS", 2.0)
     set_senders(monkeypatch, 1)
     woken: list[str | None] = []
     lock = threading.Lock()
@@ -391,7 +390,7 @@ def test_a_long_batch_renews_the_drains_lease(
         return Reply(200, body=b"ok!", trickle=0.25)
 
     events = [make_event(channel) for _ in range(4)]
-    with HTTPServer(slow) as subscriber:
+    with HTTPServer(slow) as subscriber, toot_settings(LEASE_SECONDS=2.0):
         store.add(channel, subscriber.url)
         drain_id = send(*events, name=own_queue)
 

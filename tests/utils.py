@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
 from django.test import override_settings
+
+from toot import queue
 
 
 def store_contents(redis: Any) -> dict[Any, Any]:
@@ -124,3 +127,17 @@ def addrinfo(addresses: list[str], port: Any) -> list[tuple[Any, ...]]:
         else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))
         for address in addresses
     ]
+
+
+class WatchedLease(queue.Lease):
+    """A drain's lease, as a processor gets it, that calls ``watch`` instead of renewing.
+
+    Its id names no live lease: claims taken under it are a dead drain's to any other run.
+    """
+
+    def __init__(self, watch: Callable[[], object] = lambda: None, name: str = queue.IN) -> None:
+        super().__init__(name, f"test-drain-{queue.new_id()}")
+        self.watch = watch
+
+    def keep_alive(self) -> None:
+        self.watch()

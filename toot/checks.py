@@ -89,7 +89,25 @@ def check_settings(
     messages += _secret_errors(raw)
     messages += _allowed_network_warnings()
     messages += _dedupe_warnings()
+    messages += _lease_warnings()
     return messages
+
+
+def _lease_warnings() -> list[CheckMessage]:
+    # A drain renews its lease before a POST once a quarter of it has passed: one POST
+    # must end within the other three quarters, or another drain sends the batch again.
+    longest = conf.CONNECT_TIMEOUT + conf.READ_TIMEOUT
+    if longest <= conf.LEASE_SECONDS * 3 / 4:
+        return []
+    return [
+        Warning(
+            f'TOOT["CONNECT_TIMEOUT"] + TOOT["READ_TIMEOUT"] ({longest:g} s) is over three '
+            f'quarters of TOOT["LEASE_SECONDS"] ({conf.LEASE_SECONDS:g} s).',
+            hint="A delivery that takes that long outlives its drain's lease, and another "
+            "drain sends the same events again: raise LEASE_SECONDS or lower the timeouts.",
+            id="toot.W007",
+        )
+    ]
 
 
 def _dedupe_warnings() -> list[CheckMessage]:

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "DEDUPE_TTL": 3 * 24 * 3600,
     "RELAY_INTERVAL": 1.0,
     "MAX_DRAINS": 4,
+    "LEASE_SECONDS": 60.0,
     "BATCH": True,
     "BATCH_MAX_EVENTS": 100,
     "SIGNING_SECRETS": (),
@@ -307,6 +308,11 @@ class Settings:
     def MAX_DRAINS(self) -> int:
         """Drain tasks that may run at once per queue, across every worker."""
         return self._whole("MAX_DRAINS")
+
+    @property
+    def LEASE_SECONDS(self) -> float:
+        """How long a drain that stopped renewing its lease is presumed alive."""
+        return self._positive("LEASE_SECONDS")
 
     @property
     def BATCH(self) -> bool:

@@ -1,24 +1,40 @@
 """Running local handlers at most once per event, whatever the publisher retries.
 
-Each (event id, handler) is claimed with a Redis key (``SET NX``, for CLAIM_SECONDS)
-before the handler runs, and marked done after. The key holds a token of the run that
-took it: a run that outlasted its claim must not end the claim another run took since.
-Done marks are kept for at least ``DEDUPE_TTL`` seconds, which must outlast the
-publisher's retry window, so that a delivery retried after the handler ran does not run
-it again.
+Each (event id, handler) is claimed with a Redis key before the handler runs, and marked
+done after. Done marks are kept for at least ``DEDUPE_TTL`` seconds, which must outlast
+the publisher's retry window, so that a delivery retried after the handler ran does not
+run it again.
+
+A claim belongs to whoever took it, so that a crash costs no more than the lease of the
+drain that died:
+
+- a drain claims every handler of its batch at once, under its lease id: such a claim
+  lives as long as the lease. Once the drain dies and the relay gives its batch back, the
+  drain that claims the batch next takes those claims over and runs the handlers;
+- a handler that is running holds its claim through this process's heartbeat (a thread
+  that renews it every quarter of ``LEASE_SECONDS``), detached from the lease: a slow
+  handler in a live process never runs twice, even once its drain's lease has gone, and
+  one in a process that died is free to run again a lease later;
+- a run outside a drain (a dead letter replayed) holds its claims through the heartbeat
+  from the start.
+
+A handler found running elsewhere is not a failure: its work is deferred, without
+spending an attempt of ``RETRY_SCHEDULE``, and checked again ``DEFER_SECONDS`` later.
 
 Done marks are the bulk of toot's Redis memory at any real rate: a key each cost about
 220 bytes for three days. So they are 16-byte digests in one hash per hour of the
 events' timestamps (about 90 bytes each), and each hash expires DEDUPE_TTL after its
-last mark. The claim keys live only while a handler runs.
+last mark. The claim keys live only while a handler's work is under way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import chain
 from typing import Any
 
@@ -28,7 +44,8 @@ from toot import deadletters
 from toot.conf import conf
 from toot.delivery import next_delay
 from toot.events import Event
-from toot.queue import Retry, new_id
+from toot.per_process import PerProcess
+from toot.queue import IN, NOW, Lease, Retry, leases_key, new_id
 from toot.registry import Handler, registry
 from toot.store import as_text, get_redis, run_script
 
@@ -37,48 +54,122 @@ logger = logging.getLogger(__name__)
 DONE = "done"
 RUNNING = "running"
 CLAIMED = "claimed"
-# How long a claim protects a running handler; a worker that dies mid-handler leaves
-# the claim behind, and the retry after it expires runs the handler again.
-CLAIM_SECONDS = 600
+# Taken over from a drain whose lease ended: "taken:<its id>".
+TAKEN = "taken:"
+# The same (event, handler) a second time in one batch: the first covers it.
+TWICE = "twice"
+# A claim of a drain's that its work never comes back to is dropped after this long. It
+# is a backstop only: a dead drain's work comes back, and is claimed again, a lease later.
+ORPHAN_SECONDS = 24 * 3600
+# Work found running elsewhere is checked again after this long.
+DEFER_SECONDS = 5.0
+# What a claim held through the heartbeat starts with; a lease id never does.
+DETACHED = "~"
 HOUR = 3600
 
-# KEYS: (done hash, claim key) per (event, handler); ARGV: claim seconds, the run's
-# token, then a field per pair. Returns, per pair, "done", "running" (another holds the
-# claim) or "claimed".
-CLAIM_SCRIPT = """
-local states = {}
-for i = 1, #KEYS, 2 do
-  local field = ARGV[(i + 1) / 2 + 2]
-  if redis.call('HEXISTS', KEYS[i], field) == 1 then
-    states[#states + 1] = 'done'
-  elseif redis.call('SET', KEYS[i + 1], ARGV[2], 'NX', 'EX', ARGV[1]) then
-    states[#states + 1] = 'claimed'
+# KEYS: the in queue's leases, then (done hash, claim key) per (event, handler); ARGV:
+# the claims' lifetime in ms, the owner (a drain's lease id, or a detached token), then a
+# field per pair. Returns, per pair: "done"; "running" when a live owner holds the claim
+# (a detached one, or a drain whose lease has not ended); "claimed"; "taken:<owner>"
+# when it was a dead drain's; "twice" for a pair already met in this call.
+CLAIM_SCRIPT = (
+    NOW
+    + """
+local owner = ARGV[2]
+local seen, states = {}, {}
+for i = 2, #KEYS, 2 do
+  local field, claim = ARGV[i / 2 + 2], KEYS[i + 1]
+  local state
+  if seen[claim] then
+    state = 'twice'
+  elseif redis.call('HEXISTS', KEYS[i], field) == 1 then
+    state = 'done'
   else
-    states[#states + 1] = 'running'
+    local held = redis.call('GET', claim)
+    local lease = held and redis.call('ZSCORE', KEYS[1], held)
+    if held and held ~= owner
+        and (string.sub(held, 1, 1) == '~' or (lease and tonumber(lease) > now)) then
+      state = 'running'
+    else
+      redis.call('SET', claim, owner, 'PX', ARGV[1])
+      state = (held and held ~= owner) and ('taken:' .. held) or 'claimed'
+    end
   end
+  seen[claim] = true
+  states[#states + 1] = state
 end
 return states
 """
-# KEYS: done hash, claim key; ARGV: claim seconds, the run's token, its field. Renews a
-# claim the run took, unless it ran out and another run took it ("running") or did the
-# work meanwhile ("done").
-RENEW_SCRIPT = """
-if redis.call('HEXISTS', KEYS[1], ARGV[3]) == 1 then return 'done' end
-local held = redis.call('GET', KEYS[2])
-if held and held ~= ARGV[2] then return 'running' end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
-return 'claimed'
-"""
-# KEYS: done hash, claim key; ARGV: the run's token, its field, and, if it succeeded,
-# when the hash may expire ("" if it failed). Marks a success done and ends the claim if
-# it is still the run's own, in one step: a run that checks between the two sees either.
-END_SCRIPT = """
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], ARGV[2], 1)
-  redis.call('EXPIREAT', KEYS[1], ARGV[3])
+)
+# KEYS: claim keys; ARGV: lifetime in ms, then (owner, detached token) per key. Holds
+# each claim still the owner's, or already detached, for ``lifetime`` more as detached.
+HOLD_SCRIPT = """
+for i, claim in ipairs(KEYS) do
+  local held = redis.call('GET', claim)
+  if held and (held == ARGV[2 * i] or held == ARGV[2 * i + 1]) then
+    redis.call('SET', claim, ARGV[2 * i + 1], 'PX', ARGV[1])
+  end
 end
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 """
+# KEYS: done hash, claim key; ARGV: owner, detached token, field, and, if the run
+# succeeded, when the hash may expire ("" if it failed). Marks a success done and ends
+# the claim if it is still the run's own, in one step: a run that checks between the two
+# sees either.
+END_SCRIPT = """
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[3], 1)
+  redis.call('EXPIREAT', KEYS[1], ARGV[4])
+end
+local held = redis.call('GET', KEYS[2])
+if held == ARGV[1] or held == ARGV[2] then redis.call('DEL', KEYS[2]) end
+"""
+
+
+class Heartbeat(threading.Thread):
+    """Holds the claims of this process's running handlers while they run.
+
+    One thread per process, started on first use: every quarter of ``LEASE_SECONDS`` it
+    detaches each claim it holds from its drain's lease and extends it by a lease. Most
+    handlers return long before the next beat, and cost it nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(name="toot-heartbeat", daemon=True)
+        self._held: dict[str, tuple[str, str]] = {}  # claim key: (owner, detached token)
+        self._lock = threading.Lock()
+        self.start()
+
+    @contextmanager
+    def holding(self, claims: list[str], owner: str, detached: str) -> Iterator[None]:
+        with self._lock:
+            self._held.update(dict.fromkeys(claims, (owner, detached)))
+        try:
+            yield
+        finally:
+            with self._lock:
+                for claim in claims:
+                    self._held.pop(claim, None)
+
+    def run(self) -> None:
+        while True:
+            time.sleep(conf.LEASE_SECONDS / 4)
+            self.beat()
+
+    def beat(self) -> None:
+        with self._lock:
+            held = list(self._held.items())
+        if not held:
+            return
+        lifetime = int(conf.LEASE_SECONDS * 1000)
+        try:
+            run_script(
+                HOLD_SCRIPT, [key for key, _ in held], [lifetime, *chain(*(v for _, v in held))]
+            )
+        except Exception as exc:  # Redis down: the next beat tries again, within the lease
+            logger.warning("Cannot renew the claims of running handlers: %s", exc)
+
+
+heartbeat = PerProcess(Heartbeat)
 
 
 # Stands for every handler of the channel where none was found: its retry (and dead
@@ -87,7 +178,7 @@ ALL = "*"
 
 
 class AlreadyRunning(Exception):
-    """Another execution holds the claim on this (event, handler)."""
+    """Another run, alive, holds the claim on this (event, handler)."""
 
 
 def handler_name(handler: Handler) -> str:
@@ -143,22 +234,22 @@ def state(event: Event, name: str) -> str | None:
 
 
 def run(event: Event, names: list[str] | None = None) -> dict[str, Exception]:
-    """Run the event's handlers (only ``names`` if given); returns the failures by name."""
+    """Run the event's handlers (only ``names`` if given) here and now, outside any drain;
+    returns the failures by name."""
     return run_many([(event, names)])[0]
 
 
 def run_many(
-    jobs: list[tuple[Event, list[str] | None]], keep_alive: Callable[[], None] = lambda: None
+    jobs: list[tuple[Event, list[str] | None]], lease: Lease | None = None
 ) -> list[dict[str, Exception]]:
     """Run each event's handlers (only the names given, if any); the failures of each.
 
-    The claims of the whole batch take one round trip. Each run is marked done as soon as
-    it returns, not with the batch: a worker killed by a later handler must not leave the
-    earlier ones to run again once their claims expire. A claim older than half
-    CLAIM_SECONDS is renewed before its handler runs. A name that is no longer subscribed
-    (renamed or removed by a deploy) is a failure, not a silent success: its retries and
-    its dead letter keep the work visible. ``keep_alive`` is called before each handler
-    runs (a drain renews its lease there).
+    The claims of the whole batch take one round trip, under the drain's ``lease`` (see
+    the module's docstring); without one, as a run of its own. Each run is marked done as
+    soon as it returns, not with the batch: a worker killed by a later handler must not
+    leave the earlier ones to run again. A name that is no longer subscribed (renamed or
+    removed by a deploy) is a failure, not a silent success: its retries and its dead
+    letter keep the work visible. A handler running elsewhere fails with AlreadyRunning.
     """
     failures: list[dict[str, Exception]] = []
     planned: list[tuple[int, Event, str, Handler]] = []
@@ -194,51 +285,89 @@ def run_many(
         (_done_key(event), _claim_key_of(field))
         for (_, event, _, _), field in zip(planned, fields, strict=True)
     ]
-    token = new_id()
-    states = run_script(CLAIM_SCRIPT, [*chain(*pairs)], [CLAIM_SECONDS, token, *fields])
-    claimed_at = time.monotonic()
-    for (index, event, name, handler), claim, field, pair in zip(
-        planned, states, fields, pairs, strict=True
-    ):
-        claim = as_text(claim)
-        if claim == CLAIMED and time.monotonic() - claimed_at > CLAIM_SECONDS / 2:
-            claim = as_text(run_script(RENEW_SCRIPT, pair, [CLAIM_SECONDS, token, field]))
-        if claim == DONE:
-            logger.info(
-                "Event %s on %s: %s already handled it, skipped", event.id, event.channel, name
-            )
-            continue
-        if claim == RUNNING:
-            failures[index][name] = AlreadyRunning(
-                f"{name} is already running for event {event.id}"
-            )
-            continue
-        keep_alive()
-        done_until: int | str = ""
-        try:
-            handler(event)
-        except Exception as exc:
-            logger.exception("Event %s on %s: handler %s raised", event.id, event.channel, name)
-            failures[index][name] = exc
-        else:
-            done_until = _done_until(event)
-        run_script(END_SCRIPT, pair, [token, field, done_until])
+    if lease is None:
+        owner = detached = DETACHED + new_id()
+        lifetime = conf.LEASE_SECONDS
+    else:
+        owner, detached, lifetime = lease.id, DETACHED + lease.id, ORPHAN_SECONDS
+    keys = [leases_key(IN), *chain(*pairs)]
+    states = run_script(CLAIM_SCRIPT, keys, [int(lifetime * 1000), owner, *fields])
+    beating = heartbeat()
+    # A run of its own holds every claim from the start; a drain's lease holds its own.
+    with beating.holding([] if lease else [claim for _, claim in pairs], owner, detached):
+        for (index, event, name, handler), state, field, pair in zip(
+            planned, map(as_text, states), fields, pairs, strict=True
+        ):
+            if state == TWICE:
+                continue
+            if state == DONE:
+                logger.info(
+                    "Event %s on %s: %s already handled it, skipped", event.id, event.channel, name
+                )
+                continue
+            if state == RUNNING:
+                failures[index][name] = AlreadyRunning(
+                    f"{name} is already running for event {event.id}"
+                )
+                continue
+            if state.startswith(TAKEN):
+                logger.warning(
+                    "Event %s on %s: %s was claimed by drain %s, whose lease ended; running "
+                    "it here",
+                    event.id,
+                    event.channel,
+                    name,
+                    state[len(TAKEN) :],
+                )
+            if lease is not None:
+                lease.keep_alive()
+            done_until: int | str = ""
+            with beating.holding([pair[1]], owner, detached):
+                try:
+                    handler(event)
+                except Exception as exc:
+                    logger.exception(
+                        "Event %s on %s: handler %s raised", event.id, event.channel, name
+                    )
+                    failures[index][name] = exc
+                else:
+                    done_until = _done_until(event)
+            run_script(END_SCRIPT, pair, [owner, detached, field, done_until])
     return failures
 
 
-def process(items: list[dict[str, Any]], keep_alive: Callable[[], None]) -> list[Retry]:
+def process(items: list[dict[str, Any]], lease: Lease) -> list[Retry]:
     """Run the handlers of the claimed items; returns the retries to schedule.
 
     A handler that failed is retried alone on the publisher's schedule, then dead-lettered.
+    One found running elsewhere is deferred: checked again in DEFER_SECONDS, its attempts
+    unchanged, so that it never becomes a dead letter while that run lives.
     """
     jobs = [(Event.from_dict(item["event"]), item.get("handlers")) for item in items]
     retries: list[Retry] = []
-    for item, (event, _), failed in zip(items, jobs, run_many(jobs, keep_alive), strict=True):
-        attempts = item.get("attempts", 0) + 1
-        first_attempt_at = item.get("first_attempt_at") or timezone.now().isoformat()
+    for item, (event, _), failed in zip(items, jobs, run_many(jobs, lease), strict=True):
+        attempts = item.get("attempts", 0)
+        first_attempt_at = item.get("first_attempt_at")
+        deferred = sorted(
+            name for name, error in failed.items() if isinstance(error, AlreadyRunning)
+        )
+        if deferred:
+            retry = {**item, "handlers": deferred}
+            retries.append((retry, DEFER_SECONDS))
+            logger.info(
+                "Event %s on %s: %s running elsewhere, checked again in %.0fs",
+                event.id,
+                event.channel,
+                ", ".join(deferred),
+                DEFER_SECONDS,
+            )
+            failed = {name: error for name, error in failed.items() if name not in deferred}
         if not failed:
-            logger.info("Event %s on %s: handled", event.id, event.channel)
+            if not deferred:
+                logger.info("Event %s on %s: handled", event.id, event.channel)
             continue
+        attempts += 1
+        first_attempt_at = first_attempt_at or timezone.now().isoformat()
         delay = next_delay(attempts)
         if delay is None:
             for name, error in failed.items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -38,8 +39,6 @@ QUEUES = (OUT, IN)
 # An item to schedule again, and in how many seconds.
 Retry = tuple[dict[str, Any], float]
 
-# A drain renews its lease at every batch; one whose lease ends is presumed dead.
-LEASE_SECONDS = 60
 # What a failing drain held, or a delivery whose outcome could not be recorded, is tried
 # again after this long: not at once and not in a loop.
 FAILED_WORK_DELAY = 10.0
@@ -49,7 +48,8 @@ FAILED_WORK_DELAY = 10.0
 # to MAX_DRAINS.
 BACKLOG_PER_DRAIN = 20
 
-_NOW = """
+# Binds ``now`` to Redis' clock, for the scripts here and in toot.handling.
+NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
@@ -73,7 +73,7 @@ end
 """
 # KEYS: ready, leases; ARGV: max drains, lease seconds, new drain id, items...
 PUSH_SCRIPT = (
-    _NOW
+    NOW
     + _START
     + """
 for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
@@ -89,7 +89,7 @@ return start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 # is then ended only if the list still holds it: else the relay gave it to another drain,
 # which sends it and schedules its retries.
 CLAIM_SCRIPT = (
-    _NOW
+    NOW
     + _GIVE_BACK
     + """
 local leased = redis.call('ZSCORE', KEYS[3], ARGV[1])
@@ -117,7 +117,7 @@ return items
 )
 # KEYS: leases; ARGV: drain id, lease seconds. Extends the lease unless it is gone.
 RENEW_SCRIPT = (
-    _NOW
+    NOW
     + """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
@@ -127,7 +127,7 @@ return 1
 # KEYS: delayed, leases, claimed; ARGV: drain id, delay. Puts what a failing drain held
 # back as retries due in delay seconds, and ends its lease.
 ABANDON_SCRIPT = (
-    _NOW
+    NOW
     + """
 for _, item in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), item)
@@ -139,7 +139,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 # KEYS: ready, delayed, leases; ARGV: drain id. Ends the drain's lease unless work is
 # waiting: checked in the same step, so an item pushed meanwhile is never left alone.
 RELEASE_SCRIPT = (
-    _NOW
+    NOW
     + """
 if redis.call('LLEN', KEYS[1]) > 0 or redis.call('ZCOUNT', KEYS[2], '-inf', now) > 0 then
   return 0
@@ -152,7 +152,7 @@ return 1
 # drain id. Gives back what dead drains held, makes due retries ready, and returns a new
 # drain id when work waits and a drain should start.
 WAKE_SCRIPT = (
-    _NOW
+    NOW
     + _GIVE_BACK
     + _START
     + """
@@ -185,12 +185,36 @@ def claimed_key(queue: str, drain_id: str) -> str:
     return f"{_base(queue)}claimed:{drain_id}"
 
 
+def leases_key(queue: str) -> str:
+    return _keys(queue)[2]
+
+
 class LeaseLost(Exception):
     """The drain's lease ran out, and the relay gave what it held to another drain.
 
     The drain stops at once: the other drain sends that work, and schedules its retries,
     in its place.
     """
+
+
+class Lease:
+    """A drain's hold on what it claimed from ``queue``, under the id ``id``.
+
+    Processing a batch calls ``keep_alive()`` before each step that may take a while (a
+    POST, a handler): a long batch must not look like a dead drain's.
+    """
+
+    def __init__(self, queue: str, id: str) -> None:
+        self.queue = queue
+        self.id = id
+        self.renew_every = conf.LEASE_SECONDS / 4
+        self.renewed = time.monotonic()
+
+    def keep_alive(self) -> None:
+        """Renew the lease once a quarter of it has passed; raises LeaseLost if it is gone."""
+        if time.monotonic() - self.renewed > self.renew_every:
+            renew(self.queue, self.id)
+            self.renewed = time.monotonic()
 
 
 def encode(item: dict[str, Any]) -> str:
@@ -222,7 +246,7 @@ def push(queue: str, items: Sequence[dict[str, Any]]) -> str | None:
 
 def push_encoded(queue: str, items: Sequence[str]) -> str | None:
     """``push`` for items already encoded: publish() encodes its event only once."""
-    args = [conf.MAX_DRAINS, LEASE_SECONDS, new_id(), *items]
+    args = [conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id(), *items]
     return _optional_text(run_script(PUSH_SCRIPT, _keys(queue)[::2], args))
 
 
@@ -237,7 +261,7 @@ def claim(
     broker's redelivery) finds what the dead run held and takes it over.
     """
     keys = [*_keys(queue), claimed_key(queue, drain_id)]
-    args: list[Any] = [drain_id, limit, LEASE_SECONDS, int(first)]
+    args: list[Any] = [drain_id, limit, conf.LEASE_SECONDS, int(first)]
     for item, delay in retries:
         args += [encode(item), delay]
     items = run_script(CLAIM_SCRIPT, keys, args)
@@ -259,7 +283,7 @@ def wait(queue: str, drain_id: str, timeout: float) -> dict[str, Any] | None:
 
 def renew(queue: str, drain_id: str) -> None:
     """Extend the drain's lease: a long batch must not look like a dead drain's."""
-    if not run_script(RENEW_SCRIPT, _keys(queue)[2:], [drain_id, LEASE_SECONDS]):
+    if not run_script(RENEW_SCRIPT, _keys(queue)[2:], [drain_id, conf.LEASE_SECONDS]):
         raise LeaseLost
 
 
@@ -284,7 +308,7 @@ def forget(queue: str, drain_id: str) -> None:
 
 def wake(queue: str) -> str | None:
     """Recover dead drains' items and due retries; returns a drain id to start, if one should."""
-    args = [claimed_key(queue, ""), conf.MAX_DRAINS, LEASE_SECONDS, new_id()]
+    args = [claimed_key(queue, ""), conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id()]
     return _optional_text(run_script(WAKE_SCRIPT, _keys(queue), args))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,7 +24,7 @@ from toot.conf import conf
 from toot.delivery import Outcome, attempt, next_delay
 from toot.events import wire_json
 from toot.per_process import PerProcess
-from toot.queue import FAILED_WORK_DELAY, Retry
+from toot.queue import FAILED_WORK_DELAY, Lease, Retry
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def new_senders() -> ThreadPoolExecutor:
 _senders = PerProcess(new_senders)
 
 
-def process(items: list[dict[str, Any]], keep_alive: Callable[[], None]) -> list[Retry]:
+def process(items: list[dict[str, Any]], lease: Lease) -> list[Retry]:
     """Send the claimed items' deliveries; returns the retries to schedule.
 
     Up to SENDERS deliveries are in flight at once: most of a delivery's time is spent
@@ -164,7 +164,7 @@ def process(items: list[dict[str, Any]], keep_alive: Callable[[], None]) -> list
     def send(lane: list[Delivery]) -> list[tuple[Delivery, Outcome]]:
         sent = []
         for delivery in lane:
-            keep_alive()
+            lease.keep_alive()
             outcome = failed.get(delivery.url)
             if outcome is None:
                 outcome = attempt(delivery.url, delivery.channel, delivery.body, delivery.id)

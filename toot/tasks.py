@@ -37,7 +37,7 @@ LINGER_SECONDS = 0.5
 QUIET_SECONDS = 60.0
 _last_warning = -math.inf
 
-PROCESSORS: dict[str, Callable[[list[dict[str, Any]], Callable[[], None]], list[queue.Retry]]] = {
+PROCESSORS: dict[str, Callable[[list[dict[str, Any]], queue.Lease], list[queue.Retry]]] = {
     queue.OUT: sending.process,
     queue.IN: handling.process,
 }
@@ -49,7 +49,7 @@ PROCESSORS: dict[str, Callable[[list[dict[str, Any]], Callable[[], None]], list[
 def drain(name: str, drain_id: str) -> int:
     """Process ``name``'s items until it is empty; returns how many were processed.
 
-    A drain that went without renewing its lease for LEASE_SECONDS (a call that hung)
+    A drain that went without renewing its lease for ``LEASE_SECONDS`` (a call that hung)
     stops, and schedules no retries: what it held is another drain's by then. A drain that
     fails (the database down while it writes a dead letter, say) puts what it held back
     for another drain in queue.FAILED_WORK_DELAY seconds, and raises.
@@ -72,19 +72,15 @@ def drain(name: str, drain_id: str) -> int:
 
 def _drain(name: str, drain_id: str) -> int:
     process = PROCESSORS[name]
-    started = renewed = time.monotonic()
-
-    def keep_alive() -> None:
-        nonlocal renewed
-        if time.monotonic() - renewed > queue.LEASE_SECONDS / 4:
-            queue.renew(name, drain_id)
-            renewed = time.monotonic()
-
+    lease = queue.Lease(name, drain_id)
+    started = time.monotonic()
     count, retries, first = 0, list[queue.Retry](), True
     while True:
         items = queue.claim(name, drain_id, CLAIM_LIMIT, retries, first=first)
-        renewed, retries, first = time.monotonic(), [], False
-        if not items:
+        lease.renewed, retries, first = time.monotonic(), [], False
+        if items:
+            logger.debug("Drain %s of the %s queue claimed %d items", drain_id, name, len(items))
+        else:
             # Within the client's socket timeout, which would otherwise end the wait.
             item = queue.wait(name, drain_id, min(LINGER_SECONDS, conf.REDIS_TIMEOUT / 2))
             if item is not None:
@@ -93,7 +89,7 @@ def _drain(name: str, drain_id: str) -> int:
                 return count
             else:
                 continue  # work came in as the lease was about to end
-        retries = process(items, keep_alive)
+        retries = process(items, lease)
         count += len(items)
         if time.monotonic() - started > DRAIN_SECONDS:
             queue.claim(name, drain_id, 0, retries)
