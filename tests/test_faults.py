@@ -9,6 +9,7 @@ counts (published, delivered, duplicated, lost); run with ``-s`` to see them.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -48,13 +49,51 @@ def assert_no_dead_letters(topology):
     )
 
 
-@pytest.mark.parametrize("topology", [{"name": "kill9"}], indirect=True)
-def test_worker_killed_mid_delivery_loses_nothing(topology, redis):
-    """kill -9 the publisher's worker while a subscriber holds a delivery open.
+# Workers killed among several: a lease short enough for a test, claims logged (DEBUG) so
+# that the test can find the worker holding a batch, a handler that takes a moment so that
+# a batch is held long enough to be killed with, and the issue's retry schedule.
+LEASE_SECONDS = 10
+WORKERS = 3
+CRASH = {
+    "name": "crash",
+    "options": {
+        "retry_schedule": "2,4,8,16,32,64",
+        "env": {
+            "TOOT_LEASE_SECONDS": str(LEASE_SECONDS),
+            "TOOT_LOG_LEVEL": "DEBUG",
+            "EXAMPLE_HANDLER_SECONDS": "0.05",
+        },
+    },
+}
+
+
+def start_more_workers(topology, role):
+    for n in range(2, WORKERS + 1):
+        topology.start_worker(role, f"{role}-worker-{n}")
+
+
+def kill_the_worker_of(topology, role, drain):
+    victim = topology.worker_running(drain)
+    assert victim is not None, f"no worker logged a claim of drain {drain}"
+    topology.processes[victim].kill()
+    return victim, time.monotonic()
+
+
+def taken_over(topology, drain):
+    """How many claims of ``drain`` the subscriber's other workers logged taking over."""
+    line = f"was claimed by drain {drain}, whose lease ended; running it here"
+    workers = [p for name, p in topology.processes.items() if name.startswith("subscriber-w")]
+    return sum(process.log().count(line) for process in workers)
+
+
+@pytest.mark.parametrize("topology", [CRASH], indirect=True)
+def test_a_publisher_worker_killed_mid_delivery_costs_at_most_its_lease(topology, redis):
+    """kill -9, among three, the publisher's worker while a subscriber holds its delivery open.
 
     The subscriber got that delivery's events, but the publisher never learns it did: they
-    are sent again, and the subscriber's dedupe runs each handler once all the same.
+    are sent again once the lease ends, and the subscriber's dedupe runs each handler once.
     """
+    start_more_workers(topology, "publisher")
     held, release, lock = threading.Event(), threading.Event(), threading.Lock()
 
     def forward_then_hold_the_first(request):
@@ -71,25 +110,80 @@ def test_worker_killed_mid_delivery_loses_nothing(topology, redis):
         topology.subscribe(CHANNEL, proxy.url, batch=True)  # as the example subscriber asks
         sent = topology.publish("users.deleted.v1", {"id": 1}, count=20)
         wait_for(held.is_set, 30, "a delivery to be in flight")
+        # The drain that sent it holds it until it has an answer: the only one with work.
+        holding = {d: n for d, n in topology.claimed("publisher", queue.OUT).items() if n}
+        [(drain, held_then)] = holding.items()
 
-        topology.processes["publisher-worker"].kill()
+        victim, killed_at = kill_the_worker_of(topology, "publisher", drain)
         release.set()
-        held_then = topology.pending("publisher", queue.OUT)
-        # Time would end the dead drains' leases LEASE_SECONDS (60) after their last renewal.
-        dead = topology.end_leases("publisher", queue.OUT)
-        topology.start_worker("publisher", name="publisher-worker-2")
-
         counts = receipts_of(topology, redis, sent)
-        wait_for(lambda: counts()["lost"] == 0, 30, "every event to reach the handler")
+
+        def forwarded():
+            return [i for r in proxy.requests for i in event_ids(r.body)]
+
+        def all_there():
+            ids = forwarded()
+            sent_again = len(ids) > len(set(ids))
+            return sent_again and counts()["lost"] == 0  # and every event was handled
+
+        wait_for(all_there, LEASE_SECONDS + 30, "the held delivery to be sent again")
         wait_for(lambda: topology.pending("publisher", queue.OUT) == 0, 30, "an empty queue")
-    report("kill -9 worker mid-delivery", counts())
-    assert dead
-    assert held_then > 0  # the dead drain held at least the delivery in flight
+        seconds = time.monotonic() - killed_at
+    report(
+        f"kill -9 {victim} mid-delivery",
+        {**counts(), "held": held_then, "seconds_after_kill": f"{seconds:.1f}"},
+    )
+    assert seconds > LEASE_SECONDS - 1  # not before the dead drain's lease ended
     assert counts() == {"published": 20, "delivered": 20, "duplicated": 0, "lost": 0}
-    forwarded = [i for r in proxy.requests for i in event_ids(r.body)]
-    assert set(forwarded) == {event["id"] for event in sent}
-    assert len(forwarded) > len(set(forwarded))  # the held delivery came again: deduped
-    assert "already handled it, skipped" in topology.processes["subscriber-worker"].log()
+    assert set(forwarded()) == {event["id"] for event in sent}  # the held ones came again
+    assert "already handled it, skipped" in "".join(
+        p.log() for name, p in topology.processes.items() if name.startswith("subscriber-w")
+    )
+    assert_no_dead_letters(topology)
+
+
+@pytest.mark.parametrize("topology", [CRASH], indirect=True)
+def test_a_subscriber_worker_killed_mid_batch_costs_at_most_its_lease(topology, redis):
+    """kill -9, among three, the subscriber's worker whose drain holds 50 events or more.
+
+    The handlers it had claimed but not started run as soon as the relay gives its batch
+    back, a lease after the kill; only those that were running at the kill run twice.
+    """
+    start_more_workers(topology, "publisher")
+    start_more_workers(topology, "subscriber")
+    sent = topology.publish("users.updated.v1", {"id": 1}, count=300)
+    counts = receipts_of(topology, redis, sent)
+
+    def a_big_batch():
+        held = topology.claimed("subscriber", queue.IN)
+        big = [d for d, n in held.items() if n >= 50 and topology.worker_running(d)]
+        return big and (big[0], held[big[0]])
+
+    wait_for(a_big_batch, 30, "a subscriber's drain to hold 50 events")
+    drain, held = a_big_batch()
+    handled_then = counts()["delivered"]
+    victim, killed_at = kill_the_worker_of(topology, "subscriber", drain)
+    deadline = LEASE_SECONDS + 30
+    wait_for(lambda: counts()["lost"] == 0, deadline, "every event to reach the handler")
+    seconds = time.monotonic() - killed_at
+    wait_for(lambda: topology.pending("subscriber", queue.IN) == 0, 30, "an empty queue")
+    dead_letters = topology.count_rows("subscriber", "DeadLetter")
+    report(
+        f"kill -9 {victim} mid-batch",
+        {
+            **counts(),
+            "held": held,
+            "handled_before_kill": handled_then,
+            "taken_over": taken_over(topology, drain),
+            "seconds_after_kill": f"{seconds:.1f}",
+            "dead_letters": dead_letters,
+        },
+    )
+    assert counts()["lost"] == 0
+    assert seconds > LEASE_SECONDS - 1  # not before the dead drain's lease ended
+    # Run twice: only a handler running at the kill, one per process of the worker's pool.
+    assert counts()["duplicated"] <= 2
+    assert taken_over(topology, drain) > 0
     assert_no_dead_letters(topology)
 
 

@@ -129,6 +129,7 @@ class Topology:
         retry_schedule: str = "0.2,0.5,1,1,1",
         own_broker: bool = False,
         own_store: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         run = f"{settings.RUN_ID}-{name}"
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"toot-{name}-"))
@@ -148,6 +149,7 @@ class Topology:
             "TOOT_CALLBACK_URL": self.callback_url,
             "TOOT_PUBLISHER_SUBSCRIPTION_URL": self.subscriptions_url,
             "EXAMPLE_RECEIPTS_KEY": self.receipts_key,
+            **(env or {}),
         }
         self.env = {
             role: {
@@ -251,6 +253,31 @@ class Topology:
             )
         finally:
             client.close()
+
+    def claimed(self, role: str, name: str) -> dict[str, int]:
+        """How many items each drain with a lease on ``role``'s queue ``name`` holds."""
+        client = redis.Redis.from_url(self.env[role]["TOOT_REDIS_URL"], decode_responses=True)
+        try:
+            base = f"{self.key_prefixes[role]}queue:{{{name}}}:"
+            drains = [str(drain) for drain in client.zrange(f"{base}leases", 0, -1)]
+            return {drain: int(client.llen(f"{base}claimed:{drain}")) for drain in drains}
+        finally:
+            client.close()
+
+    def worker_running(self, drain_id: str) -> str | None:
+        """The name of the worker that last logged a claim for drain ``drain_id``.
+
+        A drain hands over to a new message between batches, on any worker: the latest
+        claim names the worker that holds the current one. toot logs each claim at DEBUG:
+        start the topology with ``TOOT_LOG_LEVEL=DEBUG``. Log lines start with their time.
+        """
+        claims = re.compile(rf"^(\S+ \S+) DEBUG toot\.tasks Drain {drain_id} of the ", re.M)
+        latest = {}
+        for name, process in self.processes.items():
+            times = claims.findall(process.log()) if process.running else []
+            if times:
+                latest[name] = max(times)
+        return max(latest, key=latest.__getitem__, default=None)
 
     def end_leases(self, role: str, name: str) -> list[str]:
         """End every live lease on ``role``'s queue ``name`` now; the drain ids.

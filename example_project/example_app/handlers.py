@@ -27,6 +27,7 @@ def record(event: toot.Event) -> None:
         "pid": os.getpid(),
     }
     key = getattr(settings, "EXAMPLE_RECEIPTS_KEY", "example:receipts")  # a project setting
+    time.sleep(getattr(settings, "EXAMPLE_HANDLER_SECONDS", 0.0))  # a project setting
     get_redis().rpush(key, json.dumps(receipt))
     if sent_at is not None:
         logger.info(

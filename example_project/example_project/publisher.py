@@ -33,4 +33,6 @@ TOOT = {
     "RETRY_SCHEDULE": env.list(
         "TOOT_RETRY_SCHEDULE", cast=float, default=[5, 300, 1800, 7200, 18000, 36000, 36000]
     ),
+    # How long a drain whose worker died keeps what it held before another takes it over.
+    "LEASE_SECONDS": env.float("TOOT_LEASE_SECONDS", default=60.0),
 }

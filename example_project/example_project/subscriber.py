@@ -36,7 +36,15 @@ TOOT = {
     },
     "REDIS_URL": REDIS_URL,
     "KEY_PREFIX": env("TOOT_KEY_PREFIX", default="toot:subscriber:"),
+    # When a handler that raised runs again, and then becomes a dead letter.
+    "RETRY_SCHEDULE": env.list(
+        "TOOT_RETRY_SCHEDULE", cast=float, default=[5, 300, 1800, 7200, 18000, 36000, 36000]
+    ),
+    # How long a drain whose worker died keeps what it held before another takes it over.
+    "LEASE_SECONDS": env.float("TOOT_LEASE_SECONDS", default=60.0),
 }
+# How long the example handler takes per event (the fault tests give it a moment).
+EXAMPLE_HANDLER_SECONDS = env.float("EXAMPLE_HANDLER_SECONDS", default=0.0)
 # Where the example handler records each event it ran for (the demo and tests read it).
 EXAMPLE_RECEIPTS_KEY = env("EXAMPLE_RECEIPTS_KEY", default="example:receipts")
 # The benchmark (python -m bench) sets this to the most callback URLs it subscribes:
