@@ -363,7 +363,7 @@ class Driver:
         period later. Paced latency and publish() cannot go below these on this machine:
         a machine that is slow to wake after a pause makes both slower at 20/s than at 200/s.
         """
-        from toot.store import get_redis
+        from toot.engine.connection import get_redis
 
         client = get_redis()
         posts: list[float] = []

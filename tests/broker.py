@@ -21,9 +21,9 @@ from kombu.utils.collections import eqhash
 from devtools.processes import free_port, wait_for
 from tests.celery import app as celery_app
 from tests.utils import live_leases
-from toot import broker
 from toot.conf import conf
-from toot.store import get_redis
+from toot.engine import broker
+from toot.engine.connection import get_redis
 
 
 def _pools(app: Celery) -> tuple[Any, Any]:
@@ -51,7 +51,7 @@ def broker_unreachable(app: Celery = celery_app) -> Iterator[str]:
     try:
         yield url
     finally:
-        # The app's connection, and toot's own with its timeouts (toot.broker).
+        # The app's connection, and toot's own with its timeouts (toot.engine.broker).
         down = [
             eqhash(app.connection_for_write()),
             eqhash(broker.connection_for(app, conf.REDIS_TIMEOUT)),

@@ -16,15 +16,17 @@ from pytest_django import live_server_helper
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
 from tests.utils import addrinfo, spy_pushes
-from toot import handling, queue, relay, store, tasks
-from toot.events import Event
-from toot.registry import registry
+from toot.engine import connection, queue, relay
+from toot.engine import drain as tasks
+from toot.protocol.events import Event
+from toot.subscriber import handling
+from toot.subscriber.registry import registry
 
 
 @pytest.fixture
 def redis():
     """The store's real Redis; every key of this run's namespace is removed afterwards."""
-    client = store.get_redis()
+    client = connection.get_redis()
     yield client
     keys = list(client.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}*", count=1000))
     if keys:
@@ -65,10 +67,10 @@ def _worker_session(django_db_setup, django_db_blocker):
             )
         # The CLI worker starts the relay on worker_ready. Its outbox step needs the
         # database, which most tests may not touch; test_outbox runs that step itself.
-        relay.start(celery_app, outbox=False)
+        relay.start(celery_app, [relay.wake])
         yield worker
         relay.stop()
-    client = store.get_redis()
+    client = connection.get_redis()
     client.delete(settings.CELERY_TASK_DEFAULT_QUEUE)
 
 
@@ -157,7 +159,7 @@ def no_drain_at_work(eventually):
     queued = settings.CELERY_TASK_DEFAULT_QUEUE
 
     def idle():
-        return not (worker_state.requests or store.get_redis().llen(queued))
+        return not (worker_state.requests or connection.get_redis().llen(queued))
 
     eventually(idle, what="the worker's drains to end")
 

@@ -8,10 +8,11 @@ from django.contrib.messages import constants, get_messages
 from django.urls import include, path, reverse
 
 from tests.http_server import HTTPServer, Reply
-from toot.deadletters import bury_delivery, bury_handler
-from toot.delivery import Outcome
-from toot.events import Event
 from toot.models import DeadLetter
+from toot.protocol.events import Event
+from toot.publisher.delivery import Outcome
+from toot.publisher.sending import bury_delivery
+from toot.subscriber.handling import bury_handler
 
 # The tests' own URLconf has no admin; this module's does.
 urlpatterns = [path("admin/", admin.site.urls), path("toot/", include("toot.urls"))]

@@ -15,9 +15,9 @@ from django.test import RequestFactory
 import toot
 from tests.http_server import HTTPServer, Reply
 from tests.utils import callback_urls, store_contents, toot_settings
-from toot import store
-from toot.auth import authorization_header, bearer_token
 from toot.conf import conf
+from toot.protocol.auth import authorization_header, bearer_token
+from toot.publisher import store
 
 SUBSCRIPTIONS = "/toot/subscriptions"
 OWN_PREFIX = conf.CHANNEL_PREFIX

@@ -15,8 +15,9 @@ from kombu import pools
 from devtools.processes import free_port, wait_for
 from tests.broker import PROBE_TASK, HushingProxy, SilentBroker, probe_app, queued, url_of
 from tests.utils import live_leases, toot_settings
-from toot import broker, queue, tasks
 from toot.conf import conf
+from toot.engine import broker, queue
+from toot.engine import drain as tasks
 
 # REDIS_TIMEOUT in these tests, and how long a send may take at most: a few of them. Without
 # timeouts kombu's Redis transport waits forever, py-amqp as long as the project's
@@ -38,7 +39,9 @@ def warnings_of(caplog: pytest.LogCaptureFixture, thread: threading.Thread) -> l
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "toot.tasks" and r.thread == thread.ident and r.levelno == logging.WARNING
+        if r.name == "toot.engine.drain"
+        and r.thread == thread.ident
+        and r.levelno == logging.WARNING
     ]
 
 
@@ -50,7 +53,7 @@ def new_queue() -> str:
 def test_start_gives_up_on_a_broker_that_never_answers_and_gives_up_the_lease(
     scheme, redis, caplog, eventually
 ):
-    caplog.set_level(logging.WARNING, logger="toot.tasks")  # a started worker sets ERROR
+    caplog.set_level(logging.WARNING, logger="toot.engine.drain")  # a started worker sets ERROR
     name = new_queue()
     drain_id = queue.push(name, [])
     assert drain_id is not None
@@ -90,7 +93,7 @@ def test_every_send_to_a_broker_that_never_answers_closes_what_it_opened(scheme,
 def test_a_redis_broker_that_falls_silent_once_connected_is_given_up_on_and_reconnected(
     redis, caplog
 ):
-    caplog.set_level(logging.WARNING, logger="toot.tasks")
+    caplog.set_level(logging.WARNING, logger="toot.engine.drain")
     celery_queue = f"{settings.TOOT['KEY_PREFIX']}hushed-{uuid.uuid4().hex[:8]}"
     first, second, third = new_queue(), new_queue(), new_queue()
     with (
@@ -133,7 +136,7 @@ def test_sends_share_a_connection(redis):
 
 
 def test_a_send_that_finds_no_free_connection_in_time_gives_up(redis, caplog):
-    caplog.set_level(logging.WARNING, logger="toot.tasks")
+    caplog.set_level(logging.WARNING, logger="toot.engine.drain")
     celery_queue = f"{settings.TOOT['KEY_PREFIX']}busy-{uuid.uuid4().hex[:8]}"
     name = new_queue()
     with probe_app(celery_queue) as app, toot_settings(REDIS_TIMEOUT=TIMEOUT):

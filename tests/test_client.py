@@ -12,8 +12,8 @@ from django.test import override_settings
 
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
-from toot import ssrf
-from toot.client import MAX_RESPONSE_BYTES, post_json
+from toot.http import ssrf
+from toot.http.client import MAX_RESPONSE_BYTES, post_json
 
 # A delivery is pinned to the address the SSRF guard checked and goes through toot's own
 # urllib3 pools; an unpinned call (a registration), a proxied one, or any call with

@@ -14,12 +14,12 @@ import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply
 from tests.utils import callback_urls, sources
-from toot import store
-from toot.deadletters import bury_delivery, bury_handler
-from toot.delivery import Outcome
-from toot.events import Event
-from toot.handling import handler_name
 from toot.models import DeadLetter
+from toot.protocol.events import Event
+from toot.publisher import store
+from toot.publisher.delivery import Outcome
+from toot.publisher.sending import bury_delivery
+from toot.subscriber.handling import bury_handler, handler_name
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -17,12 +17,13 @@ import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply
 from tests.utils import callback_urls
-from toot import store
-from toot.deadletters import Replay, bury_delivery, bury_handler, redeliver
-from toot.delivery import Outcome
-from toot.events import Event, wire_json
-from toot.handling import ALL, handler_name
+from toot.deadletters import Replay, redeliver
 from toot.models import DeadLetter
+from toot.protocol.events import Event, wire_json
+from toot.publisher import store
+from toot.publisher.delivery import Outcome
+from toot.publisher.sending import bury_delivery
+from toot.subscriber.handling import ALL, bury_handler, handler_name
 
 pytestmark = pytest.mark.django_db
 
@@ -85,9 +86,9 @@ def test_a_missing_first_attempt_time_is_now():
 
 
 def test_bury_logs_an_error_with_the_event(caplog):
-    caplog.set_level(logging.ERROR, logger="toot.deadletters")
+    caplog.set_level(logging.ERROR, logger="toot.publisher.sending")
     letter = letter_for_delivery("http://peer/cb")
-    [record] = [r for r in caplog.records if r.name == "toot.deadletters"]
+    [record] = [r for r in caplog.records if r.name == "toot.publisher.sending"]
     assert record.levelname == "ERROR"
     assert letter.event_id in record.getMessage()
     assert PUBLISHED in record.getMessage()

@@ -18,9 +18,10 @@ from django.test import override_settings
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply
 from tests.utils import callback_urls
-from toot import store
-from toot.delivery import MAX_RETRY_AFTER_EXTRA, attempt, next_delay, parse_retry_after
-from toot.events import Event, wire_json
+from toot.engine.retries import MAX_RETRY_AFTER_EXTRA, next_delay
+from toot.protocol.events import Event, wire_json
+from toot.publisher import store
+from toot.publisher.delivery import attempt, parse_retry_after
 
 DRAWS = 2000
 
@@ -213,7 +214,7 @@ def test_unsubscribe_header_on_a_2xx_removes_the_subscription(redis, event, chan
     ):
         store.add(channel, leaving.url)
         store.add(channel, staying.url)
-        with caplog.at_level(logging.INFO, logger="toot.delivery"):
+        with caplog.at_level(logging.INFO, logger="toot.publisher.delivery"):
             outcome = send(event, leaving.url)
         assert outcome.ok
         assert callback_urls(channel) == [staying.url]
@@ -295,7 +296,7 @@ def test_a_malformed_signing_secret_sends_nothing_and_is_a_failure(event, caplog
     with (
         HTTPServer() as peer,
         override_settings(TOOT={**settings.TOOT, "SIGNING_SECRETS": ["whsec_tooshort"]}),
-        caplog.at_level(logging.ERROR, logger="toot.delivery"),
+        caplog.at_level(logging.ERROR, logger="toot.publisher.delivery"),
     ):
         outcome = send(event, peer.url)
     assert peer.requests == []

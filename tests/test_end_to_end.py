@@ -21,7 +21,7 @@ from tests.topology import CALLBACK_ACCEPTED, PREFIX, Topology, attempts, count,
 
 @pytest.fixture(scope="module")
 def topology():
-    from toot.store import get_redis
+    from toot.engine.connection import get_redis
 
     topology = Topology("e2e")
     try:

@@ -12,7 +12,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from toot import Event, InvalidEvent, TootError
-from toot.events import parse_timestamp
+from toot.protocol.events import parse_timestamp
 
 CHANNEL = "org.example.publisher.users.updated.v1"
 UTC = dt.timezone.utc

@@ -1,6 +1,6 @@
 """Faults reproduced for real on the example topology (issue: delivery that loses nothing).
 
-Events wait in Redis queues (``toot.queue``) until a drain delivers them; a drain that
+Events wait in Redis queues (``toot.engine.queue``) until a drain delivers them; a drain that
 dies leaves what it held to the relay once its lease ends, and publishing falls back to
 the database outbox only when toot's Redis is unreachable. Each test prints one line of
 counts (published, delivered, duplicated, lost); run with ``-s`` to see them.
@@ -16,8 +16,8 @@ import pytest
 from devtools.processes import wait_for
 from tests.http_server import HTTPServer
 from tests.topology import PREFIX, Topology, attempts, count, event_ids
-from toot import queue
-from toot.store import get_redis
+from toot.engine import queue
+from toot.engine.connection import get_redis
 
 CHANNEL = f"{PREFIX}users.deleted.v1"
 

@@ -56,10 +56,13 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from tests.utils import addrinfo
-from toot import handling, queue, signing, store, subscribe
-from toot.events import Event
-from toot.sending import BATCH_MAX_BYTES
-from toot.validation import MAX_JSON_DEPTH
+from toot import subscribe
+from toot.engine import queue
+from toot.protocol import signing
+from toot.protocol.events import BATCH_MAX_BYTES, Event
+from toot.protocol.validation import MAX_JSON_DEPTH
+from toot.publisher import store
+from toot.subscriber import handling
 from toot.views import MAX_SUBSCRIPTION_BYTES
 
 if TYPE_CHECKING:

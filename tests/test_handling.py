@@ -13,10 +13,13 @@ from django.test import override_settings
 from django.utils import timezone
 
 from tests.utils import WatchedLease, redis_down, redis_now
-from toot import deadletters, handling, queue
+from toot import deadletters
 from toot.conf import conf
-from toot.events import Event
-from toot.handling import (
+from toot.engine import queue
+from toot.models import DeadLetter
+from toot.protocol.events import Event
+from toot.subscriber import handling
+from toot.subscriber.handling import (
     DONE,
     AlreadyRunning,
     handler_name,
@@ -24,8 +27,7 @@ from toot.handling import (
     run,
     run_many,
 )
-from toot.models import DeadLetter
-from toot.registry import subscribe
+from toot.subscriber.registry import subscribe
 
 CHANNEL = "org.example.publisher.users.updated.v1"
 
@@ -134,7 +136,7 @@ def test_each_handler_runs_once_and_is_then_remembered_for_dedupe_ttl(redis, cap
             # At least DEDUPE_TTL after the end of the event's hour, counted from now.
             assert 1234 < redis.ttl(handling._done_key(event)) <= 1234 + handling.HOUR
 
-        with caplog.at_level(logging.INFO, logger="toot.handling"):
+        with caplog.at_level(logging.INFO, logger="toot.subscriber.handling"):
             assert run(event) == {}  # the publisher retried a delivery that was handled
         assert calls == ["first", "second"]
 
@@ -172,7 +174,7 @@ def test_a_raising_handler_is_reported_and_released_for_a_later_run(redis, caplo
     subscribe("publisher", "users.updated.v1", flaky)
     event = new_event()
 
-    with caplog.at_level(logging.ERROR, logger="toot.handling"):
+    with caplog.at_level(logging.ERROR, logger="toot.subscriber.handling"):
         failures = run(event)
 
     assert list(failures) == [handler_name(flaky)]
@@ -292,7 +294,7 @@ def test_the_claims_of_a_drain_whose_lease_ended_are_taken_over_at_once(redis, c
     for event in events:
         hold_claim(redis, event, name, holder="dead-drain", ms=3_600_000)
 
-    with caplog.at_level(logging.WARNING, logger="toot.handling"):
+    with caplog.at_level(logging.WARNING, logger="toot.subscriber.handling"):
         assert run_many([(event, None) for event in events], WatchedLease()) == [{}, {}, {}]
 
     assert calls == ["orphaned"] * 3
@@ -362,7 +364,7 @@ def test_a_heartbeat_that_cannot_reach_redis_warns_and_keeps_beating(redis, capl
     with (
         beating.holding(["some-claim"], "owner", "~owner"),
         redis_down(),
-        caplog.at_level(logging.WARNING, logger="toot.handling"),
+        caplog.at_level(logging.WARNING, logger="toot.subscriber.handling"),
     ):
         beating.beat()
     assert "Cannot renew the claims of running handlers" in caplog.text
@@ -487,7 +489,7 @@ def test_process_runs_the_handlers_of_every_item_and_schedules_nothing(redis, ca
     subscribe("publisher", "users.updated.v1", recorder(calls, "only"))
     events = [new_event() for _ in range(3)]
 
-    with caplog.at_level(logging.INFO, logger="toot.handling"):
+    with caplog.at_level(logging.INFO, logger="toot.subscriber.handling"):
         assert process([item_for(event) for event in events]) == []
 
     assert calls == ["only"] * 3
@@ -503,7 +505,7 @@ def test_a_handler_that_raised_is_retried_alone_with_its_attempts(redis, caplog)
     event = new_event()
     before = timezone.now()
 
-    with caplog.at_level(logging.WARNING, logger="toot.handling"):
+    with caplog.at_level(logging.WARNING, logger="toot.subscriber.handling"):
         [(retry, delay)] = process([item_for(event)])
 
     assert retry == {
@@ -537,7 +539,7 @@ def test_a_handler_running_elsewhere_is_deferred_without_spending_an_attempt(red
     hold_claim(redis, event, name)  # another drain runs it
     item = item_for(event, attempts=2, first_attempt_at="2026-01-02T03:04:05+00:00")
 
-    with caplog.at_level(logging.INFO, logger="toot.handling"):
+    with caplog.at_level(logging.INFO, logger="toot.subscriber.handling"):
         [(retry, delay)] = process([item])
 
     assert retry == {**item, "handlers": [name]}  # its attempts unchanged

@@ -18,8 +18,9 @@ from tests.broker import broker_unreachable_and_no_drain
 from tests.celery import app as celery_app
 from tests.http_server import HTTPServer
 from tests.utils import redis_down
-from toot import outbox, queue, store
+from toot.engine import queue
 from toot.models import OutboxEvent
+from toot.publisher import outbox, store
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,7 +60,7 @@ def test_the_relay_moves_kept_events_onto_the_queue_and_a_drain_delivers_them(
 ):
     events = publish_while_redis_is_down(suffix, 5)
 
-    with caplog.at_level(logging.INFO, logger="toot.outbox"):
+    with caplog.at_level(logging.INFO, logger="toot.publisher.outbox"):
         assert outbox.relay(celery_app) == 5
 
     assert not OutboxEvent.objects.exists()
@@ -112,7 +113,7 @@ def test_a_relay_while_redis_is_still_down_keeps_every_row(
 def test_a_relay_while_the_broker_is_down_moves_the_rows_and_a_drain_starts_later(
     celery_worker, no_drain_at_work, eventually, suffix, subscriber, caplog
 ):
-    caplog.set_level(logging.WARNING, logger="toot.tasks")  # a started worker sets ERROR
+    caplog.set_level(logging.WARNING, logger="toot.engine.drain")  # a started worker sets ERROR
     events = publish_while_redis_is_down(suffix, 3)
 
     with broker_unreachable_and_no_drain(queue.OUT):

@@ -10,8 +10,10 @@ import threading
 
 import pytest
 
-from toot import client, queue, sending, transport
-from toot.per_process import PerProcess
+from toot.engine import queue
+from toot.engine.per_process import PerProcess
+from toot.http import client, transport
+from toot.publisher import sending
 
 # Each test's child only calls what it tests; the fork warning of Python 3.12+ is about
 # other work.

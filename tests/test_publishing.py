@@ -20,8 +20,9 @@ import toot
 from tests.broker import broker_unreachable_and_no_drain
 from tests.http_server import HTTPServer
 from tests.utils import redis_down, spy_pushes
-from toot import queue, store
+from toot.engine import queue
 from toot.models import OutboxEvent
+from toot.publisher import store
 
 PREFIX = "org.example.test."
 
@@ -76,7 +77,7 @@ def test_published_while_the_broker_is_down_the_event_waits_on_the_queue(
     celery_worker, no_drain_at_work, eventually, suffix, caplog
 ):
     # No django_db mark: the event is safe in Redis, the outbox is not needed.
-    caplog.set_level(logging.WARNING, logger="toot.tasks")  # a started worker sets ERROR
+    caplog.set_level(logging.WARNING, logger="toot.engine.drain")  # a started worker sets ERROR
     with HTTPServer() as subscriber:
         store.add(PREFIX + suffix, subscriber.url)
         # No drain at work (the fixture waited for the worker to be idle): this publish
@@ -163,12 +164,12 @@ def test_a_test_on_two_databases_sees_the_event_on_the_default_ones_commit(
     assert [sent["id"] for sent in pushed] == [event.id]
 
 
-# Redis unreachable: the event waits in the outbox (toot.outbox)
+# Redis unreachable: the event waits in the outbox (toot.publisher.outbox)
 
 
 @pytest.mark.django_db(transaction=True)
 def test_publish_keeps_the_event_in_the_outbox_when_redis_is_unreachable(suffix, caplog):
-    with redis_down(), caplog.at_level(logging.WARNING, logger="toot.outbox"):
+    with redis_down(), caplog.at_level(logging.WARNING, logger="toot.publisher.outbox"):
         started = time.monotonic()
         events = [toot.publish(suffix, {"n": n}) for n in range(3)]  # raises nothing
         elapsed = time.monotonic() - started
@@ -177,7 +178,9 @@ def test_publish_keeps_the_event_in_the_outbox_when_redis_is_unreachable(suffix,
     assert kept == [event.to_dict() for event in events]
     # One connection attempt each, in the caller's request: no retry loop holds it.
     assert elapsed < 2.0
-    warnings = [record.getMessage() for record in caplog.records if record.name == "toot.outbox"]
+    warnings = [
+        record.getMessage() for record in caplog.records if record.name == "toot.publisher.outbox"
+    ]
     assert len(warnings) == 3
     for event, message in zip(events, warnings, strict=True):
         assert event.id in message
@@ -340,7 +343,7 @@ def test_a_payload_with_characters_past_the_bmp_is_sent(celery_worker, suffix, p
 
 
 def test_a_payload_nested_deeper_than_subscribers_read_is_refused(celery_worker):
-    from toot.validation import MAX_JSON_DEPTH
+    from toot.protocol.validation import MAX_JSON_DEPTH
 
     deep: list[Any] = []
     for _ in range(MAX_JSON_DEPTH - 1):  # with the event's own object: one level too many

@@ -15,8 +15,8 @@ from django.conf import settings
 from django.test import override_settings
 
 from tests.utils import expire, live_leases, redis_now, toot_settings
-from toot import queue, store
 from toot.conf import conf
+from toot.engine import connection, queue
 
 
 @pytest.fixture
@@ -291,7 +291,7 @@ def test_wait_returns_an_item_pushed_while_it_blocks(redis, name, eventually, mo
     mine = threading.get_ident
     waiter_id: list[int] = []
     monkeypatch.setattr(
-        queue, "get_redis", lambda: waiting if waiter_id == [mine()] else store.get_redis()
+        queue, "get_redis", lambda: waiting if waiter_id == [mine()] else connection.get_redis()
     )
     got: list[Any] = []
 

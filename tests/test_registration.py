@@ -13,8 +13,8 @@ import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
 from tests.utils import callback_urls, sources
-from toot import store
-from toot.registration import Registration, planned_registrations, register
+from toot.publisher import store
+from toot.subscriber.registration import Registration, planned_registrations, register
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -247,7 +247,9 @@ def test_timeout_is_raised_as_it_is(peer):
 
 
 def test_every_registration_is_tried_before_the_first_error_is_raised(peer, caplog):
-    caplog.set_level(logging.WARNING, logger="toot.registration")  # a started worker sets ERROR
+    caplog.set_level(
+        logging.WARNING, logger="toot.subscriber.registration"
+    )  # a started worker sets ERROR
     peer.reply = in_order(Reply(500, body=b'{"error": "down"}'), Reply(201))
     with sources(first=f"{peer.url}/first", second=closed_url(), third=f"{peer.url}/third"):
         toot.subscribe("first", "users.updated.v1", on_user)
@@ -265,7 +267,9 @@ def test_every_registration_is_tried_before_the_first_error_is_raised(peer, capl
     assert isinstance(reported[1].error, requests.ConnectionError)
     assert (reported[2].status, reported[2].error) == (201, None)
     # Each failure logged once, its reason not repeating the channel and URL it follows.
-    first, second = [r.getMessage() for r in caplog.records if r.name == "toot.registration"]
+    first, second = [
+        r.getMessage() for r in caplog.records if r.name == "toot.subscriber.registration"
+    ]
     assert first == (
         f"Registering {reported[0].channel} at {peer.url}/first failed: "
         'the source answered 500: {"error": "down"}'

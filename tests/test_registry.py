@@ -7,7 +7,7 @@ from django.conf import settings
 from django.test import override_settings
 
 import toot
-from toot.registry import Subscription, registry
+from toot.subscriber.registry import Subscription, registry
 
 OTHER = {
     "SUBSCRIPTION_URL": "http://other.example/toot/subscriptions",

@@ -16,10 +16,11 @@ from django.conf import settings
 from tests.broker import broker_unreachable, probe_app, queued
 from tests.http_server import HTTPServer
 from tests.utils import expire, toot_settings
-from toot import queue, relay, store
-from toot.events import Event
+from toot.engine import queue, relay
+from toot.engine.relay import QUIET_SECONDS, Relay
 from toot.models import OutboxEvent
-from toot.relay import QUIET_SECONDS, Relay
+from toot.protocol.events import Event
+from toot.publisher import outbox, store
 
 labels = count()
 
@@ -39,7 +40,7 @@ def own_relay():
     yield
     relay.stop()
     if session is not None:
-        relay.start(session.app, outbox=len(session.steps) > 1)  # as it was: no outbox step
+        relay.start(session.app, session.steps)  # as it was: no outbox step
 
 
 @pytest.fixture
@@ -98,9 +99,9 @@ def test_a_relay_starts_a_drain_where_work_waits_every_relay_interval(
 ):
     rounds: list[float] = []
     with toot_settings(RELAY_INTERVAL=0.2):
-        relay_thread = Relay(probe, outbox=False)
+        relay_thread = Relay(probe, [relay.wake])
 
-        def watch():  # one more step, that only notes when each round ran
+        def watch(app):  # one more step, that only notes when each round ran
             rounds.append(time.monotonic())
 
         relay_thread.steps.append(watch)
@@ -127,7 +128,7 @@ def test_a_relay_gives_a_dead_drains_batch_back_and_starts_a_drain(
     dead = queue.push(out, items)
     assert dead is not None
     assert queue.claim(out, dead, 100) == items  # and then its worker was killed
-    running(Relay(probe, outbox=False))
+    running(Relay(probe, [relay.wake]))
     expire(redis, out, dead)  # its lease ran out
 
     eventually(lambda: started(probe), what="a drain to be started")
@@ -141,8 +142,8 @@ def test_a_relay_gives_a_dead_drains_batch_back_and_starts_a_drain(
 def test_a_relay_keeps_starting_a_drain_until_the_broker_answers(
     probe, own_queues, running, eventually, caplog
 ):
-    caplog.set_level(logging.DEBUG, logger="toot.tasks")  # a started worker sets ERROR
-    relay_thread = running(Relay(probe, outbox=False))
+    caplog.set_level(logging.DEBUG, logger="toot.engine.drain")  # a started worker sets ERROR
+    relay_thread = running(Relay(probe, [relay.wake]))
 
     def complaints():
         return [r for r in caplog.records if r.thread == relay_thread.ident]
@@ -156,11 +157,11 @@ def test_a_relay_keeps_starting_a_drain_until_the_broker_answers(
     eventually(relayed, what="a drain once the broker is back")
 
 
-@pytest.mark.parametrize("outbox", [True, False])
-def test_a_relay_relays_the_outbox_only_when_asked(probe, outbox):
-    relay_thread = Relay(probe, outbox=outbox)
-    assert len(relay_thread.steps) == (2 if outbox else 1)
-    assert relay_thread.daemon  # never holds a worker's exit
+def test_a_relay_wakes_the_queues_and_relays_the_outbox_unless_told_otherwise(probe):
+    """The app, once ready, gave the relay the publisher's outbox step."""
+    assert Relay(probe).steps == [relay.wake, outbox.relay_step]
+    assert Relay(probe, [relay.wake]).steps == [relay.wake]
+    assert Relay(probe).daemon  # never holds a worker's exit
 
 
 def test_a_failing_step_is_logged_once_per_quiet_period_and_relaying_goes_on(
@@ -170,15 +171,17 @@ def test_a_failing_step_is_logged_once_per_quiet_period_and_relaying_goes_on(
     # step fails every round, as it would with the database down. The clock is the
     # relay's own, set as on a machine booted 10 s ago (time.monotonic() counts from boot).
     caplog.set_level(
-        logging.WARNING, logger="toot.relay"
+        logging.WARNING, logger="toot.engine.relay"
     )  # a started worker sets the root's to ERROR
     clock = SimpleNamespace(now=10.0)
     monkeypatch.setattr(relay, "time", SimpleNamespace(monotonic=lambda: clock.now))
-    relay_thread = running(Relay(probe, outbox=True))
+    relay_thread = running(Relay(probe))
 
     def complaints():
         return [
-            r for r in caplog.records if r.name == "toot.relay" and r.thread == relay_thread.ident
+            r
+            for r in caplog.records
+            if r.name == "toot.engine.relay" and r.thread == relay_thread.ident
         ]
 
     eventually(lambda: complaints(), what="the first failure to be logged at once")
@@ -201,13 +204,15 @@ def test_a_failing_step_is_logged_once_per_quiet_period_and_relaying_goes_on(
 def test_every_failure_is_logged_without_a_quiet_period(
     probe, running, eventually, caplog, monkeypatch
 ):
-    caplog.set_level(logging.WARNING, logger="toot.relay")
+    caplog.set_level(logging.WARNING, logger="toot.engine.relay")
     monkeypatch.setattr(relay, "QUIET_SECONDS", 0.0)
-    relay_thread = running(Relay(probe, outbox=True))
+    relay_thread = running(Relay(probe))
 
     def complaints():
         return [
-            r for r in caplog.records if r.name == "toot.relay" and r.thread == relay_thread.ident
+            r
+            for r in caplog.records
+            if r.name == "toot.engine.relay" and r.thread == relay_thread.ident
         ]
 
     eventually(lambda: len(complaints()) >= 3, what="three failures logged")
@@ -216,9 +221,9 @@ def test_every_failure_is_logged_without_a_quiet_period(
 def test_start_and_stop_are_idempotent(own_relay, probe):
     assert relay_threads() == []
 
-    relay.start(probe, outbox=False)
+    relay.start(probe, [relay.wake])
     [first] = relay_threads()
-    relay.start(probe, outbox=False)
+    relay.start(probe, [relay.wake])
     assert relay_threads() == [first]
 
     relay.stop()
@@ -226,7 +231,7 @@ def test_start_and_stop_are_idempotent(own_relay, probe):
     assert relay_threads() == []
     relay.stop()
 
-    relay.start(probe, outbox=False)
+    relay.start(probe, [relay.wake])
     [second] = relay_threads()
     assert second is not first
     assert second.app is probe
@@ -234,12 +239,12 @@ def test_start_and_stop_are_idempotent(own_relay, probe):
 
 
 def test_start_replaces_a_relay_that_died(own_relay, probe):
-    relay.start(probe, outbox=False)
+    relay.start(probe, [relay.wake])
     [first] = relay_threads()
     first.stopping.set()  # it ended without stop(), as a crashed thread would
     first.join(10)
 
-    relay.start(probe, outbox=False)
+    relay.start(probe, [relay.wake])
 
     [second] = relay_threads()
     assert second is not first

@@ -1,4 +1,4 @@
-"""The publisher's drain (toot.sending): fan out, batches, and retries against real HTTP peers.
+"""The publisher's drain (toot.publisher.sending): fan out, batches, retries, real HTTP peers.
 
 ``plan`` and ``process`` are called as a drain calls them, on items as the ``out`` queue
 holds them, against the real Redis store; the last test goes through publish() and the
@@ -23,10 +23,11 @@ from django.conf import settings
 import toot
 from tests.http_server import HTTPServer, Reply, in_order
 from tests.utils import WatchedLease, callback_urls, set_senders, toot_settings
-from toot import queue, sending, store
-from toot.events import Event, wire_json
+from toot.engine import queue
 from toot.models import DeadLetter
-from toot.sending import Delivery, plan
+from toot.protocol.events import Event, batch_body, wire_json
+from toot.publisher import sending, store
+from toot.publisher.sending import Delivery, plan
 
 PREFIX = "org.example.test."
 STAMP = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
@@ -96,7 +97,7 @@ def test_plan_fans_each_new_event_out_to_every_subscriber_of_its_channel(redis, 
     store.add(f"{b}.elsewhere", "http://three.example/cb")
     [a1, a2], [b1], [c1] = make_events(a, 2), make_events(b, 1), make_events(unheard, 1)
 
-    with caplog.at_level(logging.INFO, logger="toot.sending"):
+    with caplog.at_level(logging.INFO, logger="toot.publisher.sending"):
         deliveries = plan(new([a1, b1, c1, a2]))
 
     assert sorted(
@@ -181,14 +182,15 @@ def test_batches_are_cut_at_batch_max_bytes(redis, channel, monkeypatch):
     events = make_events(channel, 7, pad=100)
     size = len(wire_json(events[0]))
     # The whole body counts: three events, the commas between them and {"events":[]} fit.
-    monkeypatch.setattr(sending, "BATCH_MAX_BYTES", EMPTY_BATCH + 3 * size + 2)
+    limit = EMPTY_BATCH + 3 * size + 2
+    monkeypatch.setattr(sending, "BATCH_MAX_BYTES", limit)
 
     deliveries = plan(new(events))
 
     assert batch_sizes(deliveries) == [3, 3, 1]
     assert [event for d in deliveries for event in d.events] == events
     for delivery in deliveries:
-        assert len(delivery.body) <= sending.BATCH_MAX_BYTES
+        assert len(delivery.body) <= limit
         assert json.loads(delivery.body) == {"events": delivery.events}
 
     monkeypatch.setattr(sending, "BATCH_MAX_BYTES", EMPTY_BATCH + 3 * size + 1)
@@ -280,7 +282,7 @@ def test_a_failed_batch_is_retried_whole_under_the_same_webhook_id(redis, channe
     with HTTPServer(replies) as peer, toot_settings(SIGNING_SECRETS=[secret]):
         store.add(channel, peer.url, batch=True)
 
-        with caplog.at_level(logging.WARNING, logger="toot.sending"):
+        with caplog.at_level(logging.WARNING, logger="toot.publisher.sending"):
             [(item, delay)] = process(new(events))
         assert 0.08 <= delay <= 0.12  # RETRY_SCHEDULE[0] of the tests, 0.1 s, ±20 %
         retry = item["delivery"]
@@ -456,7 +458,7 @@ def test_a_spent_schedule_dead_letters_each_event_of_the_batch(redis, channel):
     events = make_events(channel, 3)
     last = len(settings.TOOT["RETRY_SCHEDULE"])
     with HTTPServer(Reply(500, body=b"still broken")) as peer:
-        body = sending.batch_body(map(wire_json, events))
+        body = batch_body(map(wire_json, events))
         item = Delivery(peer.url, channel, events, True, "b" * 32, body, last, FIRST_ATTEMPT)
 
         assert process([item.as_item()]) == []

@@ -1,4 +1,4 @@
-"""Signed deliveries (Standard Webhooks): toot.signing, the publisher's signed deliveries
+"""Signed deliveries (Standard Webhooks): toot.protocol.signing, the publisher's signed deliveries
 (single events and batches) and the callback endpoint's verification, checked against the
 ``standardwebhooks`` package.
 
@@ -25,11 +25,11 @@ import standardwebhooks
 import toot
 from tests.http_server import HTTPServer, Reply, in_order
 from tests.utils import toot_settings
-from toot import Event, store, subscribe
+from toot import Event, subscribe
 from toot.conf import conf
 from toot.exceptions import ConfigError, InvalidSignature
 from toot.models import DeadLetter
-from toot.signing import (
+from toot.protocol.signing import (
     MAX_SIGNATURES,
     TOLERANCE_SECONDS,
     decode_secret,
@@ -38,6 +38,7 @@ from toot.signing import (
     signature_headers,
     verify,
 )
+from toot.publisher import store
 
 pytestmark = pytest.mark.usefixtures("handled_while_subscribed")
 
@@ -855,16 +856,16 @@ def test_round_trip_from_publish_to_a_verifying_callback(
     # closes it after a request can crash.
     with (
         toot_settings(SIGNING_SECRETS=[new_secret()], SOURCES=source, RETRY_SCHEDULE=[]),
-        caplog.at_level(logging.ERROR, logger="toot.deadletters"),
+        caplog.at_level(logging.ERROR, logger="toot.publisher.sending"),
     ):
         [refused] = publish_to(url, channel, batch=batch)
         eventually(
-            lambda: [r for r in caplog.records if r.name == "toot.deadletters"],
+            lambda: [r for r in caplog.records if r.name == "toot.publisher.sending"],
             what="the refused delivery's dead letter",
         )
 
     assert sorted(handled_ids(handler)) == sorted(event.id for event in accepted)
-    [letter] = [r.getMessage() for r in caplog.records if r.name == "toot.deadletters"]
+    [letter] = [r.getMessage() for r in caplog.records if r.name == "toot.publisher.sending"]
     assert letter.startswith(f"Event {refused.id} on {channel}: delivery to {url} failed")
     assert "(status 401: " in letter
     assert "signature does not match" in letter

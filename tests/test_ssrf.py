@@ -1,4 +1,4 @@
-"""The SSRF guard (toot.ssrf): the address rules, the allow-lists, and where they apply.
+"""The SSRF guard (toot.http.ssrf): the address rules, the allow-lists, and where they apply.
 
 The subscriptions endpoint refuses a URL with 422 and stores nothing; a delivery to it
 is refused before any connection is opened, and dead-lettered at once. Names that must
@@ -21,9 +21,10 @@ from django.urls import reverse
 import toot
 from tests.http_server import HTTPServer
 from tests.utils import callback_urls, toot_settings
-from toot import delivery, ssrf, store
-from toot.events import Event, wire_json
+from toot.http import ssrf
 from toot.models import DeadLetter
+from toot.protocol.events import Event, wire_json
+from toot.publisher import delivery, store
 
 PUBLIC = [
     "8.8.8.8",

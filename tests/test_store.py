@@ -15,7 +15,8 @@ from django.conf import settings
 from devtools.processes import free_port
 from devtools.redis_server import start_redis
 from tests.utils import callback_urls, redis_down, toot_settings
-from toot import store
+from toot.engine import connection
+from toot.publisher import store
 
 pytestmark = pytest.mark.usefixtures("no_drain_at_work")
 
@@ -62,7 +63,7 @@ def other_db():
 def fresh_clients(monkeypatch):
     """An empty client cache, so that the clients a test creates go away with it."""
     clients: dict[tuple[str, float], redis_py.Redis] = {}
-    monkeypatch.setattr(store, "_clients", clients)
+    monkeypatch.setattr(connection, "_clients", clients)
     yield clients
     for client in clients.values():
         client.close()
@@ -310,13 +311,13 @@ ECHO_SCRIPT = "return {KEYS[1], ARGV[1], #ARGV}"
 
 
 def test_run_script_runs_lua_with_keys_and_args(redis):
-    assert store.run_script(ECHO_SCRIPT, ["k"], iter(["a", 2])) == [b"k", b"a", 2]
-    assert store.run_script(ECHO_SCRIPT, ["k2"], ["b"]) == [b"k2", b"b", 1]
+    assert connection.run_script(ECHO_SCRIPT, ["k"], iter(["a", 2])) == [b"k", b"a", 2]
+    assert connection.run_script(ECHO_SCRIPT, ["k2"], ["b"]) == [b"k2", b"b", 1]
 
 
 def test_run_script_reaches_the_redis_connection_client(other_db):
     with toot_settings(REDIS_CONNECTION="tests.test_store.other_db_client"):
-        store.run_script("return redis.call('SET', KEYS[1], ARGV[1])", [OTHER_KEY], ["x"])
+        connection.run_script("return redis.call('SET', KEYS[1], ARGV[1])", [OTHER_KEY], ["x"])
 
     assert other_db.get(OTHER_KEY) == b"x"
 
@@ -326,36 +327,36 @@ def test_run_script_on_an_unreachable_server_raises_connection_error():
         redis_down(),
         pytest.raises(redis_py.ConnectionError),
     ):
-        store.run_script(ECHO_SCRIPT, ["k"], ["a"])
+        connection.run_script(ECHO_SCRIPT, ["k"], ["a"])
 
 
 # get_redis()
 
 
 def test_get_redis_uses_redis_url(fresh_clients):
-    client = store.get_redis()
+    client = connection.get_redis()
 
     assert client.ping()
     assert client.connection_pool.connection_kwargs["port"] == urlsplit(REDIS_URL).port
 
 
 def test_one_client_per_url(fresh_clients):
-    first = store.get_redis()
-    assert store.get_redis() is first
+    first = connection.get_redis()
+    assert connection.get_redis() is first
 
     with toot_settings(REDIS_URL=other_db_url()):
-        other = store.get_redis()
-        assert store.get_redis() is other
+        other = connection.get_redis()
+        assert connection.get_redis() is other
     assert other is not first
-    assert store.get_redis() is first
+    assert connection.get_redis() is first
 
 
 def test_redis_timeout_applies_to_the_client(fresh_clients):
     with toot_settings(REDIS_TIMEOUT=1.5):
-        client = store.get_redis()
+        client = connection.get_redis()
     assert client.connection_pool.connection_kwargs["socket_timeout"] == 1.5
     assert client.connection_pool.connection_kwargs["socket_connect_timeout"] == 1.5
-    assert store.get_redis() is not client
+    assert connection.get_redis() is not client
 
 
 def test_redis_connection_setting_names_the_client_factory(redis, other_db):
@@ -400,7 +401,7 @@ def test_a_command_whose_reply_never_comes_is_sent_once():
     """No retry: a claim run again after its reply was lost would drop a batch."""
     # The kernel completes each connection for the listen queue: none is ever answered.
     with socket.create_server(("127.0.0.1", 0)) as server:
-        client = store.new_client(f"redis://127.0.0.1:{server.getsockname()[1]}/0", 0.3)
+        client = connection.new_client(f"redis://127.0.0.1:{server.getsockname()[1]}/0", 0.3)
         with pytest.raises(redis_py.TimeoutError):
             client.ping()
 
@@ -409,8 +410,8 @@ def test_a_command_whose_reply_never_comes_is_sent_once():
         with contextlib.suppress(BlockingIOError):
             while True:
                 connections.append(server.accept()[0])
-        for connection in connections:
-            connection.close()
+        for accepted in connections:
+            accepted.close()
     assert len(connections) == 1
 
 
@@ -443,7 +444,7 @@ def tls_redis(tmp_path_factory):
 def test_a_rediss_url_as_celery_writes_it_connects(tls_redis, requirement):
     # REDIS_URL defaults to the broker's URL, whose ssl_cert_reqs Celery spells CERT_REQUIRED.
     url, ca = tls_redis
-    client = store.new_client(f"{url}?ssl_cert_reqs={requirement}&ssl_ca_certs={ca}", 5.0)
+    client = connection.new_client(f"{url}?ssl_cert_reqs={requirement}&ssl_ca_certs={ca}", 5.0)
     try:
         assert client.ping()
     finally:

@@ -24,10 +24,12 @@ from tests.utils import (
     set_senders,
     toot_settings,
 )
-from toot import queue, sending, store, tasks
-from toot.events import Event
+from toot.engine import drain as tasks
+from toot.engine import queue
 from toot.models import DeadLetter
-from toot.registry import subscribe
+from toot.protocol.events import Event
+from toot.publisher import sending, store
+from toot.subscriber.registry import subscribe
 
 
 @pytest.fixture
@@ -44,7 +46,7 @@ def peer():
 
 @pytest.fixture
 def own_queue(monkeypatch, redis):
-    """A queue drained as ``out`` is (toot.sending), that only the test wakes.
+    """A queue drained as ``out`` is (toot.publisher.sending), that only the test wakes.
 
     No relay runs wake() on it: what the drains do with it, the test alone decides.
     """
@@ -161,7 +163,9 @@ def test_non_2xx_answer_is_retried_until_2xx(celery_worker, eventually, channel,
 
 
 def test_connection_error_is_retried(celery_worker, eventually, channel, caplog):
-    caplog.set_level(logging.WARNING, logger="toot.sending")  # a worker sets the root's to ERROR
+    caplog.set_level(
+        logging.WARNING, logger="toot.publisher.sending"
+    )  # a worker sets the root's to ERROR
     port = free_port()
     server = HTTPServer()
     server.port, server.url = port, f"http://127.0.0.1:{port}"
@@ -403,7 +407,7 @@ def test_a_long_batch_renews_the_drains_lease(
 def test_a_drain_whose_lease_went_to_another_stops_and_schedules_nothing(
     celery_worker, eventually, channel, own_queue, drains, redis, caplog
 ):
-    caplog.set_level(logging.WARNING, logger="toot.tasks")
+    caplog.set_level(logging.WARNING, logger="toot.engine.drain")
     taken_over: list[str | None] = []
 
     def hung(request):
@@ -476,7 +480,7 @@ def test_a_drain_is_acknowledged_as_it_starts_whatever_the_project_says(celery_w
 def test_start_with_the_broker_unreachable_forgets_the_lease_and_the_relay_starts_a_drain(
     celery_worker, eventually, channel, own_queue, down_app, redis, caplog, monkeypatch
 ):
-    caplog.set_level(logging.WARNING, logger="toot.tasks")  # a started worker sets ERROR
+    caplog.set_level(logging.WARNING, logger="toot.engine.drain")  # a started worker sets ERROR
     # The worker's relay wakes the test's queue too; no drain already running takes from it.
     monkeypatch.setattr(queue, "QUEUES", (*queue.QUEUES, own_queue))
     event = make_event(channel)
@@ -490,7 +494,7 @@ def test_start_with_the_broker_unreachable_forgets_the_lease_and_the_relay_start
         [warning] = [
             r
             for r in caplog.records
-            if r.name == "toot.tasks" and r.thread == threading.get_ident()
+            if r.name == "toot.engine.drain" and r.thread == threading.get_ident()
         ]
         assert warning.levelno == logging.WARNING
         assert f"Cannot start a drain of the {own_queue} queue now" in warning.getMessage()
@@ -501,18 +505,18 @@ def test_start_with_the_broker_unreachable_forgets_the_lease_and_the_relay_start
 
 
 def test_while_the_broker_is_down_one_warning_a_minute_says_so(down_app, redis, caplog):
-    caplog.set_level(logging.DEBUG, logger="toot.tasks")
+    caplog.set_level(logging.DEBUG, logger="toot.engine.drain")
     name = f"out-{uuid.uuid4().hex[:8]}"
 
     for _ in range(3):  # three publishes, or relay ticks, in a row
         tasks.start(name, queue.push(name, []), down_app)
 
-    levels = [r.levelno for r in caplog.records if r.name == "toot.tasks"]
+    levels = [r.levelno for r in caplog.records if r.name == "toot.engine.drain"]
     assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
 
 
 def test_start_with_redis_down_too_leaves_the_lease_to_end_by_itself(down_app, redis, caplog):
-    caplog.set_level(logging.WARNING, logger="toot.tasks")
+    caplog.set_level(logging.WARNING, logger="toot.engine.drain")
     name = f"out-{uuid.uuid4().hex[:8]}"
     drain_id = queue.push(name, [])
 
@@ -524,7 +528,7 @@ def test_start_with_redis_down_too_leaves_the_lease_to_end_by_itself(down_app, r
 
 
 def test_start_without_a_lease_sends_nothing(down_app, caplog):
-    caplog.set_level(logging.WARNING, logger="toot.tasks")
+    caplog.set_level(logging.WARNING, logger="toot.engine.drain")
     tasks.start(queue.OUT, None, down_app)  # its broker is down: sending would fail
     assert caplog.records == []
 

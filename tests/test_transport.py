@@ -1,4 +1,4 @@
-"""toot.transport: a delivery connects to the address the SSRF guard checked.
+"""toot.http.transport: a delivery connects to the address the SSRF guard checked.
 
 Real servers on loopback, reached under names that the ``dns`` fixture answers once
 with 127.0.0.1 and then never again (or differently, as a rebinding attacker would): a
@@ -21,8 +21,9 @@ import trustme
 
 from tests.http_server import HTTPServer
 from tests.utils import toot_settings
-from toot import client, delivery, publishing, ssrf, store, transport
-from toot.events import Event, wire_json
+from toot.http import client, ssrf, transport
+from toot.protocol.events import Event, wire_json
+from toot.publisher import delivery, publishing, store
 
 NOT_AGAIN = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 

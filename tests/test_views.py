@@ -29,12 +29,14 @@ from django.utils import timezone
 from devtools.processes import free_port
 from tests.broker import broker_unreachable_and_no_drain
 from tests.utils import callback_urls, store_contents
-from toot import Event, queue, sending, signing, store, subscribe
+from toot import Event, subscribe
 from toot.conf import conf
-from toot.events import wire_json
-from toot.publishing import encoded
-from toot.sending import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES
-from toot.validation import MAX_JSON_DEPTH
+from toot.engine import queue
+from toot.protocol import signing
+from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, wire_json
+from toot.protocol.validation import MAX_JSON_DEPTH
+from toot.publisher import sending, store
+from toot.publisher.publishing import encoded
 from toot.views import MAX_SUBSCRIPTION_BYTES
 
 pytestmark = pytest.mark.usefixtures("handled_while_subscribed")
@@ -684,7 +686,7 @@ def test_unreachable_store_answers_503(client, redis, method, path, extra):
     assert_refused(response, 503, "unavailable")
 
 
-IN_QUEUE = f"{settings.TOOT['KEY_PREFIX']}queue:{{{queue.IN}}}:"  # toot.queue's key layout
+IN_QUEUE = f"{settings.TOOT['KEY_PREFIX']}queue:{{{queue.IN}}}:"  # toot.engine.queue's key layout
 
 
 def waiting(redis):
@@ -722,7 +724,7 @@ def test_a_broker_failure_when_starting_the_drain_still_answers_200_and_the_even
 
     with (
         broker_unreachable_and_no_drain(queue.IN),
-        caplog.at_level(logging.WARNING, logger="toot.tasks"),
+        caplog.at_level(logging.WARNING, logger="toot.engine.drain"),
     ):
         response = post_json(client, CALLBACKS, {"events": events})
         waiting_then, handled_then = waiting(redis), handler.called
@@ -1455,11 +1457,11 @@ def test_a_batch_with_an_event_nested_past_max_json_depth_is_refused(client, enq
     assert len(enqueued) == 1
 
 
-# What a toot publisher sends (toot.sending), the callback endpoint takes -------------------
+# What a toot publisher sends (toot.publisher.sending), the callback endpoint takes ---
 
 
 def publisher_bodies(channel, events):
-    """The bodies toot.sending builds from ``events`` for a subscriber that asked for batches."""
+    """The bodies toot.publisher.sending builds from ``events`` for a batched subscriber."""
     store.add(channel, "http://batched.example/toot/callbacks", batch=True)
     return [delivery.body for delivery in sending.plan([{"event": event} for event in events])]
 

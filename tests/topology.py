@@ -43,10 +43,10 @@ from tests.http_server import RecordedRequest, Reply
 
 PREFIX = "org.example.publisher."
 ROLES = ("publisher", "subscriber")
-# What toot.sending logs for each attempt (toot's own log format names the logger; the
+# What toot.publisher.sending logs for each attempt (toot's own log format names the logger; the
 # Celery worker repeats each line in its own format, which this leaves out).
 ATTEMPT_LOG = re.compile(
-    r" toot\.sending Events? (?P<ids>[\w-]+(?:, [\w-]+)*) on \S+(?: \(batch \w+\))?: "
+    r" toot\.publisher\.sending Events? (?P<ids>[\w-]+(?:, [\w-]+)*) on \S+(?: \(batch \w+\))?: "
     r"(?:delivered to (?P<delivered_to>\S+) \(status \w+, attempt (?P<attempt>\d+)\)"
     r"|delivery to (?P<failed_to>\S+) failed \(attempt (?P<failed_attempt>\d+),)"
 )
@@ -238,7 +238,7 @@ class Topology:
     def pending(self, role: str, name: str) -> int:
         """Items in ``role``'s queue ``name``: ready, held by drains, or waiting for a retry.
 
-        Read from toot.queue's documented key layout with a client of its own, not through
+        Read from toot.engine.queue's documented key layout with a client of its own, not through
         toot with the settings overridden: an override reaches every thread of this
         process, the relay of the tests' own worker included, which would then wake
         ``role``'s queue and start a drain there that no worker of ``role`` runs.
@@ -271,7 +271,7 @@ class Topology:
         claim names the worker that holds the current one. toot logs each claim at DEBUG:
         start the topology with ``TOOT_LOG_LEVEL=DEBUG``. Log lines start with their time.
         """
-        claims = re.compile(rf"^(\S+ \S+) DEBUG toot\.tasks Drain {drain_id} of the ", re.M)
+        claims = re.compile(rf"^(\S+ \S+) DEBUG toot\.engine\.drain Drain {drain_id} of the ", re.M)
         latest = {}
         for name, process in self.processes.items():
             times = claims.findall(process.log()) if process.running else []
@@ -282,9 +282,9 @@ class Topology:
     def end_leases(self, role: str, name: str) -> list[str]:
         """End every live lease on ``role``'s queue ``name`` now; the drain ids.
 
-        What time does ``toot.queue.LEASE_SECONDS`` after a drain died, without the wait:
+        What time does ``toot.engine.queue.LEASE_SECONDS`` after a drain died, without the wait:
         the lease's score (when it ends, in Redis time) is set to a second ago, so the next
-        relay gives back what the drain held. Leases live under toot.queue's documented
+        relay gives back what the drain held. Leases live under toot.engine.queue's documented
         layout, ``KEY_PREFIX + "queue:{<name>}:leases"``.
         """
         client = redis.Redis.from_url(self.env[role]["TOOT_REDIS_URL"], decode_responses=True)

@@ -8,7 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.test import override_settings
 
-from toot import queue
+from toot.engine import queue
 
 
 def store_contents(redis: Any) -> dict[Any, Any]:
@@ -41,7 +41,7 @@ def sources(options: dict[str, Any] | None = None, /, **urls: str) -> override_s
 
 def callback_urls(channel: str) -> list[str]:
     """The callback URLs subscribed to ``channel``, as the publisher's drain finds them."""
-    from toot import store
+    from toot.publisher import store
 
     return [url for url, _batch in store.subscribers([channel])[channel]]
 
@@ -73,7 +73,7 @@ def redis_now(redis: Any) -> float:
 
 def live_leases(redis: Any, name: str) -> list[str]:
     """The drain ids holding a live lease on queue ``name``."""
-    from toot import queue
+    from toot.engine import queue
 
     leases = redis.zrangebyscore(queue._keys(name)[2], redis_now(redis), "+inf")
     return sorted(lease.decode() for lease in leases)
@@ -81,15 +81,15 @@ def live_leases(redis: Any, name: str) -> list[str]:
 
 def expire(redis: Any, name: str, drain_id: str) -> None:
     """End a drain's lease now, as time does for a drain that died: its score in the past."""
-    from toot import queue
+    from toot.engine import queue
 
     redis.zadd(queue._keys(name)[2], {drain_id: redis_now(redis) - 1})
 
 
 def set_senders(monkeypatch: Any, count: int) -> None:
     """Deliveries in flight per drain: ``count``, with threads for that many."""
-    from toot import sending
-    from toot.per_process import PerProcess
+    from toot.engine.per_process import PerProcess
+    from toot.publisher import sending
 
     monkeypatch.setattr(sending, "SENDERS", count)
     monkeypatch.setattr(sending, "_senders", PerProcess(sending.new_senders))
@@ -102,7 +102,7 @@ def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:
     """
     import json
 
-    from toot import queue
+    from toot.engine import queue
 
     events: list[dict[str, Any]] = []
     real_push = queue.push_encoded

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from toot.events import Event
 from toot.exceptions import (
     ConfigError,
     EventTooLarge,
@@ -12,9 +11,10 @@ from toot.exceptions import (
     RegisterSubscriptionFailure,
     TootError,
 )
-from toot.publishing import publish
-from toot.registration import register_subscriptions
-from toot.registry import subscribe
+from toot.protocol.events import Event
+from toot.publisher.publishing import publish
+from toot.subscriber.registration import register_subscriptions
+from toot.subscriber.registry import subscribe
 
 __version__ = "0.1.0"
 

@@ -10,9 +10,23 @@ class TootConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        """Register the checks and put the parts together; touches no Redis, database or
+        network: the relay starts with a worker, on Celery's ``worker_ready``."""
+        from celery.signals import worker_ready, worker_shutting_down
+
         from toot.checks import check_celery, check_security, check_settings, check_subscriptions
+        from toot.engine import drain, queue, relay
+        from toot.publisher import outbox, sending
+        from toot.subscriber import handling
 
         checks.register(check_settings)
         checks.register(check_subscriptions)
         checks.register(check_celery)
         checks.register(check_security, checks.Tags.security)
+
+        drain.PROCESSORS[queue.OUT] = sending.process
+        drain.PROCESSORS[queue.IN] = handling.process
+        if outbox.relay_step not in relay.STEPS:
+            relay.STEPS.append(outbox.relay_step)
+        worker_ready.connect(relay.on_worker_ready, dispatch_uid="toot.relay.start")
+        worker_shutting_down.connect(relay.on_worker_shutting_down, dispatch_uid="toot.relay.stop")

@@ -14,11 +14,11 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.urls import NoReverseMatch, reverse
 
 from toot.conf import DEFAULTS, SOURCE_KEYS, conf
-from toot.delivery import JITTER
+from toot.engine.retries import JITTER
 from toot.exceptions import ConfigError
-from toot.registry import registry
-from toot.signing import secret_error
-from toot.validation import CHANNEL_RE, url_error
+from toot.protocol.signing import secret_error
+from toot.protocol.validation import CHANNEL_RE, url_error
+from toot.subscriber.registry import registry
 
 DOCS_HINT = "See the Configuration section of toot's README."
 # Where clouds serve instance metadata, credentials included: most clouds, AWS over IPv6,

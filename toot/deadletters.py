@@ -1,90 +1,25 @@
-"""Dead letters: what failed every attempt, kept in the database until replayed or removed."""
+"""Replaying dead letters: what failed every attempt, kept in the database until then.
+
+Each side files its own (``toot.publisher.sending.bury_delivery``,
+``toot.subscriber.handling.bury_handler``); replaying one takes both sides.
+"""
 
 from __future__ import annotations
 
 import enum
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 
-from toot import delivery, handling
-from toot.events import Event, wire_json
+from toot.protocol.events import Event, wire_json
+from toot.publisher import delivery
+from toot.subscriber import handling
 
 if TYPE_CHECKING:
     from toot.models import DeadLetter
 
 logger = logging.getLogger(__name__)
-
-
-def _when(value: str | None) -> Any:
-    return (parse_datetime(value) if value else None) or timezone.now()
-
-
-def _bury(
-    event: dict[str, Any], attempts: int, first_attempt_at: str | None, **fields: Any
-) -> DeadLetter:
-    from toot.models import DeadLetter
-
-    letter: DeadLetter = DeadLetter.objects.create(
-        event_id=event["id"],
-        channel=event["channel"],
-        event=event,
-        attempts=attempts,
-        first_attempt_at=_when(first_attempt_at),
-        last_attempt_at=timezone.now(),
-        **fields,
-    )
-    return letter
-
-
-def bury_delivery(
-    event: dict[str, Any],
-    callback_url: str,
-    attempts: int,
-    outcome: delivery.Outcome,
-    first_attempt_at: str | None,
-) -> DeadLetter:
-    logger.error(
-        "Event %s on %s: delivery to %s failed for good after %d attempts (status %s: %s); "
-        "dead-lettered",
-        event["id"],
-        event["channel"],
-        callback_url,
-        attempts,
-        outcome.status,
-        outcome.error,
-    )
-    return _bury(
-        event,
-        attempts,
-        first_attempt_at,
-        kind="delivery",
-        callback_url=callback_url,
-        last_status=outcome.status,
-        last_error=outcome.error,
-    )
-
-
-def bury_handler(
-    event: dict[str, Any],
-    handler: str,
-    attempts: int,
-    error: Exception,
-    first_attempt_at: str | None,
-) -> DeadLetter:
-    logger.error(
-        "Event %s on %s: handler %s failed for good after %d attempts (%r); dead-lettered",
-        event["id"],
-        event["channel"],
-        handler,
-        attempts,
-        error,
-    )
-    return _bury(
-        event, attempts, first_attempt_at, kind="handler", handler=handler, last_error=repr(error)
-    )
 
 
 class Replay(enum.Enum):

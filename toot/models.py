@@ -3,6 +3,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import models
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from django.utils.translation import gettext_lazy as _
 
 
@@ -35,6 +37,24 @@ class DeadLetter(models.Model):
     def __str__(self) -> str:
         target = self.callback_url or self.handler
         return f"{self.event_id} on {self.channel} -> {target}"
+
+    @classmethod
+    def bury(
+        cls, event: dict[str, Any], attempts: int, first_attempt_at: str | None, **fields: Any
+    ) -> DeadLetter:
+        """File the event's failed work; ``first_attempt_at`` as an item carries it (ISO)."""
+        now = timezone.now()
+        letter: DeadLetter = cls.objects.create(
+            event_id=event["id"],
+            channel=event["channel"],
+            event=event,
+            attempts=attempts,
+            first_attempt_at=(parse_datetime(first_attempt_at) if first_attempt_at else None)
+            or now,
+            last_attempt_at=now,
+            **fields,
+        )
+        return letter
 
 
 class OutboxEvent(models.Model):

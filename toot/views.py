@@ -18,20 +18,22 @@ from django.utils.decorators import method_decorator
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
-from toot import auth, queue, signing, ssrf, store, tasks
-from toot.broker import BROKER_ERRORS
 from toot.conf import Source, conf
-from toot.events import Event, wire_json
+from toot.engine import drain, queue
+from toot.engine.broker import BROKER_ERRORS
 from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature
-from toot.registry import registry
-from toot.sending import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES
-from toot.validation import (
+from toot.http import ssrf
+from toot.protocol import auth, signing
+from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, Event, wire_json
+from toot.protocol.validation import (
     MAX_JSON_DEPTH,
     channel_error,
     nests_deeper,
     unstorable_text,
     url_error,
 )
+from toot.publisher import store
+from toot.subscriber.registry import registry
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ class SubscriptionsView(TootView):
 
     @staticmethod
     def _check_callback(callback_url: str) -> None:
-        """Refuse now a URL that no delivery would be sent to (the SSRF guard, toot.ssrf).
+        """Refuse now a URL that no delivery would be sent to (the SSRF guard, toot.http.ssrf).
 
         Only on POST: DELETE must still remove a URL stored before the rules changed.
         """
@@ -222,9 +224,8 @@ class CallbackView(TootView):
             response["X-Toot-Unsubscribe"] = "True"
             return response
         # All or none: one atomic push. MAX_JSON_DEPTH keeps every event serializable.
-        drain_id = queue.push(queue.IN, [{"event": event.to_dict()} for event in events])
+        drain.enqueue(queue.IN, [queue.encode({"event": event.to_dict()}) for event in events])
         logger.info("%s on %s: received, handlers queued", what, channel)
-        tasks.start(queue.IN, drain_id)
         return HttpResponse(status=200)
 
     @staticmethod

@@ -5,7 +5,7 @@ subscriber: ``.../toot/callbacks`` (copy 0) and ``.../toot/callbacks?copy=1`` up
 ``copy=M-1``. toot's callback view ignores the query string, so every copy goes through
 the same, unchanged view. Each copy must stand for a subscriber of its own, whose handler
 runs once per event; but toot runs a handler at most once per (event id, handler) in
-``toot.handling``, so M URLs with one handler would run it once per event, and a second
+``toot.subscriber.handling``, so M URLs with one handler would run it once per event, and a second
 delivery of the same event arriving while the first runs would even be retried as
 "already running". Hence, with ``EXAMPLE_BENCH_COPIES=K``:
 
@@ -13,7 +13,7 @@ delivery of the same event arriving while the first runs would even be retried a
   appends a receipt ``{"id", "copy", "sent_at", "received_at"}`` to
   ``EXAMPLE_RECEIPTS_KEY``;
 * ``CopyMiddleware`` notes the ``copy`` of a callback request, and a wrapper of
-  ``toot.queue.push`` names that copy's handler in the ``handlers`` of each item the
+  ``toot.engine.queue.push`` names that copy's handler in the ``handlers`` of each item the
   view queues (the field toot's own retries use to run only some handlers).
 
 So every delivery runs exactly one handler, keyed (event id, copy): N events to M URLs
@@ -33,10 +33,10 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 import toot
-from toot import queue as toot_queue
 from toot.conf import conf
-from toot.handling import handler_name
-from toot.store import get_redis
+from toot.engine import queue as toot_queue
+from toot.engine.connection import get_redis
+from toot.subscriber.handling import handler_name
 
 SOURCE = "publisher"
 CHANNEL = "bench.v1"

@@ -10,7 +10,7 @@ import time
 from django.conf import settings
 
 import toot
-from toot.store import get_redis
+from toot.engine.connection import get_redis
 
 logger = logging.getLogger(__name__)
 

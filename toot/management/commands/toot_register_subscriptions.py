@@ -6,7 +6,7 @@ import requests
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from toot.exceptions import ConfigError, InvalidChannel, RegisterSubscriptionFailure
-from toot.registration import Registration, register_subscriptions
+from toot.subscriber.registration import Registration, register_subscriptions
 
 
 class Command(BaseCommand):

@@ -15,7 +15,7 @@ a few drain tasks take them off in batches. Each queue (``out``: deliveries to s
 A drain claims with one atomic move from ``ready`` to its own ``claimed`` list and
 removes that list once the batch is done, in the same transaction as any retries it
 schedules. A drain that dies leaves its list behind; when its lease runs out, the relay
-(``toot.relay``) moves the list back to ``ready``. Every time is Redis' own (``TIME``),
+(``toot.engine.relay``) moves the list back to ``ready``. Every time is Redis' own (``TIME``),
 so drains on many machines agree whatever their clocks say.
 """
 
@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from toot.conf import conf
-from toot.per_process import PerProcess
-from toot.store import as_text, get_redis, run_script
+from toot.engine.connection import as_text, get_redis, run_script
+from toot.engine.per_process import PerProcess
 
 OUT = "out"  # publisher side: events to fan out, deliveries to retry
 IN = "in"  # subscriber side: events whose handlers are to run
@@ -48,7 +48,7 @@ FAILED_WORK_DELAY = 10.0
 # to MAX_DRAINS.
 BACKLOG_PER_DRAIN = 20
 
-# Binds ``now`` to Redis' clock, for the scripts here and in toot.handling.
+# Binds ``now`` to Redis' clock, for the scripts here and in toot.subscriber.handling.
 NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -239,7 +239,7 @@ def push(queue: str, items: Sequence[dict[str, Any]]) -> str | None:
 
     One should when none runs, or when the backlog outgrows the running ones (see
     BACKLOG_PER_DRAIN), up to MAX_DRAINS. The lease is already taken for that id: the
-    caller sends ``toot.drain`` with it.
+    caller sends ``toot.drain`` with it (``toot.engine.drain.enqueue`` does both).
     """
     return push_encoded(queue, [encode(item) for item in items])
 

@@ -2,24 +2,15 @@
 
 Like the Ruby gem it keeps a SET per full channel (under ``KEY_PREFIX``); unlike it,
 it keeps an index SET of channels instead of running ``KEYS``, and a SET per channel of
-the callback URLs that asked for batches (PROTOCOL.md section 7).
+the callback URLs that asked for batches (the protocol's batches).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
-from typing import Any
-
-import redis
-from redis.backoff import NoBackoff
-from redis.commands.core import Script
-from redis.retry import Retry
+from collections.abc import Iterable
 
 from toot.conf import conf
-
-_clients: dict[tuple[str, float], redis.Redis] = {}
-_scripts: dict[str, Script] = {}
+from toot.engine.connection import as_text, get_redis, run_script
 
 # Add and remove keep the channel index and the batch flags in step with the channel's
 # set, atomically. KEYS: channel set, index, batch set; ARGV: url, channel, batch (0/1).
@@ -39,49 +30,6 @@ redis.call('SREM', KEYS[3], ARGV[1])
 if redis.call('SCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
 return removed
 """
-
-
-def get_redis() -> redis.Redis:
-    """The client for the store: ``TOOT["REDIS_CONNECTION"]`` if set, else one per URL."""
-    factory = conf.REDIS_CONNECTION
-    if factory is not None:
-        return factory()
-    key = (conf.REDIS_URL, conf.REDIS_TIMEOUT)
-    client = _clients.get(key)
-    if client is None:
-        client = _clients[key] = new_client(*key)
-    return client
-
-
-# Celery's rediss:// URLs name ssl's constants, ssl_cert_reqs=CERT_REQUIRED, which redis-py
-# refuses: it takes required, optional or none. REDIS_URL defaults to the broker's URL.
-_CELERY_CERT_REQS = re.compile(r"([?&]ssl_cert_reqs=)CERT_(REQUIRED|OPTIONAL|NONE)(?=&|$)", re.I)
-
-
-def new_client(url: str, timeout: float) -> redis.Redis:
-    """The client toot builds from REDIS_URL and REDIS_TIMEOUT."""
-    return redis.Redis.from_url(
-        _CELERY_CERT_REQS.sub(lambda match: match[1] + match[2].lower(), url),
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        health_check_interval=30,
-        # No retry of a command whose reply was lost: a claim run twice would drop the
-        # batch the first run took. redis-py's Redis() has retried by default since 6.0.
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
-def run_script(text: str, keys: Sequence[str], args: Iterable[Any]) -> Any:
-    """Run a Lua script by its SHA (EVALSHA), loading it once per server."""
-    client = get_redis()
-    script = _scripts.get(text)
-    if script is None:
-        script = _scripts[text] = client.register_script(text)
-    return script(keys=keys, args=list(args), client=client)
-
-
-def as_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _channel_key(channel: str) -> str:

@@ -10,12 +10,13 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
-from toot import outbox, queue, tasks
-from toot.broker import BROKER_ERRORS
 from toot.conf import conf
-from toot.events import Event, wire_json
+from toot.engine import drain, queue
+from toot.engine.broker import BROKER_ERRORS
 from toot.exceptions import EventTooLarge, InvalidEvent
-from toot.validation import MAX_JSON_DEPTH, check_channel, nests_deeper, unstorable_text
+from toot.protocol.events import Event, wire_json
+from toot.protocol.validation import MAX_JSON_DEPTH, check_channel, nests_deeper, unstorable_text
+from toot.publisher import outbox
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +60,11 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
 
     def send() -> None:
         try:
-            drain_id = queue.push_encoded(queue.OUT, [f'{{"event":{text}}}'])
+            drain.enqueue(queue.OUT, [f'{{"event":{text}}}'])
         except BROKER_ERRORS as exc:  # no retry loop in the caller's request: the outbox is it
             outbox.keep(json.loads(text), exc)
             return
         logger.info("Event %s on %s: published", event.id, event.channel)
-        tasks.start(queue.OUT, drain_id)
 
     atomic = in_transaction()
     if atomic:

@@ -1,7 +1,7 @@
 """The outbox: events published while Redis was unreachable wait in the database.
 
 ``publish`` never raises into the caller's request because Redis is down; the event is
-written here instead and the relay (``toot.relay``) moves it onto the ``out`` queue once
+written here instead and the relay (``toot.engine.relay``) moves it onto the ``out`` queue once
 Redis answers again.
 """
 
@@ -15,15 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Celery
-from django.db import connections, router
+from django.db import close_old_connections, connections, router
 from django.db.models import Q
 from django.utils import timezone
 
-from toot import queue, tasks
+from toot.engine import drain, queue
 
 logger = logging.getLogger(__name__)
 
-BATCH = 500
+# Rows moved onto the queue per relay round.
+RELAY_ROWS = 500
 CLAIM_TIMEOUT = 60.0
 
 
@@ -58,7 +59,7 @@ def _keep_and_close(event: dict[str, Any]) -> None:
         connections.close_all()  # this thread's own, which would otherwise stay open
 
 
-def relay(app: Celery, limit: int = BATCH) -> int:
+def relay(app: Celery, limit: int = RELAY_ROWS) -> int:
     """Move up to ``limit`` outbox events onto the ``out`` queue, starting a drain through ``app``.
 
     Rows are claimed with one UPDATE, so that relays in several workers never send the
@@ -81,7 +82,7 @@ def relay(app: Celery, limit: int = BATCH) -> int:
         rows = list(rows_in.filter(claim=token))
         if not rows:  # another relay claimed them first
             return 0
-        drain_id = queue.push(queue.OUT, [{"event": row.event} for row in rows])
+        drain.enqueue(queue.OUT, [queue.encode({"event": row.event}) for row in rows], app)
         rows_in.filter(pk__in=[row.pk for row in rows]).delete()
     finally:
         rows_in.filter(claim=token).update(claim="", claimed_at=None)
@@ -91,5 +92,12 @@ def relay(app: Celery, limit: int = BATCH) -> int:
             row.event.get("id"),
             row.event.get("channel"),
         )
-    tasks.start(queue.OUT, drain_id, app)
     return len(rows)
+
+
+def relay_step(app: Celery) -> None:
+    """The relay's step for the outbox (``toot.engine.relay``), added by ``toot.apps``."""
+    try:
+        relay(app)
+    finally:
+        close_old_connections()  # this thread's connection would otherwise go stale

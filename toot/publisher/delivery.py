@@ -1,24 +1,21 @@
-"""One delivery attempt to a callback URL, and when to try again after a failure."""
+"""One delivery attempt to a callback URL."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 import requests
 
-from toot import client, signing, ssrf, store
 from toot.conf import conf
 from toot.exceptions import ConfigError, InvalidCallback
+from toot.http import client, ssrf
+from toot.protocol import signing
+from toot.publisher import store
 
 logger = logging.getLogger(__name__)
-
-JITTER = 0.2
-# A subscriber may ask for a longer pause than the schedule's, but not for ever.
-MAX_RETRY_AFTER_EXTRA = 2 * 3600.0
 
 
 @dataclass
@@ -109,18 +106,3 @@ def attempt(callback_url: str, channel: str, body: bytes, message_id: str) -> Ou
             response.status,
         )
     return outcome
-
-
-def next_delay(attempts: int, retry_after: float | None = None) -> float | None:
-    """Seconds to wait after ``attempts`` failed attempts; None once the schedule is spent.
-
-    ``RETRY_SCHEDULE[n]`` ±20 % follows attempt n+1. A Retry-After (429/503) is honoured
-    when longer, up to two hours beyond the schedule's delay.
-    """
-    schedule = conf.RETRY_SCHEDULE
-    if attempts > len(schedule):
-        return None
-    backoff = schedule[attempts - 1] * random.uniform(1 - JITTER, 1 + JITTER)
-    if retry_after is not None:
-        return min(max(backoff, retry_after), backoff + MAX_RETRY_AFTER_EXTRA)
-    return backoff

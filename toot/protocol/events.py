@@ -5,14 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from toot.exceptions import InvalidEvent
-from toot.validation import CHANNEL_RE, channel_error
+from toot.protocol.validation import CHANNEL_RE, channel_error
 
 
 def parse_timestamp(value: str) -> dt.datetime:
@@ -36,6 +36,17 @@ def parse_timestamp(value: str) -> dt.datetime:
 def wire_json(wire: dict[str, Any]) -> str:
     """An event's wire form as sent: compact, ASCII only, and no NaN no peer can read."""
     return json.dumps(wire, separators=(",", ":"), allow_nan=False)
+
+
+def batch_body(encoded: Iterable[str]) -> bytes:
+    """A batch's body, ``{"events": [...]}``, around events already in their wire JSON."""
+    return ('{"events":[' + ",".join(encoded) + "]}").encode()
+
+
+# A batch's body stays under this, well below Django's DATA_UPLOAD_MAX_MEMORY_SIZE
+# default (2.5 MB); an event larger than this alone goes in a batch of its own.
+BATCH_MAX_BYTES = 1024 * 1024
+BATCH_WRAPPER_BYTES = len(batch_body([]))
 
 
 class Event:

@@ -1,6 +1,6 @@
 """The requests transport adapter under toot's calls: pinned addresses and a total deadline.
 
-Pinning: a delivery connects to the address ``toot.ssrf`` checked, never to what a second
+Pinning: a delivery connects to the address ``toot.http.ssrf`` checked, never to what a second
 DNS lookup says, while the ``Host`` header, TLS SNI and certificate verification keep the
 URL's host name. The adapter learns the checked address from ``pinned()``, a context
 variable (so each thread or task sees its own), and keys its urllib3 pools by that address
@@ -31,8 +31,8 @@ from requests import PreparedRequest, ReadTimeout, Response
 from requests.adapters import HTTPAdapter
 from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPSConnectionPool
 
-from toot.per_process import PerProcess
-from toot.ssrf import Target
+from toot.engine.per_process import PerProcess
+from toot.http.ssrf import Target
 
 if TYPE_CHECKING:
     from urllib3._base_connection import BaseHTTPConnection

@@ -4,7 +4,7 @@ Deliveries also connect only to the address the SSRF guard checked (``target``).
 default they go straight through urllib3 pools of toot's own, keyed by that address and
 the host name: ``requests`` costs about twice the CPU of the call itself, and a delivery
 needs none of what it adds. A delivery goes through ``requests`` and
-``toot.transport.TootAdapter`` instead when a proxy is set in the environment, or with
+``toot.http.transport.TootAdapter`` instead when a proxy is set in the environment, or with
 ``TOOT["HTTP_SESSION"]``: then through a shallow copy of that session with toot's adapter
 mounted in place of its own, so that its auth, headers, cookies, proxies, ``verify`` and
 ``cert`` apply, its mounted adapters do not (a session that already mounts a TootAdapter
@@ -29,10 +29,10 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from toot import transport
 from toot.conf import conf
-from toot.per_process import PerProcess
-from toot.ssrf import Target
+from toot.engine.per_process import PerProcess
+from toot.http import transport
+from toot.http.ssrf import Target
 
 # Only the start of an answer is kept, for error messages: a peer must not be able to
 # make a worker read an endless body.
@@ -105,7 +105,7 @@ def post_json(
 ) -> Response:
     """POST a JSON body, with ``headers`` added; network errors and timeouts raise requests'.
 
-    With ``target`` (from ``toot.ssrf.target(url)``) the call connects to its address. The
+    With ``target`` (from ``toot.http.ssrf.target(url)``) the call connects to its address. The
     whole call, however slowly the peer answers, ends with ``requests.ReadTimeout`` after
     CONNECT_TIMEOUT + READ_TIMEOUT seconds.
     """

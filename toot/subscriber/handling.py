@@ -36,18 +36,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.utils import timezone
 
-from toot import deadletters
 from toot.conf import conf
-from toot.delivery import next_delay
-from toot.events import Event
-from toot.per_process import PerProcess
-from toot.queue import IN, NOW, Lease, Retry, leases_key, new_id
-from toot.registry import Handler, registry
-from toot.store import as_text, get_redis, run_script
+from toot.engine.connection import as_text, get_redis, run_script
+from toot.engine.per_process import PerProcess
+from toot.engine.queue import IN, NOW, Lease, Retry, leases_key, new_id
+from toot.engine.retries import next_delay
+from toot.protocol.events import Event
+from toot.subscriber.registry import Handler, registry
+
+if TYPE_CHECKING:
+    from toot.models import DeadLetter
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +373,7 @@ def process(items: list[dict[str, Any]], lease: Lease) -> list[Retry]:
         delay = next_delay(attempts)
         if delay is None:
             for name, error in failed.items():
-                deadletters.bury_handler(item["event"], name, attempts, error, first_attempt_at)
+                bury_handler(item["event"], name, attempts, error, first_attempt_at)
             continue
         retry = {
             "event": item["event"],
@@ -389,3 +391,30 @@ def process(items: list[dict[str, Any]], lease: Lease) -> list[Retry]:
             delay,
         )
     return retries
+
+
+def bury_handler(
+    event: dict[str, Any],
+    handler: str,
+    attempts: int,
+    error: Exception,
+    first_attempt_at: str | None,
+) -> DeadLetter:
+    from toot.models import DeadLetter
+
+    logger.error(
+        "Event %s on %s: handler %s failed for good after %d attempts (%r); dead-lettered",
+        event["id"],
+        event["channel"],
+        handler,
+        attempts,
+        error,
+    )
+    return DeadLetter.bury(
+        event,
+        attempts,
+        first_attempt_at,
+        kind=DeadLetter.Kind.HANDLER,
+        handler=handler,
+        last_error=repr(error),
+    )

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import requests
 
-from toot import auth, client
 from toot.conf import conf
 from toot.exceptions import ConfigError, RegisterSubscriptionFailure
-from toot.registry import registry
-from toot.validation import check_channel
+from toot.http import client
+from toot.protocol import auth
+from toot.protocol.validation import check_channel
+from toot.subscriber.registry import registry
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def register(registration: Registration) -> Registration:
     source's ``TOKEN``, if any, goes along as a bearer token.
     """
     token = conf.source(registration.source).token
-    # Not through the SSRF guard (toot.ssrf): the operator chose this URL in TOOT["SOURCES"],
+    # Not through the SSRF guard (toot.http.ssrf): the operator chose this URL in TOOT["SOURCES"],
     # no peer did, and it is often an internal address.
     response = client.post_json(
         registration.subscription_url, registration.body, auth.authorization_header(token)

@@ -1,6 +1,6 @@
 """The publisher's drain: fan events out to their subscribers and deliver them.
 
-Events come off the ``out`` queue (``toot.queue``) in batches. A subscriber gets one POST
+Events come off the ``out`` queue (``toot.engine.queue``) in batches. A subscriber gets one POST
 per event, or, where it registered with ``"batch": true``, one per batch of up to
 ``BATCH_MAX_EVENTS`` events of one channel (PROTOCOL.md section 7): a batch holds only
 what was already waiting, so under light load it holds one event and adds no latency.
@@ -15,25 +15,25 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.utils import timezone
 
-from toot import deadletters, store
 from toot.conf import conf
-from toot.delivery import Outcome, attempt, next_delay
-from toot.events import wire_json
-from toot.per_process import PerProcess
-from toot.queue import FAILED_WORK_DELAY, Lease, Retry
+from toot.engine.per_process import PerProcess
+from toot.engine.queue import FAILED_WORK_DELAY, Lease, Retry
+from toot.engine.retries import next_delay
+from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, batch_body, wire_json
+from toot.publisher import store
+from toot.publisher.delivery import Outcome, attempt
+
+if TYPE_CHECKING:
+    from toot.models import DeadLetter
 
 logger = logging.getLogger(__name__)
 
 # Deliveries in flight at once per drain.
 SENDERS = 8
-
-# A batch's body stays under this, well below Django's DATA_UPLOAD_MAX_MEMORY_SIZE
-# default (2.5 MB); an event larger than this alone goes in a batch of its own.
-BATCH_MAX_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,6 @@ class Delivery:
     @property
     def event_ids(self) -> str:
         return ", ".join(event["id"] for event in self.events)
-
-
-def batch_body(encoded: Iterator[str] | list[str]) -> bytes:
-    return ('{"events":[' + ",".join(encoded) + "]}").encode()
-
-
-BATCH_WRAPPER_BYTES = len(batch_body([]))
 
 
 def _chunks(events: list[dict[str, Any]], encoded: list[str]) -> Iterator[tuple[list[Any], bytes]]:
@@ -217,7 +210,7 @@ def settle(delivery: Delivery, outcome: Outcome) -> Retry | None:
     delay = None if outcome.refused else next_delay(attempts, outcome.retry_after)
     if delay is None:
         for event in delivery.events:
-            deadletters.bury_delivery(event, delivery.url, attempts, outcome, first_attempt_at)
+            bury_delivery(event, delivery.url, attempts, outcome, first_attempt_at)
         return None
     logger.warning(
         "%s: delivery to %s failed (attempt %d, status %s: %s), retrying in %.1fs",
@@ -230,3 +223,33 @@ def settle(delivery: Delivery, outcome: Outcome) -> Retry | None:
     )
     retry = replace(delivery, attempts=attempts, first_attempt_at=first_attempt_at)
     return retry.as_item(), delay
+
+
+def bury_delivery(
+    event: dict[str, Any],
+    callback_url: str,
+    attempts: int,
+    outcome: Outcome,
+    first_attempt_at: str | None,
+) -> DeadLetter:
+    from toot.models import DeadLetter
+
+    logger.error(
+        "Event %s on %s: delivery to %s failed for good after %d attempts (status %s: %s); "
+        "dead-lettered",
+        event["id"],
+        event["channel"],
+        callback_url,
+        attempts,
+        outcome.status,
+        outcome.error,
+    )
+    return DeadLetter.bury(
+        event,
+        attempts,
+        first_attempt_at,
+        kind=DeadLetter.Kind.DELIVERY,
+        callback_url=callback_url,
+        last_status=outcome.status,
+        last_error=outcome.error,
+    )

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import NamedTuple, TypeVar, overload
 
 from toot.conf import Source, conf
-from toot.events import Event
-from toot.validation import check_channel
+from toot.protocol.events import Event
+from toot.protocol.validation import check_channel
 
 Handler = Callable[[Event], object]
 H = TypeVar("H", bound=Handler)

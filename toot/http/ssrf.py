@@ -7,7 +7,7 @@ private address. So a callback URL must be https and resolve only to public addr
 unless the project allows the host (``ALLOWED_CALLBACK_HOSTS``) or the address's network
 (``ALLOWED_CALLBACK_NETWORKS``). It is checked when it is registered and again before every
 delivery, and the delivery connects to the very address that was checked (see
-``toot.transport``): a second DNS lookup could be answered differently by an attacker's
+``toot.http.transport``): a second DNS lookup could be answered differently by an attacker's
 name server (DNS rebinding).
 
 Subscription URLs (registering with a source) are not checked: the operator sets them in
@@ -26,7 +26,7 @@ import requests
 
 from toot.conf import IPNetwork, conf
 from toot.exceptions import InvalidCallback
-from toot.validation import url_error
+from toot.protocol.validation import url_error
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -1,0 +1,65 @@
+"""toot's Redis connection, and the Lua scripts run on it.
+
+Every module that touches Redis goes through ``get_redis()`` and ``run_script()``: one
+client per URL and timeout (or the project's own, ``REDIS_CONNECTION``), scripts run by
+their SHA.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
+
+from toot.conf import conf
+
+_clients: dict[tuple[str, float], redis.Redis] = {}
+_scripts: dict[str, Script] = {}
+
+
+def get_redis() -> redis.Redis:
+    """The client for toot's Redis: ``TOOT["REDIS_CONNECTION"]`` if set, else one per URL."""
+    factory = conf.REDIS_CONNECTION
+    if factory is not None:
+        return factory()
+    key = (conf.REDIS_URL, conf.REDIS_TIMEOUT)
+    client = _clients.get(key)
+    if client is None:
+        client = _clients[key] = new_client(*key)
+    return client
+
+
+# Celery's rediss:// URLs name ssl's constants, ssl_cert_reqs=CERT_REQUIRED, which redis-py
+# refuses: it takes required, optional or none. REDIS_URL defaults to the broker's URL.
+_CELERY_CERT_REQS = re.compile(r"([?&]ssl_cert_reqs=)CERT_(REQUIRED|OPTIONAL|NONE)(?=&|$)", re.I)
+
+
+def new_client(url: str, timeout: float) -> redis.Redis:
+    """The client toot builds from REDIS_URL and REDIS_TIMEOUT."""
+    return redis.Redis.from_url(
+        _CELERY_CERT_REQS.sub(lambda match: match[1] + match[2].lower(), url),
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        health_check_interval=30,
+        # No retry of a command whose reply was lost: a claim run twice would drop the
+        # batch the first run took. redis-py's Redis() has retried by default since 6.0.
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def run_script(text: str, keys: Sequence[str], args: Iterable[Any]) -> Any:
+    """Run a Lua script by its SHA (EVALSHA), loading it once per server."""
+    client = get_redis()
+    script = _scripts.get(text)
+    if script is None:
+        script = _scripts[text] = client.register_script(text)
+    return script(keys=keys, args=list(args), client=client)
+
+
+def as_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

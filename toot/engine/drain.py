@@ -1,0 +1,132 @@
+"""The one Celery task: a drain, which works through a ``toot.engine.queue`` queue in batches.
+
+It is a ``shared_task``, so it binds to whatever Celery app the project has. What it
+works on lives in Redis, not in its message: a drain killed at any point loses nothing,
+as the relay gives what it held back to the queue once its lease ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from celery import Celery, shared_task
+
+from toot.conf import conf
+from toot.engine import queue
+from toot.engine.broker import BROKER_ERRORS, send_now
+
+logger = logging.getLogger(__name__)
+
+# Items claimed at a time: one round trip to Redis for each this many.
+CLAIM_LIMIT = 100
+# A drain hands over to a new message after this long, so that the worker's other tasks
+# get their turn under a steady stream of events.
+DRAIN_SECONDS = 5.0
+# An idle drain waits this long for the next item before it ends: under a light, steady
+# load one drain picks up each event as it comes, without a Celery message.
+LINGER_SECONDS = 0.5
+
+# While the broker is down, every publish and every relay tick fails to start a drain:
+# one warning per this many seconds says so, the rest are logged at DEBUG.
+QUIET_SECONDS = 60.0
+_last_warning = -math.inf
+
+# What works through a claimed batch of each queue, given by its side when the app is
+# ready (toot.apps): the items and the drain's lease in, the retries to schedule out.
+Processor = Callable[[list[dict[str, Any]], queue.Lease], list[queue.Retry]]
+PROCESSORS: dict[str, Processor] = {}
+
+
+# Acknowledged as it starts, whatever the project's Celery settings say: a drain's work
+# is safe in Redis, and its lease, not the broker, decides when another drain takes it.
+@shared_task(name="toot.drain", ignore_result=True, acks_late=False, reject_on_worker_lost=False)
+def drain(name: str, drain_id: str) -> int:
+    """Process ``name``'s items until it is empty; returns how many were processed.
+
+    A drain that went without renewing its lease for ``LEASE_SECONDS`` (a call that hung)
+    stops, and schedules no retries: what it held is another drain's by then. A drain that
+    fails (the database down while it writes a dead letter, say) puts what it held back
+    for another drain in queue.FAILED_WORK_DELAY seconds, and raises.
+    """
+    try:
+        return _drain(name, drain_id)
+    except queue.LeaseLost:
+        logger.warning(
+            "Drain %s of the %s queue stopped: its lease ran out, and what it held went to "
+            "another drain",
+            drain_id,
+            name,
+        )
+        return 0
+    except Exception:
+        with contextlib.suppress(Exception):  # Redis itself down: the lease ends by itself
+            queue.abandon(name, drain_id, queue.FAILED_WORK_DELAY)
+        raise
+
+
+def _drain(name: str, drain_id: str) -> int:
+    process = PROCESSORS[name]
+    lease = queue.Lease(name, drain_id)
+    started = time.monotonic()
+    count, retries, first = 0, list[queue.Retry](), True
+    while True:
+        items = queue.claim(name, drain_id, CLAIM_LIMIT, retries, first=first)
+        lease.renewed, retries, first = time.monotonic(), [], False
+        if items:
+            logger.debug("Drain %s of the %s queue claimed %d items", drain_id, name, len(items))
+        else:
+            # Within the client's socket timeout, which would otherwise end the wait.
+            item = queue.wait(name, drain_id, min(LINGER_SECONDS, conf.REDIS_TIMEOUT / 2))
+            if item is not None:
+                items = [item]
+            elif queue.release(name, drain_id):
+                return count
+            else:
+                continue  # work came in as the lease was about to end
+        retries = process(items, lease)
+        count += len(items)
+        if time.monotonic() - started > DRAIN_SECONDS:
+            queue.claim(name, drain_id, 0, retries)
+            start(name, drain_id)  # the lease goes with it
+            return count
+
+
+def enqueue(name: str, items: Sequence[str], app: Celery | None = None) -> None:
+    """Put ``items`` (encoded with ``queue.encode``) on queue ``name``, all or none, and
+    start a drain if one should.
+
+    Redis errors are the caller's (nothing was queued); a broker that is down only delays
+    the drain (see ``start``).
+    """
+    start(name, queue.push_encoded(name, items), app)
+
+
+def start(name: str, drain_id: str | None, app: Celery | None = None) -> None:
+    """Send a drain for the lease ``drain_id`` (from queue.push or queue.wake), if any.
+
+    When the broker is unreachable the lease is given up, and the relay starts a drain
+    once the broker answers: the items themselves are safe in Redis.
+    """
+    if drain_id is None:
+        return
+    try:
+        send_now(drain if app is None else app.tasks[drain.name], (name, drain_id))
+    except BROKER_ERRORS as exc:
+        global _last_warning
+        level = logging.DEBUG
+        if time.monotonic() - _last_warning > QUIET_SECONDS:
+            level, _last_warning = logging.WARNING, time.monotonic()
+        logger.log(
+            level,
+            "Cannot start a drain of the %s queue now (%s); a worker's relay will once the "
+            "broker answers",
+            name,
+            exc,
+        )
+        with contextlib.suppress(*BROKER_ERRORS):  # else the lease ends by itself
+            queue.forget(name, drain_id)
