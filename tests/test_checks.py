@@ -11,13 +11,12 @@ from django.core.checks import ERROR, WARNING
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
-from django.urls import path
+from django.urls import include, path
 
 import toot
 from tests.utils import toot_settings
 from toot.checks import check_celery, check_security, check_settings, check_subscriptions
 from toot.conf import DEFAULTS
-from toot.views import CallbackView
 
 pytestmark = pytest.mark.usefixtures("no_drain_at_work")
 
@@ -457,9 +456,9 @@ def test_no_w003_in_debug_or_with_authentication(debug, auth):
 
 
 class CallbacksOnlyURLConf:
-    """A subscriber-only project's URLconf: the callback view mounted alone."""
+    """A subscriber-only project's URLconf: the callbacks endpoint mounted alone."""
 
-    urlpatterns = [path("callbacks", CallbackView.as_view())]
+    urlpatterns = [path("toot/", include("toot.urls.callbacks"))]
 
 
 def test_no_w003_when_the_subscriptions_endpoint_is_not_served():

@@ -23,7 +23,7 @@ import pytest
 import redis as redis_py
 from django.conf import settings
 from django.test import override_settings
-from django.urls import reverse
+from django.urls import include, path, reverse
 from django.utils import timezone
 
 from devtools.processes import free_port
@@ -126,6 +126,24 @@ def received_event(handler):
 def test_endpoints_are_named_and_have_no_trailing_slash():
     assert reverse("toot:subscriptions") == SUBSCRIPTIONS
     assert reverse("toot:callbacks") == CALLBACKS
+
+
+class OneEndpointEach:
+    """A project that mounts each endpoint on its own, as one that only publishes or only
+    subscribes mounts one of them."""
+
+    urlpatterns = [
+        path("pub/", include("toot.urls.subscriptions")),
+        path("sub/", include("toot.urls.callbacks")),
+    ]
+
+
+def test_each_endpoint_can_be_mounted_alone(client, redis):
+    with override_settings(ROOT_URLCONF=OneEndpointEach):
+        assert reverse("toot:subscriptions") == "/pub/subscriptions"  # the first "toot"
+        assert client.get("/pub/subscriptions", HTTP_ACCEPT="application/json").status_code == 200
+        assert client.get("/sub/callbacks").status_code == 405  # POST only
+        assert client.get("/sub/subscriptions").status_code == 404
 
 
 # Subscriptions endpoint (section 1) ---------------------------------------------------
