@@ -16,12 +16,12 @@ from tests.utils import WatchedLease, redis_down, redis_now
 from toot import deadletters
 from toot.conf import conf
 from toot.engine import queue
+from toot.exceptions import AlreadyRunning
 from toot.models import DeadLetter
 from toot.protocol.events import Event
 from toot.subscriber import handling
 from toot.subscriber.handling import (
     DONE,
-    AlreadyRunning,
     handler_name,
     handlers_by_name,
     run,

@@ -17,6 +17,7 @@ from django.test import override_settings
 from tests.utils import expire, live_leases, redis_now, toot_settings
 from toot.conf import conf
 from toot.engine import connection, queue
+from toot.exceptions import LeaseLost
 
 
 @pytest.fixture
@@ -374,9 +375,9 @@ def test_a_drain_whose_lease_went_to_another_can_neither_claim_nor_renew(redis, 
     expire(redis, name, drain_id)
     assert queue.wake(name) not in (None, drain_id)  # the relay gave item 1 to another drain
 
-    with pytest.raises(queue.LeaseLost):
+    with pytest.raises(LeaseLost):
         queue.claim(name, drain_id, 10, [({"n": 1, "attempts": 1}, 30.0)])
-    with pytest.raises(queue.LeaseLost):
+    with pytest.raises(LeaseLost):
         queue.renew(name, drain_id)
 
     assert delayed(redis, name) == []  # item 1's retry is the other drain's to schedule
@@ -389,7 +390,7 @@ def test_a_batch_taken_after_the_lease_went_is_ended_by_the_drain_that_took_it(r
     queue.forget(name, drain_id)  # gone, by whatever means
     assert queue.wait(name, drain_id, 1) == {"n": 1}  # as the drain lingered
 
-    with pytest.raises(queue.LeaseLost):
+    with pytest.raises(LeaseLost):
         queue.claim(name, drain_id, 10, [({"n": 1, "attempts": 1}, 30.0)])
 
     assert [item for item, _ in delayed(redis, name)] == [{"n": 1, "attempts": 1}]
@@ -510,7 +511,7 @@ def test_queues_are_namespaced_by_key_prefix(redis, name):
 
     with override_settings(TOOT={**settings.TOOT, "KEY_PREFIX": other}):
         assert queue.pending(name) == 0
-        with pytest.raises(queue.LeaseLost):  # the lease is under the other prefix
+        with pytest.raises(LeaseLost):  # the lease is under the other prefix
             queue.claim(name, mine, 10)
         queue.push(name, items("theirs"))
         assert queue.pending(name) == 1

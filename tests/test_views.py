@@ -1177,7 +1177,8 @@ def test_lying_content_length_is_refused(
 
 def test_a_body_longer_than_its_content_length_is_still_bounded(rf):
     """Under ASGI a chunked body has no Content-Length; the read itself is bounded too."""
-    from toot.views import Refused, read_json
+    from toot.exceptions import Refused
+    from toot.views import read_json
 
     request = rf.post("/toot/callbacks", data=b"x" * 2048, content_type="application/json")
     del request.META["CONTENT_LENGTH"]

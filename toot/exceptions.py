@@ -54,3 +54,25 @@ class RegisterSubscriptionFailure(TootError):
 
     def __reduce__(self) -> tuple[type[RegisterSubscriptionFailure], tuple[str, str, int, str]]:
         return type(self), (self.subscription_url, self.channel, self.status, self.detail)
+
+
+class LeaseLost(TootError):
+    """A drain's lease ran out, and the relay gave what it held to another drain.
+
+    The drain stops at once: the other drain sends that work, and schedules its retries,
+    in its place.
+    """
+
+
+class AlreadyRunning(TootError):
+    """Another run, alive, holds the claim on this (event, handler)."""
+
+
+class Refused(TootError):
+    """Ends a request to one of toot's endpoints with ``status`` and a JSON error body."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}

@@ -21,7 +21,7 @@ from django.views.decorators.csrf import csrf_exempt
 from toot.conf import Source, conf
 from toot.engine import drain, queue
 from toot.engine.broker import BROKER_ERRORS
-from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature
+from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature, Refused
 from toot.http import ssrf
 from toot.protocol import auth, signing
 from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, Event, wire_json
@@ -39,16 +39,6 @@ logger = logging.getLogger(__name__)
 
 # A registration is two short strings; nothing legitimate comes near this.
 MAX_SUBSCRIPTION_BYTES = 16 * 1024
-
-
-class Refused(Exception):
-    """Ends a request with ``status`` and a JSON error body."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
 
 
 def error_response(

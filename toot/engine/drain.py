@@ -19,6 +19,7 @@ from celery import Celery, shared_task
 from toot.conf import conf
 from toot.engine import queue
 from toot.engine.broker import BROKER_ERRORS, send_now
+from toot.exceptions import LeaseLost
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def drain(name: str, drain_id: str) -> int:
     """
     try:
         return _drain(name, drain_id)
-    except queue.LeaseLost:
+    except LeaseLost:
         logger.warning(
             "Drain %s of the %s queue stopped: its lease ran out, and what it held went to "
             "another drain",

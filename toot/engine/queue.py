@@ -31,6 +31,7 @@ from typing import Any
 from toot.conf import conf
 from toot.engine.connection import as_text, get_redis, run_script
 from toot.engine.per_process import PerProcess
+from toot.exceptions import LeaseLost
 
 OUT = "out"  # publisher side: events to fan out, deliveries to retry
 IN = "in"  # subscriber side: events whose handlers are to run
@@ -187,14 +188,6 @@ def claimed_key(queue: str, drain_id: str) -> str:
 
 def leases_key(queue: str) -> str:
     return _keys(queue)[2]
-
-
-class LeaseLost(Exception):
-    """The drain's lease ran out, and the relay gave what it held to another drain.
-
-    The drain stops at once: the other drain sends that work, and schedules its retries,
-    in its place.
-    """
 
 
 class Lease:

@@ -45,6 +45,7 @@ from toot.engine.connection import as_text, get_redis, run_script
 from toot.engine.per_process import PerProcess
 from toot.engine.queue import IN, NOW, Lease, Retry, leases_key, new_id
 from toot.engine.retries import next_delay
+from toot.exceptions import AlreadyRunning
 from toot.protocol.events import Event
 from toot.subscriber.registry import Handler, registry
 
@@ -177,10 +178,6 @@ heartbeat = PerProcess(Heartbeat)
 # Stands for every handler of the channel where none was found: its retry (and dead
 # letter) runs them all once there are some again.
 ALL = "*"
-
-
-class AlreadyRunning(Exception):
-    """Another run, alive, holds the claim on this (event, handler)."""
 
 
 def handler_name(handler: Handler) -> str:
