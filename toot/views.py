@@ -33,6 +33,7 @@ from toot.protocol.validation import (
     url_error,
 )
 from toot.publisher import store
+from toot.subscriber.handling import InItem
 from toot.subscriber.registry import registry
 
 logger = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class CallbackView(TootView):
             response["X-Toot-Unsubscribe"] = "True"
             return response
         # All or none: one atomic push. MAX_JSON_DEPTH keeps every event serializable.
-        drain.enqueue(queue.IN, [queue.encode({"event": event.to_dict()}) for event in events])
+        drain.enqueue(queue.IN, [queue.encode(InItem(event=event.to_dict())) for event in events])
         logger.info("%s on %s: received, handlers queued", what, channel)
         return HttpResponse(status=200)
 

@@ -13,8 +13,8 @@ delivery of the same event arriving while the first runs would even be retried a
   appends a receipt ``{"id", "copy", "sent_at", "received_at"}`` to
   ``EXAMPLE_RECEIPTS_KEY``;
 * ``CopyMiddleware`` notes the ``copy`` of a callback request, and a wrapper of
-  ``toot.engine.queue.push`` names that copy's handler in the ``handlers`` of each item the
-  view queues (the field toot's own retries use to run only some handlers).
+  ``toot.engine.queue.encode`` names that copy's handler in the ``handlers`` of each item
+  the view queues (the field toot's own retries use to run only some handlers).
 
 So every delivery runs exactly one handler, keyed (event id, copy): N events to M URLs
 make N x M receipts, and the benchmark counts losses and duplicates by (event id, copy).
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -70,15 +70,14 @@ def install(copies: int) -> None:
         handler = make_handler(copy)
         _handler_names[copy] = handler_name(handler)
         toot.subscribe(SOURCE, CHANNEL, handler)
-    push = toot_queue.push
+    encode = toot_queue.encode
 
-    def push_routed(queue: str, items: Sequence[dict[str, Any]]) -> str | None:
+    def encode_routed(item: Mapping[str, Any]) -> str:
+        # Only the callback view encodes items while a request's copy is set.
         copy = _copy.get()
-        if queue == toot_queue.IN and copy is not None:
-            items = [route_copy(item, copy) for item in items]
-        return push(queue, items)
+        return encode(item if copy is None else route_copy(item, copy))
 
-    toot_queue.push = push_routed
+    toot_queue.encode = encode_routed
 
 
 class CopyMiddleware:
@@ -101,7 +100,7 @@ class CopyMiddleware:
             _copy.reset(token)
 
 
-def route_copy(item: dict[str, Any], copy: int) -> dict[str, Any]:
+def route_copy(item: Mapping[str, Any], copy: int) -> Mapping[str, Any]:
     """The queued item of a bench.v1 event, to run only the copy's handler."""
     channel = conf.source(SOURCE).channel_prefix + CHANNEL
     if item["event"].get("channel") != channel or "handlers" in item:

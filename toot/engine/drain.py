@@ -39,7 +39,7 @@ _last_warning = -math.inf
 
 # What works through a claimed batch of each queue, given by its side when the app is
 # ready (toot.apps): the items and the drain's lease in, the retries to schedule out.
-Processor = Callable[[list[dict[str, Any]], queue.Lease], list[queue.Retry]]
+Processor = Callable[[list[Any], queue.Lease], list[queue.Retry]]
 PROCESSORS: dict[str, Processor] = {}
 
 

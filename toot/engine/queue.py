@@ -25,7 +25,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from toot.conf import conf
@@ -37,8 +37,11 @@ OUT = "out"  # publisher side: events to fan out, deliveries to retry
 IN = "in"  # subscriber side: events whose handlers are to run
 QUEUES = (OUT, IN)
 
+# What a queue holds: a JSON object whose shape is its side's (toot.publisher.sending's
+# OutItem, toot.subscriber.handling's InItem); the engine only stores and hands it back.
+Item = Mapping[str, Any]
 # An item to schedule again, and in how many seconds.
-Retry = tuple[dict[str, Any], float]
+Retry = tuple[Item, float]
 
 # What a failing drain held, or a delivery whose outcome could not be recorded, is tried
 # again after this long: not at once and not in a loop.
@@ -210,7 +213,7 @@ class Lease:
             self.renewed = time.monotonic()
 
 
-def encode(item: dict[str, Any]) -> str:
+def encode(item: Item) -> str:
     return json.dumps(item, separators=(",", ":"))
 
 
@@ -227,7 +230,7 @@ def new_id() -> str:
     return f"{_id_prefix()}{next(_id_count):x}"
 
 
-def push(queue: str, items: Sequence[dict[str, Any]]) -> str | None:
+def push(queue: str, items: Sequence[Item]) -> str | None:
     """Append ``items`` atomically (all or none); returns a drain id to start, if one should.
 
     One should when none runs, or when the backlog outgrows the running ones (see

@@ -20,6 +20,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from toot.engine import drain, queue
+from toot.publisher.sending import NewEvent
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def relay(app: Celery, limit: int = RELAY_ROWS) -> int:
         rows = list(rows_in.filter(claim=token))
         if not rows:  # another relay claimed them first
             return 0
-        drain.enqueue(queue.OUT, [queue.encode({"event": row.event}) for row in rows], app)
+        drain.enqueue(queue.OUT, [queue.encode(NewEvent(event=row.event)) for row in rows], app)
         rows_in.filter(pk__in=[row.pk for row in rows]).delete()
     finally:
         rows_in.filter(claim=token).update(claim="", claimed_at=None)

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, final
 
 from django.utils import timezone
 
@@ -36,6 +36,34 @@ logger = logging.getLogger(__name__)
 SENDERS = 8
 
 
+@final
+class NewEvent(TypedDict):
+    """An out queue item: an event publish() pushed, to fan out (its wire form)."""
+
+    event: dict[str, Any]
+
+
+class DeliveryRecord(TypedDict):
+    """A delivery that failed, as it waits for its retry."""
+
+    url: str
+    events: list[dict[str, Any]]
+    batch: bool
+    id: str
+    attempts: int
+    first_attempt_at: str | None
+
+
+@final
+class DeliveryRetry(TypedDict):
+    """An out queue item: a delivery to try again, to the same URL with the same id."""
+
+    delivery: DeliveryRecord
+
+
+OutItem = NewEvent | DeliveryRetry
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One POST to send: a single event, or a batch of events of one channel."""
@@ -50,7 +78,7 @@ class Delivery:
     first_attempt_at: str | None = None
 
     @classmethod
-    def from_item(cls, item: dict[str, Any]) -> Delivery:
+    def from_item(cls, item: DeliveryRecord) -> Delivery:
         events, batch = item["events"], item["batch"]
         return cls(
             item["url"],
@@ -63,7 +91,7 @@ class Delivery:
             item["first_attempt_at"],
         )
 
-    def as_item(self) -> dict[str, Any]:
+    def as_item(self) -> DeliveryRetry:
         return {
             "delivery": {
                 "url": self.url,
@@ -92,12 +120,14 @@ def _chunks(events: list[dict[str, Any]], encoded: list[str]) -> Iterator[tuple[
     yield events[start:], batch_body(encoded[start:])  # plan() never passes no events
 
 
-def plan(items: list[dict[str, Any]]) -> list[Delivery]:
+def plan(items: list[OutItem]) -> list[Delivery]:
     """The deliveries for claimed items: retries as they were, new events fanned out."""
-    deliveries = [Delivery.from_item(item["delivery"]) for item in items if "delivery" in item]
+    deliveries: list[Delivery] = []
     by_channel: dict[str, list[dict[str, Any]]] = {}
     for item in items:
-        if "event" in item:
+        if "delivery" in item:
+            deliveries.append(Delivery.from_item(item["delivery"]))
+        else:
             by_channel.setdefault(item["event"]["channel"], []).append(item["event"])
     if not by_channel:
         return deliveries
@@ -143,7 +173,7 @@ def new_senders() -> ThreadPoolExecutor:
 _senders = PerProcess(new_senders)
 
 
-def process(items: list[dict[str, Any]], lease: Lease) -> list[Retry]:
+def process(items: list[OutItem], lease: Lease) -> list[Retry]:
     """Send the claimed items' deliveries; returns the retries to schedule.
 
     Up to SENDERS deliveries are in flight at once: most of a delivery's time is spent

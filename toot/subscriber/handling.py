@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from django.utils import timezone
 
@@ -335,7 +335,20 @@ def run_many(
     return failures
 
 
-def process(items: list[dict[str, Any]], lease: Lease) -> list[Retry]:
+class _Received(TypedDict):
+    event: dict[str, Any]  # its wire form
+
+
+class InItem(_Received, total=False):
+    """An in queue item: an event the callbacks endpoint received, whose handlers are to
+    run; or, with ``handlers``, a retry of those alone."""
+
+    handlers: list[str]
+    attempts: int
+    first_attempt_at: str | None
+
+
+def process(items: list[InItem], lease: Lease) -> list[Retry]:
     """Run the handlers of the claimed items; returns the retries to schedule.
 
     A handler that failed is retried alone on the publisher's schedule, then dead-lettered.
@@ -351,8 +364,7 @@ def process(items: list[dict[str, Any]], lease: Lease) -> list[Retry]:
             name for name, error in failed.items() if isinstance(error, AlreadyRunning)
         )
         if deferred:
-            retry = {**item, "handlers": deferred}
-            retries.append((retry, DEFER_SECONDS))
+            retries.append(({**item, "handlers": deferred}, DEFER_SECONDS))
             logger.info(
                 "Event %s on %s: %s running elsewhere, checked again in %.0fs",
                 event.id,
@@ -372,7 +384,7 @@ def process(items: list[dict[str, Any]], lease: Lease) -> list[Retry]:
             for name, error in failed.items():
                 bury_handler(item["event"], name, attempts, error, first_attempt_at)
             continue
-        retry = {
+        retry: InItem = {
             "event": item["event"],
             "handlers": sorted(failed),
             "attempts": attempts,
