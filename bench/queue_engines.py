@@ -27,6 +27,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -110,7 +111,7 @@ class StreamQueue:
     def drain(self, batch: int) -> int:
         done = 0
         while True:
-            reply = self.client.xreadgroup("drains", "d1", {self.stream: ">"}, count=batch)
+            reply: Any = self.client.xreadgroup("drains", "d1", {self.stream: ">"}, count=batch)
             if not reply:
                 return done
             ids = [entry_id for entry_id, _ in reply[0][1]]
