@@ -21,21 +21,19 @@ from tests.topology import CALLBACK_ACCEPTED, PREFIX, Topology, attempts, count,
 
 @pytest.fixture(scope="module")
 def topology():
-    from toot.engine.connection import get_redis
-
     topology = Topology("e2e")
     try:
         topology.start()
         topology.registration_output = topology.register()
         yield topology
     finally:
-        topology.stop(get_redis())
+        topology.stop()
 
 
 @pytest.fixture
-def receipts(topology, redis):
-    redis.delete(topology.receipts_key)
-    return lambda: topology.receipts(redis)
+def receipts(topology):
+    topology.clear_receipts()
+    return topology.receipts
 
 
 @pytest.fixture

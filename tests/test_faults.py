@@ -17,7 +17,6 @@ from devtools.processes import wait_for
 from tests.http_server import HTTPServer
 from tests.topology import PREFIX, Topology, attempts, count, event_ids
 from toot.engine import queue
-from toot.engine.connection import get_redis
 
 CHANNEL = f"{PREFIX}users.deleted.v1"
 
@@ -30,11 +29,11 @@ def topology(request, redis):
         topology.register()
         yield topology
     finally:
-        topology.stop(get_redis())
+        topology.stop()
 
 
-def receipts_of(topology, redis, sent):
-    return lambda: count(sent, topology.receipts(redis))
+def receipts_of(topology, sent):
+    return lambda: count(sent, topology.receipts())
 
 
 def report(name, counts):
@@ -87,7 +86,7 @@ def taken_over(topology, drain):
 
 
 @pytest.mark.parametrize("topology", [CRASH], indirect=True)
-def test_a_publisher_worker_killed_mid_delivery_costs_at_most_its_lease(topology, redis):
+def test_a_publisher_worker_killed_mid_delivery_costs_at_most_its_lease(topology):
     """kill -9, among three, the publisher's worker while a subscriber holds its delivery open.
 
     The subscriber got that delivery's events, but the publisher never learns it did: they
@@ -116,7 +115,7 @@ def test_a_publisher_worker_killed_mid_delivery_costs_at_most_its_lease(topology
 
         victim, killed_at = kill_the_worker_of(topology, "publisher", drain)
         release.set()
-        counts = receipts_of(topology, redis, sent)
+        counts = receipts_of(topology, sent)
 
         def forwarded():
             return [i for r in proxy.requests for i in event_ids(r.body)]
@@ -143,7 +142,7 @@ def test_a_publisher_worker_killed_mid_delivery_costs_at_most_its_lease(topology
 
 
 @pytest.mark.parametrize("topology", [CRASH], indirect=True)
-def test_a_subscriber_worker_killed_mid_batch_costs_at_most_its_lease(topology, redis):
+def test_a_subscriber_worker_killed_mid_batch_costs_at_most_its_lease(topology):
     """kill -9, among three, the subscriber's worker whose drain holds 50 events or more.
 
     The handlers it had claimed but not started run as soon as the relay gives its batch
@@ -152,7 +151,7 @@ def test_a_subscriber_worker_killed_mid_batch_costs_at_most_its_lease(topology, 
     start_more_workers(topology, "publisher")
     start_more_workers(topology, "subscriber")
     sent = topology.publish("users.updated.v1", {"id": 1}, count=300)
-    counts = receipts_of(topology, redis, sent)
+    counts = receipts_of(topology, sent)
 
     def a_big_batch():
         held = topology.claimed("subscriber", queue.IN)
@@ -190,7 +189,7 @@ def test_a_subscriber_worker_killed_mid_batch_costs_at_most_its_lease(topology, 
 @pytest.mark.parametrize(
     "topology", [{"name": "broker", "options": {"own_broker": True}}], indirect=True
 )
-def test_publish_while_the_broker_is_down_loses_nothing(topology, redis):
+def test_publish_while_the_broker_is_down_loses_nothing(topology):
     """Only Celery's broker is down: events wait in toot's Redis queue, not the outbox."""
     topology.broker.kill()
 
@@ -200,7 +199,7 @@ def test_publish_while_the_broker_is_down_loses_nothing(topology, redis):
     assert topology.count_rows("publisher", "OutboxEvent") == 0
 
     topology.broker.start()
-    counts = receipts_of(topology, redis, sent)
+    counts = receipts_of(topology, sent)
     wait_for(lambda: counts()["lost"] == 0, 120, "every event to reach the handler")
     report("broker down while publishing", counts())
     assert counts() == {"published": 100, "delivered": 100, "duplicated": 0, "lost": 0}
@@ -210,7 +209,7 @@ def test_publish_while_the_broker_is_down_loses_nothing(topology, redis):
 @pytest.mark.parametrize(
     "topology", [{"name": "store", "options": {"own_store": True}}], indirect=True
 )
-def test_publish_while_redis_is_down_loses_nothing(topology, redis):
+def test_publish_while_redis_is_down_loses_nothing(topology):
     """toot's Redis (and so the broker, which shares it) is down: events wait in the outbox."""
     topology.store.kill()
 
@@ -219,7 +218,7 @@ def test_publish_while_redis_is_down_loses_nothing(topology, redis):
     assert topology.count_rows("publisher", "OutboxEvent") == 100
 
     topology.store.start()
-    counts = receipts_of(topology, redis, sent)
+    counts = receipts_of(topology, sent)
     wait_for(lambda: counts()["lost"] == 0, 120, "every event to reach the handler")
     report("Redis down while publishing", counts())
     assert counts() == {"published": 100, "delivered": 100, "duplicated": 0, "lost": 0}
@@ -230,7 +229,7 @@ def test_publish_while_redis_is_down_loses_nothing(topology, redis):
 @pytest.mark.parametrize(
     "topology", [{"name": "down", "options": {"retry_schedule": "1,1,2,2,4,4,8,8"}}], indirect=True
 )
-def test_subscriber_down_for_a_while_gets_every_event_once(topology, redis):
+def test_subscriber_down_for_a_while_gets_every_event_once(topology):
     topology.processes["subscriber-web"].stop()
     sent_attempts = topology.log_from_now("publisher-worker")
 
@@ -245,7 +244,7 @@ def test_subscriber_down_for_a_while_gets_every_event_once(topology, redis):
     ids = {event["id"] for event in sent}
     wait_for(lambda: failed_thrice() >= ids, 60, "three failed rounds")
     topology.start_web("subscriber")
-    counts = receipts_of(topology, redis, sent)
+    counts = receipts_of(topology, sent)
     wait_for(lambda: counts()["lost"] == 0, 120, "every event to reach the handler")
     report("subscriber down for three retry rounds", counts())
     assert counts() == {"published": 200, "delivered": 200, "duplicated": 0, "lost": 0}

@@ -1,12 +1,6 @@
-"""The example project as real processes, for the end-to-end and fault tests.
-
-Publisher and subscriber each run gunicorn and a Celery worker, with their own SQLite
-database (toot's outbox and dead letters) in a temporary folder, on the tests' Redis.
-Keys, queues and the receipts list carry a name of their own, so topologies never see
-each other's data; publisher and subscriber have a key prefix each, as two projects
-sharing a Redis must (a worker's relay drains every toot queue under its prefix). The
-example subscriber's handler appends a receipt for every event it runs for to a Redis
-list, which tests read.
+"""The example project as real processes (devtools/topology.py), for the end-to-end and
+fault tests, on the tests' Redis, with what only the tests need: logs read for delivery
+attempts, toot's queues read for what drains hold, and counts by event id.
 
 The publisher may get a Redis of its own, for a fault test to kill: as its Celery broker
 only (``own_broker``), or as toot's store, which its broker then shares as it does by
@@ -16,10 +10,7 @@ default (``own_store``).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,20 +20,12 @@ import redis
 import requests
 from django.conf import settings
 
-from devtools.processes import (
-    ROOT,
-    Process,
-    celery_worker,
-    free_port,
-    project_env,
-    wait_for,
-    web_server,
-)
+from devtools import topology as base
+from devtools.processes import Process, free_port, wait_for
 from devtools.redis_server import redis_server_binary
 from tests.http_server import RecordedRequest, Reply
 
-PREFIX = "org.example.publisher."
-ROLES = ("publisher", "subscriber")
+PREFIX = base.CHANNEL_PREFIX
 # What toot.publisher.sending logs for each attempt (toot's own log format names the logger; the
 # Celery worker repeats each line in its own format, which this leaves out).
 ATTEMPT_LOG = re.compile(
@@ -121,7 +104,9 @@ class RedisServer:
             self.process.stop()
 
 
-class Topology:
+class Topology(base.Topology):
+    """The example project on the tests' Redis, named ``name`` within this test run."""
+
     def __init__(
         self,
         name: str,
@@ -131,101 +116,36 @@ class Topology:
         own_store: bool = False,
         env: dict[str, str] | None = None,
     ) -> None:
-        run = f"{settings.RUN_ID}-{name}"
-        self.log_dir = Path(tempfile.mkdtemp(prefix=f"toot-{name}-"))
-        self.ports = {role: free_port() for role in ROLES}
-        self.publisher_url = f"http://127.0.0.1:{self.ports['publisher']}"
-        self.callback_url = f"http://127.0.0.1:{self.ports['subscriber']}/toot/callbacks"
-        self.subscriptions_url = f"{self.publisher_url}/toot/subscriptions"
-        self.key_prefix = f"toot-test-{run}:"
-        self.key_prefixes = {role: f"{self.key_prefix}{role}:" for role in ROLES}
-        self.receipts_key = f"{self.key_prefix}receipts"
-        self.queues = {role: f"toot-test-{run}-{role}" for role in ROLES}
+        super().__init__(
+            "test",
+            run_id=f"{settings.RUN_ID}-{name}",
+            redis_url=settings.REDIS_URL,
+            retry_schedule=retry_schedule,
+            env=env,
+            log_dir=Path(tempfile.mkdtemp(prefix=f"toot-{name}-")),
+        )
         self.broker = RedisServer("broker", self.log_dir) if own_broker else None
         self.store = RedisServer("store", self.log_dir) if own_store else None
-        common = {
-            "TOOT_REDIS_URL": settings.REDIS_URL,
-            "TOOT_RETRY_SCHEDULE": retry_schedule,
-            "TOOT_CALLBACK_URL": self.callback_url,
-            "TOOT_PUBLISHER_SUBSCRIPTION_URL": self.subscriptions_url,
-            "EXAMPLE_RECEIPTS_KEY": self.receipts_key,
-            **(env or {}),
-        }
-        self.env = {
-            role: {
-                **common,
-                # A key prefix of each project's own, as two projects on one Redis need:
-                # each worker's relay drains every toot queue under its prefix.
-                "TOOT_KEY_PREFIX": self.key_prefixes[role],
-                "CELERY_QUEUE": self.queues[role],
-                "DATABASE_URL": f"sqlite:///{self.log_dir / role}.sqlite3",
-            }
-            for role in ROLES
-        }
         if self.store is not None:
             # The example's broker defaults to toot's Redis: the two go down together.
-            self.env["publisher"]["TOOT_REDIS_URL"] = self.store.url
+            self.role_env["publisher"]["TOOT_REDIS_URL"] = self.store.url
         if self.broker is not None:
-            self.env["publisher"]["CELERY_BROKER_URL"] = self.broker.url
-        self.processes: dict[str, Process] = {}
+            self.role_env["publisher"]["CELERY_BROKER_URL"] = self.broker.url
         # What ``register()`` printed, kept by a test fixture that registers once for a module.
         self.registration_output = ""
-
-    # Processes
 
     def start(self) -> None:
         for server in (self.broker, self.store):
             if server is not None:
                 server.start()
-        for role in ROLES:
-            self.manage(role, "migrate", "--verbosity", "0", check=True)
-        for role in ROLES:
-            self.start_web(role)
-            self.start_worker(role)
+        super().start()
 
-    def start_web(self, role: str) -> None:
-        self.processes[f"{role}-web"] = web_server(
-            f"{role}-web",
-            f"example_project.{role}",
-            self.ports[role],
-            self.env[role],
-            log_dir=self.log_dir,
-        )
-
-    def start_worker(self, role: str, name: str | None = None) -> Process:
-        name = name or f"{role}-worker"
-        self.processes[name] = process = celery_worker(
-            name, f"example_project.{role}", self.env[role], log_dir=self.log_dir
-        )
-        return process
-
-    def stop(self, redis) -> None:
-        for process in self.processes.values():
-            process.stop()
+    def stop(self) -> list[str]:
+        said = super().stop()
         for server in (self.broker, self.store):
             if server is not None:
                 server.stop()
-        keys = list(redis.scan_iter(match=f"{self.key_prefix}*", count=1000))
-        redis.delete(*keys, *self.queues.values())
-
-    def manage(
-        self, role: str, *args: str, check: bool = False, env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """``manage.py *args`` as ``role``, with ``env`` over the role's environment."""
-        result = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT / "example_project",
-            env={
-                **os.environ,
-                **project_env({**self.env[role], **(env or {})}, f"example_project.{role}"),
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check:
-            assert result.returncode == 0, result.stdout + result.stderr
-        return result
+        return said
 
     def log_from_now(self, name: str) -> Callable[[], str]:
         """What process ``name`` logs from now on."""
@@ -235,6 +155,9 @@ class Topology:
 
     # toot's state, as the role's processes see it
 
+    def _toot_redis(self, role: str) -> redis.Redis:
+        return redis.Redis.from_url(self.environ(role)["TOOT_REDIS_URL"], decode_responses=True)
+
     def pending(self, role: str, name: str) -> int:
         """Items in ``role``'s queue ``name``: ready, held by drains, or waiting for a retry.
 
@@ -243,7 +166,7 @@ class Topology:
         process, the relay of the tests' own worker included, which would then wake
         ``role``'s queue and start a drain there that no worker of ``role`` runs.
         """
-        client = redis.Redis.from_url(self.env[role]["TOOT_REDIS_URL"], decode_responses=True)
+        client = self._toot_redis(role)
         try:
             base = f"{self.key_prefixes[role]}queue:{{{name}}}:"
             drains = [str(drain) for drain in client.zrange(f"{base}leases", 0, -1)]
@@ -256,7 +179,7 @@ class Topology:
 
     def claimed(self, role: str, name: str) -> dict[str, int]:
         """How many items each drain with a lease on ``role``'s queue ``name`` holds."""
-        client = redis.Redis.from_url(self.env[role]["TOOT_REDIS_URL"], decode_responses=True)
+        client = self._toot_redis(role)
         try:
             base = f"{self.key_prefixes[role]}queue:{{{name}}}:"
             drains = [str(drain) for drain in client.zrange(f"{base}leases", 0, -1)]
@@ -287,7 +210,7 @@ class Topology:
         relay gives back what the drain held. Leases live under toot.engine.queue's documented
         layout, ``KEY_PREFIX + "queue:{<name>}:leases"``.
         """
-        client = redis.Redis.from_url(self.env[role]["TOOT_REDIS_URL"], decode_responses=True)
+        client = self._toot_redis(role)
         try:
             key = f"{self.key_prefixes[role]}queue:{{{name}}}:leases"
             seconds, _ = client.time()
@@ -298,11 +221,7 @@ class Topology:
         finally:
             client.close()
 
-    # What a user does
-
-    def register(self, **env: str) -> str:
-        """Run the subscriber's ``toot_register_subscriptions``, with ``env`` over its own."""
-        return self.manage("subscriber", "toot_register_subscriptions", check=True, env=env).stdout
+    # What a user does, beyond the shared topology's
 
     def publish(self, channel: str, payload, count: int = 1) -> list[dict[str, Any]]:
         """``toot.publish()`` ``count`` times in a publisher process; the events' wire forms."""
@@ -313,31 +232,8 @@ class Topology:
             "    if isinstance(payload, dict): payload = {**payload, 'n': n}\n"
             f"    print(toot.publish({channel!r}, payload).to_json())\n"
         )
-        result = self.manage("publisher", "shell", "-c", code, check=True)
+        result = self.manage("publisher", "shell", "-c", code)
         return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-
-    def subscriptions(self) -> dict[str, list[str]]:
-        response = requests.get(
-            self.subscriptions_url, headers={"Accept": "application/json"}, timeout=5
-        )
-        response.raise_for_status()
-        subscriptions: dict[str, list[str]] = response.json()["subscriptions"]
-        return subscriptions
-
-    def subscribe(self, channel: str, callback_url: str, *, batch: bool = False) -> None:
-        body: dict[str, Any] = {"channel": channel, "callback_url": callback_url}
-        if batch:
-            body["batch"] = True
-        response = requests.post(self.subscriptions_url, json=body, timeout=5)
-        assert response.status_code in (201, 204), response.text
-
-    def unsubscribe(self, channel: str, callback_url: str) -> None:
-        response = requests.delete(
-            self.subscriptions_url,
-            params={"channel": channel, "callback_url": callback_url},
-            timeout=5,
-        )
-        assert response.status_code == 204, response.text
 
     def forward(self, request: RecordedRequest) -> Reply:
         """Pass a delivery a test server received on to the subscriber; its answer back."""
@@ -349,14 +245,11 @@ class Topology:
         )
         return Reply(status=forwarded.status_code)
 
-    def receipts(self, redis) -> list[dict[str, Any]]:
-        return [json.loads(item) for item in redis.lrange(self.receipts_key, 0, -1)]
-
     def count_rows(self, role: str, model: str) -> int:
         """Rows of a toot model in ``role``'s database."""
         code = f"from toot.models import {model}; print({model}.objects.count())"
         # Django 5.2's shell may print its automatic imports first.
-        return int(self.manage(role, "shell", "-c", code, check=True).stdout.split()[-1])
+        return int(self.manage(role, "shell", "-c", code).stdout.split()[-1])
 
 
 def event_ids(body: bytes | dict[str, Any]) -> list[str]:
