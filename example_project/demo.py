@@ -10,17 +10,11 @@ started is stopped at the end, on Ctrl-C and on error.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import os
 import queue
-import secrets
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +23,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "example_project"), str(ROOT)]
 
-from devtools.processes import (  # noqa: E402
-    WORKER_READY,
-    Process,
-    celery_worker,
-    free_port,
-    project_env,
-    wait_for_http,
-    web_server,
-)
-from devtools.redis_server import start_redis  # noqa: E402
+from devtools.topology import Topology, TopologyError  # noqa: E402
 
 CHANNEL = "users.updated.v1"
 # How long to wait for the last events after publishing, and for any duplicate.
@@ -65,147 +50,39 @@ class Demo:
     def __init__(self, count: int, rate: float) -> None:
         self.count = count
         self.rate = rate
-        self.run_id = uuid.uuid4().hex[:8]
-        self.log_dir = Path(tempfile.mkdtemp(prefix=f"toot-demo-{self.run_id}-"))
-        self.processes: list[Process] = []
+        # Secured as the README advises: subscribing takes a token, deliveries are signed.
+        self.topology = Topology("demo", retry_schedule="0.5,1,2,5", token=True, signed=True)
         self.sent: dict[int, str] = {}  # n -> event id
         self.latencies: dict[int, float] = {}  # n -> ms
         self.receipts = 0
-        self.redis_url = os.environ.get("TOOT_REDIS_URL", "")
-        self.shared_redis = bool(self.redis_url)
 
     def start(self) -> None:
-        say(f"Logs of every process: {self.log_dir}")
-        if self.shared_redis:
-            say(f"Redis: {self.redis_url} (from TOOT_REDIS_URL)")
+        topology = self.topology
+        say(f"Logs of every process: {topology.log_dir}")
+        topology.start_redis()
+        if topology.embedded_redis:
+            say(f"Redis: embedded redis-server at {topology.redis_url}")
         else:
-            server, self.redis_url = start_redis(log_dir=self.log_dir)
-            self.processes.append(server)
-            say(f"Redis: embedded redis-server at {self.redis_url}")
-        pub_port, sub_port = free_port(), free_port()
-        prefix = f"toot-demo-{self.run_id}"
-        token = secrets.token_urlsafe(24)
-        secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-        # Unique keys and queues per run: a shared Redis is never polluted or confused.
-        common = {
-            "TOOT_REDIS_URL": self.redis_url,
-            "EXAMPLE_RECEIPTS_KEY": f"{prefix}:receipts",
-            "TOOT_CALLBACK_URL": f"http://127.0.0.1:{sub_port}/toot/callbacks",
-            "TOOT_PUBLISHER_SUBSCRIPTION_URL": f"http://127.0.0.1:{pub_port}/toot/subscriptions",
-            "TOOT_RETRY_SCHEDULE": "0.5,1,2,5",
-            # Secured as the README advises: subscribing takes a token, deliveries are signed.
-            "TOOT_SUBSCRIPTIONS_TOKENS": token,
-            "TOOT_PUBLISHER_TOKEN": token,
-            "TOOT_SIGNING_SECRETS": secret,
-            "TOOT_PUBLISHER_SECRETS": secret,
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.publisher_env = {
-            **common,
-            "CELERY_QUEUE": f"{prefix}-publisher",
-            # Each project its own keys: a worker drains the queues under its prefix.
-            "TOOT_KEY_PREFIX": f"{prefix}:publisher:",
-            "DATABASE_URL": f"sqlite:///{self.log_dir / 'publisher.sqlite3'}",
-        }
-        self.subscriber_env = {
-            **common,
-            "CELERY_QUEUE": f"{prefix}-subscriber",
-            "TOOT_KEY_PREFIX": f"{prefix}:subscriber:",
-            "DATABASE_URL": f"sqlite:///{self.log_dir / 'subscriber.sqlite3'}",
-        }
-        self.receipts_key = common["EXAMPLE_RECEIPTS_KEY"]
-        # toot keeps dead letters and its outbox in each project's database.
-        self.manage("publisher", "migrate", "--noinput")
-        self.manage("subscriber", "migrate", "--noinput")
-
-        # Start all four at once and only then wait for each: startup overlaps.
+            say(f"Redis: {topology.redis_url} (from TOOT_REDIS_URL)")
+        topology.migrate()
         say("Starting publisher and subscriber (gunicorn + Celery worker each) ...")
         started = time.monotonic()
-        pub_web = self._add(
-            web_server(
-                "publisher-web",
-                "example_project.publisher",
-                pub_port,
-                self.publisher_env,
-                log_dir=self.log_dir,
-                wait=False,
-            )
-        )
-        sub_web = self._add(
-            web_server(
-                "subscriber-web",
-                "example_project.subscriber",
-                sub_port,
-                self.subscriber_env,
-                log_dir=self.log_dir,
-                wait=False,
-            )
-        )
-        pub_worker = self._add(
-            celery_worker(
-                "publisher-worker",
-                "example_project.publisher",
-                self.publisher_env,
-                log_dir=self.log_dir,
-                wait=False,
-            )
-        )
-        sub_worker = self._add(
-            celery_worker(
-                "subscriber-worker",
-                "example_project.subscriber",
-                self.subscriber_env,
-                log_dir=self.log_dir,
-                wait=False,
-            )
-        )
-        wait_for_http(pub_web, f"http://127.0.0.1:{pub_port}/")
-        wait_for_http(sub_web, f"http://127.0.0.1:{sub_port}/")
-        pub_worker.wait_for_log(WORKER_READY)
-        sub_worker.wait_for_log(WORKER_READY)
-        say(f"  publisher:  http://127.0.0.1:{pub_port}/toot/  queue {prefix}-publisher")
-        say(f"  subscriber: http://127.0.0.1:{sub_port}/toot/  queue {prefix}-subscriber")
+        topology.start()
+        say(f"  publisher:  {topology.publisher_url}/toot/  queue {topology.queues['publisher']}")
+        say(f"  subscriber: {topology.subscriber_url}/toot/  queue {topology.queues['subscriber']}")
         say(f"  all up in {time.monotonic() - started:.1f}s")
         say("  subscribing takes a bearer token; deliveries are signed (Standard Webhooks)")
-
-    def _add(self, process: Process) -> Process:
-        self.processes.append(process)
-        return process
-
-    def manage(self, project: str, *args: str, show: bool = False) -> None:
-        """Run ``manage.py`` for ``project``; its output goes to a log, or here with show."""
-        env = self.publisher_env if project == "publisher" else self.subscriber_env
-        result = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT / "example_project",
-            env={**os.environ, **project_env(env, f"example_project.{project}")},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        log = self.log_dir / f"{project}-{args[0]}.log"
-        log.write_text(result.stdout + result.stderr)
-        # Its log lines stay in the log file unless it failed; its report is shown.
-        output = result.stdout if result.returncode == 0 else result.stdout + result.stderr
-        if show or result.returncode != 0:
-            for line in output.splitlines():
-                say(f"  {line}")
-        if result.returncode != 0:
-            raise DemoError(f"manage.py {' '.join(args)} failed (exit {result.returncode}): {log}")
 
     def register(self) -> None:
         say()
         say("Subscriber: $ manage.py toot_register_subscriptions")
-        self.manage("subscriber", "toot_register_subscriptions", show=True)
+        for line in self.topology.register().splitlines():
+            say(f"  {line}")
 
     def setup_publisher(self) -> None:
         """Make this process the publisher project, as a view or a task of it would be."""
-        os.environ.update(self.publisher_env)
-        os.environ["DJANGO_SETTINGS_MODULE"] = "example_project.publisher"
-        os.environ["TOOT_LOG_LEVEL"] = "WARNING"  # this terminal shows the receipts instead
-        import django
-
-        django.setup()
+        # This terminal shows the receipts instead of toot's log lines.
+        self.topology.setup_publisher(TOOT_LOG_LEVEL="WARNING")
 
     def publish_and_watch(self) -> None:
         import toot
@@ -242,10 +119,10 @@ class Demo:
 
     def _read_receipts(self, receipts: queue.Queue[dict[str, Any]], done: threading.Event) -> None:
         """BLPOP the handler's receipts into ``receipts`` until ``done``."""
-        client = redis.Redis.from_url(self.redis_url)
+        client = redis.Redis.from_url(self.topology.redis_url)
         try:
             while not done.is_set():
-                item = client.blpop([self.receipts_key], timeout=0.5)
+                item = client.blpop([self.topology.receipts_key], timeout=0.5)
                 if item is not None:
                     receipts.put(json.loads(item[1]))
         finally:
@@ -299,20 +176,10 @@ class Demo:
 
     def stop(self) -> None:
         say()
-        say(f"Stopping {len(self.processes)} processes ...")
-        for process in reversed(self.processes):
-            process.stop()
-        if self.shared_redis:
-            # Leave no key or queue of this run behind.
-            try:
-                client = redis.Redis.from_url(self.redis_url)
-                keys = list(client.scan_iter(match=f"*toot-demo-{self.run_id}*"))
-                if keys:
-                    client.delete(*keys)
-                say(f"  removed this run's {len(keys)} keys from {self.redis_url}")
-            except redis.RedisError as exc:
-                say(f"  could not remove this run's keys from {self.redis_url}: {exc}")
-        say(f"Stopped. Logs: {self.log_dir}")
+        say(f"Stopping {len(self.topology.processes)} processes ...")
+        for line in self.topology.stop():
+            say(f"  {line}")
+        say(f"Stopped. Logs: {self.topology.log_dir}")
 
 
 def main() -> int:
@@ -333,7 +200,7 @@ def main() -> int:
     except KeyboardInterrupt:
         say("\nInterrupted.")
         return 130
-    except DemoError as exc:
+    except (DemoError, TopologyError, TimeoutError, RuntimeError) as exc:
         say(f"Demo failed: {exc}")
         return 1
     finally:
