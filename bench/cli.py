@@ -18,6 +18,7 @@ from bench import procstat, report, steadiness
 from bench.measure import Driver, batch_available, driver_peak_rss_mib
 from bench.topology import BenchError, Options, Topology
 from devtools.processes import ROOT
+from devtools.topology import TopologyError
 
 MODES = ("single", "batch")
 STEADINESS_SECONDS = 3.0
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("\nInterrupted.")
         status = 130
-    except (BenchError, TimeoutError, RuntimeError) as exc:
+    except (TopologyError, TimeoutError, RuntimeError) as exc:
         say(f"Benchmark failed: {exc}")
         status = 2
     finally:

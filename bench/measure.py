@@ -8,10 +8,8 @@ as a view or a task of the publisher would.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -21,7 +19,7 @@ import requests
 
 from bench import noop_app, procstat
 from bench.topology import SUBSCRIBER_CHANNEL, BenchError, Topology
-from devtools.processes import ROOT, wait_for
+from devtools.processes import wait_for
 
 Say = Callable[[str], None]
 
@@ -149,12 +147,7 @@ class Driver:
         self._publish: Callable[..., Any] | None = None
 
     def setup_publisher(self) -> None:
-        os.environ.update(self.topology.env["publisher"])
-        os.environ["DJANGO_SETTINGS_MODULE"] = "example_project.publisher"
-        sys.path[:0] = [str(ROOT / "example_project")]
-        import django
-
-        django.setup()
+        self.topology.setup_publisher()
         import toot
 
         self._publish = toot.publish
