@@ -1,4 +1,4 @@
-"""Start, watch and stop the real processes of a toot topology (Redis, web, workers)."""
+"""Start, watch and stop child processes (Redis, web servers, Celery workers) and wait for them."""
 
 from __future__ import annotations
 
@@ -135,51 +135,6 @@ def http_ready(url: str) -> Callable[[], bool]:
     return check
 
 
-def project_env(env: Mapping[str, str], settings_module: str) -> dict[str, str]:
-    """``env`` for a process of the example project, importing toot from this checkout."""
-    paths = [str(ROOT), *filter(None, [env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))])]
-    return {
-        **env,
-        "DJANGO_SETTINGS_MODULE": settings_module,
-        "PYTHONPATH": os.pathsep.join(paths),
-    }
-
-
-def project_process(
-    name: str,
-    argv: Sequence[str],
-    env: Mapping[str, str],
-    settings_module: str,
-    log_dir: Path | None = None,
-) -> Process:
-    """Start ``argv`` as a process of the example project under ``settings_module``."""
-    return Process(
-        name, argv, project_env(env, settings_module), cwd=ROOT / "example_project", log_dir=log_dir
-    ).start()
-
-
-def gunicorn_argv(port: int, workers: int, threads: int, *, quiet: bool = False) -> list[str]:
-    """gunicorn serving the example project on loopback (``quiet``: warnings, no access log)."""
-    logging = ["--log-level", "warning"] if quiet else ["--access-logfile", "-"]
-    return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        str(workers),
-        "--threads",
-        str(threads),
-        "--worker-class",
-        "gthread",
-        *logging,
-        "--graceful-timeout",
-        "5",
-        "example_project.wsgi:application",
-    ]
-
-
 def celery_worker_argv(
     app: str, hostname: str, concurrency: int, pool: str = "prefork", loglevel: str = "INFO"
 ) -> list[str]:
@@ -205,25 +160,6 @@ def celery_worker_argv(
     ]
 
 
-def web_server(
-    name: str,
-    settings_module: str,
-    port: int,
-    env: Mapping[str, str],
-    workers: int = 2,
-    threads: int = 4,
-    log_dir: Path | None = None,
-    wait: bool = True,
-) -> Process:
-    """gunicorn serving the project of ``settings_module``; started and, with wait, answering."""
-    process = project_process(
-        name, gunicorn_argv(port, workers, threads), env, settings_module, log_dir
-    )
-    if wait:
-        _ready_or_stopped(process, lambda: wait_for_http(process, f"http://127.0.0.1:{port}/"))
-    return process
-
-
 def wait_for_http(process: Process, url: str, timeout: float = 60) -> None:
     """Wait until ``url`` answers, or raise with the log if ``process`` exits first."""
 
@@ -233,29 +169,3 @@ def wait_for_http(process: Process, url: str, timeout: float = 60) -> None:
         return http_ready(url)()
 
     wait_for(up, timeout, f"{process.name} at {url}")
-
-
-def celery_worker(
-    name: str,
-    settings_module: str,
-    env: Mapping[str, str],
-    concurrency: int = 2,
-    pool: str = "prefork",
-    log_dir: Path | None = None,
-    wait: bool = True,
-) -> Process:
-    """A Celery worker of the example project's app; started and, with wait, ready."""
-    argv = celery_worker_argv("example_project", f"{name}@%h", concurrency, pool)
-    process = project_process(name, argv, env, settings_module, log_dir)
-    if wait:
-        _ready_or_stopped(process, lambda: process.wait_for_log(WORKER_READY, timeout=60))
-    return process
-
-
-def _ready_or_stopped(process: Process, wait: Callable[[], None]) -> None:
-    """Run ``wait``; if it fails, stop the process so that no caller leaks it."""
-    try:
-        wait()
-    except BaseException:
-        process.stop()
-        raise

@@ -38,8 +38,6 @@ from devtools.processes import (
     Process,
     celery_worker_argv,
     free_port,
-    gunicorn_argv,
-    project_env,
     wait_for_http,
 )
 from devtools.redis_server import start_redis
@@ -53,6 +51,38 @@ PROJECT_DIR = ROOT / "example_project"
 
 class TopologyError(Exception):
     """The topology cannot start, or a request to it failed."""
+
+
+def project_env(env: Mapping[str, str], settings_module: str) -> dict[str, str]:
+    """``env`` for a process of the example project, importing toot from this checkout."""
+    paths = [str(ROOT), *filter(None, [env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))])]
+    return {
+        **env,
+        "DJANGO_SETTINGS_MODULE": settings_module,
+        "PYTHONPATH": os.pathsep.join(paths),
+    }
+
+
+def gunicorn_argv(port: int, workers: int, threads: int, *, quiet: bool = False) -> list[str]:
+    """gunicorn serving the example project on loopback (``quiet``: warnings, no access log)."""
+    logging = ["--log-level", "warning"] if quiet else ["--access-logfile", "-"]
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--worker-class",
+        "gthread",
+        *logging,
+        "--graceful-timeout",
+        "5",
+        "example_project.wsgi:application",
+    ]
 
 
 class Topology:
