@@ -6,6 +6,8 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 from django.conf import settings
 from django.core.checks import ERROR, WARNING
 from django.core.management import call_command
@@ -96,7 +98,9 @@ def test_e001_toot_setting_not_a_dict(value):
         ("SOURCES", ["publisher"]),
         ("REDIS_URL", 6379),
         ("REDIS_CONNECTION", True),
-        ("HTTP_SESSION", 1),
+        ("PROXY_URL", "socks5://proxy.internal:1080"),
+        ("CA_BUNDLE", "/nonexistent/ca.pem"),
+        ("CLIENT_CERT", ["/nonexistent/cert.pem", "/nonexistent/key.pem"]),
         ("KEY_PREFIX", None),
         ("CONNECT_TIMEOUT", "5"),
         ("READ_TIMEOUT", 0),
@@ -107,7 +111,7 @@ def test_e001_toot_setting_not_a_dict(value):
         ("SUBSCRIPTIONS_AUTH", {"TOKENS": []}),
         ("SUBSCRIPTIONS_AUTH", "tests.no_such_module.authorize"),
         ("REDIS_CONNECTION", "tests.no_such_module.client"),
-        ("HTTP_SESSION", "tests.utils"),
+        ("PROXY_URL", "proxy.internal:3128"),
         ("MAX_DRAINS", 0),
         ("MAX_DRAINS", 1.5),
         ("MAX_DRAINS", True),
@@ -302,6 +306,96 @@ def test_e006_bad_source_channel_prefix():
 def test_empty_channel_prefixes_are_fine():
     with toot_settings(CHANNEL_PREFIX="", SOURCES={"publisher": {**SOURCE, "CHANNEL_PREFIX": ""}}):
         assert check_settings() == []
+
+
+# TLS files that exist but do not load (toot.E002)
+
+
+@pytest.fixture(scope="module")
+def issued():
+    return trustme.CA().issue_cert("publisher.example")
+
+
+@pytest.fixture
+def pem(tmp_path, issued):
+    """Writes PEM files under tmp_path: pem("name", blob) is the path of one."""
+
+    def write(name, blob):
+        path = tmp_path / name
+        blob.write_to_path(str(path)) if hasattr(blob, "write_to_path") else path.write_bytes(blob)
+        return str(path)
+
+    return write
+
+
+def test_tls_files_that_load_pass(pem, issued):
+    cert = pem("cert.pem", issued.cert_chain_pems[0])
+    key = pem("key.pem", issued.private_key_pem)
+    both = pem("both.pem", issued.private_key_and_cert_chain_pem)
+    for options in [
+        {"CA_BUNDLE": cert, "CLIENT_CERT": [cert, key]},
+        {"CA_BUNDLE": str(Path(cert).parent), "CLIENT_CERT": both},
+    ]:
+        with toot_settings(**options):
+            assert check_settings() == []
+
+
+def test_e002_a_ca_bundle_that_is_not_pem(pem):
+    with toot_settings(CA_BUNDLE=pem("ca.pem", b"not a certificate\n")):
+        [message] = check_settings()
+    assert message.id == "toot.E002"
+    assert message.msg.startswith('TOOT["CA_BUNDLE"] cannot be loaded: ')
+    assert message.hint
+
+
+def test_e002_a_client_key_that_is_not_the_certificates(pem, issued):
+    other_key = trustme.CA().issue_cert("other.example").private_key_pem
+    cert, key = pem("cert.pem", issued.cert_chain_pems[0]), pem("key.pem", other_key)
+    with toot_settings(CLIENT_CERT=[cert, key]):
+        [message] = check_settings()
+    assert message.id == "toot.E002"
+    assert message.msg.startswith('TOOT["CLIENT_CERT"] cannot be loaded: ')
+
+
+def test_e002_an_encrypted_client_key_fails_instead_of_prompting(pem, issued):
+    private_key = serialization.load_pem_private_key(issued.private_key_pem.bytes(), None)
+    encrypted = private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"s3cret"),
+    )
+    cert, key = pem("cert.pem", issued.cert_chain_pems[0]), pem("key.pem", encrypted)
+    with toot_settings(CLIENT_CERT=[cert, key]):
+        [message] = check_settings()
+    assert message.id == "toot.E002"
+    assert 'TOOT["CLIENT_CERT"]' in message.msg
+
+
+# toot.E008: a setting toot no longer reads
+
+
+def test_e008_http_session_says_what_to_use_instead():
+    with toot_settings(HTTP_SESSION="myproject.http.session"):
+        [message] = check_settings()
+    assert message.id == "toot.E008"
+    assert message.level == ERROR
+    assert 'TOOT["HTTP_SESSION"] is no longer supported' in message.msg
+    assert message.hint is not None
+    for setting in ("PROXY_URL", "CA_BUNDLE", "CLIENT_CERT"):
+        assert f'TOOT["{setting}"]' in message.hint
+
+
+def test_e008_set_to_none_is_still_an_error():
+    with toot_settings(HTTP_SESSION=None):
+        assert ids(check_settings()) == ["toot.E008"]
+
+
+def test_check_command_reports_e008():
+    with (
+        toot_settings(HTTP_SESSION="myproject.http.session"),
+        pytest.raises(SystemCheckError, match="toot.E008"),
+    ):
+        call_command("check", stdout=StringIO(), stderr=StringIO())
 
 
 # toot.W001 and toot.W002

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
+import certifi
 import pytest
-import requests
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
@@ -13,6 +14,12 @@ from toot import ConfigError
 from toot.conf import DEFAULT_REDIS_URL, DEFAULT_RETRY_SCHEDULE, DEFAULTS, Source, conf
 
 pytestmark = pytest.mark.usefixtures("no_drain_at_work")
+
+# Files that exist: conf checks the TLS settings' shape and that their files exist; the
+# system checks load them (tests/test_checks.py), and tests/test_transport.py uses them.
+CA_FILE = certifi.where()
+CA_DIR = str(Path(CA_FILE).parent)
+KEY_FILE = __file__
 
 PUBLISHER = {
     "SUBSCRIPTION_URL": "https://pub.example/toot/subscriptions",
@@ -42,7 +49,9 @@ def test_defaults(no_redis_hints):
         assert conf.SOURCES == {}
         assert conf.REDIS_URL == DEFAULT_REDIS_URL == "redis://127.0.0.1:6379/0"
         assert conf.REDIS_CONNECTION is None
-        assert conf.HTTP_SESSION is None
+        assert conf.PROXY_URL is None
+        assert conf.CA_BUNDLE is None
+        assert conf.CLIENT_CERT is None
         assert conf.KEY_PREFIX == "toot:"
         assert conf.CONNECT_TIMEOUT == 5.0
         assert conf.READ_TIMEOUT == 15.0
@@ -95,7 +104,16 @@ def test_config_error_is_improperly_configured():
         ("CALLBACK_URL", None, None),
         ("REDIS_URL", "redis://redis.example:6380/2", "redis://redis.example:6380/2"),
         ("REDIS_CONNECTION", "tests.utils.unreachable_redis", unreachable_redis),
-        ("HTTP_SESSION", "requests.Session", requests.Session),
+        ("PROXY_URL", "http://proxy.internal:3128", "http://proxy.internal:3128"),
+        ("PROXY_URL", "https://u:p%40ss@proxy.internal/", "https://u:p%40ss@proxy.internal/"),
+        ("PROXY_URL", "http://[fd00::1]:8080", "http://[fd00::1]:8080"),
+        ("PROXY_URL", None, None),
+        ("CA_BUNDLE", CA_FILE, CA_FILE),
+        ("CA_BUNDLE", Path(CA_FILE), CA_FILE),
+        ("CA_BUNDLE", CA_DIR, CA_DIR),
+        ("CLIENT_CERT", CA_FILE, (CA_FILE, None)),
+        ("CLIENT_CERT", [CA_FILE, Path(KEY_FILE)], (CA_FILE, KEY_FILE)),
+        ("CLIENT_CERT", (Path(CA_FILE),), (CA_FILE, None)),
         ("KEY_PREFIX", "myproject:toot:", "myproject:toot:"),
         ("KEY_PREFIX", "", ""),
         ("CONNECT_TIMEOUT", 2, 2.0),
@@ -140,7 +158,26 @@ def test_settings_are_read_on_every_access():
         ("CALLBACK_URL", b"https://sub.example/toot/callbacks"),
         ("REDIS_URL", 6379),
         ("REDIS_CONNECTION", print),
-        ("HTTP_SESSION", ["myproject.http.session"]),
+        ("PROXY_URL", "socks5://proxy.internal:1080"),
+        ("PROXY_URL", "proxy.internal:3128"),
+        ("PROXY_URL", "http://"),
+        ("PROXY_URL", "http://proxy.internal:99999"),
+        ("PROXY_URL", "http://proxy.internal/some/path"),
+        ("PROXY_URL", "http://proxy.internal/?q=1"),
+        ("PROXY_URL", "http://[::1"),
+        ("PROXY_URL", 3128),
+        ("PROXY_URL", b"http://proxy.internal:3128"),
+        ("CA_BUNDLE", "/nonexistent/ca.pem"),
+        ("CA_BUNDLE", ""),
+        ("CA_BUNDLE", True),
+        ("CA_BUNDLE", [CA_FILE]),
+        ("CLIENT_CERT", "/nonexistent/cert.pem"),
+        ("CLIENT_CERT", CA_DIR),
+        ("CLIENT_CERT", [CA_FILE, "/nonexistent/key.pem"]),
+        ("CLIENT_CERT", [CA_FILE, KEY_FILE, KEY_FILE]),
+        ("CLIENT_CERT", []),
+        ("CLIENT_CERT", {"cert": CA_FILE}),
+        ("CLIENT_CERT", 5),
         ("KEY_PREFIX", None),
         ("CONNECT_TIMEOUT", 0),
         ("CONNECT_TIMEOUT", -1),
@@ -207,6 +244,22 @@ def test_invalid_value_messages_say_what_is_expected_and_quote_the_value(key, va
     with toot(**{key: value}), pytest.raises(ConfigError) as excinfo:
         getattr(conf, key)
     assert str(excinfo.value) == f'TOOT["{key}"] {message}.'
+
+
+@pytest.mark.parametrize(
+    "value", ["http://toot:s3cret@proxy.internal:99999", "socks5://toot:s3cret@proxy.internal"]
+)
+def test_a_bad_proxy_url_is_never_quoted(value):
+    # It may hold the proxy's password, and check output ends up in CI logs.
+    with toot(PROXY_URL=value), pytest.raises(ConfigError) as excinfo:
+        conf.PROXY_URL  # noqa: B018
+    assert "s3cret" not in str(excinfo.value)
+    assert "http:// or https:// URL" in str(excinfo.value)
+
+
+def test_http_session_is_no_setting_any_more():
+    assert "HTTP_SESSION" not in DEFAULTS
+    assert not hasattr(conf, "HTTP_SESSION")
 
 
 def test_an_invalid_value_does_not_break_the_other_keys():
@@ -399,7 +452,7 @@ def test_subscriptions_auth_of_the_wrong_shape_raises_config_error(value, messag
     assert "with space" not in str(excinfo.value)  # a token is never quoted
 
 
-@pytest.mark.parametrize("key", ["REDIS_CONNECTION", "HTTP_SESSION", "SUBSCRIPTIONS_AUTH"])
+@pytest.mark.parametrize("key", ["REDIS_CONNECTION", "SUBSCRIPTIONS_AUTH"])
 @pytest.mark.parametrize(
     ("path", "message"),
     [

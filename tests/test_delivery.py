@@ -314,5 +314,27 @@ def test_a_host_that_does_not_resolve_is_a_failure_to_retry_not_a_refusal(event,
     outcome = send(event, "http://gone.example/cb")
 
     assert (outcome.ok, outcome.status, outcome.refused) == (False, None, False)
-    assert outcome.error.startswith("gaierror: cannot resolve http://gone.example/cb: ")
+    assert outcome.error == (
+        "ConnectionError: cannot resolve http://gone.example/cb: "
+        "[Errno -2] Name or service not known"
+    )
     assert dns.lookups == ["gone.example"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"CA_BUNDLE": "/nonexistent/ca.pem"}, {"PROXY_URL": "socks5://proxy.internal:1080"}],
+)
+def test_a_bad_outgoing_setting_sends_nothing_and_is_a_failure(event, options, caplog):
+    with (
+        HTTPServer() as peer,
+        override_settings(TOOT={**settings.TOOT, **options}),
+        caplog.at_level(logging.ERROR, logger="toot.publisher.delivery"),
+    ):
+        outcome = send(event, peer.url)
+    assert peer.requests == []
+    assert (outcome.ok, outcome.status, outcome.refused) == (False, None, False)
+    assert outcome.error.startswith(f'ConfigError: TOOT["{next(iter(options))}"] must be')
+    [record] = caplog.records
+    assert "cannot send" in record.getMessage()
+    assert event["id"] in record.getMessage()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import ssl
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +23,17 @@ from toot.protocol.validation import CHANNEL_RE, url_error
 from toot.subscriber.registry import registry
 
 DOCS_HINT = "See the Configuration section of toot's README."
+# Settings toot no longer reads, and what to use instead: set, each is an error, not the
+# W001 of a typo, since the project counts on what it did.
+REMOVED_SETTINGS = {
+    "HTTP_SESSION": (
+        'TOOT["HTTP_SESSION"] is no longer supported: toot sends with urllib3, not through '
+        "a requests session of yours.",
+        'Remove it. For a forward proxy set TOOT["PROXY_URL"]; for a private CA, '
+        'TOOT["CA_BUNDLE"]; for a TLS client certificate, TOOT["CLIENT_CERT"]. Deliveries '
+        'are authenticated by TOOT["SIGNING_SECRETS"], registrations by a source\'s TOKEN.',
+    ),
+}
 # Where clouds serve instance metadata, credentials included: most clouds, AWS over IPv6,
 # Alibaba Cloud.
 METADATA_ADDRESSES = tuple(
@@ -46,7 +59,9 @@ def check_settings(
         return [Error(str(exc), hint=DOCS_HINT, id="toot.E001")]
 
     messages: list[CheckMessage] = [
-        Warning(
+        Error(*REMOVED_SETTINGS[key], id="toot.E008")
+        if key in REMOVED_SETTINGS
+        else Warning(
             f'TOOT["{key}"] is not a toot setting.',
             hint=f"Known settings: {', '.join(DEFAULTS)}.",
             id="toot.W001",
@@ -63,6 +78,7 @@ def check_settings(
         return messages  # the checks below read the same values
 
     messages += _url_errors()
+    messages += _tls_errors()
     prefixes = [('TOOT["CHANNEL_PREFIX"]', conf.CHANNEL_PREFIX)] + [
         (f'TOOT["SOURCES"]["{s.name}"]["CHANNEL_PREFIX"]', s.channel_prefix)
         for s in conf.SOURCES.values()
@@ -91,6 +107,34 @@ def check_settings(
     messages += _dedupe_warnings()
     messages += _lease_warnings()
     return messages
+
+
+def _tls_errors() -> list[CheckMessage]:
+    # conf only sees that the files exist: one that is not PEM, or a key that is not the
+    # certificate's, would fail every https call.
+    context = ssl.create_default_context()
+    failures: list[tuple[str, Exception]] = []
+    bundle, cert = conf.CA_BUNDLE, conf.CLIENT_CERT
+    if bundle is not None and not os.path.isdir(bundle):  # a directory is read per peer
+        try:
+            context.load_verify_locations(cafile=bundle)
+        except (ssl.SSLError, OSError) as exc:
+            failures.append(('TOOT["CA_BUNDLE"]', exc))
+    if cert is not None:
+        try:
+            # An empty password, so that an encrypted key fails here instead of prompting.
+            context.load_cert_chain(*cert, password=b"")
+        except (ssl.SSLError, OSError) as exc:
+            failures.append(('TOOT["CLIENT_CERT"]', exc))
+    return [
+        Error(
+            f"{name} cannot be loaded: {exc}.",
+            hint="Give PEM files; a client certificate's private key must match it and "
+            "must not be encrypted.",
+            id="toot.E002",
+        )
+        for name, exc in failures
+    ]
 
 
 def _lease_warnings() -> list[CheckMessage]:

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.utils.module_loading import import_string
@@ -16,7 +17,6 @@ from toot.exceptions import ConfigError
 
 if TYPE_CHECKING:
     import redis
-    import requests
     from django.http import HttpRequest
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -29,7 +29,9 @@ DEFAULTS: dict[str, Any] = {
     "SOURCES": {},
     "REDIS_URL": None,
     "REDIS_CONNECTION": None,
-    "HTTP_SESSION": None,
+    "PROXY_URL": None,
+    "CA_BUNDLE": None,
+    "CLIENT_CERT": None,
     "KEY_PREFIX": "toot:",
     "CONNECT_TIMEOUT": 5.0,
     "READ_TIMEOUT": 15.0,
@@ -232,8 +234,60 @@ class Settings:
         return self._factory("REDIS_CONNECTION")
 
     @property
-    def HTTP_SESSION(self) -> Callable[[], requests.Session] | None:
-        return self._factory("HTTP_SESSION")
+    def PROXY_URL(self) -> str | None:
+        """The http(s) proxy every outgoing call goes through; None: straight to the peer."""
+        value = self.get("PROXY_URL")
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                parts = urlsplit(value)
+                valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+                valid = valid and parts.path in ("", "/") and not (parts.query or parts.fragment)
+                parts.port  # noqa: B018 - raises ValueError for a port out of range
+            except ValueError:
+                valid = False
+            if valid:
+                return value
+        # Never the value itself: it may hold the proxy's password.
+        raise ConfigError(
+            'TOOT["PROXY_URL"] must be an http:// or https:// URL such as '
+            '"http://proxy.internal:3128" (user:password@ for Basic authentication), '
+            f"not a {type(value).__name__} of another form."
+        )
+
+    @property
+    def CA_BUNDLE(self) -> str | None:
+        """The CA certificates peers' certificates are verified against; None: certifi's."""
+        value = self.get("CA_BUNDLE")
+        if value is None:
+            return None
+        if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+            return os.fsdecode(value)
+        raise ConfigError(
+            'TOOT["CA_BUNDLE"] must be the path of a PEM file of CA certificates, or of a '
+            f"directory of them prepared with c_rehash, that exists: not {value!r}."
+        )
+
+    @property
+    def CLIENT_CERT(self) -> tuple[str, str | None] | None:
+        """(certificate, private key or None) toot presents to TLS peers that ask for one."""
+        value = self.get("CLIENT_CERT")
+        if value is None:
+            return None
+        paths = [value] if isinstance(value, (str, os.PathLike)) else value
+        if (
+            isinstance(paths, (list, tuple))
+            and len(paths) in (1, 2)
+            and all(isinstance(p, (str, os.PathLike)) and os.path.isfile(p) for p in paths)
+        ):
+            files = [os.fsdecode(path) for path in paths]
+            return files[0], files[1] if len(files) == 2 else None
+        raise ConfigError(
+            'TOOT["CLIENT_CERT"] must be the path of a PEM file holding the certificate and '
+            "its unencrypted private key, or a pair [certificate, key] of paths, each an "
+            f"existing file: not {value!r}."
+        )
 
     @property
     def KEY_PREFIX(self) -> str:

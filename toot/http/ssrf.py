@@ -5,10 +5,12 @@ POST to. Unchecked, that lets them aim the workers at the publisher's own networ
 cloud's instance metadata (169.254.169.254), an admin port on loopback, a database on a
 private address. So a callback URL must be https and resolve only to public addresses,
 unless the project allows the host (``ALLOWED_CALLBACK_HOSTS``) or the address's network
-(``ALLOWED_CALLBACK_NETWORKS``). It is checked when it is registered and again before every
-delivery, and the delivery connects to the very address that was checked (see
-``toot.http.transport``): a second DNS lookup could be answered differently by an attacker's
-name server (DNS rebinding).
+(``ALLOWED_CALLBACK_NETWORKS``). It is checked when it is registered, and again by every
+delivery: its form and scheme before each request, its addresses as each connection opens,
+which then connects to the very addresses that were checked (``toot.http.transport``): a
+second DNS lookup could be answered differently by an attacker's name server (DNS
+rebinding). Through a forward proxy (``PROXY_URL``) the proxy connects, after a lookup of
+its own: the addresses are checked before each request, and cannot be pinned.
 
 Subscription URLs (registering with a source) are not checked: the operator sets them in
 ``TOOT["SOURCES"]``, and they are often internal.
@@ -19,10 +21,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
-from typing import NamedTuple
-from urllib.parse import urlsplit
 
-import requests
+from urllib3.util import parse_url
 
 from toot.conf import IPNetwork, conf
 from toot.exceptions import InvalidCallback
@@ -73,20 +73,6 @@ BLOCKED_NETWORKS: tuple[tuple[IPNetwork, str], ...] = tuple(
 )
 
 
-class Target(NamedTuple):
-    """Where one delivery goes: the URL's host as requests sends it, and the checked address."""
-
-    scheme: str
-    host: str
-    port: int
-    address: str
-
-    def matches(self, url: str) -> bool:
-        parts = urlsplit(url)
-        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
-        return (parts.scheme, parts.hostname, port) == (self.scheme, self.host, self.port)
-
-
 def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv4-mapped, 6to4 or NAT64 address leads to."""
     if isinstance(address, ipaddress.IPv4Address):
@@ -132,17 +118,16 @@ def _parse(url: str) -> tuple[str, str, int]:
     error = url_error(url)
     if error:
         raise InvalidCallback(error)
-    # The host as requests will send it (IDNA-encoded, lower case): the name checked and
-    # resolved here must be the one the request names.
-    prepared = requests.PreparedRequest()
+    # The host as urllib3 connects to it (IDNA-encoded, lower case): the name checked here
+    # must be the one the connection resolves.
     try:
-        prepared.prepare_url(url, None)
-    except (requests.RequestException, ValueError):
+        parts = parse_url(url)
+    except ValueError:
         raise InvalidCallback("callback_url is not a valid URL") from None
-    parts = urlsplit(str(prepared.url))
-    if not parts.hostname:  # pragma: no cover - url_error has required a host
+    host = (parts.host or "").strip("[]")
+    if not host or not parts.scheme:  # pragma: no cover - url_error has required both
         raise InvalidCallback("callback_url must name a host")
-    return parts.scheme, parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme]
+    return parts.scheme, host, parts.port or DEFAULT_PORTS[parts.scheme]
 
 
 def _allowed_scheme(url: str) -> tuple[str, str, int, bool]:
@@ -218,19 +203,24 @@ def check_callback_url(url: str) -> None:
     _check_addresses(host, addresses)
 
 
-def target(url: str) -> Target:
-    """Resolve ``url``'s host once and check every address; where its delivery connects.
+def callback_host(url: str) -> tuple[str, int]:
+    """The host and port a delivery to ``url`` connects to, once its form and scheme pass.
 
-    Raises InvalidCallback for a URL that no retry will make acceptable, and
-    ``socket.gaierror`` when the host does not resolve (which may pass).
+    Raises InvalidCallback for a URL no retry will make acceptable; its addresses are
+    checked as the connection opens (``addresses``).
     """
-    scheme, host, port, allowed = _allowed_scheme(url)
-    addresses = resolve(host, port)
-    if not allowed:
-        _check_addresses(host, addresses)
-    # The resolver's first choice, as a plain connect would take; an IPv4-mapped address
-    # as the IPv4 address it is, for a host without IPv6.
-    first = addresses[0]
-    if isinstance(first, ipaddress.IPv6Address) and first.ipv4_mapped is not None:
-        first = first.ipv4_mapped
-    return Target(scheme, host, port, str(first))
+    _scheme, host, port, _allowed = _allowed_scheme(url)
+    return host, port
+
+
+def addresses(host: str, port: int) -> list[str]:
+    """Resolve ``host`` once; where a connection to it may go, or InvalidCallback.
+
+    Every address must be allowed, unless the host is. In the resolver's order of
+    preference; an IPv4-mapped address as the IPv4 address it is, for a host without IPv6.
+    A host that does not resolve raises ``socket.gaierror`` (which may pass).
+    """
+    resolved = resolve(host, port)
+    if not host_allowed(host):
+        _check_addresses(host, resolved)
+    return [str(getattr(address, "ipv4_mapped", None) or address) for address in resolved]

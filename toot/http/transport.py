@@ -1,12 +1,13 @@
-"""The requests transport adapter under toot's calls: pinned addresses and a total deadline.
+"""The connections under toot's deliveries: the SSRF check where they open, and a total deadline.
 
-Pinning: a delivery connects to the address ``toot.http.ssrf`` checked, never to what a second
-DNS lookup says, while the ``Host`` header, TLS SNI and certificate verification keep the
-URL's host name. The adapter learns the checked address from ``pinned()``, a context
-variable (so each thread or task sees its own), and keys its urllib3 pools by that address
-and host name, so that a kept-alive connection is reused only for the same pair.
+SSRF: a connection to a callback host resolves it once, refuses it (``InvalidCallback``)
+unless every address is allowed (``toot.http.ssrf``), and connects to the addresses it
+checked: no second lookup, which a rebinding attacker's name server could answer with
+127.0.0.1. The connection keeps the host name, so ``Host``, TLS SNI and certificate
+verification name the host. A connection to a proxy is not checked: the operator chose
+the proxy, and ``toot.http.client`` checks the callback host before the request.
 
-Deadline: requests' read timeout bounds each socket read, not the answer, so a peer that
+Deadline: the read timeout bounds each socket read, not the answer, so a peer that
 trickles a byte every few seconds could hold a worker for hours. ``Deadline`` cuts the
 connection of a call that is still going after its time, whatever it is waiting for. One
 watchdog thread per process keeps every deadline: a timer thread per call cost more CPU
@@ -21,34 +22,24 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
-from requests import PreparedRequest, ReadTimeout, Response
-from requests.adapters import HTTPAdapter
+import urllib3.exceptions
 from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util.connection import create_connection
 
 from toot.engine.per_process import PerProcess
-from toot.http.ssrf import Target
+from toot.http import ssrf
 
-if TYPE_CHECKING:
-    from urllib3._base_connection import BaseHTTPConnection
-
-_pin: ContextVar[Target | None] = ContextVar("toot_pin", default=None)
 _deadline: ContextVar[Deadline | None] = ContextVar("toot_deadline", default=None)
 
 
-@contextlib.contextmanager
-def pinned(target: Target | None) -> Iterator[None]:
-    """Calls to ``target``'s host and port inside the block connect to its address."""
-    token = _pin.set(target)
-    try:
-        yield
-    finally:
-        _pin.reset(token)
+class DeadlineExceeded(urllib3.exceptions.TimeoutError):
+    """A call had no complete answer within CONNECT_TIMEOUT + READ_TIMEOUT seconds."""
 
 
 class Deadline:
@@ -82,7 +73,7 @@ class Deadline:
 
     def watch(self, connection_or_response: Any) -> None:
         with self._lock:
-            if connection_or_response is not None and not self._done:
+            if not self._done:
                 self._watched.append(connection_or_response)
                 if self.expired:
                     _cut(connection_or_response)
@@ -93,8 +84,8 @@ class Deadline:
             self._done = True
             self._watched.clear()
 
-    def timeout(self) -> ReadTimeout:
-        return ReadTimeout(f"no complete answer within {self.seconds:g} seconds")
+    def exceeded(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"no complete answer within {self.seconds:g} seconds")
 
     def _expire(self) -> None:
         with self._lock:
@@ -149,7 +140,7 @@ _watchdog = PerProcess(_start_watchdog)
 def _cut(watched: Any) -> None:
     # shutdown(), not close(): it wakes a recv() blocked in another thread, at once.
     if isinstance(watched, BaseHTTPResponse):
-        # urllib3 >= 2.3; it raises once the connection is back in its pool (nothing to cut).
+        # It raises once the connection is back in its pool (nothing to cut).
         with contextlib.suppress(AttributeError, ValueError, RuntimeError, OSError):
             watched.shutdown()
         return
@@ -161,80 +152,64 @@ def _cut(watched: Any) -> None:
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-def _watched(connection: BaseHTTPConnection) -> BaseHTTPConnection:
+def _checked_socket(connection: HTTPConnection) -> socket.socket:
+    """A socket to one of the addresses ``connection``'s host resolved to, all checked."""
+    try:
+        addresses = ssrf.addresses(connection.host, connection.port)
+    except socket.gaierror as exc:
+        raise NameResolutionError(connection.host, connection, exc) from exc
+    timeout = connection.timeout
+    error: OSError | None = None
+    for address in addresses:
+        try:
+            return create_connection(
+                (address, connection.port),
+                timeout,
+                source_address=connection.source_address,
+                socket_options=connection.socket_options,
+            )
+        except TimeoutError as exc:  # CONNECT_TIMEOUT spent: the next would double it
+            message = f"Connection to {connection.host} timed out. (connect timeout={timeout})"
+            raise ConnectTimeoutError(connection, message) from exc
+        except OSError as exc:  # refused, unreachable: the next address may answer
+            error = exc
+    raise NewConnectionError(
+        connection, f"Failed to establish a new connection: {error}"
+    ) from error
+
+
+class CheckedHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        return super()._new_conn() if self.proxy else _checked_socket(self)
+
+
+class CheckedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        return super()._new_conn() if self.proxy else _checked_socket(self)
+
+
+def _watched(connection: Any) -> Any:
     deadline = _deadline.get()
     if deadline is not None:
         deadline.watch(connection)
     return connection
 
 
-class WatchedHTTPConnectionPool(HTTPConnectionPool):
-    def _get_conn(self, timeout: float | None = None) -> BaseHTTPConnection:
+class CheckedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = CheckedHTTPConnection
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
         return _watched(super()._get_conn(timeout))
 
 
-class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
-    def _get_conn(self, timeout: float | None = None) -> BaseHTTPConnection:
+class CheckedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = CheckedHTTPSConnection
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
         return _watched(super()._get_conn(timeout))
 
 
-WATCHED_POOLS: dict[str, type[HTTPConnectionPool]] = {
-    "http": WatchedHTTPConnectionPool,
-    "https": WatchedHTTPSConnectionPool,
+POOL_CLASSES: dict[str, type[HTTPConnectionPool]] = {
+    "http": CheckedHTTPConnectionPool,
+    "https": CheckedHTTPSConnectionPool,
 }
-
-
-def _netloc(address: str, port: int | None) -> str:
-    host = f"[{address}]" if ":" in address else address
-    return f"{host}:{port}" if port else host
-
-
-class TootAdapter(HTTPAdapter):
-    """An HTTPAdapter that connects to the pinned address and lets a Deadline cut its calls."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        # SOCKS pools (PySocks) are classes of their own: there, the Deadline only cuts the
-        # body, through the response that post_json watches.
-        if not proxy.lower().startswith("socks"):  # pragma: no branch
-            manager.pool_classes_by_scheme = WATCHED_POOLS
-        return manager
-
-    @staticmethod
-    def _target_for(url: str | None) -> Target | None:
-        target = _pin.get()
-        return target if target is not None and url and target.matches(url) else None
-
-    def build_connection_pool_key_attributes(
-        self, request: PreparedRequest, verify: Any, cert: Any = None
-    ) -> Any:
-        params = super().build_connection_pool_key_attributes(request, verify, cert)
-        host_params, pool_kwargs = cast("tuple[dict[str, Any], dict[str, Any]]", params)
-        target = self._target_for(request.url)
-        if target is not None:
-            host_params["host"] = target.address
-            if target.scheme == "https":
-                # SNI and certificate checks for the name; both are part of the pool key.
-                pool_kwargs["server_hostname"] = target.host
-                pool_kwargs["assert_hostname"] = target.host
-        return host_params, pool_kwargs
-
-    def request_url(self, request: PreparedRequest, proxies: Any) -> str:
-        url: str = super().request_url(request, proxies)
-        target = self._target_for(request.url)
-        if target is not None and "://" in url:
-            # Plain http through a forward proxy names the host in the request line; name
-            # the address instead, or the proxy would look the host up again.
-            parts = urlsplit(url)
-            url = urlunsplit(parts._replace(netloc=_netloc(target.address, parts.port)))
-        return url
-
-    def send(self, request: PreparedRequest, *args: Any, **kwargs: Any) -> Response:
-        if self._target_for(request.url) is not None:
-            # urllib3 would name the address it connects to; the peer wants its own name.
-            request.headers["Host"] = urlsplit(str(request.url)).netloc
-        return super().send(request, *args, **kwargs)

@@ -7,11 +7,9 @@ import logging
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-import requests
-
 from toot.conf import conf
 from toot.exceptions import ConfigError, InvalidCallback
-from toot.http import client, ssrf
+from toot.http import client
 from toot.protocol import signing
 from toot.publisher import store
 
@@ -74,8 +72,9 @@ def attempt(callback_url: str, channel: str, body: bytes, message_id: str) -> Ou
         logger.error("Delivery %s on %s: cannot sign it: %s", message_id, channel, exc)
         return Outcome(error=f"{type(exc).__name__}: {exc}")
     try:
-        # Checked again at each attempt: DNS and the allow-lists may have changed since.
-        target = ssrf.target(callback_url)
+        # The SSRF rules again: the URL's at each attempt, its host's addresses at each new
+        # connection (a kept-alive one goes to an address checked when it opened).
+        response = client.post_to_callback(callback_url, body, headers)
     except InvalidCallback as exc:
         logger.error(
             "Delivery %s on %s: refused to send it to %s: %s",
@@ -85,12 +84,11 @@ def attempt(callback_url: str, channel: str, body: bytes, message_id: str) -> Ou
             exc,
         )
         return Outcome(error=f"{type(exc).__name__}: {exc}", refused=True)
-    except OSError as exc:  # the host does not resolve (now): retried like a connection error
-        return Outcome(error=f"{type(exc).__name__}: cannot resolve {callback_url}: {exc}")
-    try:
-        response = client.post_json(callback_url, body, headers, target=target)
-    except requests.RequestException as exc:
+    except ConfigError as exc:  # PROXY_URL, CA_BUNDLE or CLIENT_CERT: as a bad secret above
+        logger.error("Delivery %s on %s: cannot send it: %s", message_id, channel, exc)
         return Outcome(error=f"{type(exc).__name__}: {exc}")
+    except client.ERRORS as exc:  # no answer, none in time, or a host that does not resolve
+        return Outcome(error=client.error_text(exc, callback_url))
     outcome = Outcome(status=response.status)
     if not outcome.ok:
         outcome.error = response.excerpt()

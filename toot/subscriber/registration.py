@@ -79,7 +79,7 @@ def register(registration: Registration) -> Registration:
     token = conf.source(registration.source).token
     # Not through the SSRF guard (toot.http.ssrf): the operator chose this URL in TOOT["SOURCES"],
     # no peer did, and it is often an internal address.
-    response = client.post_json(
+    response = client.post_to_source(
         registration.subscription_url, registration.body, auth.authorization_header(token)
     )
     registration.status = response.status
