@@ -7,6 +7,8 @@
     python3 dev.py lint                         ruff check, ruff format --check, mypy
     python3 dev.py check-package                build sdist + wheel, install and check the wheel
     python3 dev.py bench [--help | args...]     the end-to-end benchmark (.venvs/bench)
+    python3 dev.py docs [sphinx-build args]     the docs into build/docs, warnings as errors
+                                                (.venvs/docs, from docs/requirements.txt)
 
 Each command makes its virtualenv under .venvs/ on first use and reuses it until
 setup.cfg, pyproject.toml or the Python version changes.
@@ -167,6 +169,25 @@ def bench(args: list[str]) -> None:
     os.execv(argv[0], argv)
 
 
+def docs(args: list[str]) -> None:
+    """Build the documentation into build/docs; any warning fails the build."""
+    env = VENVS / "docs"
+    stamp = env / ".toot-stamp"
+    requirements = ROOT / "docs" / "requirements.txt"
+    # The docs need only Sphinx and its extensions, not toot: no editable install.
+    wanted = hashlib.sha256(sys.version.encode() + requirements.read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text().strip() != wanted:
+        say(f"creating {env.relative_to(ROOT)} with {sys.executable} ({sys.version.split()[0]})")
+        make_venv(env, clear=True)
+        pip: list[str | Path] = [python_in(env), "-m", "pip", "install", "--quiet"]
+        run(*pip, "--disable-pip-version-check", "--requirement", requirements)
+        stamp.write_text(wanted + "\n")
+    out = ROOT / "build" / "docs"
+    sphinx: list[str | Path] = [python_in(env), "-m", "sphinx", "-W", "--keep-going", "-b", "html"]
+    run(*sphinx, "docs", out, *args, cwd=ROOT)
+    say(f"docs built: {out / 'index.html'}")
+
+
 def test(args: list[str]) -> None:
     if args[:1] == ["--hiredis"]:  # redis-py's C parser, as the README advises for production
         python, args = ensure_venv("test-hiredis", "test,hiredis"), args[1:]
@@ -265,6 +286,7 @@ COMMANDS = {
     "lint": lint,
     "check-package": check_package,
     "bench": bench,
+    "docs": docs,
 }
 
 
