@@ -17,6 +17,6 @@ one channel, and then measures, in one run:
 
 It prints a table, writes bench-results/<time>.json, draws bench-results/<time>.png
 when matplotlib is installed, and ends with one line per delivery mode and M:
-``mode=<single|batch> M=<m> deliveries_per_s=<x>``. See example_app/bench.py for how
-M callback URLs of one subscriber make M handler runs per event.
+``mode=<single|batch> M=<m> deliveries_per_s=<x>``. See bench/subscriber/ for how M
+callback URLs of one subscriber make M handler runs per event.
 """

@@ -18,7 +18,8 @@ from typing import Any
 import requests
 
 from bench import noop_app, procstat
-from bench.topology import SUBSCRIBER_CHANNEL, BenchError, Topology
+from bench.subscriber import CHANNEL as SUBSCRIBER_CHANNEL
+from bench.topology import CHANNEL, BenchError, Topology
 from devtools.processes import wait_for
 
 Say = Callable[[str], None]
@@ -39,7 +40,7 @@ PLAIN_BODY = json.dumps(
         "id": "00000000-0000-0000-0000-000000000000",
         "timestamp": "2024-01-01T00:00:00+00:00",
         "payload": {"n": 0, "sent_at": 1700000000.0},
-        "channel": "org.example.publisher." + SUBSCRIBER_CHANNEL,
+        "channel": CHANNEL,
     }
 ).encode()
 JSON_HEADERS = {"Content-Type": "application/json"}

@@ -2,8 +2,9 @@
 
 Unlike the tests' and the demo's, the processes log only warnings: an INFO line per event
 or task costs CPU that the benchmark would count as toot's. Besides, the benchmark
-subscribes M callback URLs of the one subscriber to one channel, counts each process
-tree's CPU, and runs a Celery worker of a no-op task for the broker's own limit.
+subscribes M callback URLs of the one subscriber to one channel (the subscriber runs
+bench.subscriber.settings for them), counts each process tree's CPU, and runs a Celery
+worker of a no-op task for the broker's own limit.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import time
 from dataclasses import dataclass
 
 from bench import procstat
+from bench.subscriber import CHANNEL as SUBSCRIBER_CHANNEL
 from devtools import topology as base
 from devtools.processes import ROOT, Process, celery_worker_argv
 
-SUBSCRIBER_CHANNEL = "bench.v1"  # as example_app/bench.py subscribes it
 CHANNEL = base.CHANNEL_PREFIX + SUBSCRIBER_CHANNEL
 
 
@@ -46,8 +47,10 @@ class Topology(base.Topology):
             web_workers=options.web_workers,
             web_threads=options.web_threads,
             concurrency=options.concurrency,
-            env={"EXAMPLE_BENCH_COPIES": str(options.copies)},
+            env={"BENCH_COPIES": str(options.copies)},
         )
+        # The example subscriber with M copies of its callback URL (bench/subscriber/).
+        self.settings_modules["subscriber"] = "bench.subscriber.settings"
         self.options = options
         self.subscribed: list[str] = []
         self.batch = False  # whether copies register for batches (PROTOCOL.md section 7)

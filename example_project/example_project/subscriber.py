@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from example_project.common import *  # noqa: F403
-from example_project.common import BASE_DIR, INSTALLED_APPS, MIDDLEWARE, REDIS_URL, env
+from example_project.common import BASE_DIR, INSTALLED_APPS, REDIS_URL, env
 
 INSTALLED_APPS = [*INSTALLED_APPS, "example_app"]
 DATABASES = {
@@ -47,8 +47,3 @@ TOOT = {
 EXAMPLE_HANDLER_SECONDS = env.float("EXAMPLE_HANDLER_SECONDS", default=0.0)
 # Where the example handler records each event it ran for (the demo and tests read it).
 EXAMPLE_RECEIPTS_KEY = env("EXAMPLE_RECEIPTS_KEY", default="example:receipts")
-# The benchmark (python -m bench) sets this to the most callback URLs it subscribes:
-# example_app/bench.py then runs one receipt handler per URL.
-EXAMPLE_BENCH_COPIES = env.int("EXAMPLE_BENCH_COPIES", default=0)
-if EXAMPLE_BENCH_COPIES:
-    MIDDLEWARE = [*MIDDLEWARE, "example_app.bench.CopyMiddleware"]

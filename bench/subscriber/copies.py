@@ -1,18 +1,16 @@
-"""What the benchmark (``python -m bench``) needs of the subscriber; off unless it asks.
+"""One receipt handler per copy of the callback URL, and each delivery routed to its copy's.
 
-The benchmark subscribes M callback URLs to one channel, all served by this one
-subscriber: ``.../toot/callbacks`` (copy 0) and ``.../toot/callbacks?copy=1`` up to
-``copy=M-1``. toot's callback view ignores the query string, so every copy goes through
-the same, unchanged view. Each copy must stand for a subscriber of its own, whose handler
-runs once per event; but toot runs a handler at most once per (event id, handler) in
-``toot.subscriber.handling``, so M URLs with one handler would run it once per event, and a second
-delivery of the same event arriving while the first runs would even be retried as
-"already running". Hence, with ``EXAMPLE_BENCH_COPIES=K``:
+Each copy of the callback URL must stand for a subscriber of its own, whose handler runs
+once per event; but toot runs a handler at most once per (event id, handler) in
+``toot.subscriber.handling``, so M URLs with one handler would run it once per event, and a
+second delivery of the same event arriving while the first runs would even be retried as
+"already running". Hence, with ``BENCH_COPIES=K``:
 
 * K handlers ``bench_copy_0`` .. ``bench_copy_<K-1>`` subscribe to ``bench.v1``; each
   appends a receipt ``{"id", "copy", "sent_at", "received_at"}`` to
   ``EXAMPLE_RECEIPTS_KEY``;
-* ``CopyMiddleware`` notes the ``copy`` of a callback request, and a wrapper of
+* ``CopyMiddleware`` notes the ``copy`` of a callback request (toot's callback view ignores
+  the query string, so every copy goes through the same, unchanged view), and a wrapper of
   ``toot.engine.queue.encode`` names that copy's handler in the ``handlers`` of each item
   the view queues (the field toot's own retries use to run only some handlers).
 
@@ -33,16 +31,16 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 import toot
+from bench.subscriber import CHANNEL
 from toot.conf import conf
 from toot.engine import queue as toot_queue
 from toot.engine.connection import get_redis
 from toot.subscriber.handling import handler_name
 
 SOURCE = "publisher"
-CHANNEL = "bench.v1"
 CALLBACK_PATH = "/toot/callbacks"
 
-_copy: ContextVar[int | None] = ContextVar("example_bench_copy", default=None)
+_copy: ContextVar[int | None] = ContextVar("bench_copy", default=None)
 _handler_names: dict[int, str] = {}
 
 
