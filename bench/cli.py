@@ -28,8 +28,9 @@ example publisher and subscriber (gunicorn + a Celery worker each), subscribes M
 URLs to one channel, and measures burst throughput, paced latency, the machine's limits
 (how steady its CPUs are, Celery no-op task rate, plain POST rate and latency), CPU per
 delivery by process and peak memory.
-Prints a table, writes JSON (and a PNG chart with matplotlib) to --output-dir, and ends
-with one line per mode and M: mode=<single|batch> M=<m> deliveries_per_s=<x>.
+Prints a table, writes JSON (and with matplotlib a PNG chart of the bursts and paced
+runs it ran) to --output-dir, and ends with one line per mode and M:
+mode=<single|batch> M=<m> deliveries_per_s=<x>.
 Exits 1 if any event was lost or delivered twice."""
 
 

@@ -225,7 +225,19 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 
 def chart(results: dict[str, Any], path: Path) -> str | None:
-    """Draw the PNG; returns why not if matplotlib is missing (pip install toot[bench-chart])."""
+    """Draw the PNG, a panel for each part that ran; returns why not if there is none, or if
+    matplotlib is missing (pip install toot[bench-chart])."""
+    panels = [
+        draw
+        for draw, ran in (
+            (_paced_panel, any(run["latencies_ms"] for run in results.get("paced", []))),
+            (_throughput_panel, bool(results.get("modes"))),
+            (_progress_panel, any(burst["progress"] for burst in results.get("bursts", []))),
+        )
+        if ran
+    ]
+    if not panels:
+        return "no chart: no burst or paced run to draw"
     try:
         import matplotlib
 
@@ -234,72 +246,73 @@ def chart(results: dict[str, Any], path: Path) -> str | None:
     except ImportError:
         return "no chart: matplotlib is not installed (pip install -e '.[bench-chart]')"
 
-    fig, (ax_latency, ax_rate, ax_progress) = plt.subplots(1, 3, figsize=(17, 5.2))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.7 * len(panels), 5.2), squeeze=False)
     meta = results["meta"]
-    fig.suptitle(
-        f"toot benchmark {meta['started']} ({meta['cpus']} cores, commit {meta['commit']})"
-    )
+    # The title wraps on one panel: it is as long as three panels are wide.
+    title = f"toot benchmark {meta['started']} ({meta['cpus']} cores, commit {meta['commit']})"
+    fig.suptitle(title if len(panels) > 1 else title.replace(" (", "\n("))
+    for draw, ax in zip(panels, axes[0], strict=True):
+        draw(results, ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
 
-    for run in results.get("paced", []):
+
+def _paced_panel(results: dict[str, Any], ax: Any) -> None:
+    for run in results["paced"]:
         values = run["latencies_ms"]
         if values:
             fractions = [(i + 1) / len(values) for i in range(len(values))]
-            ax_latency.step(
-                values, fractions, where="post", label=f"{run['mode']} {run['rate']:g}/s"
-            )
-    ax_latency.set_xscale("log")
-    ax_latency.set_xlabel("publish() to handler, ms (log)")
-    ax_latency.set_ylabel("fraction of events")
-    ax_latency.set_title("Paced latency (CDF), M=1")
-    ax_latency.grid(True, which="both", alpha=0.3)
-    if results.get("paced"):
-        ax_latency.legend()
+            ax.step(values, fractions, where="post", label=f"{run['mode']} {run['rate']:g}/s")
+    ax.set_xscale("log")
+    ax.set_xlabel("publish() to handler, ms (log)")
+    ax.set_ylabel("fraction of events")
+    ax.set_title("Paced latency (CDF), M=1")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
 
-    labels, rates = [], []
-    for entry in results.get("modes", []):
-        labels.append(f"{entry['mode']}\nM={entry['copies']}")
-        rates.append(entry.get("deliveries_per_s") or 0.0)
-    bars = ax_rate.bar(labels, rates, color="tab:blue")
-    for bar, entry in zip(bars, results.get("modes", []), strict=True):
+
+def _throughput_panel(results: dict[str, Any], ax: Any) -> None:
+    modes = results["modes"]
+    labels = [f"{entry['mode']}\nM={entry['copies']}" for entry in modes]
+    rates = [entry.get("deliveries_per_s") or 0.0 for entry in modes]
+    bars = ax.bar(labels, rates, color="tab:blue")
+    for bar, entry in zip(bars, modes, strict=True):
         text = "n/a" if entry.get("deliveries_per_s") is None else f"{bar.get_height():.0f}"
-        ax_rate.annotate(
+        ax.annotate(
             text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom"
         )
     limits = results.get("limits") or {}
     if limits.get("celery_noop"):
-        ax_rate.axhline(
+        ax.axhline(
             limits["celery_noop"]["tasks_per_s"],
             color="tab:red",
             linestyle="--",
             label="Celery no-op tasks/s",
         )
     if limits.get("post"):
-        ax_rate.axhline(
+        ax.axhline(
             limits["post"]["requests_per_s"],
             color="tab:green",
             linestyle=":",
             label="POST requests/s (1 client)",
         )
-    ax_rate.set_ylabel("deliveries/s")
-    ax_rate.set_title("Burst throughput")
-    if limits:
-        ax_rate.legend(loc="upper left")
+    ax.set_ylabel("deliveries/s")
+    ax.set_title("Burst throughput")
+    if limits.get("celery_noop") or limits.get("post"):
+        ax.legend(loc="upper left")
 
-    for burst in results.get("bursts", []):
+
+def _progress_panel(results: dict[str, Any], ax: Any) -> None:
+    for burst in results["bursts"]:
         if burst["progress"]:
             xs = [point[0] for point in burst["progress"]]
             ys = [point[1] for point in burst["progress"]]
-            label = f"{burst['mode']} M={burst['copies']} N={burst['events']}"
-            ax_progress.plot(xs, ys, label=label)
-    ax_progress.set_xlabel("seconds since the first publish()")
-    ax_progress.set_ylabel("handler runs recorded")
-    ax_progress.set_title("Burst progress")
-    ax_progress.grid(True, alpha=0.3)
-    if results.get("bursts"):
-        ax_progress.legend()
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
+            ax.plot(xs, ys, label=f"{burst['mode']} M={burst['copies']} N={burst['events']}")
+    ax.set_xlabel("seconds since the first publish()")
+    ax.set_ylabel("handler runs recorded")
+    ax.set_title("Burst progress")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
