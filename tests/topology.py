@@ -202,25 +202,6 @@ class Topology(base.Topology):
                 latest[name] = max(times)
         return max(latest, key=latest.__getitem__, default=None)
 
-    def end_leases(self, role: str, name: str) -> list[str]:
-        """End every live lease on ``role``'s queue ``name`` now; the drain ids.
-
-        What time does ``toot.engine.queue.LEASE_SECONDS`` after a drain died, without the wait:
-        the lease's score (when it ends, in Redis time) is set to a second ago, so the next
-        relay gives back what the drain held. Leases live under toot.engine.queue's documented
-        layout, ``KEY_PREFIX + "queue:{<name>}:leases"``.
-        """
-        client = self._toot_redis(role)
-        try:
-            key = f"{self.key_prefixes[role]}queue:{{{name}}}:leases"
-            seconds, _ = client.time()
-            drains = [str(drain) for drain in client.zrangebyscore(key, seconds, "+inf")]
-            if drains:
-                client.zadd(key, dict.fromkeys(drains, seconds - 1), xx=True)
-            return drains
-        finally:
-            client.close()
-
     # What a user does, beyond the shared topology's
 
     def publish(self, channel: str, payload, count: int = 1) -> list[dict[str, Any]]:
