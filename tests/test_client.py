@@ -432,6 +432,22 @@ def test_a_proxied_delivery_to_a_host_that_does_not_resolve_sends_nothing(proxy,
     assert proxy.requests == []
 
 
+def test_a_proxy_nobody_answers_is_a_proxy_error():
+    url = "http://sub.example:8765/cb"
+    with (
+        toot_settings(PROXY_URL=f"http://127.0.0.1:{free_port()}"),
+        pytest.raises(client.ERRORS) as raised,
+    ):
+        deliver(url)
+    with (
+        toot_settings(PROXY_URL=f"http://127.0.0.1:{free_port()}"),
+        pytest.raises(requests.exceptions.ProxyError),
+    ):
+        post_to_source(url, "{}", {})
+
+    assert client.error_text(raised.value, url).startswith("ProxyError: ")
+
+
 def test_the_environments_proxy_is_not_used(monkeypatch, server, post):
     nobody = f"http://127.0.0.1:{free_port()}"
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
