@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
         default=list(MODES),
         metavar="MODE,...",
         help="delivery modes: single (one event per request) and batch "
-        "(PROTOCOL.md section 7); default single,batch",
+        "(docs/protocol.md section 7); default single,batch",
     )
     what.add_argument("--skip-burst", action="store_true", help="no burst runs")
     what.add_argument("--skip-paced", action="store_true", help="no paced runs")
@@ -170,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
         "--unsigned",
         action="store_true",
         help="send deliveries unsigned, as Ruby toot does (default: signed with a "
-        "whsec_ secret and verified, as the README advises)",
+        "whsec_ secret and verified, as docs/security.md advises)",
     )
 
     out = p.add_argument_group("output")

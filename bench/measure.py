@@ -66,7 +66,7 @@ def spread_ms(seconds: list[float]) -> dict[str, float | None]:
 def batch_available() -> str | None:
     """None if toot has a batched delivery switch; else why batch mode cannot run.
 
-    Batched delivery (PROTOCOL.md section 7) is to be switched on by a ``TOOT["BATCH"]``
+    Batched delivery (docs/protocol.md section 7) is to be switched on by a ``TOOT["BATCH"]``
     setting; the example settings are then to map ``$TOOT_BATCH`` to it, which the
     topology sets for mode=batch. Rename here if the switch gets another name.
     """

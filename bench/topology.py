@@ -39,7 +39,7 @@ class Topology(base.Topology):
             "bench",
             # A failed delivery is retried within the run, so it shows as slow, not lost.
             retry_schedule="1,2,5,10",
-            # Subscribing takes a token; deliveries signed (Standard Webhooks) as the README
+            # Subscribing takes a token; deliveries signed (Standard Webhooks) as docs/security.md
             # advises, and checked on receipt, unless --unsigned.
             token=True,
             signed=options.signed,
@@ -53,7 +53,7 @@ class Topology(base.Topology):
         self.settings_modules["subscriber"] = "bench.subscriber.settings"
         self.options = options
         self.subscribed: list[str] = []
-        self.batch = False  # whether copies register for batches (PROTOCOL.md section 7)
+        self.batch = False  # whether copies register for batches (docs/protocol.md section 7)
 
     def start_apps(self, mode: str) -> None:
         """gunicorn and a Celery worker for each side, in ``mode``, answering HTTP.

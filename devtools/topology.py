@@ -92,7 +92,7 @@ class Topology:
     default); ``redis_url`` is the Redis to use, by default ``$TOOT_REDIS_URL`` or else an
     embedded one. ``token`` closes the publisher's subscriptions endpoint with a bearer
     token that the subscriber sends, ``signed`` signs deliveries with a secret the
-    subscriber checks (both as the README advises). ``quiet`` processes log warnings only.
+    subscriber checks (both as docs/security.md advises). ``quiet`` processes log warnings only.
     ``env`` goes over the environment of both projects' processes; ``role_env[role]`` (set
     it before starting) over one project's.
     """

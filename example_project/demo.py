@@ -50,7 +50,7 @@ class Demo:
     def __init__(self, count: int, rate: float) -> None:
         self.count = count
         self.rate = rate
-        # Secured as the README advises: subscribing takes a token, deliveries are signed.
+        # Secured as docs/security.md advises: subscribing takes a token, deliveries are signed.
         self.topology = Topology("demo", retry_schedule="0.5,1,2,5", token=True, signed=True)
         self.sent: dict[int, str] = {}  # n -> event id
         self.latencies: dict[int, float] = {}  # n -> ms

@@ -176,7 +176,7 @@ def test_a_gone_subscriber_ends_the_dead_letter_and_the_subscription(redis, capl
 
 
 def test_an_unsubscribe_with_a_2xx_is_still_a_delivery(redis):
-    """The subscriber took the event (PROTOCOL.md section 2), though it wants no more."""
+    """The subscriber took the event (docs/protocol.md section 2), though it wants no more."""
     with HTTPServer(Reply(200, headers={"X-Toot-Unsubscribe": "True"})) as peer:
         store.add(PUBLISHED, peer.url)
         letter = letter_for_delivery(peer.url)

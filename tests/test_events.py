@@ -1,4 +1,4 @@
-"""The event and its wire form (PROTOCOL.md sections 2 and 3)."""
+"""The event and its wire form (docs/protocol.md sections 2 and 3)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ arrives:
 2. a refused request changes nothing in the store (every key under ``KEY_PREFIX`` but the
    work queues) and pushes nothing onto a queue; an accepted one changes exactly what it
    says it did, and a callback's 200 has queued every event of the body, in order, in one
-   push (a batch is all or none: PROTOCOL.md section 7);
+   push (a batch is all or none: docs/protocol.md section 7);
 3. when the source has a signing secret, no event that is not signed with it is enqueued
    or reaches a handler (judged by the ``standardwebhooks`` package, not by toot's code);
 4. with bearer tokens, no request without one changes the store or learns anything.
@@ -1378,7 +1378,7 @@ def test_a_signed_source_runs_only_events_signed_with_its_secret(
             raise AssertionError(f"a signed event was not enqueued: {response.content[:300]!r}")
 
 
-# Batches on the callback endpoint (PROTOCOL.md section 7) -------------------------------
+# Batches on the callback endpoint (docs/protocol.md section 7) -------------------------------
 
 # Small, so that generated batches reach it.
 BATCH_MAX_EVENTS = 5

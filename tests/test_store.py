@@ -206,7 +206,7 @@ def test_key_prefixes_do_not_see_each_other(redis):
         assert store.subscriptions() == {CHANNEL: [SUB_A]}
 
 
-# Batch flags (PROTOCOL.md section 7) and subscribers()
+# Batch flags (docs/protocol.md section 7) and subscribers()
 
 
 def test_subscribers_without_batch_flags(redis):

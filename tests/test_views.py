@@ -1,4 +1,4 @@
-"""The two HTTP endpoints (PROTOCOL.md sections 1, 3, 5 and 7), against the real Redis store
+"""The two HTTP endpoints (docs/protocol.md sections 1, 3, 5 and 7), against the real Redis store
 and queues, the real Celery broker and, where a handler must run, a real worker.
 
 Requests go through Django's test client with CSRF checks enforced, as a peer's POST

@@ -221,7 +221,7 @@ class CallbackView(TootView):
 
     @staticmethod
     def events(request: HttpRequest) -> list[Event]:
-        """The body's event, or its batch's events (PROTOCOL.md section 7), all of one channel."""
+        """The body's event, or its batch's events (docs/protocol.md section 7), of one channel."""
         # A batch of several events stays under BATCH_MAX_BYTES; one larger event goes
         # alone, in its wrapper. {"events": [...]} nests its events two levels deeper:
         # each is held to the limit.

@@ -83,7 +83,7 @@ class Event:
         return f"<Event {self.id} on {self.channel}>"
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire form (PROTOCOL.md section 2), timestamp in ISO 8601 with an offset."""
+        """The wire form (docs/protocol.md section 2), timestamp in ISO 8601 with an offset."""
         return {
             "id": self.id,
             "timestamp": self.timestamp.isoformat(),

@@ -1,4 +1,4 @@
-"""What the protocol accepts as a channel name or a callback URL (PROTOCOL.md section 5)."""
+"""What the protocol accepts as a channel name or a callback URL (docs/protocol.md section 5)."""
 
 from __future__ import annotations
 

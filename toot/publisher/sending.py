@@ -2,7 +2,7 @@
 
 Events come off the ``out`` queue (``toot.engine.queue``) in batches. A subscriber gets one POST
 per event, or, where it registered with ``"batch": true``, one per batch of up to
-``BATCH_MAX_EVENTS`` events of one channel (PROTOCOL.md section 7): a batch holds only
+``BATCH_MAX_EVENTS`` events of one channel (docs/protocol.md section 7): a batch holds only
 what was already waiting, so under light load it holds one event and adds no latency.
 A failed delivery goes back to the queue as a delayed retry of the same events under the
 same webhook-id, and to the dead letters once the schedule is spent.
