@@ -6,6 +6,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.db import connection, models
 
 from toot.models import DeadLetter, OutboxEvent
 
@@ -51,3 +52,35 @@ def test_migrations_are_in_step_with_the_models():
     # --check exits non-zero (SystemExit) when a model change has no migration.
     call_command("makemigrations", "toot", "--check", "--dry-run", stdout=out, stderr=StringIO())
     assert "No changes detected" in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_the_callback_url_has_no_index_after_the_migrations():
+    # 0001 indexed it: past InnoDB's key limit in utf8mb4, which MySQL refuses and MariaDB
+    # cuts to a prefix. 0002 drops it; the other lookups keep theirs.
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, DeadLetter._meta.db_table)
+    indexed = {
+        tuple(constraint["columns"])
+        for constraint in constraints.values()
+        if constraint["index"] and not constraint["primary_key"]
+    }
+    assert ("callback_url",) not in indexed
+    assert {("event_id",), ("channel",)} <= indexed
+
+
+@pytest.mark.django_db
+def test_a_callback_url_of_the_full_length_is_kept_and_found_whole():
+    # 2,048 characters, some of four bytes in UTF-8: the whole of max_length on every
+    # database, as toot_redeliver --callback-url filters it.
+    url = "http://peer.example/cb/" + "\N{GRINNING FACE}" * 2025
+    field = DeadLetter._meta.get_field("callback_url")
+    assert isinstance(field, models.CharField)
+    assert len(url) == field.max_length
+    DeadLetter.bury({"id": "e4", "channel": CHANNEL}, 3, None, kind="delivery", callback_url=url)
+    DeadLetter.bury(
+        {"id": "e5", "channel": CHANNEL}, 3, None, kind="delivery", callback_url=url[:-1]
+    )
+    assert list(
+        DeadLetter.objects.filter(callback_url=url).values_list("event_id", "callback_url")
+    ) == [("e4", url)]

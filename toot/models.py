@@ -21,7 +21,11 @@ class DeadLetter(models.Model):
     kind = models.CharField(max_length=16, choices=Kind.choices)
     event_id = models.CharField(max_length=255, db_index=True)
     channel = models.CharField(max_length=255, db_index=True)
-    callback_url = models.CharField(max_length=2048, blank=True, db_index=True)
+    # Not indexed: 2,048 utf8mb4 characters are 8,192 bytes, over InnoDB's 3,072-byte key
+    # limit (MySQL refuses the index, MariaDB cuts it to a prefix). Dead letters are few and
+    # only an operator filters them by URL (the admin, toot_redeliver --callback-url), so a
+    # scan costs nothing worth a hash column (migration 0002 drops the index).
+    callback_url = models.CharField(max_length=2048, blank=True)
     handler = models.CharField(max_length=255, blank=True)
     event = models.JSONField(help_text=_("The event's wire JSON."))
     attempts = models.PositiveIntegerField()
