@@ -22,7 +22,7 @@ from django.conf import settings
 
 import toot
 from tests.http_server import HTTPServer, Reply, in_order
-from tests.utils import WatchedLease, callback_urls, set_senders, toot_settings
+from tests.utils import WatchedLease, callback_urls, patch_toot, toot_settings
 from toot.engine import queue
 from toot.models import DeadLetter
 from toot.protocol.events import Event, batch_body, wire_json
@@ -40,7 +40,7 @@ EMPTY_BATCH = len(b'{"events":[]}')
 def one_sender(monkeypatch):
     """One delivery in flight at a time, so that these tests can name which was sent when;
     the tests of SENDERS lanes at the end set their own."""
-    set_senders(monkeypatch, 1)
+    patch_toot(monkeypatch, SENDERS=1)
 
 
 @pytest.fixture
@@ -548,7 +548,7 @@ def test_published_events_reach_a_batch_subscriber_once_each_despite_a_failure(
 
 
 def test_lanes_split_one_urls_deliveries_and_give_many_urls_one_each(monkeypatch):
-    set_senders(monkeypatch, 4)
+    patch_toot(monkeypatch, SENDERS=4)
 
     def deliveries(url, count):
         return [Delivery(url, "c", [], False, f"{url}-{n}", b"{}") for n in range(count)]
@@ -572,7 +572,7 @@ def test_lanes_split_one_urls_deliveries_and_give_many_urls_one_each(monkeypatch
 
 
 def test_a_burst_to_one_subscriber_keeps_senders_deliveries_in_flight(redis, channel, monkeypatch):
-    set_senders(monkeypatch, 4)
+    patch_toot(monkeypatch, SENDERS=4)
     together = threading.Barrier(4)
     met: list[bool] = []
 
@@ -598,7 +598,7 @@ def test_a_burst_to_one_subscriber_keeps_senders_deliveries_in_flight(redis, cha
 def test_with_several_lanes_a_failed_url_is_tried_at_most_once_per_lane(
     redis, channel, monkeypatch
 ):
-    set_senders(monkeypatch, 4)
+    patch_toot(monkeypatch, SENDERS=4)
     events = make_events(channel, 20)
     with HTTPServer(Reply(500)) as down:
         store.add(channel, down.url)

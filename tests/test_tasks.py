@@ -19,11 +19,12 @@ from tests.utils import (
     callback_urls,
     expire,
     live_leases,
+    patch_toot,
     redis_down,
     redis_now,
-    set_senders,
     toot_settings,
 )
+from toot.conf import conf
 from toot.engine import drain as tasks
 from toot.engine import queue
 from toot.models import DeadLetter
@@ -326,7 +327,7 @@ def test_a_handled_event_is_not_handled_again(celery_worker, eventually):
 def test_a_lingering_drain_takes_an_event_pushed_meanwhile_without_a_new_message(
     celery_worker, eventually, channel, own_queue, drains, redis, monkeypatch
 ):
-    monkeypatch.setattr(tasks, "LINGER_SECONDS", 2.0)  # time enough for the test to push
+    patch_toot(monkeypatch, DRAIN_LINGER=2.0)  # time enough for the test to push
     first, second = make_event(channel), make_event(channel)
     with HTTPServer() as subscriber, toot_settings(MAX_DRAINS=1):
         store.add(channel, subscriber.url)
@@ -365,8 +366,8 @@ def test_a_retry_due_while_the_drain_lingers_is_sent_by_the_same_drain(
 def test_a_drain_hands_over_to_a_new_message_after_drain_seconds(
     celery_worker, eventually, channel, own_queue, drains, redis, monkeypatch
 ):
-    monkeypatch.setattr(tasks, "DRAIN_SECONDS", 0.0)  # hand over after every batch
-    monkeypatch.setattr(tasks, "CLAIM_LIMIT", 2)
+    # Hand over after every batch, of two items.
+    patch_toot(monkeypatch, DRAIN_SECONDS=0.001, DRAIN_BATCH=2)
     events = [make_event(channel) for _ in range(5)]
     with HTTPServer() as subscriber:
         store.add(channel, subscriber.url)
@@ -384,7 +385,7 @@ def test_a_long_batch_renews_the_drains_lease(
 ):
     # A lease of 2 s, renewed when over a quarter of it has passed; the batch takes 3 s,
     # one delivery after another.
-    set_senders(monkeypatch, 1)
+    patch_toot(monkeypatch, SENDERS=1)
     woken: list[str | None] = []
     lock = threading.Lock()
 
@@ -446,7 +447,7 @@ def test_a_drain_killed_mid_batch_loses_nothing(
         dead = queue.push(own_queue, [{"event": event} for event in events])
         assert dead is not None
         # Its drain claimed the batch, and its worker was killed before it was done.
-        assert len(queue.claim(own_queue, dead, tasks.CLAIM_LIMIT)) == 3
+        assert len(queue.claim(own_queue, dead, conf.DRAIN_BATCH)) == 3
         drain_id = dead
         if taken_over_by == "relay":
             assert queue.wake(own_queue) is None  # its lease is live: its batch stays with it

@@ -86,13 +86,10 @@ def expire(redis: Any, name: str, drain_id: str) -> None:
     redis.zadd(queue._keys(name)[2], {drain_id: redis_now(redis) - 1})
 
 
-def set_senders(monkeypatch: Any, count: int) -> None:
-    """Deliveries in flight per drain: ``count``, with threads for that many."""
-    from toot.engine.per_process import PerProcess
-    from toot.publisher import sending
-
-    monkeypatch.setattr(sending, "SENDERS", count)
-    monkeypatch.setattr(sending, "_senders", PerProcess(sending.new_senders))
+def patch_toot(monkeypatch: Any, **options: Any) -> None:
+    """The tests' settings with these TOOT keys changed until the test ends, for every
+    thread (the in-process worker's drains read them as they start)."""
+    monkeypatch.setattr(settings, "TOOT", {**settings.TOOT, **options})
 
 
 def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:

@@ -42,6 +42,10 @@ DEFAULTS: dict[str, Any] = {
     "RELAY_INTERVAL": 1.0,
     "MAX_DRAINS": 4,
     "LEASE_SECONDS": 60.0,
+    "DRAIN_BATCH": 100,
+    "DRAIN_SECONDS": 5.0,
+    "DRAIN_LINGER": 0.5,
+    "SENDERS": 8,
     "BATCH": True,
     "BATCH_MAX_EVENTS": 100,
     "SIGNING_SECRETS": (),
@@ -362,6 +366,28 @@ class Settings:
     def MAX_DRAINS(self) -> int:
         """Drain tasks that may run at once per queue, across every worker."""
         return self._whole("MAX_DRAINS")
+
+    @property
+    def DRAIN_BATCH(self) -> int:
+        """Items a drain claims at a time: one round trip to Redis for each this many."""
+        return self._whole("DRAIN_BATCH")
+
+    @property
+    def DRAIN_SECONDS(self) -> float:
+        """A drain hands over to a new message after this long, so that a worker's other
+        tasks get their turn under a steady stream of events."""
+        return self._positive("DRAIN_SECONDS")
+
+    @property
+    def DRAIN_LINGER(self) -> float:
+        """An idle drain waits this long for more before it ends: under a light, steady
+        load one drain picks up each event as it comes, without a Celery message."""
+        return self._positive("DRAIN_LINGER")
+
+    @property
+    def SENDERS(self) -> int:
+        """Deliveries a publisher's drain keeps in flight at once."""
+        return self._whole("SENDERS")
 
     @property
     def LEASE_SECONDS(self) -> float:

@@ -23,15 +23,6 @@ from toot.exceptions import LeaseLost
 
 logger = logging.getLogger(__name__)
 
-# Items claimed at a time: one round trip to Redis for each this many.
-CLAIM_LIMIT = 100
-# A drain hands over to a new message after this long, so that the worker's other tasks
-# get their turn under a steady stream of events.
-DRAIN_SECONDS = 5.0
-# An idle drain waits this long for the next item before it ends: under a light, steady
-# load one drain picks up each event as it comes, without a Celery message.
-LINGER_SECONDS = 0.5
-
 # While the broker is down, every publish and every relay tick fails to start a drain:
 # one warning per this many seconds says so, the rest are logged at DEBUG.
 QUIET_SECONDS = 60.0
@@ -73,16 +64,18 @@ def drain(name: str, drain_id: str) -> int:
 def _drain(name: str, drain_id: str) -> int:
     process = PROCESSORS[name]
     lease = queue.Lease(name, drain_id)
+    # Within the client's socket timeout, which would otherwise end the wait.
+    batch, seconds, linger = conf.DRAIN_BATCH, conf.DRAIN_SECONDS, conf.DRAIN_LINGER
+    linger = min(linger, conf.REDIS_TIMEOUT / 2)
     started = time.monotonic()
     count, retries, first = 0, list[queue.Retry](), True
     while True:
-        items = queue.claim(name, drain_id, CLAIM_LIMIT, retries, first=first)
+        items = queue.claim(name, drain_id, batch, retries, first=first)
         lease.renewed, retries, first = time.monotonic(), [], False
         if items:
             logger.debug("Drain %s of the %s queue claimed %d items", drain_id, name, len(items))
         else:
-            # Within the client's socket timeout, which would otherwise end the wait.
-            item = queue.wait(name, drain_id, min(LINGER_SECONDS, conf.REDIS_TIMEOUT / 2))
+            item = queue.wait(name, drain_id, linger)
             if item is not None:
                 items = [item]
             elif queue.release(name, drain_id):
@@ -91,7 +84,7 @@ def _drain(name: str, drain_id: str) -> int:
                 continue  # work came in as the lease was about to end
         retries = process(items, lease)
         count += len(items)
-        if time.monotonic() - started > DRAIN_SECONDS:
+        if time.monotonic() - started > seconds:
             queue.claim(name, drain_id, 0, retries)
             start(name, drain_id)  # the lease goes with it
             return count

@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Deliveries in flight at once per drain.
-SENDERS = 8
-
 
 @final
 class NewEvent(TypedDict):
@@ -154,7 +151,7 @@ def plan(items: list[OutItem]) -> list[Delivery]:
 
 
 def lanes(deliveries: list[Delivery]) -> list[list[Delivery]]:
-    """The deliveries in about SENDERS lanes, each of one URL, sent one after another.
+    """The deliveries in about ``SENDERS`` lanes, each of one URL, sent one after another.
 
     A URL with many deliveries (one subscriber, a burst of single events) gets several
     lanes; many URLs get a lane each.
@@ -162,21 +159,26 @@ def lanes(deliveries: list[Delivery]) -> list[list[Delivery]]:
     by_url: dict[str, list[Delivery]] = {}
     for delivery in deliveries:
         by_url.setdefault(delivery.url, []).append(delivery)
-    per_url = max(1, SENDERS // max(1, len(by_url)))
+    per_url = max(1, conf.SENDERS // max(1, len(by_url)))
     return [group[i::per_url] for group in by_url.values() for i in range(min(per_url, len(group)))]
 
 
-def new_senders() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(SENDERS, thread_name_prefix="toot-send")
+# This process's sender threads, by their number: a pool per value of SENDERS.
+_pools: PerProcess[dict[int, ThreadPoolExecutor]] = PerProcess(dict)
 
 
-_senders = PerProcess(new_senders)
+def senders(count: int) -> ThreadPoolExecutor:
+    pools = _pools()
+    pool = pools.get(count)
+    if pool is None:  # two drains of the process may make one each: one is kept
+        pool = pools.setdefault(count, ThreadPoolExecutor(count, thread_name_prefix="toot-send"))
+    return pool
 
 
 def process(items: list[OutItem], lease: Lease) -> list[Retry]:
     """Send the claimed items' deliveries; returns the retries to schedule.
 
-    Up to SENDERS deliveries are in flight at once: most of a delivery's time is spent
+    Up to ``SENDERS`` deliveries are in flight at once: most of a delivery's time is spent
     waiting for the subscriber. A URL that failed as a whole (Outcome.of_the_url) is not
     tried again in the same batch: its other deliveries count the same failure, so that
     one unreachable subscriber costs one timeout, not one each. Outcomes are settled
@@ -197,7 +199,8 @@ def process(items: list[OutItem], lease: Lease) -> list[Retry]:
         return sent
 
     planned = lanes(plan(items))
-    results = _senders().map(send, planned) if len(planned) > 1 else map(send, planned)
+    many = len(planned) > 1
+    results = senders(conf.SENDERS).map(send, planned) if many else map(send, planned)
     retries: list[Retry] = []
     for delivery, outcome in (pair for lane in results for pair in lane):
         try:
