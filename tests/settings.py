@@ -57,6 +57,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {
         "NAME": os.path.join(tempfile.gettempdir(), f"toot-test-{RUN_ID}.sqlite3")
     }
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
+    # Django 5.2's default, as a project on 4.2 must set it: 4.2 talks utf8mb3, which
+    # refuses four-byte characters and on MariaDB makes JSON key lookups match nothing.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("charset", "utf8mb4")
 # A second database, for what a project with several must get right: publish() inside an
 # atomic block on it, the outbox read from the primary when reads go to a replica.
 DATABASES["other"] = {
