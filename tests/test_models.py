@@ -7,6 +7,7 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 from django.db import connection, models
+from django.db.migrations.executor import MigrationExecutor
 
 from toot.models import DeadLetter, OutboxEvent
 
@@ -56,8 +57,8 @@ def test_migrations_are_in_step_with_the_models():
 
 @pytest.mark.django_db
 def test_the_callback_url_has_no_index_after_the_migrations():
-    # 0001 indexed it: past InnoDB's key limit in utf8mb4, which MySQL refuses and MariaDB
-    # cuts to a prefix. 0002 drops it; the other lookups keep theirs.
+    # An index would be past InnoDB's key limit in utf8mb4, which MySQL refuses and MariaDB
+    # cuts to a prefix. The other lookups keep theirs.
     with connection.cursor() as cursor:
         constraints = connection.introspection.get_constraints(cursor, DeadLetter._meta.db_table)
     indexed = {
@@ -84,3 +85,32 @@ def test_a_callback_url_of_the_full_length_is_kept_and_found_whole():
     assert list(
         DeadLetter.objects.filter(callback_url=url).values_list("event_id", "callback_url")
     ) == [("e4", url)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_0002_drops_the_index_an_earlier_0001_made():
+    """A database migrated before 0001 lost the index still has it, until 0002."""
+    executor = MigrationExecutor(connection)
+    executor.migrate([("toot", "0001_initial")])
+    try:
+        model = executor.loader.project_state([("toot", "0001_initial")]).apps.get_model(
+            "toot", "DeadLetter"
+        )
+        with connection.schema_editor() as editor:  # what the earlier 0001 made
+            editor.execute(
+                editor._create_index_sql(model, fields=[model._meta.get_field("callback_url")])
+            )
+        assert callback_url_indexed()
+        executor.loader.build_graph()
+        executor.migrate([("toot", "0002_deadletter_callback_url_unindexed")])
+        assert not callback_url_indexed()
+    finally:
+        MigrationExecutor(connection).migrate(
+            MigrationExecutor(connection).loader.graph.leaf_nodes("toot")
+        )
+
+
+def callback_url_indexed() -> bool:
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, DeadLetter._meta.db_table)
+    return any(c["index"] and c["columns"] == ["callback_url"] for c in constraints.values())

@@ -32,7 +32,8 @@ class Migration(migrations.Migration):
                 ),
                 ("event_id", models.CharField(db_index=True, max_length=255)),
                 ("channel", models.CharField(db_index=True, max_length=255)),
-                ("callback_url", models.CharField(blank=True, db_index=True, max_length=2048)),
+                # No index: see 0002.
+                ("callback_url", models.CharField(blank=True, max_length=2048)),
                 ("handler", models.CharField(blank=True, max_length=255)),
                 ("event", models.JSONField(help_text="The event's wire JSON.")),
                 ("attempts", models.PositiveIntegerField()),
