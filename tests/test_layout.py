@@ -104,3 +104,26 @@ def test_a_lower_layer_never_imports_a_higher_one(name):
         if layer is None or (layer[1] != package and layer[0] >= rank):
             wrong.append(target)
     assert not wrong, f"{name} ({package}) imports from above or beside it: {wrong}"
+
+
+def test_the_app_puts_the_parts_together_once_touching_nothing():
+    """The engine learns each side's processor and the outbox's relay step from
+    AppConfig.ready(), which may run again (a test runner's reload) without doubling them."""
+    from django.apps import apps
+
+    from toot.engine import drain, queue, relay
+    from toot.publisher import outbox, sending
+    from toot.subscriber import handling
+
+    apps.get_app_config("toot").ready()
+
+    assert {queue.OUT: sending.process, queue.IN: handling.process} == drain.PROCESSORS
+    assert [relay.wake, outbox.relay_step] == relay.STEPS
+
+
+def test_the_drain_task_is_where_celery_looks_for_an_apps_tasks():
+    from toot import tasks
+    from toot.engine import drain
+
+    assert tasks.drain is drain.drain
+    assert tasks.drain.name == "toot.drain"
