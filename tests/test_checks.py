@@ -678,6 +678,22 @@ def test_e002_lease_seconds_must_be_a_positive_number():
     assert 'TOOT["LEASE_SECONDS"] must be a positive number' in message.msg
 
 
+@pytest.mark.parametrize(
+    ("encoder", "error"),
+    [
+        ("json.dumps", "must name a json.JSONEncoder subclass"),
+        (None, "must name a json.JSONEncoder subclass"),
+        ("tests.nowhere.Encoder", "cannot be imported"),
+    ],
+)
+def test_e002_json_encoder_must_name_an_encoder_class(encoder, error):
+    with toot_settings(JSON_ENCODER=encoder):
+        [message] = run_checks()
+    assert message.id == "toot.E002"
+    assert 'TOOT["JSON_ENCODER"]' in message.msg
+    assert error in message.msg
+
+
 # Celery: toot.W006
 
 

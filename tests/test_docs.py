@@ -93,7 +93,7 @@ PROJECT_FILES = {
 }
 FILE_NAME = re.compile(
     r"(?<![\w./@-])(?P<name>[\w-]+(?:\.[\w-]+)*\.(?:cfg|in|ini|json|md|py|rst|toml|txt|ya?ml))"
-    r"(?![\w/-])"
+    r"(?![\w/-]|\.\w)"  # not a dotted Python path such as django.core.serializers.json.X
 )
 LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
 

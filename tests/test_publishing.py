@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import threading
 import time
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import connection, transaction
 from django.test import AsyncClient, override_settings
+from django.utils.translation import gettext_lazy
 
 import toot
 from tests.broker import broker_unreachable_and_no_drain
@@ -187,6 +190,75 @@ def test_publish_keeps_the_event_in_the_outbox_when_redis_is_unreachable(suffix,
         assert event.channel in message
         assert "Redis failed" in message
         assert "outbox" in message
+
+
+def test_what_django_code_sends_is_encoded_as_djangos_json_encoder_does(
+    celery_worker, eventually, suffix, pushed
+):
+    """Datetimes, Decimals, UUIDs and lazy strings: subscribers get strings, and so does
+    the caller in the event publish() returns."""
+    at = dt.datetime(2026, 12, 6, 10, 30, tzinfo=dt.timezone.utc)
+    ident = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    payload = {
+        "at": at,
+        "on": at.date(),
+        "time": at.time(),
+        "price": Decimal("12.30"),
+        "id": ident,
+        "label": gettext_lazy("Toot"),
+        "items": [{"n": 1}],
+    }
+    expected = {
+        "at": "2026-12-06T10:30:00Z",
+        "on": "2026-12-06",
+        "time": "10:30:00",
+        "price": "12.30",
+        "id": "12345678-1234-5678-1234-567812345678",
+        "label": "Toot",
+        "items": [{"n": 1}],
+    }
+    with HTTPServer() as subscriber:
+        store.add(f"{PREFIX}{suffix}", subscriber.url)
+        event = toot.publish(suffix, payload)
+        eventually(lambda: subscriber.requests)
+
+    assert event.payload == expected
+    assert [e["payload"] for e in pushed] == [expected]
+    assert subscriber.requests[0].json()["payload"] == expected
+
+
+class CentsEncoder(json.JSONEncoder):
+    def default(self, o: Any) -> Any:
+        if isinstance(o, Decimal):
+            return int(o * 100)
+        return super().default(o)
+
+
+def test_json_encoder_is_the_projects_to_choose(suffix, pushed):
+    with override_settings(
+        TOOT={**settings.TOOT, "JSON_ENCODER": "tests.test_publishing.CentsEncoder"}
+    ):
+        event = toot.publish(suffix, {"price": Decimal("12.30")})
+    assert event.payload == {"price": 1230}
+    assert [e["payload"] for e in pushed] == [{"price": 1230}]
+
+
+@pytest.mark.parametrize(
+    ("payload", "where"),
+    [
+        ({"items": [{}, {}, {}, {"price": object()}]}, 'payload["items"][3]["price"] is a object'),
+        ([1, {"at": float("nan")}], 'payload[1]["at"] is nan'),
+        ({"tags": {"a", "b"}}, 'payload["tags"] is a set'),
+        ({"when": {"at": dt.datetime.now(tz=dt.timezone.utc), "x": 1j}}, 'payload["when"]["x"]'),
+        ({(1, 2): "tuple key"}, "payload has a key of type tuple"),
+    ],
+    ids=["object", "nan", "set", "complex-after-a-datetime", "tuple-key"],
+)
+def test_a_value_no_encoder_takes_is_refused_naming_where_it_is(suffix, pushed, payload, where):
+    with pytest.raises(toot.InvalidEvent, match="payload is not JSON") as raised:
+        toot.publish(suffix, payload)
+    assert where in str(raised.value)
+    assert pushed == []
 
 
 @pytest.mark.django_db(transaction=True)

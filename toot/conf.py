@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import re
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "DRAIN_SECONDS": 5.0,
     "DRAIN_LINGER": 0.5,
     "SENDERS": 8,
+    "JSON_ENCODER": "django.core.serializers.json.DjangoJSONEncoder",
     "BATCH": True,
     "BATCH_MAX_EVENTS": 100,
     "SIGNING_SECRETS": (),
@@ -388,6 +390,17 @@ class Settings:
     def SENDERS(self) -> int:
         """Deliveries a publisher's drain keeps in flight at once."""
         return self._whole("SENDERS")
+
+    @property
+    def JSON_ENCODER(self) -> type[json.JSONEncoder]:
+        """What turns a payload's datetimes, Decimals, UUIDs and lazy strings into JSON."""
+        encoder = self._factory("JSON_ENCODER")
+        if not (isinstance(encoder, type) and issubclass(encoder, json.JSONEncoder)):
+            raise ConfigError(
+                'TOOT["JSON_ENCODER"] must name a json.JSONEncoder subclass, such as '
+                '"django.core.serializers.json.DjangoJSONEncoder".'
+            )
+        return encoder
 
     @property
     def LEASE_SECONDS(self) -> float:

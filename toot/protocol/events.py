@@ -33,9 +33,12 @@ def parse_timestamp(value: str) -> dt.datetime:
     return parsed
 
 
-def wire_json(wire: dict[str, Any]) -> str:
-    """An event's wire form as sent: compact, ASCII only, and no NaN no peer can read."""
-    return json.dumps(wire, separators=(",", ":"), allow_nan=False)
+def wire_json(wire: dict[str, Any], encoder: type[json.JSONEncoder] | None = None) -> str:
+    """An event's wire form as sent: compact, ASCII only, and no NaN no peer can read.
+
+    ``encoder`` turns what JSON has no type for (a datetime, a Decimal) into JSON.
+    """
+    return json.dumps(wire, separators=(",", ":"), allow_nan=False, cls=encoder)
 
 
 def batch_body(encoded: Iterable[str]) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,11 +30,23 @@ def encoded(wire: dict[str, Any]) -> str:
     fail the same way; so would a payload that is not JSON (NaN included, which no JSON
     parser reads back).
     """
+    return _encoded(wire)[0]
+
+
+def _encoded(wire: dict[str, Any]) -> tuple[str, bool]:
+    """``encoded``, and whether ``JSON_ENCODER`` had to turn values into JSON."""
+    converted = False
     try:
         # ensure_ascii makes its length in characters its size in bytes.
         text = wire_json(wire)
-    except (TypeError, ValueError) as exc:
-        raise InvalidEvent(f"payload is not JSON: {exc}") from None
+    except TypeError:  # a datetime, a Decimal, a UUID...: what the project's encoder takes
+        converted = True
+        try:
+            text = wire_json(wire, conf.JSON_ENCODER)
+        except (TypeError, ValueError) as exc:
+            raise InvalidEvent(f"payload is not JSON: {not_json(wire, exc)}") from None
+    except ValueError as exc:  # NaN or infinity
+        raise InvalidEvent(f"payload is not JSON: {not_json(wire, exc)}") from None
     if len(text) > conf.MAX_EVENT_BYTES:
         raise EventTooLarge(wire["channel"], len(text), conf.MAX_EVENT_BYTES)
     if nests_deeper(wire, text=text):  # a toot subscriber refuses it (400), every retry again
@@ -41,7 +54,39 @@ def encoded(wire: dict[str, Any]) -> str:
     unstorable = unstorable_text(wire, text)
     if unstorable:  # a toot subscriber refuses it too (400)
         raise InvalidEvent(f"payload holds {unstorable}")
-    return text
+    return text, converted
+
+
+def not_json(wire: dict[str, Any], error: Exception) -> str:
+    """Where in the payload the value JSON cannot hold is, and what it is, for the error."""
+    encoder = conf.JSON_ENCODER()
+
+    def find(value: Any, path: str) -> str | None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                    return f"{path} has a key of type {type(key).__name__}"
+                found = find(item, f"{path}[{json.dumps(key)}]")
+                if found:
+                    return found
+            return None
+        if isinstance(value, (list, tuple)):
+            return next(
+                (f for i, item in enumerate(value) if (f := find(item, f"{path}[{i}]"))), None
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{path} is {value!r}, which JSON cannot hold"
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return None
+        try:
+            converted = encoder.default(value)
+        except (TypeError, ValueError):
+            return (
+                f"{path} is a {type(value).__name__}, which {type(encoder).__name__} cannot encode"
+            )
+        return find(converted, path)
+
+    return find(wire.get("payload"), "payload") or str(error)
 
 
 def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> Event:
@@ -56,7 +101,9 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
     full_channel = check_channel((conf.CHANNEL_PREFIX if prefix is None else prefix) + channel)
     event = Event(full_channel, payload)
     # The text is what is sent, on commit: a payload the caller changes meanwhile is not.
-    text = encoded(event.to_dict())
+    text, converted = _encoded(event.to_dict())
+    if converted:  # the event as subscribers get it: datetimes as strings, and so on
+        event.payload = json.loads(text)["payload"]
 
     def send() -> None:
         try:
