@@ -166,14 +166,11 @@ class Topology(base.Topology):
         process, the relay of the tests' own worker included, which would then wake
         ``role``'s queue and start a drain there that no worker of ``role`` runs.
         """
+        held = sum(self.claimed(role, name).values())
         client = self._toot_redis(role)
         try:
-            base = f"{self.key_prefixes[role]}queue:{{{name}}}:"
-            drains = [str(drain) for drain in client.zrange(f"{base}leases", 0, -1)]
-            held = [int(client.llen(f"{base}claimed:{drain}")) for drain in drains]
-            return (
-                int(client.llen(f"{base}ready")) + int(client.zcard(f"{base}delayed")) + sum(held)
-            )
+            base = self._queue_base(role, name)
+            return int(client.llen(f"{base}ready")) + int(client.zcard(f"{base}delayed")) + held
         finally:
             client.close()
 
@@ -181,11 +178,15 @@ class Topology(base.Topology):
         """How many items each drain with a lease on ``role``'s queue ``name`` holds."""
         client = self._toot_redis(role)
         try:
-            base = f"{self.key_prefixes[role]}queue:{{{name}}}:"
+            base = self._queue_base(role, name)
             drains = [str(drain) for drain in client.zrange(f"{base}leases", 0, -1)]
             return {drain: int(client.llen(f"{base}claimed:{drain}")) for drain in drains}
         finally:
             client.close()
+
+    def _queue_base(self, role: str, name: str) -> str:
+        """Where ``role``'s queue ``name`` keeps its keys (toot.engine.queue's layout)."""
+        return f"{self.key_prefixes[role]}queue:{{{name}}}:"
 
     def worker_running(self, drain_id: str) -> str | None:
         """The name of the worker that last logged a claim for drain ``drain_id``.
