@@ -331,11 +331,21 @@ class Topology:
         subscriptions: dict[str, list[str]] = response.json()["subscriptions"]
         return subscriptions
 
-    def subscribe(self, channel: str, callback_url: str, *, batch: bool = False) -> None:
+    def subscribe(
+        self,
+        channel: str,
+        callback_url: str,
+        *,
+        batch: bool = False,
+        rate_limit: float | None = None,
+    ) -> None:
         """Subscribe ``callback_url`` to ``channel`` (the whole name, with its prefix)."""
+        body: dict[str, Any] = {"channel": channel, "callback_url": callback_url, "batch": batch}
+        if rate_limit is not None:
+            body["rate_limit"] = rate_limit
         response = requests.post(
             self.subscriptions_url,
-            json={"channel": channel, "callback_url": callback_url, "batch": batch},
+            json=body,
             headers=self._headers(),
             timeout=10,
         )

@@ -671,6 +671,37 @@ def test_w007_quiet_with_the_defaults():
         assert "toot.W007" not in ids(run_checks())
 
 
+# Sender threads: toot.W009
+
+
+def test_w009_senders_no_more_than_one_url_may_hold():
+    with toot_settings(SENDERS=4, MAX_IN_FLIGHT=4):
+        [message] = run_checks()
+    assert message.id == "toot.W009"
+    assert 'TOOT["SENDERS"] (4) is not more than TOOT["MAX_IN_FLIGHT"] (4)' in message.msg
+
+
+def test_w009_quiet_with_the_defaults():
+    assert "toot.W009" not in ids(run_checks())
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("MAX_IN_FLIGHT", 0),
+        ("BREAKER_FAILURES", 1.5),
+        ("BREAKER_SECONDS", -1),
+        ("DISABLE_AFTER", "5 days"),
+        ("CALLBACK_RATE_LIMIT", 0),
+        ("RATE_LIMIT", float("inf")),
+    ],
+)
+def test_e002_the_isolation_settings_must_be_positive(setting, value):
+    with toot_settings(**{setting: value}):
+        [message] = run_checks()
+    assert message.id == "toot.E002" and f'TOOT["{setting}"]' in message.msg
+
+
 def test_e002_lease_seconds_must_be_a_positive_number():
     with toot_settings(LEASE_SECONDS=0):
         [message] = run_checks()

@@ -109,8 +109,8 @@ def test_a_publisher_worker_killed_mid_delivery_costs_at_most_its_lease(topology
         topology.subscribe(CHANNEL, proxy.url, batch=True)  # as the example subscriber asks
         sent = topology.publish("users.deleted.v1", {"id": 1}, count=20)
         wait_for(held.is_set, 30, "a delivery to be in flight")
-        # The drain that sent it holds it until it has an answer: the only one with work.
-        holding = {d: n for d, n in topology.claimed("publisher", queue.OUT).items() if n}
+        # The sender pool that sent it holds it until it has an answer: the only one.
+        holding = {host: n for host, n in topology.held("publisher").items() if n}
         [(drain, held_then)] = holding.items()
 
         victim, killed_at = kill_the_worker_of(topology, "publisher", drain)
@@ -226,23 +226,26 @@ def test_publish_while_redis_is_down_loses_nothing(topology):
     wait_for(lambda: topology.pending("publisher", queue.OUT) == 0, 30, "an empty queue")
 
 
-@pytest.mark.parametrize(
-    "topology", [{"name": "down", "options": {"retry_schedule": "1,1,2,2,4,4,8,8"}}], indirect=True
-)
+DOWN = {
+    "name": "down",
+    "options": {"retry_schedule": "1,1,2,2,4,4,8,8", "env": {"TOOT_BREAKER_SECONDS": "2"}},
+}
+
+
+@pytest.mark.parametrize("topology", [DOWN], indirect=True)
 def test_subscriber_down_for_a_while_gets_every_event_once(topology):
     topology.processes["subscriber-web"].stop()
-    sent_attempts = topology.log_from_now("publisher-worker")
+    log = topology.log_from_now("publisher-worker")
 
     sent = topology.publish("users.updated.v1", {"id": 1}, count=200)
 
-    def failed_thrice():
-        return {
-            i for a in attempts(sent_attempts()) if not a.ok and a.number == 3 for i in a.event_ids
-        }
+    # Failed attempts open the subscriber's circuit; a probe fails and it opens again.
+    def opened_twice():
+        text = log()
+        return "sending a probe" in text and text.count("circuit open") >= 2
 
-    # Several retry rounds: every event has failed its third attempt.
-    ids = {event["id"] for event in sent}
-    wait_for(lambda: failed_thrice() >= ids, 60, "three failed rounds")
+    wait_for(opened_twice, 60, "the circuit to open, probe and open again")
+    assert any(not a.ok for a in attempts(log()))
     topology.start_web("subscriber")
     counts = receipts_of(topology, sent)
     wait_for(lambda: counts()["lost"] == 0, 120, "every event to reach the handler")

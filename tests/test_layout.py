@@ -107,8 +107,9 @@ def test_a_lower_layer_never_imports_a_higher_one(name):
 
 
 def test_the_app_puts_the_parts_together_once_touching_nothing():
-    """The engine learns each side's processor and the outbox's relay step from
-    AppConfig.ready(), which may run again (a test runner's reload) without doubling them."""
+    """The engine learns each side's processor, the publisher's host (its senders) and its
+    relay steps (the lanes', the outbox's) from AppConfig.ready(), which may run again (a
+    test runner's reload) without doubling them."""
     from django.apps import apps
 
     from toot.engine import drain, queue, relay
@@ -118,7 +119,8 @@ def test_the_app_puts_the_parts_together_once_touching_nothing():
     apps.get_app_config("toot").ready()
 
     assert {queue.OUT: sending.process, queue.IN: handling.process} == drain.PROCESSORS
-    assert [relay.wake, outbox.relay_step] == relay.STEPS
+    assert {queue.OUT: sending.hosting} == drain.HOSTS
+    assert [relay.wake, sending.relay_step, outbox.relay_step] == relay.STEPS
 
 
 def test_the_drain_task_is_where_celery_looks_for_an_apps_tasks():

@@ -44,7 +44,7 @@ def in_a_child(answer, fork=os.fork):
 
 @pytest.mark.parametrize(
     "made",
-    [client.get_session, client._pools, sending._pools, transport._watchdog, queue._id_prefix],
+    [client.get_session, client._pools, sending.pool, transport._watchdog, queue._id_prefix],
     ids=["session", "pools", "senders", "watchdog", "ids"],
 )
 def test_toots_pools_threads_and_ids_are_one_per_process(made):

@@ -13,7 +13,7 @@ import toot
 from devtools.processes import free_port
 from tests.http_server import HTTPServer, Reply, in_order
 from tests.utils import callback_urls, sources
-from toot.publisher import store
+from toot.publisher import lanes, store
 from toot.subscriber.registration import Registration, planned_registrations, register
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -371,3 +371,29 @@ def test_a_channel_made_invalid_by_a_new_prefix_is_not_registered(peer, prefix, 
         toot.register_subscriptions()
 
     assert peer.requests == []
+
+
+# Rate limits (docs/protocol.md section 4): asked for when TOOT["RATE_LIMIT"] is set.
+
+
+def test_a_rate_limit_goes_along_with_each_registration(peer):
+    toot.subscribe("publisher", "users.updated.v1", on_user)
+
+    with sources({"RATE_LIMIT": 12.5}, publisher=f"{peer.url}/toot/subscriptions"):
+        toot.register_subscriptions()
+
+    [request] = peer.requests
+    assert request.json()["rate_limit"] == 12.5
+
+
+def test_a_rate_limit_registered_is_kept_for_the_url_by_a_toot_publisher(live_server, redis):
+    """Registered with a real publisher (the suite's own views): the lanes keep it."""
+    toot.subscribe("publisher", "users.updated.v1", on_user)
+
+    url = f"{live_server.url}/toot/subscriptions"
+    with sources({"RATE_LIMIT": 3}, publisher=url):
+        toot.register_subscriptions()
+    assert lanes.status([CALLBACK_URL])[0].rate == 3.0
+    with sources(publisher=url):  # registering again without it lifts it
+        toot.register_subscriptions()
+    assert lanes.status([CALLBACK_URL])[0].rate is None

@@ -20,7 +20,7 @@ from toot.engine import queue, relay
 from toot.engine.relay import QUIET_SECONDS, Relay
 from toot.models import OutboxEvent
 from toot.protocol.events import Event
-from toot.publisher import outbox, store
+from toot.publisher import outbox, sending, store
 
 labels = count()
 
@@ -158,8 +158,8 @@ def test_a_relay_keeps_starting_a_drain_until_the_broker_answers(
 
 
 def test_a_relay_wakes_the_queues_and_relays_the_outbox_unless_told_otherwise(probe):
-    """The app, once ready, gave the relay the publisher's outbox step."""
-    assert Relay(probe).steps == [relay.wake, outbox.relay_step]
+    """The app, once ready, gave the relay the publisher's lanes and outbox steps."""
+    assert Relay(probe).steps == [relay.wake, sending.relay_step, outbox.relay_step]
     assert Relay(probe, [relay.wake]).steps == [relay.wake]
     assert Relay(probe).daemon  # never holds a worker's exit
 

@@ -1,8 +1,9 @@
-"""The publisher's drain (toot.publisher.sending): fan out, batches, retries, real HTTP peers.
+"""The publisher's deliveries (toot.publisher.sending): fan out, batches, retries, real HTTP peers.
 
-``plan`` and ``process`` are called as a drain calls them, on items as the ``out`` queue
-holds them, against the real Redis store; the last test goes through publish() and the
-real worker.
+``process`` fans items out into the lanes as a drain calls it, on items as the ``out``
+queue holds them, against the real Redis store; the tests then send the lanes' claims
+in their own thread, as a sender thread does (tests.utils.send_due), or let the real
+worker's senders do it (the last tests).
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ from django.conf import settings
 
 import toot
 from tests.http_server import HTTPServer, Reply, in_order
-from tests.utils import WatchedLease, callback_urls, patch_toot, toot_settings
+from tests.utils import (
+    WatchedLease,
+    callback_urls,
+    patch_toot,
+    relaying_lanes,
+    send_due,
+    toot_settings,
+)
 from toot.engine import queue
 from toot.models import DeadLetter
 from toot.protocol.events import Event, batch_body, wire_json
-from toot.publisher import sending, store
-from toot.publisher.sending import Delivery, plan
+from toot.publisher import lanes, sending, store
+from toot.publisher.sending import Delivery
 
 PREFIX = "org.example.test."
 STAMP = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
@@ -37,10 +45,20 @@ EMPTY_BATCH = len(b'{"events":[]}')
 
 
 @pytest.fixture(autouse=True)
-def one_sender(monkeypatch):
-    """One delivery in flight at a time, so that these tests can name which was sent when;
-    the tests of SENDERS lanes at the end set their own."""
-    patch_toot(monkeypatch, SENDERS=1)
+def _no_sender_at_work(no_drain_at_work):
+    """The worker's senders run while a drain of the out queue does: none takes a test's
+    lanes from under it."""
+
+
+@pytest.fixture(autouse=True)
+def _lanes_relayed(request):
+    """Where the worker runs, its relay sends the lanes' retries due after a drain ended."""
+    if "celery_worker" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("celery_worker")
+    with relaying_lanes():
+        yield
 
 
 @pytest.fixture
@@ -72,21 +90,26 @@ def batch_sizes(deliveries):
     return [len(delivery.events) for delivery in deliveries]
 
 
-def process(items):
-    """sending.process as a drain calls it, items through JSON as the queue holds them."""
+def plan(items):
+    """The deliveries claimed items make: fanned out to their URLs' lanes, and each lane
+    planned whole, as one claim of all its items would be."""
+    by_url = sending.fan_out(json.loads(json.dumps(items)))
+    return [delivery for url, (_, lane) in by_url.items() for delivery in sending.plan(url, lane)]
+
+
+def process(items, keep_alive=lambda: None):
+    """sending.process as a drain calls it, items through JSON as the queue holds them,
+    then the lanes sent until nothing is due; the retries the claims scheduled."""
     items = json.loads(json.dumps(items))
-    deliveries = len(plan(items))
-    kept_alive = []
-    retries = sending.process(items, WatchedLease(lambda: kept_alive.append(1), queue.OUT))
-    assert len(kept_alive) == deliveries  # a long batch keeps its lease
-    return [(json.loads(json.dumps(item)), delay) for item, delay in retries]
+    assert sending.process(items, WatchedLease(name=queue.OUT)) == []  # none of its own
+    return send_due(keep_alive)
 
 
 def verified(request, secret):
     return standardwebhooks.Webhook(secret).verify(request.body, dict(request.headers.items()))
 
 
-# plan(): what to send --------------------------------------------------------------------
+# fan_out() and plan(): what to send -----------------------------------------------------
 
 
 def test_plan_fans_each_new_event_out_to_every_subscriber_of_its_channel(redis, caplog):
@@ -262,11 +285,12 @@ def test_plan_takes_retries_and_new_events_together(redis, channel):
 
 def test_process_sends_single_events_and_batches_signed_by_their_id(redis, channel, secret):
     events = make_events(channel, 3)
+    kept_alive = []
     with HTTPServer() as single, HTTPServer() as batch, toot_settings(SIGNING_SECRETS=[secret]):
         store.add(channel, single.url)
         store.add(channel, batch.url, batch=True)
 
-        assert process(new(events)) == []
+        assert process(new(events), lambda: kept_alive.append(1)) == []
 
     assert [verified(request, secret) for request in single.requests] == events
     assert [r.headers["webhook-id"] for r in single.requests] == ids(events)
@@ -274,6 +298,7 @@ def test_process_sends_single_events_and_batches_signed_by_their_id(redis, chann
     assert verified(request, secret) == {"events": events}
     assert BATCH_ID.fullmatch(request.headers["webhook-id"])
     assert request.headers["Content-Type"] == "application/json"
+    assert len(kept_alive) == 4  # before each request: a long claim keeps its lease
 
 
 def test_a_failed_batch_is_retried_whole_under_the_same_webhook_id(redis, channel, secret, caplog):
@@ -323,7 +348,7 @@ def test_a_retry_that_fails_again_keeps_its_id_and_first_attempt_time(redis, cha
 @pytest.mark.parametrize(
     "failure", [Reply(500, body=b"down"), Reply(hang=True)], ids=["error", "timeout"]
 )
-def test_a_url_that_failed_is_not_tried_again_in_the_same_batch(redis, channel, failure):
+def test_a_url_that_failed_is_not_tried_again_in_the_same_claim(redis, channel, failure):
     events = make_events(channel, 3)
     with (
         HTTPServer(failure) as down,
@@ -365,12 +390,11 @@ def test_a_refusal_of_one_body_holds_back_none_of_the_url_s_other_deliveries(
     assert [item["delivery"]["id"] for item, _ in retries] == [events[1]["id"]]
 
 
-def test_a_failed_batch_holds_back_the_url_s_other_batches(redis, channel, secret):
+def test_a_failed_batch_holds_back_the_url_s_other_batches(redis, channel, secret, monkeypatch):
     events = make_events(channel, 3)
-    with (
-        HTTPServer(Reply(502)) as peer,
-        toot_settings(BATCH_MAX_EVENTS=2, SIGNING_SECRETS=[secret]),
-    ):
+    # One claim takes the three events; two fit in a body.
+    monkeypatch.setattr(sending, "BATCH_MAX_BYTES", EMPTY_BATCH + 2 * len(wire_json(events[0])) + 1)
+    with HTTPServer(Reply(502)) as peer, toot_settings(SIGNING_SECRETS=[secret]):
         store.add(channel, peer.url, batch=True)
 
         retries = process(new(events))
@@ -544,70 +568,80 @@ def test_published_events_reach_a_batch_subscriber_once_each_despite_a_failure(
     assert retried.received_at > failure.received_at
 
 
-# Several deliveries in flight: lanes
+# Claims: several URLs, several requests in flight
 
 
-def test_lanes_split_one_urls_deliveries_and_give_many_urls_one_each(monkeypatch):
-    patch_toot(monkeypatch, SENDERS=4)
-
-    def deliveries(url, count):
-        return [Delivery(url, "c", [], False, f"{url}-{n}", b"{}") for n in range(count)]
-
-    one_url = sending.lanes(deliveries("a", 10))
-    assert [[d.id for d in lane] for lane in one_url] == [
-        [f"a-{n}" for n in range(start, 10, 4)] for start in range(4)
-    ]
-    assert len(sending.lanes(deliveries("a", 2))) == 2  # never an empty lane
-    many = sending.lanes(
-        [
-            *deliveries("a", 3),
-            *deliveries("b", 3),
-            *deliveries("c", 3),
-            *deliveries("d", 3),
-            *deliveries("e", 3),
-        ]
-    )
-    assert [{d.url for d in lane} for lane in many] == [{"a"}, {"b"}, {"c"}, {"d"}, {"e"}]
-    assert sending.lanes([]) == []
-
-
-def test_a_burst_to_one_subscriber_keeps_senders_deliveries_in_flight(redis, channel, monkeypatch):
-    patch_toot(monkeypatch, SENDERS=4)
-    together = threading.Barrier(4)
-    met: list[bool] = []
-
-    def answer(request):
-        # The first four requests answer only once all four have arrived: in flight at once.
-        if len(met) < 4:
-            try:
-                together.wait(timeout=10)
-                met.append(True)
-            except threading.BrokenBarrierError:
-                met.append(False)
-        return Reply(200)
-
-    events = make_events(channel, 8)
-    with HTTPServer(answer) as peer:
-        store.add(channel, peer.url)
-        assert process(new(events)) == []
-
-    assert met[:4] == [True] * 4
-    assert sorted(r.json()["id"] for r in peer.requests) == sorted(e["id"] for e in events)
-
-
-def test_with_several_lanes_a_failed_url_is_tried_at_most_once_per_lane(
-    redis, channel, monkeypatch
-):
-    patch_toot(monkeypatch, SENDERS=4)
-    events = make_events(channel, 20)
+def test_a_failing_url_is_tried_once_per_claim(redis, channel):
+    events = make_events(channel, 4 * lanes.SINGLE_PER_CLAIM)
     with HTTPServer(Reply(500)) as down:
         store.add(channel, down.url)
 
         retries = process(new(events))
-        assert 1 <= len(down.requests) <= 4
-        assert sorted(item["delivery"]["id"] for item, _ in retries) == sorted(
-            e["id"] for e in events
-        )
+        # A claim takes SINGLE_PER_CLAIM events alone: four claims, a request each.
+        assert len(down.requests) == 4
+        assert sorted(item["delivery"]["id"] for item, _ in retries) == sorted(ids(events))
 
-        down.reply = Reply(200)  # the same sending threads, for the retries
+        down.reply = Reply(200)
         assert process([item for item, _ in retries]) == []
+        assert sorted(r.json()["id"] for r in down.requests[4:]) == sorted(ids(events))
+
+
+def test_a_claim_takes_one_url_s_events_up_to_its_share(redis, channel):
+    store.add(channel, "http://single.example/cb")
+    store.add(channel, "http://batch.example/cb", batch=True)
+    events = make_events(channel, lanes.SINGLE_PER_CLAIM + 2)
+    with toot_settings(BATCH_MAX_EVENTS=3):
+        assert sending.process(new(events), WatchedLease(name=queue.OUT)) == []
+        lanes.renew("test-claims")
+        claims = []
+        while (reply := lanes.claim("test-claims", queue.new_id(), None)) and reply.claim:
+            claims.append(reply.claim)
+    taken: dict[str, list[int]] = {}
+    for claim in claims:
+        taken.setdefault(claim.url, []).append(len(claim.items))
+    assert taken == {
+        "http://single.example/cb": [lanes.SINGLE_PER_CLAIM, 2],
+        "http://batch.example/cb": [3, 3, 1],
+    }
+
+
+def test_a_burst_to_one_subscriber_keeps_up_to_max_in_flight_requests_in_flight(
+    celery_worker, eventually, channel, monkeypatch, redis
+):
+    patch_toot(monkeypatch, SENDERS=8, MAX_IN_FLIGHT=3)  # threads to spare
+    answer_now = threading.Event()
+    lock = threading.Lock()
+    in_flight, most = [0], [0]
+
+    def answer(request):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        answer_now.wait(10)
+        with lock:
+            in_flight[0] -= 1
+        return Reply(200)
+
+    suffix = f"{uuid.uuid4().hex[:8]}.v1"
+    count = 8 * lanes.SINGLE_PER_CLAIM
+    with HTTPServer(answer) as peer:
+        store.add(PREFIX + suffix, peer.url)
+        published = [toot.publish(suffix, {"n": n}).to_dict() for n in range(count)]
+
+        b = lanes.base()
+        eventually(lambda: in_flight[0] == 3, what="three requests in flight")
+        # The URL at its limit: out of the due lanes, its backlog waiting for a request
+        # of its own to return, whichever sender threads are idle.
+        eventually(
+            lambda: (
+                redis.zscore(b + "due", peer.url) is None
+                and redis.llen(b + "ready:" + peer.url) > 0
+                and int(redis.hget(b + "inflight", peer.url) or 0) == 3
+            ),
+            what="the lane held at its limit",
+        )
+        answer_now.set()
+
+        eventually(lambda: len(peer.requests) >= count, what="every event")
+    assert sorted(r.json()["id"] for r in peer.requests) == sorted(ids(published))
+    assert most[0] == 3

@@ -35,7 +35,7 @@ from toot.engine import queue
 from toot.protocol import signing
 from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, wire_json
 from toot.protocol.validation import MAX_JSON_DEPTH
-from toot.publisher import sending, store
+from toot.publisher import lanes, sending, store
 from toot.publisher.publishing import encoded
 from toot.views import MAX_SUBSCRIPTION_BYTES
 
@@ -1481,8 +1481,10 @@ def test_a_batch_with_an_event_nested_past_max_json_depth_is_refused(client, enq
 
 def publisher_bodies(channel, events):
     """The bodies toot.publisher.sending builds from ``events`` for a batched subscriber."""
-    store.add(channel, "http://batched.example/toot/callbacks", batch=True)
-    return [delivery.body for delivery in sending.plan([{"event": event} for event in events])]
+    url = "http://batched.example/toot/callbacks"
+    store.add(channel, url, batch=True)
+    _batch, lane = sending.fan_out([{"event": event} for event in events])[url]
+    return [delivery.body for delivery in sending.plan(url, lane)]
 
 
 def test_a_batch_a_toot_publisher_builds_near_the_body_limit_is_accepted(
@@ -1687,3 +1689,41 @@ def test_body_nested_past_max_json_depth_is_refused_and_at_it_accepted(
     assert_refused(refused, 400, f"nested too deeply (over {MAX_JSON_DEPTH} levels)")
     assert accepted.status_code == (200 if path == CALLBACKS else 201)
     assert len(enqueued) == (1 if path == CALLBACKS else 0)
+
+
+@pytest.mark.parametrize(
+    "rate",
+    [
+        pytest.param("10", id="string"),
+        pytest.param(True, id="true"),
+        pytest.param(0, id="zero"),
+        pytest.param(-5, id="negative"),
+        pytest.param(100_001, id="over-the-maximum"),
+        pytest.param([10], id="array"),
+    ],
+)
+def test_a_rate_limit_that_is_not_a_positive_number_answers_422_and_changes_nothing(
+    client, seeded, redis, rate
+):
+    body = {"channel": OWN_PREFIX + "new.v1", "callback_url": CALLBACK_URL, "rate_limit": rate}
+
+    response = post_json(client, SUBSCRIPTIONS, body)
+
+    assert_refused(response, 422, "rate_limit must be a number of events per second")
+    assert stored(redis) == seeded
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "1e999"])
+def test_a_rate_limit_json_cannot_hold_is_refused(client, seeded, redis, raw):
+    body = with_new_subscription(f', "rate_limit": {raw}')
+
+    assert_refused(post_raw(client, SUBSCRIPTIONS, body), 400, "body is not valid JSON")
+    assert stored(redis) == seeded
+
+
+def test_a_rate_limit_is_kept_for_the_callback_url(client, redis):
+    body = {"channel": OWN_PREFIX + "a.v1", "callback_url": CALLBACK_URL, "rate_limit": 2.5}
+
+    assert post_json(client, SUBSCRIPTIONS, body).status_code == 201
+
+    assert lanes.status([CALLBACK_URL])[0].rate == 2.5

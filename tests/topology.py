@@ -170,7 +170,30 @@ class Topology(base.Topology):
         client = self._toot_redis(role)
         try:
             base = self._queue_base(role, name)
-            return int(client.llen(f"{base}ready")) + int(client.zcard(f"{base}delayed")) + held
+            count = int(client.llen(f"{base}ready")) + int(client.zcard(f"{base}delayed")) + held
+            if name != "out":
+                return count
+            # And what waits in the lanes of toot.publisher.lanes, or is held by senders.
+            lanes = self._lanes_base(role)
+            count += int(client.zcard(f"{lanes}delayed")) + sum(self.held(role).values())
+            return count + sum(int(client.llen(k)) for k in client.scan_iter(f"{lanes}ready:*"))
+        finally:
+            client.close()
+
+    def _lanes_base(self, role: str) -> str:
+        return f"{self.key_prefixes[role]}lanes:{{out}}:"
+
+    def held(self, role: str) -> dict[str, int]:
+        """How many items each sender pool of ``role`` holds (toot.publisher.lanes' layout:
+        a claim per thread, its URL and items one per line)."""
+        client = self._toot_redis(role)
+        try:
+            base = self._lanes_base(role)
+            hosts = [str(host) for host in client.zrange(f"{base}hosts", 0, -1)]
+            return {
+                host: sum(str(claim).count("\n") for claim in client.hvals(f"{base}held:{host}"))
+                for host in hosts
+            }
         finally:
             client.close()
 
@@ -189,13 +212,14 @@ class Topology(base.Topology):
         return f"{self.key_prefixes[role]}queue:{{{name}}}:"
 
     def worker_running(self, drain_id: str) -> str | None:
-        """The name of the worker that last logged a claim for drain ``drain_id``.
+        """The name of the worker that last logged a claim for drain (or sender pool)
+        ``drain_id``.
 
         A drain hands over to a new message between batches, on any worker: the latest
         claim names the worker that holds the current one. toot logs each claim at DEBUG:
         start the topology with ``TOOT_LOG_LEVEL=DEBUG``. Log lines start with their time.
         """
-        claims = re.compile(rf"^(\S+ \S+) DEBUG toot\.engine\.drain Drain {drain_id} of the ", re.M)
+        claims = re.compile(rf"^(\S+ \S+) DEBUG toot\.\S+ (?:Drain|Senders) {drain_id} ", re.M)
         latest = {}
         for name, process in self.processes.items():
             times = claims.findall(process.log()) if process.running else []

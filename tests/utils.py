@@ -138,3 +138,60 @@ class WatchedLease(queue.Lease):
 
     def keep_alive(self) -> None:
         self.watch()
+
+
+# The host id under which tests send the publisher's lanes in their own thread.
+TEST_SENDER = "test-sender"
+
+
+def send_due(keep_alive: Callable[[], None] = lambda: None) -> list[tuple[Any, float]]:
+    """Send what the publisher's lanes have due, as a sender thread does, in the test's
+    thread: claim after claim (each ending the one before) under ``TEST_SENDER`` until
+    nothing is due. Returns the retries the claims scheduled, (item as JSON, delay), taken
+    back out of the lanes' ``delayed`` ZSET, where each must have been: the test decides
+    when they are sent again (``sending.process`` of the items)."""
+    import json
+
+    from toot.engine.connection import get_redis
+    from toot.publisher import lanes, sending
+
+    lanes.renew(TEST_SENDER)
+    retries: list[tuple[Any, float]] = []
+    ended: lanes.Claim | None = None
+    while True:
+        reply = lanes.claim(TEST_SENDER, queue.new_id(), ended)
+        assert reply is not None, "the test sender's lease ended"
+        ended = reply.claim
+        if ended is None:
+            break
+        sending.send_claim(ended, keep_alive)
+        retries += ended.retries
+    delayed = lanes.base() + "delayed"
+    client = get_redis()
+    for item, _ in retries:
+        assert client.zrem(delayed, queue.encode(item)) == 1, "a retry not scheduled"
+    return [(json.loads(queue.encode(item)), delay) for item, delay in retries]
+
+
+def relaying_lanes() -> Any:
+    """The tests' worker relay (conftest) with the publisher's lanes step too, as a
+    project's worker runs it (toot.apps): retries due after a drain ended are sent."""
+    import contextlib
+
+    from toot.engine import relay
+    from toot.publisher import sending
+
+    @contextlib.contextmanager
+    def relaying() -> Any:
+        running = relay._relay
+        steps = [] if running is None else running.steps
+        added = sending.relay_step not in steps and running is not None
+        if added:
+            steps.append(sending.relay_step)
+        try:
+            yield
+        finally:
+            if added:
+                steps.remove(sending.relay_step)
+
+    return relaying()

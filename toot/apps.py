@@ -25,8 +25,10 @@ class TootConfig(AppConfig):
         checks.register(check_security, checks.Tags.security)
 
         drain.PROCESSORS[queue.OUT] = sending.process
+        drain.HOSTS[queue.OUT] = sending.hosting
         drain.PROCESSORS[queue.IN] = handling.process
-        if outbox.relay_step not in relay.STEPS:
-            relay.STEPS.append(outbox.relay_step)
+        for step in (sending.relay_step, outbox.relay_step):
+            if step not in relay.STEPS:
+                relay.STEPS.append(step)
         worker_ready.connect(relay.on_worker_ready, dispatch_uid="toot.relay.start")
         worker_shutting_down.connect(relay.on_worker_shutting_down, dispatch_uid="toot.relay.stop")

@@ -106,6 +106,7 @@ def check_settings(
     messages += _allowed_network_warnings()
     messages += _dedupe_warnings()
     messages += _lease_warnings()
+    messages += _sender_warnings()
     return messages
 
 
@@ -150,6 +151,22 @@ def _lease_warnings() -> list[CheckMessage]:
             hint="A delivery that takes that long outlives its drain's lease, and another "
             "drain sends the same events again: raise LEASE_SECONDS or lower the timeouts.",
             id="toot.W007",
+        )
+    ]
+
+
+def _sender_warnings() -> list[CheckMessage]:
+    # A slow subscriber holds up to MAX_IN_FLIGHT sender threads: with no more than that,
+    # one can hold a worker process's every thread, and the others wait for it.
+    if conf.SENDERS > conf.MAX_IN_FLIGHT:
+        return []
+    return [
+        Warning(
+            f'TOOT["SENDERS"] ({conf.SENDERS}) is not more than TOOT["MAX_IN_FLIGHT"] '
+            f"({conf.MAX_IN_FLIGHT}).",
+            hint="One slow subscriber could hold every sender thread of a worker process, "
+            "and the others would wait for it: keep SENDERS well above MAX_IN_FLIGHT.",
+            id="toot.W009",
         )
     ]
 

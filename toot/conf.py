@@ -46,7 +46,13 @@ DEFAULTS: dict[str, Any] = {
     "DRAIN_BATCH": 100,
     "DRAIN_SECONDS": 5.0,
     "DRAIN_LINGER": 0.5,
-    "SENDERS": 8,
+    "SENDERS": 32,
+    "MAX_IN_FLIGHT": 4,
+    "BREAKER_FAILURES": 5,
+    "BREAKER_SECONDS": 30.0,
+    "DISABLE_AFTER": 5 * 24 * 3600.0,
+    "CALLBACK_RATE_LIMIT": None,
+    "RATE_LIMIT": None,
     "JSON_ENCODER": "django.core.serializers.json.DjangoJSONEncoder",
     "BATCH": True,
     "BATCH_MAX_EVENTS": 100,
@@ -130,6 +136,9 @@ class Settings:
 
     def _optional_str(self, key: str) -> str | None:
         return None if self.get(key) is None else self._str(key)
+
+    def _optional_positive(self, key: str) -> float | None:
+        return None if self.get(key) is None else self._positive(key)
 
     def _positive(self, key: str) -> float:
         value = self.get(key)
@@ -388,8 +397,39 @@ class Settings:
 
     @property
     def SENDERS(self) -> int:
-        """Deliveries a publisher's drain keeps in flight at once."""
+        """Sender threads a publisher's worker process may run, each with one request in
+        flight; started as work needs them."""
         return self._whole("SENDERS")
+
+    @property
+    def MAX_IN_FLIGHT(self) -> int:
+        """Requests in flight to one callback URL at once, across every worker."""
+        return self._whole("MAX_IN_FLIGHT")
+
+    @property
+    def BREAKER_FAILURES(self) -> int:
+        """Failed requests in a row that open a callback URL's circuit."""
+        return self._whole("BREAKER_FAILURES")
+
+    @property
+    def BREAKER_SECONDS(self) -> float:
+        """How long an open circuit waits before a probe delivery."""
+        return self._positive("BREAKER_SECONDS")
+
+    @property
+    def DISABLE_AFTER(self) -> float:
+        """Seconds of failing without a success after which a callback URL is disabled."""
+        return self._positive("DISABLE_AFTER")
+
+    @property
+    def CALLBACK_RATE_LIMIT(self) -> float | None:
+        """Events per second sent to a callback URL that asked for no rate of its own."""
+        return self._optional_positive("CALLBACK_RATE_LIMIT")
+
+    @property
+    def RATE_LIMIT(self) -> float | None:
+        """Events per second this subscriber asks its sources for, when it registers."""
+        return self._optional_positive("RATE_LIMIT")
 
     @property
     def JSON_ENCODER(self) -> type[json.JSONEncoder]:

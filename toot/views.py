@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 # A registration is two short strings; nothing legitimate comes near this.
 MAX_SUBSCRIPTION_BYTES = 16 * 1024
+# The most events per second a registration's rate_limit may ask for: more is a typo.
+MAX_RATE_LIMIT = 100_000
 
 
 def error_response(
@@ -145,14 +147,26 @@ class SubscriptionsView(TootView):
         batch = data.get("batch", False)
         if not isinstance(batch, bool):
             raise Refused(422, "batch must be true or false")
+        rate = data.get("rate_limit")
+        if rate is not None and not (
+            isinstance(rate, (int, float))
+            and not isinstance(rate, bool)
+            and 0 < rate <= MAX_RATE_LIMIT
+        ):
+            raise Refused(
+                422,
+                "rate_limit must be a number of events per second, over 0 and at most "
+                f"{MAX_RATE_LIMIT}",
+            )
         self._check_callback(callback_url)
-        added = store.add(channel, callback_url, batch=batch)
+        added = store.add(channel, callback_url, batch=batch, rate=rate)
         logger.info(
-            "Subscription %s to %s %s%s",
+            "Subscription %s to %s %s%s%s",
             callback_url,
             channel,
             "added" if added else "already there",
             ", in batches" if batch else "",
+            f", at most {rate:g} events/s" if rate else "",
         )
         return HttpResponse(status=201 if added else 204)
 

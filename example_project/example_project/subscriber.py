@@ -19,6 +19,8 @@ TOOT = {
     "CALLBACK_URL": env("TOOT_CALLBACK_URL", default="http://127.0.0.1:8002/toot/callbacks"),
     # Ask sources for batches of events (a Ruby publisher ignores it and sends single events).
     "BATCH": env.bool("TOOT_BATCH", default=True),
+    # Events per second this subscriber asks its source for at most; none: no limit.
+    "RATE_LIMIT": env.float("TOOT_RATE_LIMIT", default=None),
     "SOURCES": {
         "publisher": {
             "SUBSCRIPTION_URL": env(

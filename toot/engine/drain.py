@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from celery import Celery, shared_task
@@ -32,6 +33,15 @@ _last_warning = -math.inf
 # ready (toot.apps): the items and the drain's lease in, the retries to schedule out.
 Processor = Callable[[list[Any], queue.Lease], list[queue.Retry]]
 PROCESSORS: dict[str, Processor] = {}
+# What a queue's drain runs inside, where its side needs it (the publisher's senders):
+# entered for the run, it yields whether work of the side's is still under way, which
+# keeps the drain from ending.
+Host = Callable[[], AbstractContextManager[Callable[[], bool]]]
+HOSTS: dict[str, Host] = {}
+
+
+def _idle() -> bool:
+    return False
 
 
 # Acknowledged as it starts, whatever the project's Celery settings say: a drain's work
@@ -62,6 +72,12 @@ def drain(name: str, drain_id: str) -> int:
 
 
 def _drain(name: str, drain_id: str) -> int:
+    host = HOSTS.get(name, lambda: nullcontext(_idle))
+    with host() as busy:
+        return _run(name, drain_id, busy)
+
+
+def _run(name: str, drain_id: str, busy: Callable[[], bool]) -> int:
     process = PROCESSORS[name]
     lease = queue.Lease(name, drain_id)
     # Within the client's socket timeout, which would otherwise end the wait.
@@ -78,7 +94,7 @@ def _drain(name: str, drain_id: str) -> int:
             item = queue.wait(name, drain_id, linger)
             if item is not None:
                 items = [item]
-            elif queue.release(name, drain_id):
+            elif not busy() and queue.release(name, drain_id):
                 return count
             else:
                 continue  # work came in as the lease was about to end

@@ -175,6 +175,17 @@ return start(KEYS[1], KEYS[3], ARGV[2], ARGV[3], ARGV[4])
 )
 
 
+# KEYS: leases; ARGV: lease seconds, new drain id. Takes a lease when no drain runs.
+LEASE_IF_IDLE_SCRIPT = (
+    NOW
+    + """
+if redis.call('ZCOUNT', KEYS[1], now, '+inf') > 0 then return false end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+return ARGV[2]
+"""
+)
+
+
 def _base(queue: str) -> str:
     # The braces make every key of a queue one Redis Cluster hash slot.
     return f"{conf.KEY_PREFIX}queue:{{{queue}}}:"
@@ -306,6 +317,13 @@ def wake(queue: str) -> str | None:
     """Recover dead drains' items and due retries; returns a drain id to start, if one should."""
     args = [claimed_key(queue, ""), conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id()]
     return _optional_text(run_script(WAKE_SCRIPT, _keys(queue), args))
+
+
+def lease_if_idle(queue: str) -> str | None:
+    """A drain id to start when no drain of ``queue`` runs, for work kept elsewhere (the
+    publisher's lanes); its lease is taken."""
+    args = [conf.LEASE_SECONDS, new_id()]
+    return _optional_text(run_script(LEASE_IF_IDLE_SCRIPT, [leases_key(queue)], args))
 
 
 def pending(queue: str) -> int:

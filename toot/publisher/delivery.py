@@ -25,6 +25,9 @@ class Outcome:
     # only hide the refusal for a day; the dead letter shows it at once, and can be
     # replayed once the URL or the allow-lists are fixed.
     refused: bool = False
+    # The publisher's own settings failed (a malformed secret, a missing CA bundle): not
+    # the URL's fault, so its circuit breaker does not count it.
+    ours: bool = False
 
     @property
     def ok(self) -> bool:
@@ -70,7 +73,7 @@ def attempt(callback_url: str, channel: str, body: bytes, message_id: str) -> Ou
         headers = signing.signature_headers(message_id, body, conf.SIGNING_SECRETS)
     except ConfigError as exc:  # a bad secret: retried like a failure, so a fix loses nothing
         logger.error("Delivery %s on %s: cannot sign it: %s", message_id, channel, exc)
-        return Outcome(error=f"{type(exc).__name__}: {exc}")
+        return Outcome(error=f"{type(exc).__name__}: {exc}", ours=True)
     try:
         # The SSRF rules again: the URL's at each attempt, its host's addresses at each new
         # connection (a kept-alive one goes to an address checked when it opened).
@@ -86,7 +89,7 @@ def attempt(callback_url: str, channel: str, body: bytes, message_id: str) -> Ou
         return Outcome(error=f"{type(exc).__name__}: {exc}", refused=True)
     except ConfigError as exc:  # PROXY_URL, CA_BUNDLE or CLIENT_CERT: as a bad secret above
         logger.error("Delivery %s on %s: cannot send it: %s", message_id, channel, exc)
-        return Outcome(error=f"{type(exc).__name__}: {exc}")
+        return Outcome(error=f"{type(exc).__name__}: {exc}", ours=True)
     except client.ERRORS as exc:  # no answer, none in time, or a host that does not resolve
         return Outcome(error=client.error_text(exc, callback_url))
     outcome = Outcome(status=response.status)

@@ -1,31 +1,37 @@
-"""The publisher's drain: fan events out to their subscribers and deliver them.
+"""The publisher's deliveries: fan events out to their subscribers' lanes, and send them.
 
-Events come off the ``out`` queue (``toot.engine.queue``) in batches. A subscriber gets one POST
+Events come off the ``out`` queue (``toot.engine.queue``) in batches and go into a lane
+per callback URL (``toot.publisher.lanes``), from which sender threads
+(``toot.publisher.senders``) send them at each URL's own pace. A subscriber gets one POST
 per event, or, where it registered with ``"batch": true``, one per batch of up to
 ``BATCH_MAX_EVENTS`` events of one channel (docs/protocol.md section 7): a batch holds only
 what was already waiting, so under light load it holds one event and adds no latency.
-A failed delivery goes back to the queue as a delayed retry of the same events under the
+A failed delivery goes back to its lane as a delayed retry of the same events under the
 same webhook-id, and to the dead letters once the schedule is spent.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypedDict, final
 
+from celery import Celery
 from django.utils import timezone
 
 from toot.conf import conf
+from toot.engine import drain, queue
 from toot.engine.per_process import PerProcess
-from toot.engine.queue import FAILED_WORK_DELAY, Lease, Retry
+from toot.engine.queue import FAILED_WORK_DELAY, Lease, Retry, encode
 from toot.engine.retries import next_delay
 from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, batch_body, wire_json
-from toot.publisher import store
+from toot.publisher import lanes, store
 from toot.publisher.delivery import Outcome, attempt
+from toot.publisher.senders import Senders
 
 if TYPE_CHECKING:
     from toot.models import DeadLetter
@@ -114,100 +120,95 @@ def _chunks(events: list[dict[str, Any]], encoded: list[str]) -> Iterator[tuple[
             yield events[start:end], batch_body(encoded[start:end])
             start, size = end, BATCH_WRAPPER_BYTES
         size += len(text) + 1  # and its comma
-    yield events[start:], batch_body(encoded[start:])  # plan() never passes no events
+    yield events[start:], batch_body(encoded[start:])  # never called with no events
 
 
-def plan(items: list[OutItem]) -> list[Delivery]:
-    """The deliveries for claimed items: retries as they were, new events fanned out."""
-    deliveries: list[Delivery] = []
-    by_channel: dict[str, list[dict[str, Any]]] = {}
+def fan_out(items: list[OutItem]) -> dict[str, tuple[bool, list[str]]]:
+    """What each callback URL's lane gets for claimed items: (batch flag, lane items)."""
+    by_url: dict[str, tuple[bool, list[str]]] = {}
+    by_channel: dict[str, list[tuple[dict[str, Any], str]]] = {}
     for item in items:
-        if "delivery" in item:
-            deliveries.append(Delivery.from_item(item["delivery"]))
+        if "delivery" in item:  # queued by a toot from before the lanes: sent as it was
+            record = item["delivery"]
+            by_url.setdefault(record["url"], (False, []))[1].append(encode(item))
         else:
-            by_channel.setdefault(item["event"]["channel"], []).append(item["event"])
+            event = item["event"]
+            by_channel.setdefault(event["channel"], []).append((event, wire_json(event)))
     if not by_channel:
-        return deliveries
+        return by_url
     for channel, urls in store.subscribers(by_channel).items():
-        events = by_channel[channel]
-        for event in events:
+        for event, _ in by_channel[channel]:
             logger.info(
                 "Event %s on %s: sending to %d subscribers", event["id"], channel, len(urls)
             )
-        encoded = [wire_json(event) for event in events]
-        chunks = list(_chunks(events, encoded)) if any(batch for _, batch in urls) else []
         for url, batch in urls:
-            if batch:
-                deliveries += [
-                    Delivery(url, channel, chunk, True, uuid.uuid4().hex, body)
-                    for chunk, body in chunks
-                ]
-            else:
-                deliveries += [
-                    Delivery(url, channel, [event], False, event["id"], text.encode())
-                    for event, text in zip(events, encoded, strict=True)
-                ]
-    return deliveries
-
-
-def lanes(deliveries: list[Delivery]) -> list[list[Delivery]]:
-    """The deliveries in about ``SENDERS`` lanes, each of one URL, sent one after another.
-
-    A URL with many deliveries (one subscriber, a burst of single events) gets several
-    lanes; many URLs get a lane each.
-    """
-    by_url: dict[str, list[Delivery]] = {}
-    for delivery in deliveries:
-        by_url.setdefault(delivery.url, []).append(delivery)
-    per_url = max(1, conf.SENDERS // max(1, len(by_url)))
-    return [group[i::per_url] for group in by_url.values() for i in range(min(per_url, len(group)))]
-
-
-# This process's sender threads, by their number: a pool per value of SENDERS.
-_pools: PerProcess[dict[int, ThreadPoolExecutor]] = PerProcess(dict)
-
-
-def senders(count: int) -> ThreadPoolExecutor:
-    pools = _pools()
-    pool = pools.get(count)
-    if pool is None:  # two drains of the process may make one each: one is kept
-        pool = pools.setdefault(count, ThreadPoolExecutor(count, thread_name_prefix="toot-send"))
-    return pool
+            prefix = lanes.BATCHED if batch else lanes.SINGLE
+            was_batch, lane = by_url.setdefault(url, (batch, []))
+            by_url[url] = (was_batch or batch, lane)
+            lane += [prefix + text for _, text in by_channel[channel]]
+    return by_url
 
 
 def process(items: list[OutItem], lease: Lease) -> list[Retry]:
-    """Send the claimed items' deliveries; returns the retries to schedule.
+    """Fan the claimed items out to their URLs' lanes, for this process's senders (and
+    every other's) to send; schedules no retries of its own."""
+    by_url = fan_out(items)
+    if by_url:
+        lanes.push(by_url)
+        pool().nudge()
+    return []
 
-    Up to ``SENDERS`` deliveries are in flight at once: most of a delivery's time is spent
-    waiting for the subscriber. A URL that failed as a whole (Outcome.of_the_url) is not
-    tried again in the same batch: its other deliveries count the same failure, so that
-    one unreachable subscriber costs one timeout, not one each. Outcomes are settled
-    (logged, retried, dead-lettered) here, in the drain's own thread.
+
+def plan(url: str, items: list[str]) -> list[Delivery]:
+    """The deliveries for a claim of ``url``'s lane: events alone, in batches of one
+    channel, and retries as they were."""
+    deliveries: list[Delivery] = []
+    batched: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
+    for item in items:
+        if item.startswith(lanes.SINGLE):
+            text = item[1:]
+            event = json.loads(text)
+            deliveries.append(
+                Delivery(url, event["channel"], [event], False, event["id"], text.encode())
+            )
+        elif item.startswith(lanes.BATCHED):
+            event = json.loads(item[1:])
+            events, texts = batched.setdefault(event["channel"], ([], []))
+            events.append(event)
+            texts.append(item[1:])
+        else:
+            deliveries.append(Delivery.from_item(json.loads(item)["delivery"]))
+    for channel, (events, texts) in batched.items():
+        deliveries += [
+            Delivery(url, channel, chunk, True, uuid.uuid4().hex, body)
+            for chunk, body in _chunks(events, texts)
+        ]
+    return deliveries
+
+
+def send_claim(claim: lanes.Claim, keep_alive: Callable[[], None]) -> None:
+    """Send a claim's deliveries one after another; sets its outcome and retries.
+
+    A URL that failed as a whole (Outcome.of_the_url) is not tried again in the same
+    claim: its other deliveries count the same failure, so that an unreachable subscriber
+    costs one timeout, not one each. How it went feeds the URL's circuit breaker.
     """
-    failed: dict[str, Outcome] = {}
-
-    def send(lane: list[Delivery]) -> list[tuple[Delivery, Outcome]]:
-        sent = []
-        for delivery in lane:
-            lease.keep_alive()
-            outcome = failed.get(delivery.url)
-            if outcome is None:
-                outcome = attempt(delivery.url, delivery.channel, delivery.body, delivery.id)
-                if outcome.of_the_url:
-                    failed.setdefault(delivery.url, outcome)
-            sent.append((delivery, outcome))
-        return sent
-
-    planned = lanes(plan(items))
-    many = len(planned) > 1
-    results = senders(conf.SENDERS).map(send, planned) if many else map(send, planned)
+    failed: Outcome | None = None
+    answered = False
     retries: list[Retry] = []
-    for delivery, outcome in (pair for lane in results for pair in lane):
+    for delivery in plan(claim.url, claim.items):
+        outcome = failed
+        if outcome is None:
+            keep_alive()
+            outcome = attempt(delivery.url, delivery.channel, delivery.body, delivery.id)
+            if outcome.of_the_url:
+                failed = outcome
+            else:
+                answered = True
         try:
             retry = settle(delivery, outcome)
         except Exception:
-            # The database down as a dead letter is written, say. Raising would put the
-            # whole batch back, to be sent again to every subscriber: only this delivery
+            # The database down as a dead letter is written, say: only this delivery
             # waits, as if this attempt had not been made.
             logger.exception(
                 "Delivery %s to %s: cannot record its outcome; trying it again in %.0fs",
@@ -218,7 +219,33 @@ def process(items: list[OutItem], lease: Lease) -> list[Retry]:
             retry = delivery.as_item(), FAILED_WORK_DELAY
         if retry is not None:
             retries.append(retry)
-    return retries
+    claim.retries = retries
+    if failed is not None and not (failed.gone or failed.refused or failed.ours):
+        claim.outcome = lanes.FAILED
+    elif answered:
+        claim.outcome = lanes.OK
+
+
+# This process's sender threads (a new pool after a fork).
+pool: PerProcess[Senders] = PerProcess(lambda: Senders(send_claim))
+
+
+def hosting() -> AbstractContextManager[Callable[[], bool]]:
+    """What a drain of the out queue runs inside: this process's senders at work."""
+    return pool().hosting()
+
+
+def relay_step(app: Celery) -> None:
+    """The relay's share of the lanes: turn what waits for disabled URLs into dead
+    letters, give back what dead pools held, and start a drain (and so senders) where a
+    lane is due and no drain runs."""
+    for url, items in lanes.take_disabled().items():
+        outcome = Outcome(error="the callback URL is disabled (toot_callbacks --enable)")
+        for delivery in plan(url, items):
+            for event in delivery.events:
+                bury_delivery(event, url, delivery.attempts, outcome, delivery.first_attempt_at)
+    if lanes.wake() == 0:
+        drain.start(queue.OUT, queue.lease_if_idle(queue.OUT), app)
 
 
 def settle(delivery: Delivery, outcome: Outcome) -> Retry | None:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from toot.conf import conf
 from toot.engine.connection import as_text, get_redis, run_script
+from toot.publisher import lanes
 
 # Add and remove keep the channel index and the batch flags in step with the channel's
 # set, atomically. KEYS: channel set, index, batch set; ARGV: url, channel, batch (0/1).
@@ -44,13 +45,16 @@ def _batch_key(channel: str) -> str:
     return f"{conf.KEY_PREFIX}batch:{channel}"
 
 
-def add(channel: str, callback_url: str, *, batch: bool = False) -> bool:
+def add(channel: str, callback_url: str, *, batch: bool = False, rate: float | None = None) -> bool:
     """Subscribe ``callback_url`` to ``channel``; False if it already was.
 
-    ``batch`` is remembered either way: registering again without it turns batches off.
+    ``batch`` and ``rate`` (events per second, for the URL on every channel) are
+    remembered either way: registering again without them turns them off.
     """
     keys = [_channel_key(channel), _index_key(), _batch_key(channel)]
-    return bool(run_script(ADD_SCRIPT, keys, [callback_url, channel, int(batch)]))
+    added = bool(run_script(ADD_SCRIPT, keys, [callback_url, channel, int(batch)]))
+    lanes.set_rate(callback_url, rate)
+    return added
 
 
 def remove(channel: str, callback_url: str) -> bool:

@@ -35,6 +35,8 @@ class Registration:
         body: dict[str, object] = {"callback_url": self.callback_url, "channel": self.channel}
         if conf.BATCH:  # a Ruby publisher ignores it (PROTOCOL.md section 7)
             body["batch"] = True
+        if conf.RATE_LIMIT is not None:  # ignored by a Ruby publisher too
+            body["rate_limit"] = conf.RATE_LIMIT
         return json.dumps(body)
 
     @property
