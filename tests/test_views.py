@@ -31,12 +31,12 @@ from tests.broker import broker_unreachable_and_no_drain
 from tests.utils import callback_urls, store_contents
 from toot import Event, subscribe
 from toot.conf import conf
-from toot.engine import queue
 from toot.protocol import signing
 from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, wire_json
 from toot.protocol.validation import MAX_JSON_DEPTH
 from toot.publisher import sending, store
 from toot.publisher.publishing import encoded
+from toot.subscriber import handling
 from toot.views import MAX_SUBSCRIPTION_BYTES
 
 pytestmark = pytest.mark.usefixtures("handled_while_subscribed")
@@ -704,12 +704,10 @@ def test_unreachable_store_answers_503(client, redis, method, path, extra):
     assert_refused(response, 503, "unavailable")
 
 
-IN_QUEUE = f"{settings.TOOT['KEY_PREFIX']}queue:{{{queue.IN}}}:"  # toot.engine.queue's key layout
-
-
-def waiting(redis):
-    """The events ready on the ``in`` queue, oldest first, that no drain has claimed."""
-    return [json.loads(item)["event"] for item in redis.lrange(IN_QUEUE + "ready", 0, -1)]
+def waiting(redis, lane):
+    """The events ready on the ``lane``, oldest first, that no drain has claimed."""
+    ready = f"{settings.TOOT['KEY_PREFIX']}queue:{{{lane}}}:ready"  # toot.engine.queue's layout
+    return [json.loads(item)["event"] for item in redis.lrange(ready, 0, -1)]
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["event", "batch"])
@@ -739,19 +737,20 @@ def test_a_broker_failure_when_starting_the_drain_still_answers_200_and_the_even
     # No drain at work (the fixture waited): only one started for this batch could take it.
     channel, handler = subscribed
     events = batch_of(channel, 3)
+    lane = handling.lane(handling.handler_name(handler))
 
     with (
-        broker_unreachable_and_no_drain(queue.IN),
+        broker_unreachable_and_no_drain(lane),
         caplog.at_level(logging.WARNING, logger="toot.engine.drain"),
     ):
         response = post_json(client, CALLBACKS, {"events": events})
-        waiting_then, handled_then = waiting(redis), handler.called
+        waiting_then, handled_then = waiting(redis, lane), handler.called
 
     assert response.status_code == 200
     assert [job["id"] for job in enqueued] == ids_of(events)
     assert ids_of(waiting_then) == ids_of(events)  # safe in Redis, in order
     assert not handled_then
-    assert "Cannot start a drain of the in queue now" in caplog.text
+    assert f"Cannot start a drain of the {lane} queue now" in caplog.text
     # Once the broker answers, the relay starts a drain.
     eventually(lambda: handler.call_count == 3, what="the handler to run for each event")
     assert handled_ids(handler) == sorted(ids_of(events))

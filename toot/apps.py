@@ -26,6 +26,7 @@ class TootConfig(AppConfig):
 
         drain.PROCESSORS[queue.OUT] = sending.process
         drain.PROCESSORS[queue.IN] = handling.process
+        drain.ROUTERS[queue.IN] = handling.celery_queue
         if outbox.relay_step not in relay.STEPS:
             relay.STEPS.append(outbox.relay_step)
         worker_ready.connect(relay.on_worker_ready, dispatch_uid="toot.relay.start")

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from celery import Celery, shared_task
@@ -28,10 +28,16 @@ logger = logging.getLogger(__name__)
 QUIET_SECONDS = 60.0
 _last_warning = -math.inf
 
-# What works through a claimed batch of each queue, given by its side when the app is
-# ready (toot.apps): the items and the drain's lease in, the retries to schedule out.
+# What works through a claimed batch of each queue (and of its lanes), given by its side
+# when the app is ready (toot.apps): the items and the drain's lease in, the retries to
+# schedule out.
 Processor = Callable[[list[Any], queue.Lease], list[queue.Retry]]
 PROCESSORS: dict[str, Processor] = {}
+# The Celery queue that a lane's drains are sent to, if not the task's default, by the
+# queue the lane belongs to: the subscriber routes a handler's lane where subscribe(...,
+# queue=...) says.
+Router = Callable[[str], str | None]
+ROUTERS: dict[str, Router] = {}
 
 
 # Acknowledged as it starts, whatever the project's Celery settings say: a drain's work
@@ -62,7 +68,7 @@ def drain(name: str, drain_id: str) -> int:
 
 
 def _drain(name: str, drain_id: str) -> int:
-    process = PROCESSORS[name]
+    process = PROCESSORS[queue.kind(name)]
     lease = queue.Lease(name, drain_id)
     # Within the client's socket timeout, which would otherwise end the wait.
     batch, seconds, linger = conf.DRAIN_BATCH, conf.DRAIN_SECONDS, conf.DRAIN_LINGER
@@ -100,8 +106,15 @@ def enqueue(name: str, items: Sequence[str], app: Celery | None = None) -> None:
     start(name, queue.push_encoded(name, items), app)
 
 
+def enqueue_many(pushes: Mapping[str, Sequence[str]]) -> None:
+    """``enqueue`` onto several lanes in one round trip to Redis (``queue.push_many``)."""
+    for name, drain_id in queue.push_many(pushes).items():
+        start(name, drain_id)
+
+
 def start(name: str, drain_id: str | None, app: Celery | None = None) -> None:
-    """Send a drain for the lease ``drain_id`` (from queue.push or queue.wake), if any.
+    """Send a drain for the lease ``drain_id`` (from queue.push or queue.wake), if any, to
+    the Celery queue its router names.
 
     When the broker is unreachable the lease is given up, and the relay starts a drain
     once the broker answers: the items themselves are safe in Redis.
@@ -109,7 +122,10 @@ def start(name: str, drain_id: str | None, app: Celery | None = None) -> None:
     if drain_id is None:
         return
     try:
-        send_now(drain if app is None else app.tasks[drain.name], (name, drain_id))
+        router = ROUTERS.get(queue.kind(name))
+        celery_queue = router(name) if router else None
+        options = {} if celery_queue is None else {"queue": celery_queue}
+        send_now(drain if app is None else app.tasks[drain.name], (name, drain_id), **options)
     except BROKER_ERRORS as exc:
         global _last_warning
         level = logging.DEBUG
