@@ -118,6 +118,7 @@ def test_the_app_puts_the_parts_together_once_touching_nothing():
     apps.get_app_config("toot").ready()
 
     assert {queue.OUT: sending.process, queue.IN: handling.process} == drain.PROCESSORS
+    assert {queue.IN: handling.celery_queue} == drain.ROUTERS
     assert [relay.wake, outbox.relay_step] == relay.STEPS
 
 

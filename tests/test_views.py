@@ -31,6 +31,7 @@ from tests.broker import broker_unreachable_and_no_drain
 from tests.utils import callback_urls, store_contents
 from toot import Event, subscribe
 from toot.conf import conf
+from toot.engine import queue
 from toot.protocol import signing
 from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, wire_json
 from toot.protocol.validation import MAX_JSON_DEPTH
@@ -1200,6 +1201,32 @@ def ids_of(events):
 
 def handled_ids(handler):
     return sorted(call.args[0].id for call in handler.call_args_list)
+
+
+def test_each_handler_gets_the_events_on_a_lane_of_its_own_in_one_push(
+    client, celery_worker, eventually, enqueued, channel, monkeypatch
+):
+    first, second = new_handler(), new_handler()
+    subscribe("publisher", channel.removeprefix(SOURCE_PREFIX), first)
+    subscribe("publisher", channel.removeprefix(SOURCE_PREFIX), second)
+    pushes: list[dict[str, Any]] = []
+    push_many = queue.push_many
+    monkeypatch.setattr(queue, "push_many", lambda lanes: pushes.append(lanes) or push_many(lanes))
+    events = batch_of(channel, 2)
+
+    response = post_json(client, CALLBACKS, {"events": events})
+
+    assert response.status_code == 200
+    [pushed] = pushes  # one round trip for every lane
+    assert {
+        lane: [(item["event"]["id"], item["handlers"]) for item in map(json.loads, items)]
+        for lane, items in pushed.items()
+    } == {
+        handling.lane(name): [(event["id"], [name]) for event in events]
+        for name in handling.handlers_by_name(channel)
+    }
+    assert len(pushed) == 2
+    eventually(lambda: handled_ids(first) == handled_ids(second) == sorted(ids_of(events)))
 
 
 def test_batch_queues_every_event_in_order_and_each_runs_every_handler(
