@@ -1211,7 +1211,12 @@ def test_each_handler_gets_the_events_on_a_lane_of_its_own_in_one_push(
     subscribe("publisher", channel.removeprefix(SOURCE_PREFIX), second)
     pushes: list[dict[str, Any]] = []
     push_many = queue.push_many
-    monkeypatch.setattr(queue, "push_many", lambda lanes: pushes.append(lanes) or push_many(lanes))
+
+    def spy(lanes):
+        pushes.append(lanes)
+        return push_many(lanes)
+
+    monkeypatch.setattr(queue, "push_many", spy)
     events = batch_of(channel, 2)
 
     response = post_json(client, CALLBACKS, {"events": events})

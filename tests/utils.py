@@ -113,7 +113,7 @@ def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:
 
     def push_many(pushes: Any) -> dict[str, str | None]:
         drains = real_push_many(pushes)
-        pushed = {}
+        pushed: dict[str, dict[str, Any]] = {}
         for queue_name, items in pushes.items():
             if queue.kind(queue_name) == name:
                 for item in map(json.loads, items):

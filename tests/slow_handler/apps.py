@@ -15,5 +15,8 @@ class SlowHandlerConfig(AppConfig):
 
         # SLOW_HANDLER_QUEUE routes its drains to a Celery queue of their own.
         toot.subscribe(
-            "publisher", CHANNEL, handlers.report_requested, queue=settings.SLOW_HANDLER_QUEUE
+            "publisher",
+            CHANNEL,
+            handlers.report_requested,
+            queue=getattr(settings, "SLOW_HANDLER_QUEUE", None),
         )
