@@ -361,7 +361,7 @@ class _Received(TypedDict):
 
 class InItem(_Received, total=False):
     """An in queue item: an event the callbacks endpoint received, whose handlers are to
-    run; or, with ``handlers``, a retry of those alone."""
+    run: with ``handlers``, those alone (its lane's handler, or a retry's failed ones)."""
 
     handlers: list[str]
     attempts: int
