@@ -221,6 +221,32 @@ def test_e004_subscription_to_an_undefined_source():
     assert message.obj is handler
 
 
+# toot.W008
+
+
+def other_handler(event):
+    pass
+
+
+def test_w008_a_handler_subscribed_with_two_celery_queues():
+    toot.subscribe("publisher", "users.updated.v1", handler, queue="slow")
+    toot.subscribe("publisher", "users.deleted.v1", handler)
+    toot.subscribe("publisher", "users.deleted.v1", other_handler, queue="slow")
+
+    [message] = check_subscriptions()
+    assert message.id == "toot.W008"
+    assert message.level == WARNING
+    assert message.obj == "tests.test_checks.handler"
+    assert "'slow', None" in message.msg
+
+
+def test_w008_not_for_a_handler_given_one_queue_on_every_channel():
+    toot.subscribe("publisher", "users.updated.v1", handler, queue="slow")
+    toot.subscribe("publisher", "users.deleted.v1", handler, queue="slow")
+
+    assert check_subscriptions() == []
+
+
 # toot.E005
 
 

@@ -17,8 +17,11 @@ from devtools.processes import wait_for
 from tests.http_server import HTTPServer
 from tests.topology import PREFIX, Topology, attempts, count, event_ids
 from toot.engine import queue
+from toot.subscriber import handling
 
 CHANNEL = f"{PREFIX}users.deleted.v1"
+# The lane of the in queue where the example's handler of users.updated.v1 runs.
+UPDATED_LANE = handling.lane("example_app.handlers.user_updated")
 
 
 @pytest.fixture
@@ -154,7 +157,7 @@ def test_a_subscriber_worker_killed_mid_batch_costs_at_most_its_lease(topology):
     counts = receipts_of(topology, sent)
 
     def a_big_batch():
-        held = topology.claimed("subscriber", queue.IN)
+        held = topology.claimed("subscriber", UPDATED_LANE)
         big = [d for d, n in held.items() if n >= 50 and topology.worker_running(d)]
         return big and (big[0], held[big[0]])
 
@@ -165,7 +168,7 @@ def test_a_subscriber_worker_killed_mid_batch_costs_at_most_its_lease(topology):
     deadline = LEASE_SECONDS + 30
     wait_for(lambda: counts()["lost"] == 0, deadline, "every event to reach the handler")
     seconds = time.monotonic() - killed_at
-    wait_for(lambda: topology.pending("subscriber", queue.IN) == 0, 30, "an empty queue")
+    wait_for(lambda: topology.pending("subscriber", UPDATED_LANE) == 0, 30, "an empty queue")
     dead_letters = topology.count_rows("subscriber", "DeadLetter")
     report(
         f"kill -9 {victim} mid-batch",

@@ -281,6 +281,21 @@ def test_a_claim_of_a_live_drain_is_already_running(redis):
     assert calls == []
 
 
+def test_a_claim_held_by_a_live_drain_of_the_handlers_lane_is_running(redis):
+    calls: list[str] = []
+    handler = recorder(calls, "laned")
+    subscribe("publisher", "users.updated.v1", handler)
+    event, name = new_event(), handler_name(handler)
+    lane = handling.lane(name)
+    redis.zadd(queue.leases_key(lane), {"lane-drain": redis_now(redis) + 60})
+    hold_claim(redis, event, name, holder="lane-drain")
+
+    [failures] = run_many([(event, [name])], WatchedLease(name=lane))
+
+    assert isinstance(failures[name], AlreadyRunning)
+    assert calls == []
+
+
 @pytest.mark.parametrize("lease", ["ended", "given back"])
 def test_the_claims_of_a_drain_whose_lease_ended_are_taken_over_at_once(redis, caplog, lease):
     """A worker killed mid-batch: the next drain runs what it had claimed, without waiting."""

@@ -89,6 +89,41 @@ def test_push_appends_in_order_and_claim_takes_the_oldest_first(redis, name):
     assert queue.claim(name, "drain", 10) == items(1, 2, 3)
 
 
+def encoded(*labels: Any) -> list[str]:
+    return [queue.encode(item) for item in items(*labels)]
+
+
+def test_push_many_pushes_onto_each_lane_and_lists_the_lanes_for_the_relay(redis, name):
+    first, second = f"{name}:first", f"{name}:second"
+    holding(redis, second)  # a drain runs there: the push starts none
+
+    drains = queue.push_many({first: encoded(1, 2), second: encoded(3)})
+
+    assert drains[first] is not None
+    assert drains[second] is None
+    assert (ready(redis, first), ready(redis, second)) == (items(1, 2), items(3))
+    assert {first, second} <= set(queue.lanes())
+    assert queue.kind(first) == queue.kind(name) == name
+
+
+def test_push_many_loads_its_script_where_redis_forgot_it(redis, name):
+    redis.script_flush()  # a restarted Redis
+
+    assert queue.push_many({f"{name}:lane": encoded(1)})[f"{name}:lane"] is not None
+    assert ready(redis, f"{name}:lane") == items(1)
+
+
+def test_push_many_raises_what_redis_refused_once_the_other_lanes_are_pushed(redis, name):
+    """A pipeline, not a transaction: the caller's retry pushes again, and the handlers'
+    done marks keep the lanes pushed twice from running twice."""
+    broken, fine = f"{name}:broken", f"{name}:fine"
+    redis.set(queue._keys(broken)[0], "not a list")
+
+    with pytest.raises(redis_py.ResponseError, match="WRONGTYPE"):
+        queue.push_many({broken: encoded(1), fine: encoded(2)})
+    assert ready(redis, fine) == items(2)
+
+
 def test_push_starts_a_drain_when_none_runs_and_more_as_the_backlog_grows(redis, name):
     backlog = queue.BACKLOG_PER_DRAIN
     with max_drains(2):

@@ -49,6 +49,23 @@ def test_subscribe_decorator_syntax():
     assert registry.handlers_for("org.example.publisher.users.updated.v1") == [handler]
 
 
+def test_subscribe_takes_the_celery_queue_of_the_handlers_drains_in_both_forms():
+    toot.subscribe("publisher", "users.updated.v1", on_user, queue="slow")
+
+    @toot.subscribe("publisher", "users.deleted.v1", queue="slower")
+    def on_delete(event):
+        pass
+
+    assert [sub.queue for sub in registry.subscriptions] == ["slow", "slower"]
+
+
+def test_a_handler_subscribed_again_with_another_queue_runs_once():
+    toot.subscribe("publisher", "users.updated.v1", on_user)
+    toot.subscribe("publisher", "users.updated.v1", on_user, queue="slow")
+
+    assert registry.handlers_for("org.example.publisher.users.updated.v1") == [on_user]
+
+
 def test_subscribe_plain_form_returns_the_function():
     assert toot.subscribe("publisher", "users.updated.v1", on_user) is on_user
     assert registry.handlers_for("org.example.publisher.users.updated.v1") == [on_user]

@@ -120,6 +120,23 @@ def test_a_relay_starts_a_drain_where_work_waits_every_relay_interval(
     assert len({drain_id for _, drain_id in started(probe)}) == 3
 
 
+def test_a_relay_wakes_a_lane_whose_only_work_is_a_retry(probe, own_queues, eventually):
+    lane = f"{own_queues.in_}:a.handler"
+    [drain_id] = queue.push_many({lane: [queue.encode({"n": 1})]}).values()
+    assert drain_id is not None
+    assert queue.claim(lane, drain_id, 100) == [{"n": 1}]
+    queue.claim(lane, drain_id, 0, [({"n": 1}, 0.3)])  # it failed: a retry, in 0.3 s
+    assert queue.release(lane, drain_id)  # nothing ready or due: that drain ends
+
+    def started_for_the_lane():
+        relay.wake(probe)
+        return [drain for name, drain in started(probe) if name == lane]
+
+    eventually(started_for_the_lane, what="the relay to start a drain of the lane")
+    [woken] = started_for_the_lane()
+    assert queue.claim(lane, woken, 100, first=True) == [{"n": 1}]
+
+
 def test_a_relay_gives_a_dead_drains_batch_back_and_starts_a_drain(
     probe, own_queues, running, eventually, redis
 ):

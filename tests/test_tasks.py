@@ -14,6 +14,7 @@ from celery.signals import task_postrun
 from django.conf import settings
 
 from devtools.processes import free_port
+from tests.broker import probe_app, queued
 from tests.http_server import HTTPServer, Reply, in_order
 from tests.utils import (
     callback_urls,
@@ -28,9 +29,11 @@ from tests.utils import (
 from toot.conf import conf
 from toot.engine import drain as tasks
 from toot.engine import queue
+from toot.engine.connection import get_redis
 from toot.models import DeadLetter
 from toot.protocol.events import Event
 from toot.publisher import lanes, sending, store
+from toot.subscriber import handling
 from toot.subscriber.registry import subscribe
 
 
@@ -334,6 +337,91 @@ def test_a_handled_event_is_not_handled_again(celery_worker, eventually):
     eventually(lambda: Event.from_dict(marker) in seen)
 
     assert seen == [Event.from_dict(event), Event.from_dict(marker)]
+
+
+# The in queue's lanes: a handler's events wait, run and are retried apart from others'
+
+
+def handle_in_lanes(event: dict[str, Any], *names: str) -> None:
+    """What the callback view does with an event it received: a push onto each handler's lane."""
+    item = {"event": event}
+    tasks.enqueue_many(
+        {handling.lane(name): [queue.encode({**item, "handlers": [name]})] for name in names}
+    )
+
+
+def test_a_failing_handlers_retries_stay_in_its_lane(celery_worker, eventually, monkeypatch):
+    calls = {"good": 0, "flaky": 0}
+
+    def good(event):
+        calls["good"] += 1
+
+    def flaky(event):
+        calls["flaky"] += 1
+        if calls["flaky"] < 3:
+            raise RuntimeError("boom")
+
+    subscribe("publisher", "users.updated.v1", good)
+    subscribe("publisher", "users.updated.v1", flaky)
+    retried: list[str] = []
+    claim = queue.claim
+
+    def spy(name, drain_id, limit, retries=(), **options):
+        retried.extend(name for _ in retries)
+        return claim(name, drain_id, limit, retries, **options)
+
+    monkeypatch.setattr(queue, "claim", spy)
+    channel = "org.example.publisher.users.updated.v1"
+    handle_in_lanes(make_event(channel), *handling.handlers_by_name(channel))
+
+    eventually(lambda: calls["flaky"] == 3)
+    assert calls == {"good": 1, "flaky": 3}
+    assert retried == [handling.lane(handling.handler_name(flaky))] * 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_for_a_handler_gone_from_its_lane_is_retried_there_then_dead_lettered(
+    celery_worker, eventually
+):
+    """A deploy removed the handler after the callback queued its event: kept visible."""
+    gone = "tests.test_tasks.removed_handler"
+    event = make_event("org.example.publisher.users.updated.v1")
+
+    handle_in_lanes(event, gone)
+
+    eventually(DeadLetter.objects.exists)
+    letter = DeadLetter.objects.get()
+    assert (letter.handler, letter.event) == (gone, event)
+    assert letter.attempts == 1 + len(settings.TOOT["RETRY_SCHEDULE"])
+    assert "is not subscribed to" in letter.last_error
+    assert queue.pending(handling.lane(gone)) == 0
+
+
+def test_a_lanes_drain_goes_to_the_celery_queue_its_handler_is_subscribed_with():
+    routed = f"{conf.KEY_PREFIX}slow-{uuid.uuid4().hex[:8]}"
+    default = f"{conf.KEY_PREFIX}default-{uuid.uuid4().hex[:8]}"
+
+    def slow(event):
+        pass
+
+    def fast(event):
+        pass
+
+    subscribe("publisher", "users.updated.v1", slow, queue=routed)
+    subscribe("publisher", "users.updated.v1", fast)
+    with probe_app(default) as app:
+        for handler in (slow, fast):
+            tasks.start(
+                handling.lane(handling.handler_name(handler)), f"drain-{handler.__name__}", app
+            )
+
+        assert queued(routed) == [
+            ("toot.drain", [handling.lane(handling.handler_name(slow)), "drain-slow"], {})
+        ]
+        assert queued(default) == [
+            ("toot.drain", [handling.lane(handling.handler_name(fast)), "drain-fast"], {})
+        ]
+    get_redis().delete(routed, default)
 
 
 # How a drain works through its queue

@@ -37,6 +37,7 @@ from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, wire_json
 from toot.protocol.validation import MAX_JSON_DEPTH
 from toot.publisher import lanes, sending, store
 from toot.publisher.publishing import encoded
+from toot.subscriber import handling
 from toot.views import MAX_SUBSCRIPTION_BYTES
 
 pytestmark = pytest.mark.usefixtures("handled_while_subscribed")
@@ -704,12 +705,10 @@ def test_unreachable_store_answers_503(client, redis, method, path, extra):
     assert_refused(response, 503, "unavailable")
 
 
-IN_QUEUE = f"{settings.TOOT['KEY_PREFIX']}queue:{{{queue.IN}}}:"  # toot.engine.queue's key layout
-
-
-def waiting(redis):
-    """The events ready on the ``in`` queue, oldest first, that no drain has claimed."""
-    return [json.loads(item)["event"] for item in redis.lrange(IN_QUEUE + "ready", 0, -1)]
+def waiting(redis, lane):
+    """The events ready on the ``lane``, oldest first, that no drain has claimed."""
+    ready = f"{settings.TOOT['KEY_PREFIX']}queue:{{{lane}}}:ready"  # toot.engine.queue's layout
+    return [json.loads(item)["event"] for item in redis.lrange(ready, 0, -1)]
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["event", "batch"])
@@ -739,19 +738,20 @@ def test_a_broker_failure_when_starting_the_drain_still_answers_200_and_the_even
     # No drain at work (the fixture waited): only one started for this batch could take it.
     channel, handler = subscribed
     events = batch_of(channel, 3)
+    lane = handling.lane(handling.handler_name(handler))
 
     with (
-        broker_unreachable_and_no_drain(queue.IN),
+        broker_unreachable_and_no_drain(lane),
         caplog.at_level(logging.WARNING, logger="toot.engine.drain"),
     ):
         response = post_json(client, CALLBACKS, {"events": events})
-        waiting_then, handled_then = waiting(redis), handler.called
+        waiting_then, handled_then = waiting(redis, lane), handler.called
 
     assert response.status_code == 200
     assert [job["id"] for job in enqueued] == ids_of(events)
     assert ids_of(waiting_then) == ids_of(events)  # safe in Redis, in order
     assert not handled_then
-    assert "Cannot start a drain of the in queue now" in caplog.text
+    assert f"Cannot start a drain of the {lane} queue now" in caplog.text
     # Once the broker answers, the relay starts a drain.
     eventually(lambda: handler.call_count == 3, what="the handler to run for each event")
     assert handled_ids(handler) == sorted(ids_of(events))
@@ -1201,6 +1201,37 @@ def ids_of(events):
 
 def handled_ids(handler):
     return sorted(call.args[0].id for call in handler.call_args_list)
+
+
+def test_each_handler_gets_the_events_on_a_lane_of_its_own_in_one_push(
+    client, celery_worker, eventually, enqueued, channel, monkeypatch
+):
+    first, second = new_handler(), new_handler()
+    subscribe("publisher", channel.removeprefix(SOURCE_PREFIX), first)
+    subscribe("publisher", channel.removeprefix(SOURCE_PREFIX), second)
+    pushes: list[dict[str, Any]] = []
+    push_many = queue.push_many
+
+    def spy(lanes):
+        pushes.append(lanes)
+        return push_many(lanes)
+
+    monkeypatch.setattr(queue, "push_many", spy)
+    events = batch_of(channel, 2)
+
+    response = post_json(client, CALLBACKS, {"events": events})
+
+    assert response.status_code == 200
+    [pushed] = pushes  # one round trip for every lane
+    assert {
+        lane: [(item["event"]["id"], item["handlers"]) for item in map(json.loads, items)]
+        for lane, items in pushed.items()
+    } == {
+        handling.lane(name): [(event["id"], [name]) for event in events]
+        for name in handling.handlers_by_name(channel)
+    }
+    assert len(pushed) == 2
+    eventually(lambda: handled_ids(first) == handled_ids(second) == sorted(ids_of(events)))
 
 
 def test_batch_queues_every_event_in_order_and_each_runs_every_handler(

@@ -21,7 +21,7 @@ import requests
 from django.conf import settings
 
 from devtools import topology as base
-from devtools.processes import Process, free_port, wait_for
+from devtools.processes import WORKER_READY, Process, celery_worker_argv, free_port, wait_for
 from devtools.redis_server import redis_server_binary
 from tests.http_server import RecordedRequest, Reply
 
@@ -146,6 +146,13 @@ class Topology(base.Topology):
             if server is not None:
                 server.stop()
         return said
+
+    def start_queue_worker(self, role: str, name: str, celery_queue: str) -> Process:
+        """A Celery worker of ``role``, named ``name``, that consumes ``celery_queue`` only."""
+        argv = celery_worker_argv("example_project", f"{self.prefix}-{name}@%h", self.concurrency)
+        process = self.project_process(name, role, [*argv, "--queues", celery_queue])
+        process.wait_for_log(WORKER_READY)
+        return process
 
     def log_from_now(self, name: str) -> Callable[[], str]:
         """What process ``name`` logs from now on."""

@@ -93,7 +93,8 @@ def patch_toot(monkeypatch: Any, **options: Any) -> None:
 
 
 def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:
-    """The events pushed onto queue ``name`` from now on, as pushed.
+    """The events pushed onto queue ``name`` or its lanes from now on, as pushed, each once
+    per push however many lanes it went to.
 
     A spy, not a stand-in: every push still goes to Redis, and is recorded once it did.
     """
@@ -102,7 +103,7 @@ def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:
     from toot.engine import queue
 
     events: list[dict[str, Any]] = []
-    real_push = queue.push_encoded
+    real_push, real_push_many = queue.push_encoded, queue.push_many
 
     def push_encoded(queue_name: str, items: Any) -> str | None:
         drain_id = real_push(queue_name, items)
@@ -110,7 +111,18 @@ def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:
             events.extend(json.loads(item)["event"] for item in items)
         return drain_id
 
+    def push_many(pushes: Any) -> dict[str, str | None]:
+        drains = real_push_many(pushes)
+        pushed: dict[str, dict[str, Any]] = {}
+        for queue_name, items in pushes.items():
+            if queue.kind(queue_name) == name:
+                for item in map(json.loads, items):
+                    pushed.setdefault(item["event"]["id"], item["event"])
+        events.extend(pushed.values())
+        return drains
+
     monkeypatch.setattr(queue, "push_encoded", push_encoded)
+    monkeypatch.setattr(queue, "push_many", push_many)
     return events
 
 

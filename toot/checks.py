@@ -20,6 +20,7 @@ from toot.engine.retries import JITTER
 from toot.exceptions import ConfigError
 from toot.protocol.signing import secret_error
 from toot.protocol.validation import CHANNEL_RE, url_error
+from toot.subscriber.handling import handler_name
 from toot.subscriber.registry import registry
 
 DOCS_HINT = "See the Configuration section of toot's README."
@@ -283,6 +284,20 @@ def check_subscriptions(
         )
         for sub in registry.subscriptions
         if sub.source not in sources
+    ]
+    queues: dict[str, list[str | None]] = {}
+    for sub in registry.subscriptions:
+        queues.setdefault(handler_name(sub.handler), []).append(sub.queue)
+    messages += [
+        Warning(
+            f"{name} is subscribed with different Celery queues: {', '.join(map(repr, named))}.",
+            hint="A handler's drains go to one Celery queue, the first subscription's: give "
+            "every subscription of the handler the same queue=.",
+            obj=name,
+            id="toot.W008",
+        )
+        for name, named in queues.items()
+        if len(set(named)) > 1
     ]
     return messages
 

@@ -33,6 +33,7 @@ from toot.protocol.validation import (
     url_error,
 )
 from toot.publisher import store
+from toot.subscriber import handling
 from toot.subscriber.handling import InItem
 from toot.subscriber.registry import registry
 
@@ -228,8 +229,17 @@ class CallbackView(TootView):
             response = HttpResponse(status=200)
             response["X-Toot-Unsubscribe"] = "True"
             return response
-        # All or none: one atomic push. MAX_JSON_DEPTH keeps every event serializable.
-        drain.enqueue(queue.IN, [queue.encode(InItem(event=event.to_dict())) for event in events])
+        # One round trip: each handler's lane gets every event, all or none, so that a slow
+        # handler holds back only its own. A lane that failed is pushed again by the
+        # publisher's retry, and the done marks keep the lanes that did not from running
+        # twice. MAX_JSON_DEPTH keeps every event serializable.
+        wire = [event.to_dict() for event in events]
+        drain.enqueue_many(
+            {
+                handling.lane(name): [queue.encode(InItem(event=e, handlers=[name])) for e in wire]
+                for name in handling.handlers_by_name(channel)
+            }
+        )
         logger.info("%s on %s: received, handlers queued", what, channel)
         return HttpResponse(status=200)
 

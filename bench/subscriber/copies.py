@@ -11,8 +11,8 @@ second delivery of the same event arriving while the first runs would even be re
   ``EXAMPLE_RECEIPTS_KEY``;
 * ``CopyMiddleware`` notes the ``copy`` of a callback request (toot's callback view ignores
   the query string, so every copy goes through the same, unchanged view), and a wrapper of
-  ``toot.engine.queue.encode`` names that copy's handler in the ``handlers`` of each item
-  the view queues (the field toot's own retries use to run only some handlers).
+  ``toot.engine.drain.enqueue_many`` pushes the request's events onto that copy's
+  handler's lane only (each handler has a lane of its own).
 
 So every delivery runs exactly one handler, keyed (event id, copy): N events to M URLs
 make N x M receipts, and the benchmark counts losses and duplicates by (event id, copy).
@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 import toot
 from bench.subscriber import CHANNEL
-from toot.conf import conf
-from toot.engine import queue as toot_queue
+from toot.engine import drain as toot_drain
 from toot.engine.connection import get_redis
+from toot.subscriber import handling
 from toot.subscriber.handling import handler_name
 
 SOURCE = "publisher"
@@ -68,14 +67,14 @@ def install(copies: int) -> None:
         handler = make_handler(copy)
         _handler_names[copy] = handler_name(handler)
         toot.subscribe(SOURCE, CHANNEL, handler)
-    encode = toot_queue.encode
+    enqueue_many = toot_drain.enqueue_many
 
-    def encode_routed(item: Mapping[str, Any]) -> str:
-        # Only the callback view encodes items while a request's copy is set.
+    def enqueue_routed(pushes: Mapping[str, Sequence[str]]) -> None:
+        # Only the callback view pushes onto lanes while a request's copy is set.
         copy = _copy.get()
-        return encode(item if copy is None else route_copy(item, copy))
+        enqueue_many(pushes if copy is None else route_copy(pushes, copy))
 
-    toot_queue.encode = encode_routed
+    toot_drain.enqueue_many = enqueue_routed
 
 
 class CopyMiddleware:
@@ -98,10 +97,9 @@ class CopyMiddleware:
             _copy.reset(token)
 
 
-def route_copy(item: Mapping[str, Any], copy: int) -> Mapping[str, Any]:
-    """The queued item of a bench.v1 event, to run only the copy's handler."""
-    channel = conf.source(SOURCE).channel_prefix + CHANNEL
-    if item["event"].get("channel") != channel or "handlers" in item:
-        return item
-    # Unknown copies name no handler: nothing runs, and the benchmark sees a loss.
-    return {**item, "handlers": [_handler_names.get(copy, f"bench_copy_{copy}:unknown")]}
+def route_copy(pushes: Mapping[str, Sequence[str]], copy: int) -> dict[str, Sequence[str]]:
+    """What the callback view pushes for a request to copy ``copy``: onto its handler's
+    lane only, of the copies' lanes (an unknown copy's on none: the benchmark sees a loss)."""
+    copy_lanes = {handling.lane(name) for name in _handler_names.values()}
+    own = handling.lane(_handler_names.get(copy, f"bench_copy_{copy}:unknown"))
+    return {lane: items for lane, items in pushes.items() if lane == own or lane not in copy_lanes}

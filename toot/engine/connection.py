@@ -8,12 +8,14 @@ their SHA.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.client import Pipeline
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from toot.conf import conf
@@ -55,10 +57,41 @@ def new_client(url: str, timeout: float) -> redis.Redis:
 def run_script(text: str, keys: Sequence[str], args: Iterable[Any]) -> Any:
     """Run a Lua script by its SHA (EVALSHA), loading it once per server."""
     client = get_redis()
+    return _script(client, text)(keys=keys, args=list(args), client=client)
+
+
+def run_scripts(
+    calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]],
+    before: Callable[[Pipeline], object] = lambda pipe: None,
+) -> list[Any]:
+    """Run several Lua scripts (text, keys, args) in one round trip, after the commands
+    that ``before`` adds to the pipeline; the scripts' results, in order.
+
+    A pipeline, not a transaction. A script the server has not loaded (after a restart)
+    runs again through ``run_script``, which loads it: redis-py's own pipelined scripts
+    would ask the server which it has on every call, a second round trip.
+    """
+    client = get_redis()
+    with client.pipeline(transaction=False) as pipe:
+        before(pipe)
+        skipped = len(pipe)
+        for text, keys, args in calls:
+            pipe.evalsha(_script(client, text).sha, len(keys), *keys, *args)
+        results = pipe.execute(raise_on_error=False)[skipped:]
+    for result in results:
+        if isinstance(result, Exception) and not isinstance(result, NoScriptError):
+            raise result
+    return [
+        run_script(*call) if isinstance(result, NoScriptError) else result
+        for call, result in zip(calls, results, strict=True)
+    ]
+
+
+def _script(client: redis.Redis, text: str) -> Script:
     script = _scripts.get(text)
     if script is None:
         script = _scripts[text] = client.register_script(text)
-    return script(keys=keys, args=list(args), client=client)
+    return script
 
 
 def as_text(value: Any) -> str:

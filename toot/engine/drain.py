@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 QUIET_SECONDS = 60.0
 _last_warning = -math.inf
 
-# What works through a claimed batch of each queue, given by its side when the app is
-# ready (toot.apps): the items and the drain's lease in, the retries to schedule out.
+# What works through a claimed batch of each queue (and of its lanes), given by its side
+# when the app is ready (toot.apps): the items and the drain's lease in, the retries to
+# schedule out.
 Processor = Callable[[list[Any], queue.Lease], list[queue.Retry]]
 PROCESSORS: dict[str, Processor] = {}
 # What a queue's drain runs inside, where its side needs it (the publisher's senders):
@@ -38,6 +39,11 @@ PROCESSORS: dict[str, Processor] = {}
 # keeps the drain from ending.
 Host = Callable[[], AbstractContextManager[Callable[[], bool]]]
 HOSTS: dict[str, Host] = {}
+# The Celery queue that a lane's drains are sent to, if not the task's default, by the
+# queue the lane belongs to: the subscriber routes a handler's lane where subscribe(...,
+# queue=...) says.
+Router = Callable[[str], str | None]
+ROUTERS: dict[str, Router] = {}
 
 
 def _idle() -> bool:
@@ -72,13 +78,13 @@ def drain(name: str, drain_id: str) -> int:
 
 
 def _drain(name: str, drain_id: str) -> int:
-    host = HOSTS.get(name, lambda: nullcontext(_idle))
+    host = HOSTS.get(queue.kind(name), lambda: nullcontext(_idle))
     with host() as busy:
         return _run(name, drain_id, busy)
 
 
 def _run(name: str, drain_id: str, busy: Callable[[], bool]) -> int:
-    process = PROCESSORS[name]
+    process = PROCESSORS[queue.kind(name)]
     lease = queue.Lease(name, drain_id)
     # Within the client's socket timeout, which would otherwise end the wait.
     batch, seconds, linger = conf.DRAIN_BATCH, conf.DRAIN_SECONDS, conf.DRAIN_LINGER
@@ -116,8 +122,15 @@ def enqueue(name: str, items: Sequence[str], app: Celery | None = None) -> None:
     start(name, queue.push_encoded(name, items), app)
 
 
+def enqueue_many(pushes: Mapping[str, Sequence[str]]) -> None:
+    """``enqueue`` onto several lanes in one round trip to Redis (``queue.push_many``)."""
+    for name, drain_id in queue.push_many(pushes).items():
+        start(name, drain_id)
+
+
 def start(name: str, drain_id: str | None, app: Celery | None = None) -> None:
-    """Send a drain for the lease ``drain_id`` (from queue.push or queue.wake), if any.
+    """Send a drain for the lease ``drain_id`` (from queue.push or queue.wake), if any, to
+    the Celery queue its router names.
 
     When the broker is unreachable the lease is given up, and the relay starts a drain
     once the broker answers: the items themselves are safe in Redis.
@@ -125,7 +138,10 @@ def start(name: str, drain_id: str | None, app: Celery | None = None) -> None:
     if drain_id is None:
         return
     try:
-        send_now(drain if app is None else app.tasks[drain.name], (name, drain_id))
+        router = ROUTERS.get(queue.kind(name))
+        celery_queue = router(name) if router else None
+        options = {} if celery_queue is None else {"queue": celery_queue}
+        send_now(drain if app is None else app.tasks[drain.name], (name, drain_id), **options)
     except BROKER_ERRORS as exc:
         global _last_warning
         level = logging.DEBUG

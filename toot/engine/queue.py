@@ -3,7 +3,11 @@
 One Celery message per event (fan out, deliver, handle) cost more CPU than the delivery
 itself. Instead, publishing and the callback endpoint push events onto a Redis list, and
 a few drain tasks take them off in batches. Each queue (``out``: deliveries to send,
-``in``: handlers to run) lives under ``KEY_PREFIX + "queue:{name}:"``:
+``in``: handlers to run) lives under ``KEY_PREFIX + "queue:{name}:"``. A queue may have
+lanes, ``<queue>:<lane>``, each a queue of its own with its own drains, pushed to with
+``push_many`` and listed in the ``KEY_PREFIX + "queue:lanes"`` SET for the relay to wake:
+the subscriber's ``in`` has one per handler, so that a slow handler holds back only its
+own events. Each queue (or lane) holds:
 
 - ``ready``: a LIST of items waiting, oldest first;
 - ``delayed``: a ZSET of items scored by when they are due (failed attempts);
@@ -29,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from toot.conf import conf
-from toot.engine.connection import as_text, get_redis, run_script
+from toot.engine.connection import as_text, get_redis, run_script, run_scripts
 from toot.engine.per_process import PerProcess
 from toot.exceptions import LeaseLost
 
@@ -186,6 +190,11 @@ return ARGV[2]
 )
 
 
+def kind(queue: str) -> str:
+    """The queue a lane belongs to (``in`` for ``in:<handler>``); a queue's is its own."""
+    return queue.partition(":")[0]
+
+
 def _base(queue: str) -> str:
     # The braces make every key of a queue one Redis Cluster hash slot.
     return f"{conf.KEY_PREFIX}queue:{{{queue}}}:"
@@ -255,6 +264,33 @@ def push_encoded(queue: str, items: Sequence[str]) -> str | None:
     """``push`` for items already encoded: publish() encodes its event only once."""
     args = [conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id(), *items]
     return _optional_text(run_script(PUSH_SCRIPT, _keys(queue)[::2], args))
+
+
+def push_many(pushes: Mapping[str, Sequence[str]]) -> dict[str, str | None]:
+    """``push_encoded`` onto several lanes in one round trip; the drain id to start, if any,
+    of each.
+
+    A pipeline, not a transaction: each lane's items are all or none, but a failure may
+    leave some lanes pushed and others not, which the caller's retry pushes again. Every
+    lane joins the set that ``lanes()`` reads, for the relay to wake.
+    """
+    calls = [
+        (PUSH_SCRIPT, _keys(name)[::2], [conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id(), *items])
+        for name, items in pushes.items()
+    ]
+    drains = run_scripts(calls, before=lambda pipe: pipe.sadd(_lanes_key(), *pushes))
+    return {name: _optional_text(drain) for name, drain in zip(pushes, drains, strict=True)}
+
+
+def lanes() -> list[str]:
+    """Every lane pushed to under this KEY_PREFIX: those the relay wakes, besides QUEUES."""
+    return sorted(as_text(name) for name in get_redis().smembers(_lanes_key()))
+
+
+def _lanes_key() -> str:
+    # Never emptied: a lane's name is a handler's, so the set stays as small as the
+    # handlers a project ever had, and a lane found empty costs the relay one call.
+    return f"{conf.KEY_PREFIX}queue:lanes"
 
 
 def claim(

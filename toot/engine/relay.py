@@ -30,7 +30,7 @@ Step = Callable[[Celery], object]
 
 
 def wake(app: Celery) -> None:
-    for name in queue.QUEUES:
+    for name in (*queue.QUEUES, *queue.lanes()):
         drain.start(name, queue.wake(name), app)
 
 

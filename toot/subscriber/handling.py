@@ -70,18 +70,19 @@ DEFER_SECONDS = 5.0
 DETACHED = "~"
 HOUR = 3600
 
-# KEYS: the in queue's leases, then (done hash, claim key) per (event, handler); ARGV:
-# the claims' lifetime in ms, the owner (a drain's lease id, or a detached token), then a
-# field per pair. Returns, per pair: "done"; "running" when a live owner holds the claim
-# (a detached one, or a drain whose lease has not ended); "claimed"; "taken:<owner>"
-# when it was a dead drain's; "twice" for a pair already met in this call.
+# KEYS: the in queue's leases, then (done hash, claim key, leases of the handler's lane)
+# per (event, handler); ARGV: the claims' lifetime in ms, the owner (a drain's lease id, or
+# a detached token), then a field per pair. Returns, per pair: "done"; "running" when a
+# live owner holds the claim (a detached one, or a drain, of the lane or of the in queue,
+# whose lease has not ended); "claimed"; "taken:<owner>" when it was a dead drain's;
+# "twice" for a pair already met in this call.
 CLAIM_SCRIPT = (
     NOW
     + """
 local owner = ARGV[2]
 local seen, states = {}, {}
-for i = 2, #KEYS, 2 do
-  local field, claim = ARGV[i / 2 + 2], KEYS[i + 1]
+for i = 2, #KEYS, 3 do
+  local field, claim = ARGV[(i + 1) / 3 + 2], KEYS[i + 1]
   local state
   if seen[claim] then
     state = 'twice'
@@ -89,7 +90,8 @@ for i = 2, #KEYS, 2 do
     state = 'done'
   else
     local held = redis.call('GET', claim)
-    local lease = held and redis.call('ZSCORE', KEYS[1], held)
+    local lease = held and (redis.call('ZSCORE', KEYS[i + 2], held)
+      or redis.call('ZSCORE', KEYS[1], held))
     if held and held ~= owner
         and (string.sub(held, 1, 1) == '~' or (lease and tonumber(lease) > now)) then
       state = 'running'
@@ -199,6 +201,22 @@ def handlers_by_name(channel: str) -> dict[str, Handler]:
     return named
 
 
+def lane(name: str) -> str:
+    """The in queue's lane of the handler ``name``: its events wait, are retried and are
+    drained there, apart from other handlers' (a slow one holds back only its own)."""
+    return f"{IN}:{name}"
+
+
+def celery_queue(lane: str) -> str | None:
+    """The Celery queue that the lane's drains go to: its handler's ``subscribe(...,
+    queue=...)``, the first subscription's if there are several (toot.W008); None for
+    the task's own."""
+    base = lane.partition(":")[2].partition("#")[0]  # "#2": a same-named handler's
+    return next(
+        (sub.queue for sub in registry.subscriptions if handler_name(sub.handler) == base), None
+    )
+
+
 def _field(event: Event, name: str) -> bytes:
     return hashlib.blake2b(f"{event.id}\0{name}".encode(), digest_size=16).digest()
 
@@ -289,7 +307,9 @@ def run_many(
         lifetime = conf.LEASE_SECONDS
     else:
         owner, detached, lifetime = lease.id, DETACHED + lease.id, ORPHAN_SECONDS
-    keys = [leases_key(IN), *chain(*pairs)]
+    keys = [leases_key(IN)]
+    for (_, _, name, _), pair in zip(planned, pairs, strict=True):
+        keys += [*pair, leases_key(lane(name))]
     states = run_script(CLAIM_SCRIPT, keys, [int(lifetime * 1000), owner, *fields])
     beating = heartbeat()
     # A run of its own holds every claim from the start; a drain's lease holds its own.
@@ -341,7 +361,7 @@ class _Received(TypedDict):
 
 class InItem(_Received, total=False):
     """An in queue item: an event the callbacks endpoint received, whose handlers are to
-    run; or, with ``handlers``, a retry of those alone."""
+    run: with ``handlers``, those alone (its lane's handler, or a retry's failed ones)."""
 
     handlers: list[str]
     attempts: int

@@ -17,6 +17,7 @@ class Subscription(NamedTuple):
     source: str
     channel: str  # the suffix; the source's CHANNEL_PREFIX completes it
     handler: Handler
+    queue: str | None = None  # the Celery queue of the handler's drains; None: the default
 
     @property
     def full_channel(self) -> str:
@@ -27,10 +28,12 @@ class Registry:
     def __init__(self) -> None:
         self._subscriptions: list[Subscription] = []
 
-    def register(self, source: str, channel: str, handler: Handler) -> None:
+    def register(
+        self, source: str, channel: str, handler: Handler, queue: str | None = None
+    ) -> None:
         if not callable(handler):
             raise TypeError(f"toot handler must be callable, not {handler!r}")
-        subscription = Subscription(source, channel, handler)
+        subscription = Subscription(source, channel, handler, queue)
         check_channel(subscription.full_channel)  # raises ConfigError for an unknown source
         if subscription not in self._subscriptions:
             self._subscriptions.append(subscription)
@@ -55,25 +58,34 @@ class Registry:
         ]
 
     def handlers_for(self, channel: str) -> list[Handler]:
-        return [handler for _, handler in self.matching(channel)]
+        # Once each: subscribed again with another queue, a handler still runs once.
+        handlers: list[Handler] = []
+        for _, handler in self.matching(channel):
+            if handler not in handlers:
+                handlers.append(handler)
+        return handlers
 
 
 registry = Registry()
 
 
 @overload
-def subscribe(source: str, channel: str) -> Callable[[H], H]: ...
+def subscribe(source: str, channel: str, *, queue: str | None = None) -> Callable[[H], H]: ...
 @overload
-def subscribe(source: str, channel: str, handler: H) -> H: ...
-def subscribe(source: str, channel: str, handler: H | None = None) -> H | Callable[[H], H]:
+def subscribe(source: str, channel: str, handler: H, *, queue: str | None = None) -> H: ...
+def subscribe(
+    source: str, channel: str, handler: H | None = None, *, queue: str | None = None
+) -> H | Callable[[H], H]:
     """Run ``handler(event)`` for every event on ``channel`` of ``source``.
 
     Use it as ``@subscribe(source, channel)`` or ``subscribe(source, channel, handler)``,
-    from an ``AppConfig.ready()`` so that web and worker processes both see it.
+    from an ``AppConfig.ready()`` so that web and worker processes both see it. Each
+    handler has its events drained apart from the others'; ``queue`` sends those drains
+    to a Celery queue of its own, for a worker of their own (``celery worker -Q queue``).
     """
 
     def decorator(func: H) -> H:
-        registry.register(source, channel, func)
+        registry.register(source, channel, func, queue)
         return func
 
     return decorator if handler is None else decorator(handler)
