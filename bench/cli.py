@@ -307,7 +307,8 @@ class Run:
                 "commit": git_commit(),
                 "loadavg": {"start": os.getloadavg()[0]},
                 "options": {
-                    **asdict(options),
+                    # read_timeout below, only when given: the default run's JSON stays as it was.
+                    **{k: v for k, v in asdict(options).items() if k != "read_timeout"},
                     "events": args.events,
                     "copies": self.copies,
                     "rates": args.rates,
