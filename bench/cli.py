@@ -447,15 +447,15 @@ class Run:
                     self.results["modes"].append(
                         {"mode": mode, "copies": copies, "deliveries_per_s": burst.deliveries_per_s}
                     )
-                rate = burst.deliveries_per_s if burst is not None else None
+                measured = burst.deliveries_per_s if burst is not None else None
                 if self.slow is not None:
                     slowed = self.with_slow(
                         what, functools.partial(self.burst, mode, copies, events), burst
                     )
-                    if rate is None and isinstance(slowed, Burst):
-                        rate = slowed.deliveries_per_s
+                    if measured is None and isinstance(slowed, Burst):
+                        measured = slowed.deliveries_per_s
                 if copies == 1:
-                    base_rate = rate
+                    base_rate = measured
             self.topology.subscribe_copies(1)
         if not args.skip_paced:
             for rate in args.rates:
@@ -527,7 +527,7 @@ class Run:
             entry["without"] = {"deliveries_per_s": without.deliveries_per_s}
             if without.deliveries_per_s:
                 entry["ratio"] = result.deliveries_per_s / without.deliveries_per_s
-                say(f"  {entry['ratio']:.0%} of the throughput without them (target: 80 %)")
+                say(f"  {entry['ratio']:.1%} of the throughput without them (target: 80 %)")
         elif isinstance(result, Paced) and isinstance(without, Paced):
             entry["without"] = {"latency_ms": without.latency_ms}
             before, after = without.latency_ms["p50"], result.latency_ms["p50"]
