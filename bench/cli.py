@@ -159,9 +159,10 @@ def parser() -> argparse.ArgumentParser:
 
     beside = p.add_argument_group(
         "slow subscribers beside the measured one (issue 15)",
-        "More callback URLs on the measured channel, served by bench/slow.py, that answer "
-        "late or never. With --slow, the burst and paced runs are measured with them "
-        "subscribed; after each, the benchmark waits up to --slow-wait for them to get "
+        # Wrapped here: the parser's formatter keeps descriptions as written.
+        "More callback URLs on the measured channel, served by bench/slow.py, that answer\n"
+        "late or never. With --slow, the burst and paced runs are measured with them\n"
+        "subscribed; after each, the benchmark waits up to --slow-wait for them to get\n"
         "every event (not counted in the run's figures) and reports what each got.",
     )
     beside.add_argument(
@@ -545,7 +546,8 @@ class Run:
         if not settled["settled"]:
             self.note(
                 f"{what}: the slow URLs had not got every event {self.args.slow_wait:g}s after "
-                "the run; what follows starts while the publisher still works through them"
+                "the run (--slow-wait); a run after it starts while the publisher still works "
+                "through them"
             )
         topology.subscribe_slow([])
         section["runs"].append(entry)
