@@ -15,6 +15,9 @@ one channel, and then measures, in one run:
 * CPU milliseconds per delivery of each process tree, peak RSS, and losses and
   duplicates, counted by (event id, copy of the URL): both must be zero.
 
+With ``--slow``, the bursts and paced runs are measured with slow callback URLs on the
+channel too, beside the measured subscriber (issue 15; see bench/slow.py).
+
 It prints a table, writes bench-results/<time>.json, draws bench-results/<time>.png
 when matplotlib is installed, and ends with one line per delivery mode and M:
 ``mode=<single|batch> M=<m> deliveries_per_s=<x>``. See bench/subscriber/ for how M

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import platform
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import procstat, report, steadiness
-from bench.measure import Driver, batch_available, driver_peak_rss_mib
+from bench import procstat, report, slow, steadiness
+from bench.measure import Burst, Driver, Paced, Published, batch_available, driver_peak_rss_mib
 from bench.topology import BenchError, Options, Topology
 from devtools.processes import ROOT
 from devtools.topology import TopologyError
@@ -49,6 +51,13 @@ def positive_list(kind: type[float] | type[int]) -> Any:
         return values
 
     return parse
+
+
+def slow_spec(text: str) -> list[slow.Delay]:
+    try:
+        return slow.parse_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def modes(text: str) -> list[str]:
@@ -148,6 +157,44 @@ def parser() -> argparse.ArgumentParser:
         help="events for --memory (default 100000)",
     )
 
+    beside = p.add_argument_group(
+        "slow subscribers beside the measured one (issue 15)",
+        # Wrapped here: the parser's formatter keeps descriptions as written.
+        "More callback URLs on the measured channel, served by bench/slow.py, that answer\n"
+        "late or never. With --slow, the burst and paced runs are measured with them\n"
+        "subscribed; after each, the benchmark waits up to --slow-wait for them to get\n"
+        "every event (not counted in the run's figures) and reports what each got.",
+    )
+    beside.add_argument(
+        "--slow",
+        type=slow_spec,
+        metavar="SPEC",
+        help="the slow URLs: <count>x<seconds>s answers 200 after that long, "
+        "<count>xsilent never answers (the publisher hangs up after READ_TIMEOUT); "
+        "comma-separated, e.g. 1x1s or 3x3s,1xsilent",
+    )
+    beside.add_argument(
+        "--slow-compare",
+        action="store_true",
+        help="with --slow: run each burst and paced run first without the slow URLs, then "
+        "with them, and report the ratio",
+    )
+    beside.add_argument(
+        "--slow-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="after each run with the slow URLs, how long to wait at most for them to get "
+        "every event, or for the publisher to give up (default 60)",
+    )
+    beside.add_argument(
+        "--read-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the publisher's READ_TIMEOUT: how long a delivery waits for an answer "
+        "(default: toot's, 15)",
+    )
+
     how = p.add_argument_group("the topology")
     how.add_argument(
         "--concurrency",
@@ -243,9 +290,13 @@ class Run:
             concurrency=args.concurrency,
             signed=not args.unsigned,
             copies=max(self.copies),
+            read_timeout=args.read_timeout,
         )
         self.topology = Topology(options)
         self.driver = Driver(self.topology, say)
+        self.slow = (
+            slow.SlowCallbacks(args.slow, self.topology.log_dir) if args.slow is not None else None
+        )
         self.started = dt.datetime.now(dt.timezone.utc)
         self.results: dict[str, Any] = {
             "meta": {
@@ -257,11 +308,22 @@ class Run:
                 "commit": git_commit(),
                 "loadavg": {"start": os.getloadavg()[0]},
                 "options": {
-                    **asdict(options),
+                    # read_timeout below, only when given: the default run's JSON stays as it was.
+                    **{k: v for k, v in asdict(options).items() if k != "read_timeout"},
                     "events": args.events,
                     "copies": self.copies,
                     "rates": args.rates,
                     "duration": args.duration,
+                    **({"read_timeout": args.read_timeout} if args.read_timeout else {}),
+                    **(
+                        {
+                            "slow": slow.describe(args.slow),
+                            "slow_compare": args.slow_compare,
+                            "slow_wait": args.slow_wait,
+                        }
+                        if args.slow
+                        else {}
+                    ),
                 },
                 **versions(),
             },
@@ -271,6 +333,18 @@ class Run:
             "modes": [],
             "notes": [],
         }
+        if self.slow is not None:
+            self.results["slow"] = {
+                "spec": slow.describe(args.slow),
+                "urls": [
+                    {"url": url, "answers": slow.describe_delay(delay)}
+                    for url, delay in zip(self.slow.urls, args.slow, strict=True)
+                ],
+                "compare": args.slow_compare,
+                "wait": args.slow_wait,
+                "publisher": {},
+                "runs": [],
+            }
         self.clean = True
         self.mode_started = False
 
@@ -288,6 +362,9 @@ class Run:
             else "$TOOT_REDIS_URL (shared; not counted)"
         )
         say(f"Redis: {self.results['meta']['redis']}")
+        if self.slow is not None:
+            self.slow.start()
+            say(f"Slow callback URLs ({slow.describe(args.slow)}): {self.slow.url}/slow/<i>")
         for mode in args.modes:
             reason = batch_available() if mode == "batch" else None
             if reason is not None:
@@ -360,35 +437,145 @@ class Run:
                 self.topology.subscribe_copies(copies)
                 if copies > 1:
                     driver.warm_up(copies, events=5)
-                say(
-                    f"Burst mode={mode} M={copies}: {events} events, "
-                    f"{events * copies} deliveries ..."
+                what = (
+                    f"Burst mode={mode} M={copies}: {events} events, {events * copies} deliveries"
                 )
-                burst = driver.burst(mode, copies, events, stall=args.stall, grace=1.0)
+                burst: Burst | None = None
+                if self.slow is None or args.slow_compare:
+                    say(f"{what} ...")
+                    burst = self.burst(mode, copies, events)
+                    self.results["bursts"].append(asdict(burst))
+                    self.results["modes"].append(
+                        {"mode": mode, "copies": copies, "deliveries_per_s": burst.deliveries_per_s}
+                    )
+                measured = burst.deliveries_per_s if burst is not None else None
+                if self.slow is not None:
+                    slowed = self.with_slow(
+                        what, functools.partial(self.burst, mode, copies, events), burst
+                    )
+                    if measured is None and isinstance(slowed, Burst):
+                        measured = slowed.deliveries_per_s
                 if copies == 1:
-                    base_rate = burst.deliveries_per_s
-                self.clean &= burst.tally["lost"] == 0 and burst.tally["duplicated"] == 0
-                say(
-                    f"  {burst.deliveries_per_s:,.1f} deliveries/s in {burst.seconds:.1f}s "
-                    f"(lost {burst.tally['lost']}, duplicated {burst.tally['duplicated']})"
-                )
-                self.results["bursts"].append(asdict(burst))
-                self.results["modes"].append(
-                    {"mode": mode, "copies": copies, "deliveries_per_s": burst.deliveries_per_s}
-                )
+                    base_rate = measured
             self.topology.subscribe_copies(1)
         if not args.skip_paced:
             for rate in args.rates:
-                say(f"Paced mode={mode} M=1: {rate:g} events/s for {args.duration:g}s ...")
-                paced = driver.paced(mode, rate, args.duration, stall=args.stall, grace=0.5)
-                self.clean &= paced.tally["lost"] == 0 and paced.tally["duplicated"] == 0
-                latency = paced.latency_ms
-                say(
-                    f"  p50 {latency['p50']:.1f} ms, p99 {latency['p99']:.1f} ms"
-                    if latency["p50"] is not None and latency["p99"] is not None
-                    else "  no event arrived"
-                )
-                self.results["paced"].append(asdict(paced))
+                what = f"Paced mode={mode} M=1: {rate:g} events/s for {args.duration:g}s"
+                paced: Paced | None = None
+                if self.slow is None or args.slow_compare:
+                    say(f"{what} ...")
+                    paced = self.paced(mode, rate)
+                    self.results["paced"].append(asdict(paced))
+                if self.slow is not None:
+                    self.with_slow(what, functools.partial(self.paced, mode, rate), paced)
+
+    def burst(self, mode: str, copies: int, events: int, hook: Published | None = None) -> Burst:
+        burst = self.driver.burst(mode, copies, events, self.args.stall, 1.0, hook)
+        self.clean &= burst.tally["lost"] == 0 and burst.tally["duplicated"] == 0
+        say(
+            f"  {burst.deliveries_per_s:,.1f} deliveries/s in {burst.seconds:.1f}s "
+            f"(lost {burst.tally['lost']}, duplicated {burst.tally['duplicated']})"
+        )
+        return burst
+
+    def paced(self, mode: str, rate: float, hook: Published | None = None) -> Paced:
+        paced = self.driver.paced(mode, rate, self.args.duration, self.args.stall, 0.5, hook)
+        self.clean &= paced.tally["lost"] == 0 and paced.tally["duplicated"] == 0
+        latency = paced.latency_ms
+        say(
+            f"  p50 {latency['p50']:.1f} ms, p99 {latency['p99']:.1f} ms"
+            if latency["p50"] is not None and latency["p99"] is not None
+            else "  no event arrived"
+        )
+        return paced
+
+    # Slow URLs beside the measured subscriber (--slow)
+
+    def with_slow(
+        self,
+        what: str,
+        measure: Callable[[Published], Burst | Paced],
+        without: Burst | Paced | None,
+    ) -> Burst | Paced:
+        """``measure`` with the slow URLs subscribed too; then, not timed, wait for their
+        backlog, and unsubscribe them."""
+        assert self.slow is not None
+        callbacks, topology, spec = self.slow, self.topology, slow.describe(self.args.slow)
+        section = self.results["slow"]
+        if not section["publisher"]:
+            section["publisher"] = self.driver.publisher_limits()
+        topology.subscribe_slow(callbacks.urls)
+        callbacks.reset()
+        sent: set[str] = set()
+
+        def published(ids: set[str]) -> None:
+            sent.update(ids)
+            callbacks.expect(sorted(ids))
+
+        say(f"{what}, with the slow URLs {spec} ...")
+        result = measure(published)
+        entry: dict[str, Any] = {
+            "kind": "burst" if isinstance(result, Burst) else "paced",
+            "mode": result.mode,
+            "copies": result.copies,
+            "events": result.events,
+            "rate": result.rate if isinstance(result, Paced) else None,
+            "with": asdict(result),
+            "without": None,
+            "ratio": None,
+        }
+        if isinstance(result, Burst) and isinstance(without, Burst):
+            entry["without"] = {"deliveries_per_s": without.deliveries_per_s}
+            if without.deliveries_per_s:
+                entry["ratio"] = result.deliveries_per_s / without.deliveries_per_s
+                say(f"  {entry['ratio']:.1%} of the throughput without them (target: 80 %)")
+        elif isinstance(result, Paced) and isinstance(without, Paced):
+            entry["without"] = {"latency_ms": without.latency_ms}
+            before, after = without.latency_ms["p50"], result.latency_ms["p50"]
+            if before and after is not None:
+                entry["ratio"] = after / before
+                say(f"  p50 {entry['ratio']:,.1f} times the p50 without them")
+        say(f"  waiting up to {self.args.slow_wait:g}s for the slow URLs' backlog ...")
+        entry["slow_urls"] = settled = self.settle(sent)
+        for url in settled["urls"]:
+            say(
+                f"  {url['url']} ({url['answers']}): answered {url['expected_answered']} of "
+                f"{url['expected']} events, dead-lettered {url['dead_lettered']}, "
+                f"{url['requests']} requests, at most {url['max_in_flight']} at once"
+            )
+        if not settled["settled"]:
+            self.note(
+                f"{what}: the slow URLs had not got every event {self.args.slow_wait:g}s after "
+                "the run (--slow-wait); a run after it starts while the publisher still works "
+                "through them"
+            )
+        topology.subscribe_slow([])
+        section["runs"].append(entry)
+        return result
+
+    def settle(self, sent: set[str]) -> dict[str, Any]:
+        """Until each slow URL answered every event ``sent``, or the publisher gave up on it
+        (a dead letter), or --slow-wait passed: what each got."""
+        assert self.slow is not None
+        callbacks, began = self.slow, time.monotonic()
+        while True:
+            stats = callbacks.stats()
+            buried = self.driver.dead_letters(callbacks.urls, sent)
+            urls = [
+                {
+                    "url": url,
+                    "answers": slow.describe_delay(stat["delay"]),
+                    **stat,
+                    "dead_lettered": buried[url],
+                }
+                for url, stat in zip(callbacks.urls, stats, strict=True)
+            ]
+            done = all(url["expected_answered"] + url["dead_lettered"] >= len(sent) for url in urls)
+            waited = time.monotonic() - began
+            if done or waited > self.args.slow_wait:
+                return {"settled": done, "waited_s": round(waited, 2), "urls": urls}
+            self.topology.check_running()
+            time.sleep(0.5)
 
     def events_for(self, copies: int, base_rate: float | None) -> int:
         """N, lowered for M>1 when the burst would take much longer than --burst-budget."""
@@ -448,6 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     # Stop everything on Ctrl-C and on kill, also when started with SIGINT ignored (nohup, &).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupt)
+    if args.slow is None and (args.slow_compare or args.slow_wait != 60.0):
+        parser().error("--slow-compare and --slow-wait go with --slow")
+    if (args.read_timeout is not None and args.read_timeout <= 0) or args.slow_wait < 0:
+        parser().error("--read-timeout must be positive, --slow-wait not negative")
     run = Run(args)
     status = 0
     try:
@@ -463,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Stopping {len(run.topology.processes)} processes ...")
         for line in run.topology.stop():
             say(f"  {line}")
+        if run.slow is not None:
+            run.slow.stop()
     if status:
         say(f"Logs: {run.topology.log_dir}")
         return status

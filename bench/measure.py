@@ -23,6 +23,8 @@ from bench.topology import CHANNEL, BenchError, Topology
 from devtools.processes import wait_for
 
 Say = Callable[[str], None]
+# Told the ids of a measurement's events once they are published (bench/slow.py counts them).
+Published = Callable[[set[str]], None]
 
 
 def percentile(values: Iterable[float], pct: float) -> float | None:
@@ -189,7 +191,15 @@ class Driver:
 
     # Burst: N events as fast as publish() goes, until all N x M handler runs are in
 
-    def burst(self, mode: str, copies: int, events: int, stall: float, grace: float) -> Burst:
+    def burst(
+        self,
+        mode: str,
+        copies: int,
+        events: int,
+        stall: float,
+        grace: float,
+        published_hook: Published | None = None,
+    ) -> Burst:
         topology = self.topology
         topology.clear_receipts()
         sent: set[str] = set()
@@ -204,6 +214,8 @@ class Driver:
             durations.append(took)
         published = time.time()
         driver_cpu = time.process_time() - driver_before
+        if published_hook is not None:
+            published_hook(sent)
         complete = topology.wait_for_receipts(events * copies, stall)
         cpu_after = topology.cpu()
         machine = procstat.machine_busy_seconds() - machine_before
@@ -237,7 +249,15 @@ class Driver:
 
     # Paced: a fixed rate for a while; the latency from publish() to handler
 
-    def paced(self, mode: str, rate: float, duration: float, stall: float, grace: float) -> Paced:
+    def paced(
+        self,
+        mode: str,
+        rate: float,
+        duration: float,
+        stall: float,
+        grace: float,
+        published_hook: Published | None = None,
+    ) -> Paced:
         topology = self.topology
         topology.clear_receipts()
         events = max(1, round(rate * duration))
@@ -251,6 +271,8 @@ class Driver:
             next_at += 1 / rate
             _sleep_until(next_at)
         elapsed = time.monotonic() - started
+        if published_hook is not None:
+            published_hook(sent)
         topology.wait_for_receipts(events, stall)
         time.sleep(grace)
         receipts = topology.receipts()
@@ -267,6 +289,34 @@ class Driver:
             tally=asdict(result),
             latencies_ms=sorted(round(value * 1000, 3) for value in latencies),
         )
+
+    # Slow URLs beside the measured subscriber (--slow, bench/slow.py)
+
+    def dead_letters(self, urls: list[str], sent: set[str]) -> dict[str, int]:
+        """For each URL, how many of the events ``sent`` the publisher gave up on for it."""
+        from toot.models import DeadLetter
+
+        found: dict[str, set[str]] = {url: set() for url in urls}
+        rows = DeadLetter.objects.filter(
+            kind=DeadLetter.Kind.DELIVERY, callback_url__in=urls, event_id__in=sent
+        ).values_list("callback_url", "event_id")
+        for url, event_id in rows:
+            found[url].add(event_id)
+        return {url: len(ids) for url, ids in found.items()}
+
+    def publisher_limits(self) -> dict[str, Any]:
+        """The publisher's settings that bound the requests it holds open at once."""
+        from toot.conf import conf
+
+        drains = min(conf.MAX_DRAINS, self.topology.options.concurrency)
+        return {
+            "read_timeout": conf.READ_TIMEOUT,
+            "senders": conf.SENDERS,
+            "max_drains": conf.MAX_DRAINS,
+            "concurrency": self.topology.options.concurrency,
+            # SENDERS per drain, and no more drains than the worker runs at once.
+            "in_flight": conf.SENDERS * drains,
+        }
 
     # The machine's limits, measured in the same run
 

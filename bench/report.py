@@ -161,6 +161,8 @@ def table(results: dict[str, Any]) -> list[str]:
                 "at that pace"
             )
 
+    lines += _slow_table(results.get("slow"))
+
     memory = results.get("memory")
     if memory:
         lines.append("")
@@ -192,6 +194,98 @@ def table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _slow_table(section: dict[str, Any] | None) -> list[str]:
+    """The runs with slow callback URLs beside the measured subscriber (--slow)."""
+    if not section:
+        return []
+    lines = ["", f"Slow callback URLs beside the measured subscriber (--slow {section['spec']})"]
+    answers = ", ".join(
+        _path(url["url"])
+        + (" never answers" if url["answers"] == "silent" else f" answers after {url['answers']}")
+        for url in section["urls"]
+    )
+    lines.append(f"  on the measured channel too: {answers}")
+    publisher = section.get("publisher") or {}
+    if publisher:
+        lines.append(
+            f"  publisher: READ_TIMEOUT {publisher['read_timeout']:g}s; at most "
+            f"{publisher['in_flight']} requests in flight in all (SENDERS {publisher['senders']} "
+            f"per drain; drains at once: MAX_DRAINS {publisher['max_drains']}, Celery "
+            f"concurrency {publisher['concurrency']})"
+        )
+    runs = section.get("runs") or []
+    bursts = [run for run in runs if run["kind"] == "burst"]
+    if bursts:
+        lines.append("  Burst: the measured subscriber's deliveries/s, without and with them")
+        lines.append("  mode    M      N   without  with slow  with/without  lost  dup")
+        for run in bursts:
+            burst, without = run["with"], run["without"] or {}
+            lines.append(
+                f"  {run['mode']:<6} {run['copies']:>2} {run['events']:>6} "
+                f"{_num(without.get('deliveries_per_s')):>9} {burst['deliveries_per_s']:>10,.1f} "
+                f"{_num(run['ratio'], 2):>13} {burst['tally']['lost']:>5} "
+                f"{burst['tally']['duplicated']:>4}" + ("" if burst["complete"] else "  INCOMPLETE")
+            )
+        if any(run["without"] for run in bursts):
+            lines.append("  the target of issue 15: with/without at least 0.80")
+    paced = [run for run in runs if run["kind"] == "paced"]
+    if paced:
+        lines.append(
+            "  Paced: latency from publish() to the measured subscriber's handler, ms, "
+            "without and with them"
+        )
+        lines.append(
+            "  mode   rate/s  events   without p50     p95     p99   with p50      p95      p99"
+            "      max  lost  dup"
+        )
+        for run in paced:
+            latency, tally = run["with"]["latency_ms"], run["with"]["tally"]
+            before = (run["without"] or {}).get("latency_ms") or {}
+            lines.append(
+                f"  {run['mode']:<6} {run['rate']:>6g} {run['events']:>7} "
+                f"{_num(before.get('p50')):>13} {_num(before.get('p95')):>7} "
+                f"{_num(before.get('p99')):>7} {_num(latency['p50']):>10} "
+                f"{_num(latency['p95']):>8} {_num(latency['p99']):>8} {_num(latency['max']):>8} "
+                f"{tally['lost']:>5} {tally['duplicated']:>4}"
+            )
+    if runs:
+        lines.append(
+            "  The slow URLs after each run: of the events published, those answered 200 and "
+            "those the publisher gave up on (dead letters)"
+        )
+        lines.append(
+            "  run                 url      answers  published  answered  dead  requests  "
+            "batches  most held  hung up"
+        )
+        for run in runs:
+            name = f"{run['kind']} {run['mode']} " + (
+                f"M={run['copies']}" if run["kind"] == "burst" else f"{run['rate']:g}/s"
+            )
+            settled = run["slow_urls"]
+            for url in settled["urls"]:
+                lines.append(
+                    f"  {name:<19} {_path(url['url']):<8} {url['answers']:>7} "
+                    f"{url['expected']:>10} {url['expected_answered']:>9} "
+                    f"{url['dead_lettered']:>5} {url['requests']:>9} {url['batches']:>8} "
+                    f"{url['max_in_flight']:>10} {url['hung_up']:>8}"
+                )
+                name = ""
+            lines.append(
+                f"  {'':<19} all in within {settled['waited_s']:.1f}s"
+                if settled["settled"]
+                else f"  {'':<19} NOT ALL IN after {settled['waited_s']:.1f}s (--slow-wait)"
+            )
+        lines.append(
+            "  most held: requests the URL held at once; hung up: requests the publisher gave "
+            "up on (READ_TIMEOUT) before the answer"
+        )
+    return lines
+
+
+def _path(url: str) -> str:
+    return "/" + url.split("/", 3)[-1]
+
+
 def _ratio(value: float, limit: float | None) -> str:
     return "-" if not limit else f"{value / limit:.2f}"
 
@@ -216,6 +310,18 @@ def mode_lines(results: dict[str, Any]) -> list[str]:
                 f"mode={entry['mode']} M={entry['copies']} "
                 f"deliveries_per_s={entry['deliveries_per_s']:.1f}"
             )
+    section = results.get("slow") or {}
+    for run in section.get("runs", []):
+        if run["kind"] == "burst":
+            line = (
+                f"mode={run['mode']} M={run['copies']} slow={section['spec']} "
+                f"deliveries_per_s={run['with']['deliveries_per_s']:.1f}"
+            )
+            if run["ratio"] is not None:
+                line += (
+                    f" without={run['without']['deliveries_per_s']:.1f} ratio={run['ratio']:.2f}"
+                )
+            lines.append(line)
     return lines
 
 
@@ -230,9 +336,9 @@ def chart(results: dict[str, Any], path: Path) -> str | None:
     panels = [
         draw
         for draw, ran in (
-            (_paced_panel, any(run["latencies_ms"] for run in results.get("paced", []))),
-            (_throughput_panel, bool(results.get("modes"))),
-            (_progress_panel, any(burst["progress"] for burst in results.get("bursts", []))),
+            (_paced_panel, any(run["latencies_ms"] for _, run in _paced_runs(results))),
+            (_throughput_panel, bool(_bars(results))),
+            (_progress_panel, any(burst["progress"] for _, burst in _burst_runs(results))),
         )
         if ran
     ]
@@ -260,12 +366,23 @@ def chart(results: dict[str, Any], path: Path) -> str | None:
     return None
 
 
+def _paced_runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The paced runs, and those with slow URLs beside (--slow), each with its label."""
+    runs = [(f"{run['mode']} {run['rate']:g}/s", run) for run in results.get("paced", [])]
+    section = results.get("slow") or {}
+    for run in section.get("runs", []):
+        if run["kind"] == "paced":
+            paced = run["with"]
+            runs.append((f"{paced['mode']} {paced['rate']:g}/s, slow {section['spec']}", paced))
+    return runs
+
+
 def _paced_panel(results: dict[str, Any], ax: Any) -> None:
-    for run in results["paced"]:
+    for label, run in _paced_runs(results):
         values = run["latencies_ms"]
         if values:
             fractions = [(i + 1) / len(values) for i in range(len(values))]
-            ax.step(values, fractions, where="post", label=f"{run['mode']} {run['rate']:g}/s")
+            ax.step(values, fractions, where="post", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("publish() to handler, ms (log)")
     ax.set_ylabel("fraction of events")
@@ -274,9 +391,42 @@ def _paced_panel(results: dict[str, Any], ax: Any) -> None:
     ax.legend()
 
 
+def _bars(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The throughput bars: each mode and M, and each burst with slow URLs beside (--slow)."""
+    bars = [{**entry, "label": ""} for entry in results.get("modes", [])]
+    section = results.get("slow") or {}
+    for run in section.get("runs", []):
+        if run["kind"] == "burst":
+            burst = run["with"]
+            bars.append(
+                {
+                    "mode": burst["mode"],
+                    "copies": burst["copies"],
+                    "deliveries_per_s": burst["deliveries_per_s"],
+                    "label": f"\nslow {section['spec']}",
+                }
+            )
+    return bars
+
+
+def _burst_runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The bursts, and those with slow URLs beside (--slow), each with its label."""
+    runs = [
+        (f"{burst['mode']} M={burst['copies']} N={burst['events']}", burst)
+        for burst in results.get("bursts", [])
+    ]
+    section = results.get("slow") or {}
+    for run in section.get("runs", []):
+        if run["kind"] == "burst":
+            burst = run["with"]
+            label = f"{burst['mode']} M={burst['copies']} N={burst['events']}"
+            runs.append((f"{label}, slow {section['spec']}", burst))
+    return runs
+
+
 def _throughput_panel(results: dict[str, Any], ax: Any) -> None:
-    modes = results["modes"]
-    labels = [f"{entry['mode']}\nM={entry['copies']}" for entry in modes]
+    modes = _bars(results)
+    labels = [f"{entry['mode']}\nM={entry['copies']}{entry['label']}" for entry in modes]
     rates = [entry.get("deliveries_per_s") or 0.0 for entry in modes]
     bars = ax.bar(labels, rates, color="tab:blue")
     for bar, entry in zip(bars, modes, strict=True):
@@ -306,11 +456,11 @@ def _throughput_panel(results: dict[str, Any], ax: Any) -> None:
 
 
 def _progress_panel(results: dict[str, Any], ax: Any) -> None:
-    for burst in results["bursts"]:
+    for label, burst in _burst_runs(results):
         if burst["progress"]:
             xs = [point[0] for point in burst["progress"]]
             ys = [point[1] for point in burst["progress"]]
-            ax.plot(xs, ys, label=f"{burst['mode']} M={burst['copies']} N={burst['events']}")
+            ax.plot(xs, ys, label=label)
     ax.set_xlabel("seconds since the first publish()")
     ax.set_ylabel("handler runs recorded")
     ax.set_title("Burst progress")

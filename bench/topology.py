@@ -31,6 +31,7 @@ class Options:
     concurrency: int = 2
     signed: bool = True
     copies: int = 1  # the most callback URLs any burst subscribes
+    read_timeout: float | None = None  # the publisher's READ_TIMEOUT; None: toot's default
 
 
 class Topology(base.Topology):
@@ -51,8 +52,12 @@ class Topology(base.Topology):
         )
         # The example subscriber with M copies of its callback URL (bench/subscriber/).
         self.settings_modules["subscriber"] = "bench.subscriber.settings"
+        if options.read_timeout is not None:
+            self.settings_modules["publisher"] = "bench.publisher_settings"
+            self.role_env["publisher"]["BENCH_READ_TIMEOUT"] = str(options.read_timeout)
         self.options = options
         self.subscribed: list[str] = []
+        self.slow_subscribed: list[str] = []  # the slow URLs beside them (bench/slow.py)
         self.batch = False  # whether copies register for batches (docs/protocol.md section 7)
 
     def start_apps(self, mode: str) -> None:
@@ -121,10 +126,23 @@ class Topology(base.Topology):
                 self.unsubscribe(CHANNEL, url)
         for url in wanted:
             self.subscribe(CHANNEL, url, batch=self.batch)
+        self._check_listed([*wanted, *self.slow_subscribed])
+        self.subscribed = wanted
+
+    def subscribe_slow(self, urls: list[str]) -> None:
+        """Subscribe exactly ``urls``, the slow ones (bench/slow.py), beside the copies."""
+        for url in self.slow_subscribed:
+            if url not in urls:
+                self.unsubscribe(CHANNEL, url)
+        for url in urls:
+            self.subscribe(CHANNEL, url, batch=self.batch)
+        self._check_listed([*self.subscribed, *urls])
+        self.slow_subscribed = list(urls)
+
+    def _check_listed(self, wanted: list[str]) -> None:
         listed = self.subscriptions().get(CHANNEL, [])
         if sorted(listed) != sorted(wanted):
             raise BenchError(f"the publisher lists {listed} for {CHANNEL}, not {wanted}")
-        self.subscribed = wanted
 
     # Receipts: one per handler run, {"id", "copy", "sent_at", "received_at"}
 
