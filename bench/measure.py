@@ -308,14 +308,11 @@ class Driver:
         """The publisher's settings that bound the requests it holds open at once."""
         from toot.conf import conf
 
-        drains = min(conf.MAX_DRAINS, self.topology.options.concurrency)
         return {
             "read_timeout": conf.READ_TIMEOUT,
             "senders": conf.SENDERS,
-            "max_drains": conf.MAX_DRAINS,
-            "concurrency": self.topology.options.concurrency,
-            # SENDERS per drain, and no more drains than the worker runs at once.
-            "in_flight": conf.SENDERS * drains,
+            # Per callback URL, across every worker (toot.publisher.lanes).
+            "in_flight": conf.MAX_IN_FLIGHT,
         }
 
     # The machine's limits, measured in the same run

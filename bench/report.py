@@ -209,9 +209,8 @@ def _slow_table(section: dict[str, Any] | None) -> list[str]:
     if publisher:
         lines.append(
             f"  publisher: READ_TIMEOUT {publisher['read_timeout']:g}s; at most "
-            f"{publisher['in_flight']} requests in flight in all (SENDERS {publisher['senders']} "
-            f"per drain; drains at once: MAX_DRAINS {publisher['max_drains']}, Celery "
-            f"concurrency {publisher['concurrency']})"
+            f"{publisher['in_flight']} requests in flight per callback URL (MAX_IN_FLIGHT), "
+            f"SENDERS {publisher['senders']} sender threads per worker process"
         )
     runs = section.get("runs") or []
     bursts = [run for run in runs if run["kind"] == "burst"]
