@@ -19,6 +19,8 @@ from devtools.processes import wait_for
 from tests.slow_handler import CHANNEL as SLOW
 from tests.topology import PREFIX, Topology
 
+pytestmark = pytest.mark.isolation
+
 FAST = "users.updated.v1"
 FAST_RATE = 20.0  # events per second
 SECONDS = 10.0  # of publishing, per measurement

@@ -664,3 +664,13 @@ def test_a_failing_drain_puts_its_batch_back_for_later_and_ends_its_lease(
     assert not redis.exists(queue.claimed_key(own_queue, drain_id))
     # No lease is left behind: the next push starts a drain at once.
     assert queue.push(own_queue, [{"n": 3}]) is not None
+
+
+def test_the_relay_starts_a_drain_for_a_due_lane_when_none_runs(
+    celery_worker, eventually, channel, redis
+):
+    """A retry that comes due after the drains ended: the relay's lanes step sends it."""
+    with HTTPServer() as subscriber:
+        lanes.push({subscriber.url: (False, ["S" + json.dumps(make_event(channel))])})
+        sending.relay_step(celery_worker.app)
+        eventually(lambda: len(subscriber.requests) == 1, what="the lane's event sent")

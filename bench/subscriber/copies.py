@@ -11,8 +11,11 @@ second delivery of the same event arriving while the first runs would even be re
   ``EXAMPLE_RECEIPTS_KEY``;
 * ``CopyMiddleware`` notes the ``copy`` of a callback request (toot's callback view ignores
   the query string, so every copy goes through the same, unchanged view), and a wrapper of
-  ``toot.engine.drain.enqueue_many`` pushes the request's events onto that copy's
-  handler's lane only (each handler has a lane of its own).
+  ``toot.subscriber.handling.handlers_by_name`` has the view queue the request's events
+  for that copy's handler only;
+* the copies' handlers share one lane of the in queue (``toot.subscriber.handling.lane``),
+  where toot gives each handler its own: the M copies stand for M subscriber projects,
+  each with its own workers, not for M handlers of one project competing for its worker.
 
 So every delivery runs exactly one handler, keyed (event id, copy): N events to M URLs
 make N x M receipts, and the benchmark counts losses and duplicates by (event id, copy).
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from contextvars import ContextVar
 
 from django.conf import settings
@@ -31,10 +34,10 @@ from django.http import HttpRequest, HttpResponse
 
 import toot
 from bench.subscriber import CHANNEL
-from toot.engine import drain as toot_drain
 from toot.engine.connection import get_redis
 from toot.subscriber import handling
 from toot.subscriber.handling import handler_name
+from toot.subscriber.registry import Handler
 
 SOURCE = "publisher"
 CALLBACK_PATH = "/toot/callbacks"
@@ -67,14 +70,22 @@ def install(copies: int) -> None:
         handler = make_handler(copy)
         _handler_names[copy] = handler_name(handler)
         toot.subscribe(SOURCE, CHANNEL, handler)
-    enqueue_many = toot_drain.enqueue_many
+    by_name = handling.handlers_by_name
 
-    def enqueue_routed(pushes: Mapping[str, Sequence[str]]) -> None:
-        # Only the callback view pushes onto lanes while a request's copy is set.
-        copy = _copy.get()
-        enqueue_many(pushes if copy is None else route_copy(pushes, copy))
+    def copy_handler_only(channel: str) -> dict[str, Handler]:
+        # Only the callback view looks handlers up while a request's copy is set.
+        copy, named = _copy.get(), by_name(channel)
+        return named if copy is None else route_copy(named, copy)
 
-    toot_drain.enqueue_many = enqueue_routed
+    handling.handlers_by_name = copy_handler_only
+    lane = handling.lane
+    copies_lane = lane("bench_copies")
+
+    def shared_lane(name: str) -> str:
+        return copies_lane if name in copy_names else lane(name)
+
+    copy_names = set(_handler_names.values())
+    handling.lane = shared_lane
 
 
 class CopyMiddleware:
@@ -97,9 +108,9 @@ class CopyMiddleware:
             _copy.reset(token)
 
 
-def route_copy(pushes: Mapping[str, Sequence[str]], copy: int) -> dict[str, Sequence[str]]:
-    """What the callback view pushes for a request to copy ``copy``: onto its handler's
-    lane only, of the copies' lanes (an unknown copy's on none: the benchmark sees a loss)."""
-    copy_lanes = {handling.lane(name) for name in _handler_names.values()}
-    own = handling.lane(_handler_names.get(copy, f"bench_copy_{copy}:unknown"))
-    return {lane: items for lane, items in pushes.items() if lane == own or lane not in copy_lanes}
+def route_copy(named: dict[str, Handler], copy: int) -> dict[str, Handler]:
+    """The handlers the callback view queues an event for, for a request to copy ``copy``:
+    its own of the copies' (none for an unknown copy: the benchmark sees a loss)."""
+    own = _handler_names.get(copy)
+    copies = set(_handler_names.values())
+    return {name: handler for name, handler in named.items() if name == own or name not in copies}

@@ -96,6 +96,12 @@ def _run(name: str, drain_id: str, busy: Callable[[], bool]) -> int:
         lease.renewed, retries, first = time.monotonic(), [], False
         if items:
             logger.debug("Drain %s of the %s queue claimed %d items", drain_id, name, len(items))
+        elif queue.other_lanes_waiting(name) and not busy():
+            # Other lanes have work waiting: it ends at once, rather than hold for a linger
+            # a worker slot that they need.
+            if queue.release(name, drain_id):
+                return count
+            continue  # work came in as the lease was about to end
         else:
             item = queue.wait(name, drain_id, linger)
             if item is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -262,8 +263,18 @@ def push(queue: str, items: Sequence[Item]) -> str | None:
 
 def push_encoded(queue: str, items: Sequence[str]) -> str | None:
     """``push`` for items already encoded: publish() encodes its event only once."""
+    return _push(queue, items)
+
+
+def _push(queue: str, items: Sequence[str]) -> str | None:
     args = [conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id(), *items]
     return _optional_text(run_script(PUSH_SCRIPT, _keys(queue)[::2], args))
+
+
+# A process adds a lane to the set that lanes() reads once per this many seconds: the set
+# is never emptied, so the first time is enough but after Redis lost its data.
+REGISTER_SECONDS = 60.0
+_registered: PerProcess[dict[str, float]] = PerProcess(dict)
 
 
 def push_many(pushes: Mapping[str, Sequence[str]]) -> dict[str, str | None]:
@@ -272,14 +283,42 @@ def push_many(pushes: Mapping[str, Sequence[str]]) -> dict[str, str | None]:
 
     A pipeline, not a transaction: each lane's items are all or none, but a failure may
     leave some lanes pushed and others not, which the caller's retry pushes again. Every
-    lane joins the set that ``lanes()`` reads, for the relay to wake.
+    lane joins the set that ``lanes()`` reads, for the relay to wake: with the push when
+    this process has not added it for REGISTER_SECONDS, after it when the push starts a
+    drain (whose work the relay must find if its worker dies). The common case, one lane
+    with a drain running, is a single script call.
     """
-    calls = [
-        (PUSH_SCRIPT, _keys(name)[::2], [conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id(), *items])
-        for name, items in pushes.items()
-    ]
-    drains = run_scripts(calls, before=lambda pipe: pipe.sadd(_lanes_key(), *pushes))
-    return {name: _optional_text(drain) for name, drain in zip(pushes, drains, strict=True)}
+    now, registered = time.monotonic(), _registered()
+    new = [name for name in pushes if now - registered.get(name, -math.inf) >= REGISTER_SECONDS]
+    if len(pushes) == 1 and not new:
+        [(name, items)] = pushes.items()
+        drains = {name: _push(name, items)}
+    else:
+        calls = [
+            (PUSH_SCRIPT, _keys(name)[::2], [conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id(), *items])
+            for name, items in pushes.items()
+        ]
+        results = run_scripts(calls, before=lambda pipe: new and pipe.sadd(_lanes_key(), *new))
+        drains = {name: _optional_text(drain) for name, drain in zip(pushes, results, strict=True)}
+        registered.update(dict.fromkeys(new, now))
+    started = [name for name, drain in drains.items() if drain is not None and name not in new]
+    if started:
+        get_redis().sadd(_lanes_key(), *started)
+    return drains
+
+
+def other_lanes_waiting(name: str) -> bool:
+    """Whether a lane of ``name``'s queue, other than ``name``, has items ready; False for
+    a queue without lanes."""
+    if kind(name) == name:
+        return False
+    others = [lane for lane in lanes() if lane != name and kind(lane) == kind(name)]
+    if not others:
+        return False
+    with get_redis().pipeline(transaction=False) as pipe:
+        for lane in others:
+            pipe.llen(_keys(lane)[0])
+        return any(pipe.execute())
 
 
 def lanes() -> list[str]:

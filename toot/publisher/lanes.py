@@ -202,6 +202,12 @@ local function try(url)
     end
     take = math.min(take, math.max(1, math.floor(rate * 0.1)))
   end
+  if in_flight > 0 and length < take then
+    -- A request of its own is out: what waits joins the next claim, made as it ends,
+    -- rather than go in a smaller one beside it. More go at once only for a backlog.
+    redis.call('ZREM', b .. 'due', url)
+    return nil
+  end
   take = math.min(take, length)
   if rate > 0 then
     next_due = now + take / rate

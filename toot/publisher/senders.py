@@ -47,6 +47,9 @@ class Senders:
         self._threads = 0
         self._idle = 0  # threads waiting for work
         self._busy = 0  # threads holding a claim
+        self._nudged = False  # work came since a thread last looked
+        self._claims = 0  # claims taken so far, which a fanning-out drain waits on
+        self._claimed = threading.Condition()
         self._renewed = -math.inf
         self._last_complaint = -math.inf
 
@@ -79,10 +82,21 @@ class Senders:
         due = lanes.wake()
         return due is not None and due <= conf.RELAY_INTERVAL
 
-    def nudge(self) -> None:
-        """Wake a waiting thread: this process just made work due."""
+    def nudge(self, wait: float = 0.0) -> None:
+        """Wake a waiting thread: this process just made work due; and wait up to
+        ``wait`` seconds for a thread to claim some.
+
+        The drain that fans out waits so, rather than run ahead of its senders: what is
+        published meanwhile waits in its queue and goes out in one batch, not in as many
+        small ones as it claims.
+        """
+        with self._claimed:
+            claims = self._claims
         with self._cond:
             self._look_for_work()
+        if wait:
+            with self._claimed:
+                self._claimed.wait_for(lambda: self._claims != claims, wait)
 
     def keep_alive(self) -> None:
         """Renew the pool's lease once a quarter of it has passed (before each request)."""
@@ -92,10 +106,12 @@ class Senders:
 
     def _look_for_work(self) -> None:
         """Wake a waiting thread, or start one if every thread is sending (to a slow
-        subscriber, say): work that just came must not wait for them."""
+        subscriber, say): work that just came must not wait for them. A thread that is
+        claiming already will look again before it waits."""
+        self._nudged = True
         if self._idle:
             self._cond.notify()
-        elif self._threads < conf.SENDERS:
+        elif self._threads == self._busy and self._threads < conf.SENDERS:
             self._spawn()
 
     def _spawn(self) -> None:
@@ -140,8 +156,11 @@ class Senders:
     def _sending(self, claim: lanes.Claim) -> lanes.Claim:
         with self._cond:
             self._busy += 1
-            if self._hosting:
-                self._look_for_work()  # one keeps looking while this one sends
+            if self._hosting and self._threads == self._busy and self._threads < conf.SENDERS:
+                self._spawn()  # one keeps looking while this one sends
+        with self._claimed:
+            self._claims += 1
+            self._claimed.notify_all()
         logger.debug("Senders %s claimed %d items of %s", self.host, len(claim.items), claim.url)
         try:
             if claim.probe:
@@ -157,6 +176,9 @@ class Senders:
         with self._cond:
             if self._idle > 0 or not self._hosting:
                 return False
+            if self._nudged:  # work came while this thread claimed: look again at once
+                self._nudged = False
+                return True
             self._idle += 1
             try:
                 self._cond.wait(min(POLL_SECONDS, POLL_SECONDS if due_in is None else due_in))

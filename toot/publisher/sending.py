@@ -149,13 +149,17 @@ def fan_out(items: list[OutItem]) -> dict[str, tuple[bool, list[str]]]:
     return by_url
 
 
+# After a fan-out the drain waits up to this long for a sender to claim (see Senders.nudge).
+FAN_OUT_WAIT = 0.05
+
+
 def process(items: list[OutItem], lease: Lease) -> list[Retry]:
     """Fan the claimed items out to their URLs' lanes, for this process's senders (and
     every other's) to send; schedules no retries of its own."""
     by_url = fan_out(items)
     if by_url:
         lanes.push(by_url)
-        pool().nudge()
+        pool().nudge(wait=FAN_OUT_WAIT)
     return []
 
 
