@@ -15,7 +15,7 @@ import pytest
 
 from devtools.processes import wait_for
 from tests.http_server import HTTPServer
-from tests.topology import PREFIX, Topology, attempts, count, event_ids
+from tests.topology import PREFIX, Topology, attempts, count, event_ids, running
 from toot.engine import queue
 from toot.subscriber import handling
 
@@ -26,13 +26,8 @@ UPDATED_LANE = handling.lane("example_app.handlers.user_updated")
 
 @pytest.fixture
 def topology(request, redis):
-    topology = Topology(request.param["name"], **request.param.get("options", {}))
-    try:
-        topology.start()
-        topology.register()
+    with running(Topology(request.param["name"], **request.param.get("options", {}))) as topology:
         yield topology
-    finally:
-        topology.stop()
 
 
 def receipts_of(topology, sent):

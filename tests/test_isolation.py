@@ -20,7 +20,7 @@ import pytest
 
 from devtools.processes import wait_for
 from tests.http_server import HTTPServer, RecordedRequest, Reply
-from tests.topology import PREFIX, Topology, event_ids
+from tests.topology import PREFIX, Topology, event_ids, running
 
 pytestmark = pytest.mark.isolation
 
@@ -98,16 +98,9 @@ def burst_rate(topology: Topology) -> float:
 
 @pytest.fixture
 def topology(request, redis):
-    topology = Topology(
-        request.node.name[:20],
-        env={"TOOT_READ_TIMEOUT": "5", "TOOT_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT)},
-    )
-    try:
-        topology.start()
-        topology.register()
+    env = {"TOOT_READ_TIMEOUT": "5", "TOOT_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT)}
+    with running(Topology(request.node.name[:20], env=env)) as topology:
         yield topology
-    finally:
-        topology.stop()
 
 
 def test_a_healthy_subscriber_keeps_its_latency_and_throughput_beside_slow_ones(topology):
@@ -149,21 +142,15 @@ def test_a_healthy_subscriber_keeps_its_latency_and_throughput_beside_slow_ones(
 
 @pytest.fixture
 def two_workers(request, redis):
-    topology = Topology(
-        "two-workers",
-        retry_schedule="0.2,0.5,1,1,1,1,1,1,1,1",
-        env={
-            "TOOT_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
-            "TOOT_BREAKER_FAILURES": "3",
-            "TOOT_BREAKER_SECONDS": "2",
-        },
-    )
-    try:
-        topology.start()
+    env = {
+        "TOOT_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
+        "TOOT_BREAKER_FAILURES": "3",
+        "TOOT_BREAKER_SECONDS": "2",
+    }
+    retries = "0.2,0.5,1,1,1,1,1,1,1,1"
+    with running(Topology("two-workers", retry_schedule=retries, env=env)) as topology:
         topology.start_worker("publisher", "publisher-worker-2")
         yield topology
-    finally:
-        topology.stop()
 
 
 def test_a_slow_url_gets_every_event_with_at_most_max_in_flight_at_once(two_workers):

@@ -17,7 +17,7 @@ import pytest
 
 from devtools.processes import wait_for
 from tests.slow_handler import CHANNEL as SLOW
-from tests.topology import PREFIX, Topology
+from tests.topology import PREFIX, Topology, running
 
 pytestmark = pytest.mark.isolation
 
@@ -35,13 +35,8 @@ def with_slow_handler(name: str) -> Topology:
 
 @pytest.fixture
 def topology(redis):
-    topology = with_slow_handler("lanes")
-    try:
-        topology.start()
-        topology.register()
+    with running(with_slow_handler("lanes")) as topology:
         yield topology
-    finally:
-        topology.stop()
 
 
 @pytest.fixture

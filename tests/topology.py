@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -263,6 +264,17 @@ class Topology(base.Topology):
         code = f"from toot.models import {model}; print({model}.objects.count())"
         # Django 5.2's shell may print its automatic imports first.
         return int(self.manage(role, "shell", "-c", code).stdout.split()[-1])
+
+
+@contextmanager
+def running(topology: Topology) -> Iterator[Topology]:
+    """``topology`` started, with the subscriber registered, until the block ends."""
+    try:
+        topology.start()
+        topology.register()
+        yield topology
+    finally:
+        topology.stop()
 
 
 def event_ids(body: bytes | dict[str, Any]) -> list[str]:
