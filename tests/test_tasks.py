@@ -536,7 +536,8 @@ def test_a_sender_pool_whose_lease_went_to_another_schedules_nothing(
         send(event)
         eventually(lambda: len(subscriber.requests) == 2, what="the event sent again")
         eventually(lambda: not redis.hget(lanes.base() + "inflight", subscriber.url))
-    assert given_back == [0.0]  # due at once
+    # Given back by wake() here, or by the worker's relay first: either way, once.
+    assert len(given_back) == 1
     assert [json.loads(r.body)["id"] for r in subscriber.requests] == [event["id"]] * 2
     delayed = redis.zrange(lanes.base() + "delayed", 0, -1)
     assert not [item for item in delayed if event["id"].encode() in item]
