@@ -27,7 +27,9 @@ HOST = "test-pool"
 
 
 @pytest.fixture(autouse=True)
-def own_lanes(monkeypatch, redis):
+def own_lanes(monkeypatch, redis, no_drain_at_work):
+    """Lanes of the test's own: the new KEY_PREFIX is every thread's, so no drain of the
+    tests' worker (and so none of its senders) may be at work."""
     patch_toot(
         monkeypatch,
         KEY_PREFIX=f"{settings.TOOT['KEY_PREFIX']}{uuid.uuid4().hex[:8]}:",
