@@ -16,6 +16,7 @@ from pytest_django import live_server_helper
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
 from tests.utils import addrinfo, spy_pushes
+from toot.conf import conf
 from toot.engine import connection, queue, relay
 from toot.engine import drain as tasks
 from toot.protocol.events import Event
@@ -31,6 +32,15 @@ def redis():
     keys = list(client.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}*", count=1000))
     if keys:
         client.delete(*keys)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    """toot reads its settings again in each test, and after it: a test that patches one
+    without override_settings (patch_toot, an environment variable) leaves no trace."""
+    conf.forget()
+    yield
+    conf.forget()
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,15 @@ from django.test import override_settings
 
 from tests.utils import unreachable_redis
 from toot import ConfigError
-from toot.conf import DEFAULT_REDIS_URL, DEFAULT_RETRY_SCHEDULE, DEFAULTS, Source, conf
+from toot.conf import (
+    DEFAULT_REDIS_URL,
+    DEFAULT_RETRY_SCHEDULE,
+    DEFAULTS,
+    Settings,
+    Source,
+    conf,
+    setting,
+)
 
 pytestmark = pytest.mark.usefixtures("no_drain_at_work")
 
@@ -70,7 +78,7 @@ def test_defaults(no_redis_hints):
 
 
 def test_every_default_has_a_property():
-    assert all(isinstance(getattr(type(conf), key), property) for key in DEFAULTS)
+    assert all(isinstance(getattr(type(conf), key), setting) for key in DEFAULTS)
 
 
 def test_missing_toot_setting_means_defaults():
@@ -290,11 +298,13 @@ def test_redis_url_then_the_environment(no_redis_hints, monkeypatch, unset):
         assert conf.REDIS_URL == "redis://env.example:6379/1"
 
 
-def test_redis_url_environment_is_read_on_every_access(no_redis_hints, monkeypatch):
+def test_redis_url_environment_is_read_again_once_a_setting_changes(no_redis_hints, monkeypatch):
     monkeypatch.setenv("TOOT_REDIS_URL", "redis://env.example:6379/1")
     assert conf.REDIS_URL == "redis://env.example:6379/1"
     monkeypatch.setenv("TOOT_REDIS_URL", "redis://env.example:6379/4")
-    assert conf.REDIS_URL == "redis://env.example:6379/4"
+    assert conf.REDIS_URL == "redis://env.example:6379/1"  # kept: read once per process
+    with override_settings(CELERY_BROKER_URL=None):
+        assert conf.REDIS_URL == "redis://env.example:6379/4"
 
 
 @pytest.mark.parametrize(
@@ -597,3 +607,35 @@ def test_allowed_callback_networks_are_parsed():
 def test_invalid_allow_list_raises_config_error_naming_the_key(key, value):
     with toot(**{key: value}), pytest.raises(ConfigError, match=rf'TOOT\["{key}"\]'):
         getattr(conf, key)
+
+
+# Values are kept from their first read until a setting changes.
+
+
+def test_a_value_is_kept_until_django_says_a_setting_changed(monkeypatch):
+    assert conf.READ_TIMEOUT == 15.0
+    monkeypatch.setattr(settings, "TOOT", {**settings.TOOT, "READ_TIMEOUT": 2.0})
+    assert conf.READ_TIMEOUT == 15.0  # a patch Django sends no setting_changed for
+    with override_settings(TOOT={**settings.TOOT, "READ_TIMEOUT": 3.0}):
+        assert conf.READ_TIMEOUT == 3.0
+    assert conf.READ_TIMEOUT == 2.0  # the patched setting, read again as override ended
+
+
+def test_a_bad_value_is_not_kept():
+    with toot(CONNECT_TIMEOUT="soon"):
+        for _ in range(2):
+            with pytest.raises(ConfigError, match="CONNECT_TIMEOUT"):
+                _ = conf.CONNECT_TIMEOUT
+
+
+def test_a_value_read_while_the_settings_are_forgotten_is_not_kept():
+    class Racing(Settings):
+        @setting
+        def KEY_PREFIX(self: Settings) -> str:  # noqa: N802 - as Settings names them
+            value = self.get("KEY_PREFIX")
+            self.forget()  # another thread's override_settings, as this one reads
+            return str(value)
+
+    racing = Racing()
+    assert settings.TOOT["KEY_PREFIX"] == racing.KEY_PREFIX
+    assert "KEY_PREFIX" not in racing._values

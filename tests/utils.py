@@ -8,6 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.test import override_settings
 
+from toot.conf import conf
 from toot.engine import queue
 
 
@@ -90,6 +91,8 @@ def patch_toot(monkeypatch: Any, **options: Any) -> None:
     """The tests' settings with these TOOT keys changed until the test ends, for every
     thread (the in-process worker's drains read them as they start)."""
     monkeypatch.setattr(settings, "TOOT", {**settings.TOOT, **options})
+    conf.forget()  # Django says nothing of a monkeypatched setting; the tests' fixture
+    # forgets the patched values as the test ends (tests/conftest.py)
 
 
 def spy_pushes(monkeypatch: Any, name: str) -> list[dict[str, Any]]:
