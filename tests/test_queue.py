@@ -106,6 +106,20 @@ def test_push_many_pushes_onto_each_lane_and_lists_the_lanes_for_the_relay(redis
     assert queue.kind(first) == queue.kind(name) == name
 
 
+def test_other_lanes_waiting_sees_a_new_lane_once_its_reading_of_the_lanes_is_old(
+    redis, name, monkeypatch
+):
+    first, second = f"{name}:first", f"{name}:second"
+    holding(redis, first)
+    queue.push_many({first: encoded(1)})
+    assert not queue.other_lanes_waiting(first)  # the lanes read: only its own
+    queue.push_many({second: encoded(2)})
+    assert not queue.other_lanes_waiting(first)  # a drain of its own serves it meanwhile
+    monkeypatch.setattr(queue, "KNOWN_LANES_SECONDS", 0.0)
+    assert queue.other_lanes_waiting(first)
+    assert not queue.other_lanes_waiting(name)  # a queue without lanes
+
+
 def test_push_many_loads_its_script_where_redis_forgot_it(redis, name):
     redis.script_flush()  # a restarted Redis
 

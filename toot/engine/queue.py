@@ -307,12 +307,23 @@ def push_many(pushes: Mapping[str, Sequence[str]]) -> dict[str, str | None]:
     return drains
 
 
+# other_lanes_waiting() reads the lanes' set again after this many seconds: a drain asks
+# each time its lane is empty, and a lane new since then has a drain of its own started.
+KNOWN_LANES_SECONDS = 10.0
+_known_lanes: PerProcess[dict[str, tuple[float, list[str]]]] = PerProcess(dict)
+
+
 def other_lanes_waiting(name: str) -> bool:
     """Whether a lane of ``name``'s queue, other than ``name``, has items ready; False for
     a queue without lanes."""
     if kind(name) == name:
         return False
-    others = [lane for lane in lanes() if lane != name and kind(lane) == kind(name)]
+    known, key, now = _known_lanes(), _lanes_key(), time.monotonic()
+    read_at, every = known.get(key, (-math.inf, []))
+    if now - read_at > KNOWN_LANES_SECONDS:
+        every = lanes()
+        known[key] = now, every
+    others = [lane for lane in every if lane != name and kind(lane) == kind(name)]
     if not others:
         return False
     with get_redis().pipeline(transaction=False) as pipe:
