@@ -312,6 +312,12 @@ def test_other_settings_get_pools_of_their_own(server):
     assert client._pools().manager() is default
 
 
+@pytest.mark.parametrize("in_flight, kept", [(4, 10), (16, 16)])
+def test_a_pool_keeps_a_connection_per_request_in_flight_to_a_url(in_flight, kept):
+    with toot_settings(MAX_IN_FLIGHT=in_flight):
+        assert client._pools().manager().connection_pool_kw["maxsize"] == kept
+
+
 def test_only_a_few_setups_keep_pools(server):
     managers = []
     for n in range(client.Pools.LIMIT + 1):

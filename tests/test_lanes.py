@@ -64,7 +64,7 @@ def end(claimed: lanes.Claim, outcome: str | None = None) -> str:
 
 
 def test_a_url_has_at_most_max_in_flight_claims_and_is_due_again_when_one_ends(redis):
-    lanes.push({URL: (False, event_items(20))})
+    lanes.push({URL: (False, event_items(4 * lanes.SINGLE_PER_CLAIM))})
     first, second = claim().claim, claim().claim
     assert first is not None and second is not None
     assert len(first.items) == lanes.SINGLE_PER_CLAIM
@@ -93,7 +93,7 @@ def test_urls_take_turns():
 
 
 def test_failures_in_a_row_open_the_circuit_until_a_probe_closes_it(redis):
-    lanes.push({URL: (False, event_items(40))})
+    lanes.push({URL: (False, event_items(6 * lanes.SINGLE_PER_CLAIM))})
     transitions = []
     for _ in range(3):
         claimed = claim().claim
@@ -126,7 +126,7 @@ def test_failures_in_a_row_open_the_circuit_until_a_probe_closes_it(redis):
 
 
 def test_a_success_resets_the_failures_in_a_row(redis):
-    lanes.push({URL: (False, event_items(40))})
+    lanes.push({URL: (False, event_items(6 * lanes.SINGLE_PER_CLAIM))})
     for outcome in (lanes.FAILED, lanes.FAILED, lanes.OK, lanes.FAILED, lanes.NEUTRAL):
         claimed = claim().claim
         assert claimed is not None
@@ -156,7 +156,7 @@ def test_the_publisher_s_default_rate_applies_to_urls_that_asked_for_none(monkey
 
 
 def test_a_dead_pool_s_claims_go_back_to_the_front_of_their_lanes(redis):
-    items = event_items(7)
+    items = event_items(lanes.SINGLE_PER_CLAIM + 2)
     lanes.push({URL: (False, items)})
     held = claim().claim
     assert held is not None
@@ -186,7 +186,7 @@ def test_a_url_failing_for_disable_after_is_disabled_and_its_events_dead_lettere
     monkeypatch, redis, db
 ):
     patch_toot(monkeypatch, DISABLE_AFTER=0.001)
-    lanes.push({URL: (False, event_items(8))})
+    lanes.push({URL: (False, event_items(lanes.SINGLE_PER_CLAIM + 3))})
     claimed = claim().claim
     assert claimed is not None
     redis.hset(lanes.base() + "state:" + URL, "since", 0)  # failing for ages
@@ -212,10 +212,10 @@ def test_enable_closes_the_circuit_and_lets_the_lane_flow(redis):
 
 
 def test_pending_counts_waiting_held_and_delayed():
-    lanes.push({URL: (False, event_items(8))})
+    lanes.push({URL: (False, event_items(lanes.SINGLE_PER_CLAIM + 3))})
     claimed = claim().claim
     assert claimed is not None
-    assert lanes.pending() == 8
+    assert lanes.pending() == lanes.SINGLE_PER_CLAIM + 3
     claimed.retries = [({"delivery": {"url": URL}}, 60.0)]
     claim(claimed, take=False)
     assert lanes.pending() == 3 + 1

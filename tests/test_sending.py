@@ -590,7 +590,7 @@ def test_a_claim_takes_one_url_s_events_up_to_its_share(redis, channel):
     store.add(channel, "http://single.example/cb")
     store.add(channel, "http://batch.example/cb", batch=True)
     events = make_events(channel, lanes.SINGLE_PER_CLAIM + 2)
-    with toot_settings(BATCH_MAX_EVENTS=3):
+    with toot_settings(BATCH_MAX_EVENTS=3, MAX_IN_FLIGHT=2):
         assert sending.process(new(events), WatchedLease(name=queue.OUT)) == []
         lanes.renew("test-claims")
         claims = []

@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "DRAIN_SECONDS": 5.0,
     "DRAIN_LINGER": 0.5,
     "SENDERS": 32,
-    "MAX_IN_FLIGHT": 4,
+    "MAX_IN_FLIGHT": 8,
     "BREAKER_FAILURES": 5,
     "BREAKER_SECONDS": 30.0,
     "DISABLE_AFTER": 5 * 24 * 3600.0,

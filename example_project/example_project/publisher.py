@@ -37,7 +37,7 @@ TOOT = {
     "LEASE_SECONDS": env.float("TOOT_LEASE_SECONDS", default=60.0),
     # How long a subscriber may take to answer, and how many requests it gets at once.
     "READ_TIMEOUT": env.float("TOOT_READ_TIMEOUT", default=15.0),
-    "MAX_IN_FLIGHT": env.int("TOOT_MAX_IN_FLIGHT", default=4),
+    "MAX_IN_FLIGHT": env.int("TOOT_MAX_IN_FLIGHT", default=8),
     # A subscriber failing this many times in a row gets a rest of that many seconds.
     "BREAKER_FAILURES": env.int("TOOT_BREAKER_FAILURES", default=5),
     "BREAKER_SECONDS": env.float("TOOT_BREAKER_SECONDS", default=30.0),

@@ -68,16 +68,19 @@ class Pools:
 
     def manager(self) -> urllib3.PoolManager:
         proxy, bundle, cert = conf.PROXY_URL, conf.CA_BUNDLE, conf.CLIENT_CERT
+        # A connection per request in flight to a URL: a thread finding none kept would
+        # open one, and the pool close it after.
+        size = max(10, conf.MAX_IN_FLIGHT)
         raw = conf.raw
         rules = (
             repr(raw.get("ALLOWED_CALLBACK_HOSTS")),
             repr(raw.get("ALLOWED_CALLBACK_NETWORKS")),
         )
-        key = (proxy, bundle, cert, *rules)
+        key = (proxy, bundle, cert, size, *rules)
         manager = self._managers.get(key)
         if manager is None:
             with self._lock:
-                manager = self._managers.get(key) or _new_manager(proxy, bundle, cert)
+                manager = self._managers.get(key) or _new_manager(proxy, bundle, cert, size)
                 self._managers[key] = manager
                 while len(self._managers) > self.LIMIT:
                     self._managers.popitem(last=False)[1].clear()  # closes its idle connections
@@ -85,16 +88,15 @@ class Pools:
 
 
 def _new_manager(
-    proxy: str | None, bundle: str | None, cert: tuple[str, str | None] | None
+    proxy: str | None, bundle: str | None, cert: tuple[str, str | None] | None, size: int
 ) -> urllib3.PoolManager:
     bundle = bundle or certifi.where()
     tls: dict[str, Any] = {"ca_cert_dir" if os.path.isdir(bundle) else "ca_certs": bundle}
     if cert is not None:
         tls["cert_file"], tls["key_file"] = cert
-    # Several connections per peer: a threaded worker runs several drains at once.
     manager: urllib3.PoolManager
     if proxy is None:
-        manager = urllib3.PoolManager(num_pools=100, maxsize=10, **tls)
+        manager = urllib3.PoolManager(num_pools=100, maxsize=size, **tls)
     else:
         url = parse_url(proxy)
         headers = None
@@ -102,7 +104,7 @@ def _new_manager(
             headers = urllib3.make_headers(proxy_basic_auth=unquote(url.auth))
         proxy = url._replace(auth=None).url
         manager = urllib3.ProxyManager(
-            proxy, num_pools=100, maxsize=10, proxy_headers=headers, **tls
+            proxy, num_pools=100, maxsize=size, proxy_headers=headers, **tls
         )
     manager.pool_classes_by_scheme = transport.POOL_CLASSES
     return manager

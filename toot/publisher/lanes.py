@@ -41,7 +41,7 @@ SINGLE = "S"  # prefixes an event sent alone
 BATCHED = "B"  # prefixes an event sent in batches
 # A claim of a URL that takes events one per request takes this many: sent one after
 # another by one thread, so that a backlog costs a Redis round trip per few deliveries.
-SINGLE_PER_CLAIM = 5
+SINGLE_PER_CLAIM = 10
 # In the scripts: a claim makes up to 100 due retries ready and looks at up to 20 due
 # URLs; a rate-limited URL's claim takes the events of a tenth of a second of its rate, at
 # least one.
