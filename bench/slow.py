@@ -174,7 +174,7 @@ class SlowServer:
         with self._lock:
             self._expected.update(ids)
 
-    def _received(self, index: int, ids: list[str], batch: bool) -> Counts:
+    def _received(self, index: int, ids: list[str], batch: bool) -> None:
         with self._lock:
             counts = self._counts[index]
             counts.requests += 1
@@ -183,10 +183,11 @@ class SlowServer:
             counts.received.update(ids)
             counts.in_flight += 1
             counts.max_in_flight = max(counts.max_in_flight, counts.in_flight)
-            return counts
 
-    def _done(self, counts: Counts, ids: list[str], answered: bool) -> None:
+    def _done(self, index: int, ids: list[str], answered: bool) -> None:
         with self._lock:
+            # The counts of now: a request held across a reset is in flight in the new ones.
+            counts = self._counts[index]
             counts.in_flight -= 1
             if answered:
                 counts.answered.update(ids)
@@ -243,7 +244,7 @@ class SlowServer:
                     return
                 index = int(match["index"])
                 ids, batch = event_ids(body)
-                counts = server._received(index, ids, batch)
+                server._received(index, ids, batch)
                 answered = False
                 try:
                     if server._hold(self.connection, server.delays[index]):
@@ -252,7 +253,7 @@ class SlowServer:
                     else:
                         self.close_connection = True
                 finally:
-                    server._done(counts, ids, answered)
+                    server._done(index, ids, answered)
 
             def _reply(self, status: int, body: bytes = b"") -> None:
                 self.send_response(status)

@@ -95,6 +95,23 @@ def test_the_server_answers_late_and_counts_events_requests_and_those_in_flight(
         with_delay.stop()
 
 
+def test_a_request_held_across_a_reset_leaves_the_new_counts_once_answered():
+    server = SlowServer([0.5]).start()
+    try:
+        [url] = server.urls
+        thread = threading.Thread(target=post, args=(url, {"id": "a"}))
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not server.stats()[0]["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.reset()
+        assert server.stats()[0]["in_flight"] == 1
+        thread.join()
+        assert (server.stats()[0]["in_flight"], server.stats()[0]["max_in_flight"]) == (0, 1)
+    finally:
+        server.stop()
+
+
 def test_the_server_over_http_resets_and_expects():
     server = SlowServer([0.01]).start()
     try:
