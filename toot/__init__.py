@@ -12,7 +12,7 @@ from toot.exceptions import (
     TootError,
 )
 from toot.protocol.events import Event
-from toot.publisher.publishing import publish
+from toot.publisher.publishing import apublish, publish
 from toot.subscriber.registration import register_subscriptions
 from toot.subscriber.registry import subscribe
 
@@ -27,6 +27,7 @@ __all__ = [
     "InvalidEvent",
     "RegisterSubscriptionFailure",
     "TootError",
+    "apublish",
     "publish",
     "register_subscriptions",
     "subscribe",

@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
 from toot.conf import conf
@@ -119,6 +120,19 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
     else:
         send()
     return event
+
+
+async def apublish(channel: str, payload: Any = None, *, prefix: str | None = None) -> Event:
+    """``publish`` for async code, such as an async view: the event loop goes on while it
+    waits for Redis (or the outbox).
+
+    It runs ``publish`` through ``sync_to_async(thread_sensitive=True)``, in the thread
+    where Django runs the request's sync code and its ORM calls: ``publish`` waits for the
+    transactions open on that thread's connections, as it does in sync code. An async
+    Redis client (redis.asyncio) would not see them, and would need a second connection
+    pool and copies of the queue's scripts for the same single round trip.
+    """
+    return await sync_to_async(publish, thread_sensitive=True)(channel, payload, prefix=prefix)
 
 
 def in_transaction() -> list[str]:
