@@ -8,6 +8,7 @@ from toot.exceptions import (
     InvalidCallback,
     InvalidChannel,
     InvalidEvent,
+    NotIsolated,
     RegisterSubscriptionFailure,
     TootError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidCallback",
     "InvalidChannel",
     "InvalidEvent",
+    "NotIsolated",
     "RegisterSubscriptionFailure",
     "TootError",
     "apublish",

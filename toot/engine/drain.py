@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery, shared_task
 
 from toot.conf import conf
-from toot.engine import queue
+from toot.engine import isolation, queue
 from toot.engine.broker import BROKER_ERRORS, send_now
 from toot.exceptions import LeaseLost
 
@@ -123,13 +123,22 @@ def enqueue(name: str, items: Sequence[str], app: Celery | None = None) -> None:
     start a drain if one should.
 
     Redis errors are the caller's (nothing was queued); a broker that is down only delays
-    the drain (see ``start``).
+    the drain (see ``start``). While toot.testing's helpers are active, they take the
+    items instead (``toot.engine.isolation``).
     """
+    replacement = isolation.stand_in()
+    if replacement is not None:
+        replacement.push({name: items})
+        return
     start(name, queue.push_encoded(name, items), app)
 
 
 def enqueue_many(pushes: Mapping[str, Sequence[str]]) -> None:
     """``enqueue`` onto several lanes in one round trip to Redis (``queue.push_many``)."""
+    replacement = isolation.stand_in()
+    if replacement is not None:
+        replacement.push(pushes)
+        return
     for name, drain_id in queue.push_many(pushes).items():
         start(name, drain_id)
 
