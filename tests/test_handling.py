@@ -719,7 +719,7 @@ def async_recorder(loops):
 
 
 def test_an_async_handler_is_awaited_and_marked_done(redis):
-    loops = []
+    loops: list[asyncio.AbstractEventLoop] = []
     subscribe("publisher", "users.updated.v1", async_recorder(loops))
     event = new_event()
 
@@ -732,7 +732,7 @@ def test_an_async_handler_is_awaited_and_marked_done(redis):
 
 
 def test_the_async_handlers_of_a_drain_share_one_event_loop_closed_as_it_ends(redis):
-    loops = []
+    loops: list[asyncio.AbstractEventLoop] = []
     subscribe("publisher", "users.updated.v1", async_recorder(loops))
     subscribe("publisher", "users.updated.v1", on_update)  # a sync one beside it
 
@@ -759,7 +759,7 @@ def test_an_async_handler_that_raises_fails_as_a_sync_one_does(redis):
 
 
 def test_a_handler_run_from_async_code_is_awaited_in_a_thread_of_its_own(redis):
-    loops = []
+    loops: list[asyncio.AbstractEventLoop] = []
     subscribe("publisher", "users.updated.v1", async_recorder(loops))
 
     async def caller():
@@ -774,7 +774,7 @@ def test_a_handler_run_from_async_code_is_awaited_in_a_thread_of_its_own(redis):
 def test_a_worker_awaits_async_handlers_on_one_loop_per_drain(
     client, celery_worker, eventually, redis
 ):
-    loops = []
+    loops: list[asyncio.AbstractEventLoop] = []
     subscribe("publisher", "users.updated.v1", async_recorder(loops))
     events = [new_event() for _ in range(3)]
 

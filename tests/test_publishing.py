@@ -427,16 +427,16 @@ def test_a_payload_nested_deeper_than_subscribers_read_is_refused(celery_worker)
 
 
 def test_apublish_waits_for_redis_off_the_event_loop(celery_worker, suffix, pushed, monkeypatch):
-    from toot.publisher import publishing
+    from toot.engine import drain
 
     threads = []
-    real_enqueue = publishing.drain.enqueue
+    real_enqueue = drain.enqueue
 
     def enqueue(*args, **kwargs):
         threads.append(threading.get_ident())
         return real_enqueue(*args, **kwargs)
 
-    monkeypatch.setattr(publishing.drain, "enqueue", enqueue)
+    monkeypatch.setattr(drain, "enqueue", enqueue)
 
     async def view():
         return threading.get_ident(), await toot.apublish(suffix, {"at": Decimal("1.50")})

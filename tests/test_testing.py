@@ -321,7 +321,7 @@ def test_assert_nothing_published_on_a_channel(published):
 
 
 def test_deliver_runs_the_handlers_once_per_event(offline):
-    calls = []
+    calls: list[tuple[str, str]] = []
     subscribe("publisher", "users.updated.v1", calls_of("first", calls))
     subscribe("publisher", "users.updated.v1", calls_of("second", calls))
     subscribe("publisher", "users.deleted.v1", calls_of("elsewhere", calls))
@@ -341,7 +341,7 @@ def test_deliver_runs_the_handlers_once_per_event(offline):
 
 
 def test_a_handler_that_raises_raises_to_the_test_and_runs_again_when_redelivered(offline):
-    calls = []
+    calls: list[str] = []
 
     def flaky(event):
         calls.append(event.id)
@@ -396,7 +396,7 @@ def test_an_invalid_event_is_refused_as_the_endpoint_refuses_it(offline):
 
 
 def test_a_source_with_a_secret_gets_signed_deliveries(offline, client):
-    calls = []
+    calls: list[tuple[str, str]] = []
     sources = {"publisher": {**settings.TOOT["SOURCES"]["publisher"], "SECRET": SECRET}}
     with toot_settings(SOURCES=sources), isolated() as toot_test:
         subscribe("publisher", "users.updated.v1", calls_of("signed", calls))
@@ -418,7 +418,7 @@ def test_a_source_with_a_secret_gets_signed_deliveries(offline, client):
 
 
 def test_a_test_clients_post_runs_the_handlers_in_the_test(offline, client):
-    calls = []
+    calls: list[tuple[str, str]] = []
     subscribe("publisher", "users.updated.v1", calls_of("posted", calls))
 
     with isolated() as toot_test:
@@ -438,7 +438,7 @@ def test_an_unsigned_source_needs_no_signature_headers(offline):
 
 
 def test_work_for_a_handler_gone_fails_as_in_a_drain(offline):
-    calls = []
+    calls: list[tuple[str, str]] = []
     subscribe("publisher", "users.updated.v1", calls_of("present", calls))
     event = Event(SOURCE_PREFIX + "users.updated.v1", {"id": 1})
 

@@ -21,7 +21,7 @@ import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
 from django.test import RequestFactory
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from django.http import HttpResponse
     from django.test import Client
+    from django.test.client import _MonkeyPatchedWSGIResponse
 
     _TestCase = unittest.TestCase
 else:
@@ -224,7 +225,7 @@ class Isolation:
         with self._lock:
             handled, skipped = len(self.handled), len(self.skipped)
         with engine_isolation.standing_in(self):  # the innermost, whichever this is
-            response = CallbackView.as_view()(request)
+            response = cast("HttpResponse", CallbackView.as_view()(request))
         if response.status_code != 200:
             raise DeliveryRefused(response.status_code, _error_of(response.content))
         if response.has_header("X-Toot-Unsubscribe"):
@@ -236,12 +237,14 @@ class Isolation:
             already = [name for _, name in self.skipped[skipped:]]
         return Delivery(Event.from_dict(wire), ran, already)
 
-    def post(self, client: Client, event: Event | Mapping[str, Any], **extra: Any) -> HttpResponse:
+    def post(
+        self, client: Client, event: Event | Mapping[str, Any], **extra: Any
+    ) -> _MonkeyPatchedWSGIResponse:
         """POST ``event`` to the project's callbacks endpoint (``toot:callbacks``) with
         Django's test ``client``, signed as its publisher would; the response."""
         wire = event.to_dict() if isinstance(event, Event) else dict(event)
         body, headers = self.callback_request(wire)
-        return client.post(  # type: ignore[no-any-return]
+        return client.post(
             reverse("toot:callbacks"),
             body,
             content_type="application/json",

@@ -13,7 +13,7 @@ class BotRefused(Exception):
 def sign_up(username: str, *, newsletter: bool = False) -> User:
     """Create the user and announce it; a bot's signup rolls back, and announces nothing."""
     with transaction.atomic():
-        user = User.objects.create_user(username)
+        user: User = User.objects.create_user(username)
         toot.publish(
             "users.signed_up.v1",
             {
