@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 from celery import Celery, shared_task
@@ -34,9 +34,9 @@ _last_warning = -math.inf
 # schedule out.
 Processor = Callable[[list[Any], queue.Lease], list[queue.Retry]]
 PROCESSORS: dict[str, Processor] = {}
-# What a queue's drain runs inside, where its side needs it (the publisher's senders):
-# entered for the run, it yields whether work of the side's is still under way, which
-# keeps the drain from ending.
+# What each queue's drain runs inside (the publisher's senders, the subscriber's event
+# loop for async handlers): entered for the run, it yields whether work of the side's is
+# still under way, which keeps the drain from ending.
 Host = Callable[[], AbstractContextManager[Callable[[], bool]]]
 HOSTS: dict[str, Host] = {}
 # The Celery queue that a lane's drains are sent to, if not the task's default, by the
@@ -44,10 +44,6 @@ HOSTS: dict[str, Host] = {}
 # queue=...) says.
 Router = Callable[[str], str | None]
 ROUTERS: dict[str, Router] = {}
-
-
-def _idle() -> bool:
-    return False
 
 
 # Acknowledged as it starts, whatever the project's Celery settings say: a drain's work
@@ -78,8 +74,7 @@ def drain(name: str, drain_id: str) -> int:
 
 
 def _drain(name: str, drain_id: str) -> int:
-    host = HOSTS.get(queue.kind(name), lambda: nullcontext(_idle))
-    with host() as busy:
+    with HOSTS[queue.kind(name)]() as busy:
         return _run(name, drain_id, busy)
 
 
