@@ -42,6 +42,8 @@ PACKAGE_FILES = (
     "py.typed",
     "migrations/__init__.py",
     "management/commands/toot_register_subscriptions.py",
+    "testing.py",
+    "pytest_plugin.py",
 )
 SDIST_FILES = ("LICENSE", "README.md", "CHANGELOG.md")
 CHECK_SETTINGS = """\
@@ -83,6 +85,20 @@ missing = [name for name in sys.argv[2:] if not (package / name).is_file()]
 if missing:
     sys.exit(f"the installed toot lacks {', '.join(missing)}")
 print(f"toot {toot.__version__} at {package} holds {', '.join(sys.argv[2:])}")
+"""
+# The pytest plugin's entry point, as pytest finds it in the installed distribution.
+CHECK_PLUGIN = """\
+import importlib.metadata, sys
+
+found = [e.value for e in importlib.metadata.entry_points(group="pytest11") if e.name == "toot"]
+if found != ["toot.pytest_plugin"]:
+    sys.exit(f"the pytest11 entry point of toot is {found}, not toot.pytest_plugin")
+import django
+
+django.setup()
+import toot.testing  # noqa: E402 - needs no pytest, which this venv does not have
+
+print("pytest11 entry point toot = toot.pytest_plugin; toot.testing imports without pytest")
 """
 CHECK_URLS = """\
 from django.urls import include, path
@@ -271,6 +287,8 @@ def check_package(args: list[str]) -> None:
         environ |= {"DJANGO_SETTINGS_MODULE": "check_settings", "PYTHONPATH": str(project)}
         (project / "check_install.py").write_text(CHECK_INSTALL)
         run(python_in(env), "check_install.py", str(ROOT), *PACKAGE_FILES, cwd=project, env=environ)
+        (project / "check_plugin.py").write_text(CHECK_PLUGIN)
+        run(python_in(env), "check_plugin.py", cwd=project, env=environ)
         django_admin = env / BIN / "django-admin"
         run(django_admin, "check", "--fail-level", "WARNING", cwd=project, env=environ)
         run(django_admin, "help", "toot_register_subscriptions", cwd=project, env=environ)

@@ -23,6 +23,9 @@ from toot.protocol.events import Event
 from toot.subscriber import handling
 from toot.subscriber.registry import registry
 
+# A project of its own, with its own settings: tests/test_testing.py and .ci/run run it apart.
+collect_ignore = ["sample_project"]
+
 
 @pytest.fixture
 def redis():

@@ -122,6 +122,8 @@ def test_e001_toot_setting_not_a_dict(value):
         ("BATCH_MAX_EVENTS", 0),
         ("BATCH_MAX_EVENTS", 2.5),
         ("BATCH_MAX_EVENTS", True),
+        ("ALLOW_REDIS_IN_TESTS", "yes"),
+        ("ALLOW_REDIS_IN_TESTS", 1),
     ],
 )
 def test_e002_wrong_type(key, value):

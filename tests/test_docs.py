@@ -388,3 +388,20 @@ def test_the_tutorial_delivers_its_event(tmp_path):
     assert {"tutorial-subscriber-worker-log", "tutorial-register-output"} <= shown
     assert tutorial.included == set((DOCS / "tutorial").rglob("*.py")), "files the page omits"
     assert tutorial.replaced == set(tutorial.constants), "constants the page no longer has"
+
+
+def test_the_testing_page_shows_only_tests_that_run():
+    """docs/testing.md shows the sample and the example projects' tests, which
+    tests/test_testing.py runs, and a failure message: no code of its own."""
+    page = (DOCS / "testing.md").read_text()
+    included = {
+        (DOCS / directive.argument).resolve()
+        for directive in directives(page)
+        if directive.name == "literalinclude"
+    }
+    assert included == {
+        ROOT / "tests" / "sample_project" / "accounts" / "tests" / "test_with_pytest.py",
+        ROOT / "tests" / "sample_project" / "accounts" / "tests" / "test_with_testcase.py",
+        ROOT / "example_project" / "example_app" / "tests.py",
+    }
+    assert re.findall(r"^```(\w+)", page, re.M) == ["text"]  # the failure message

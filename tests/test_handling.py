@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import json
@@ -701,3 +702,94 @@ def test_a_done_mark_is_a_16_byte_field_of_its_hours_hash(redis):
     assert {len(field) for field in redis.hkeys(done)} == {16}
     prefix = settings.TOOT["KEY_PREFIX"]
     assert not list(redis.scan_iter(match=f"{prefix}handled:running:*"))  # claims are gone
+
+
+# async def handlers
+
+
+def async_recorder(loops):
+    """An ``async def`` handler that records the event loop it was awaited on."""
+
+    async def handler(event):
+        await asyncio.sleep(0)
+        loops.append(asyncio.get_running_loop())
+
+    handler.__qualname__ = "async_recorder"
+    return handler
+
+
+def test_an_async_handler_is_awaited_and_marked_done(redis):
+    loops: list[asyncio.AbstractEventLoop] = []
+    subscribe("publisher", "users.updated.v1", async_recorder(loops))
+    event = new_event()
+
+    assert run(event) == {}
+    assert run(event) == {}  # done: not awaited again
+
+    assert len(loops) == 1
+    assert loops[0].is_closed()  # outside a drain, a loop of its own for the run
+    assert handling.state(event, "tests.test_handling.async_recorder") == DONE
+
+
+def test_the_async_handlers_of_a_drain_share_one_event_loop_closed_as_it_ends(redis):
+    loops: list[asyncio.AbstractEventLoop] = []
+    subscribe("publisher", "users.updated.v1", async_recorder(loops))
+    subscribe("publisher", "users.updated.v1", on_update)  # a sync one beside it
+
+    with handling.hosting() as busy:
+        assert run_many([(new_event(), None), (new_event(), None)]) == [{}, {}]
+        assert run_many([(new_event(), None)]) == [{}]
+        assert not busy()
+        assert not loops[0].is_closed()
+
+    assert len(loops) == 3
+    assert all(loop is loops[0] for loop in loops)
+    assert loops[0].is_closed()
+
+
+def test_an_async_handler_that_raises_fails_as_a_sync_one_does(redis):
+    async def broken(event):
+        raise ValueError("async boom")
+
+    subscribe("publisher", "users.updated.v1", broken)
+
+    [failure] = run(new_event()).values()
+
+    assert isinstance(failure, ValueError)
+
+
+def test_a_handler_run_from_async_code_is_awaited_in_a_thread_of_its_own(redis):
+    loops: list[asyncio.AbstractEventLoop] = []
+    subscribe("publisher", "users.updated.v1", async_recorder(loops))
+
+    async def caller():
+        return asyncio.get_running_loop(), run(new_event())
+
+    outer, failures = asyncio.run(caller())
+
+    assert failures == {}
+    assert loops[0] is not outer
+
+
+def test_a_worker_awaits_async_handlers_on_one_loop_per_drain(
+    client, celery_worker, eventually, redis
+):
+    loops: list[asyncio.AbstractEventLoop] = []
+    subscribe("publisher", "users.updated.v1", async_recorder(loops))
+    events = [new_event() for _ in range(3)]
+
+    response = client.post(
+        "/toot/callbacks",
+        json.dumps({"events": [event.to_dict() for event in events]}),
+        content_type="application/json",
+    )
+
+    assert response.status_code == 200
+    name = "tests.test_handling.async_recorder"
+    eventually(
+        lambda: all(handling.state(event, name) == DONE for event in events),
+        what="the async handler to run for every event",
+    )
+    assert len(loops) == 3
+    assert all(loop is loops[0] for loop in loops)  # one drain claimed the three at once
+    eventually(loops[0].is_closed, what="the drain to end and close its loop")

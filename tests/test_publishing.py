@@ -424,3 +424,44 @@ def test_a_payload_nested_deeper_than_subscribers_read_is_refused(celery_worker)
         toot.publish("x.v1", deep)
     shallower = deep[0]
     toot.publish("x.v1", shallower)  # exactly MAX_JSON_DEPTH levels: sent
+
+
+def test_apublish_waits_for_redis_off_the_event_loop(celery_worker, suffix, pushed, monkeypatch):
+    from toot.engine import drain
+
+    threads = []
+    real_enqueue = drain.enqueue
+
+    def enqueue(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return real_enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(drain, "enqueue", enqueue)
+
+    async def view():
+        return threading.get_ident(), await toot.apublish(suffix, {"at": Decimal("1.50")})
+
+    loop_thread, event = async_to_sync(view)()
+
+    assert event.channel == PREFIX + suffix
+    assert event.payload == {"at": "1.50"}
+    assert [e["id"] for e in pushed] == [event.id]
+    assert threads and loop_thread not in threads
+
+
+@pytest.mark.django_db(transaction=True)
+def test_apublish_in_a_transaction_waits_for_its_commit(celery_worker, suffix, pushed):
+    from asgiref.sync import sync_to_async
+
+    async def view():
+        def in_atomic():
+            with transaction.atomic():
+                event = async_to_sync(toot.apublish)(suffix, {"n": 1})
+                assert pushed == []  # the transaction of the thread it runs in is open
+                return event
+
+        return await sync_to_async(in_atomic)()
+
+    event = async_to_sync(view)()
+
+    assert [e["id"] for e in pushed] == [event.id]

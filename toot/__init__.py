@@ -8,11 +8,12 @@ from toot.exceptions import (
     InvalidCallback,
     InvalidChannel,
     InvalidEvent,
+    NotIsolated,
     RegisterSubscriptionFailure,
     TootError,
 )
 from toot.protocol.events import Event
-from toot.publisher.publishing import publish
+from toot.publisher.publishing import apublish, publish
 from toot.subscriber.registration import register_subscriptions
 from toot.subscriber.registry import subscribe
 
@@ -25,8 +26,10 @@ __all__ = [
     "InvalidCallback",
     "InvalidChannel",
     "InvalidEvent",
+    "NotIsolated",
     "RegisterSubscriptionFailure",
     "TootError",
+    "apublish",
     "publish",
     "register_subscriptions",
     "subscribe",

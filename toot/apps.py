@@ -27,6 +27,7 @@ class TootConfig(AppConfig):
         drain.PROCESSORS[queue.OUT] = sending.process
         drain.HOSTS[queue.OUT] = sending.hosting
         drain.PROCESSORS[queue.IN] = handling.process
+        drain.HOSTS[queue.IN] = handling.hosting
         drain.ROUTERS[queue.IN] = handling.celery_queue
         for step in (sending.relay_step, outbox.relay_step):
             if step not in relay.STEPS:

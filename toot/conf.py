@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "SUBSCRIPTIONS_AUTH": None,
     "ALLOWED_CALLBACK_HOSTS": (),
     "ALLOWED_CALLBACK_NETWORKS": (),
+    "ALLOW_REDIS_IN_TESTS": False,
 }
 REQUIRED_SOURCE_KEYS = ("SUBSCRIPTION_URL", "CHANNEL_PREFIX")
 SOURCE_KEYS = (*REQUIRED_SOURCE_KEYS, "SECRET", "SECRETS", "TOKEN")
@@ -486,6 +487,14 @@ class Settings:
                 '"django.core.serializers.json.DjangoJSONEncoder".'
             )
         return encoder
+
+    @setting
+    def ALLOW_REDIS_IN_TESTS(self) -> bool:
+        """Whether tests may reach toot's Redis and the broker outside toot.testing's helpers."""
+        value = self.get("ALLOW_REDIS_IN_TESTS")
+        if not isinstance(value, bool):
+            raise ConfigError(f'TOOT["ALLOW_REDIS_IN_TESTS"] must be True or False, not {value!r}.')
+        return value
 
     @setting
     def LEASE_SECONDS(self) -> float:

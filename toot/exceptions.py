@@ -35,6 +35,19 @@ class InvalidCallback(TootError, ValueError):
     """A callback URL toot will not call: bad scheme, credentials, a non-public address (SSRF)."""
 
 
+class NotIsolated(TootError):
+    """A test made toot reach Redis, the broker or the network where it must not (toot.testing)."""
+
+
+class DeliveryRefused(TootError, AssertionError):
+    """The callbacks endpoint refused an event that ``toot.testing`` delivered."""
+
+    def __init__(self, status: int, error: str) -> None:
+        self.status = status
+        self.error = error
+        super().__init__(f"the callbacks endpoint answered {status}: {error}")
+
+
 class InvalidSignature(TootError, SuspiciousOperation):
     """A callback's Standard Webhooks signature headers are missing, stale or do not match."""
 

@@ -12,6 +12,7 @@ from kombu.exceptions import LimitExceeded, OperationalError
 from kombu.pools import ProducerPool
 
 from toot.conf import conf
+from toot.engine import isolation
 
 # What sending a task raises when the broker is unreachable, or does not answer in time.
 BROKER_ERRORS = (OperationalError, redis.RedisError, OSError)
@@ -38,6 +39,7 @@ def send_now(task: Task[Any, Any], args: Sequence[Any], **options: Any) -> None:
     Even with ``retry=False`` kombu retries connecting for its connect timeout (about 6 s),
     which would hold a web request, or a relay past the timeout of its claims.
     """
+    isolation.check("the broker")
     # REDIS_TIMEOUT because the same web requests and relay steps wait that long at most
     # for toot's Redis, which is often the broker too (REDIS_URL falls back to a Redis
     # CELERY_BROKER_URL): one bound on what they wait for, and one setting to tune it.

@@ -19,13 +19,18 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from toot.conf import conf
+from toot.engine import isolation
 
 _clients: dict[tuple[str, float], redis.Redis] = {}
 _scripts: dict[str, Script] = {}
 
 
 def get_redis() -> redis.Redis:
-    """The client for toot's Redis: ``TOOT["REDIS_CONNECTION"]`` if set, else one per URL."""
+    """The client for toot's Redis: ``TOOT["REDIS_CONNECTION"]`` if set, else one per URL.
+
+    Raises NotIsolated where a test must not reach it (``toot.engine.isolation``).
+    """
+    isolation.check("Redis")
     factory = conf.REDIS_CONNECTION
     if factory is not None:
         return factory()

@@ -12,13 +12,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 from celery import Celery, shared_task
 
 from toot.conf import conf
-from toot.engine import queue
+from toot.engine import isolation, queue
 from toot.engine.broker import BROKER_ERRORS, send_now
 from toot.exceptions import LeaseLost
 
@@ -34,9 +34,9 @@ _last_warning = -math.inf
 # schedule out.
 Processor = Callable[[list[Any], queue.Lease], list[queue.Retry]]
 PROCESSORS: dict[str, Processor] = {}
-# What a queue's drain runs inside, where its side needs it (the publisher's senders):
-# entered for the run, it yields whether work of the side's is still under way, which
-# keeps the drain from ending.
+# What each queue's drain runs inside (the publisher's senders, the subscriber's event
+# loop for async handlers): entered for the run, it yields whether work of the side's is
+# still under way, which keeps the drain from ending.
 Host = Callable[[], AbstractContextManager[Callable[[], bool]]]
 HOSTS: dict[str, Host] = {}
 # The Celery queue that a lane's drains are sent to, if not the task's default, by the
@@ -44,10 +44,6 @@ HOSTS: dict[str, Host] = {}
 # queue=...) says.
 Router = Callable[[str], str | None]
 ROUTERS: dict[str, Router] = {}
-
-
-def _idle() -> bool:
-    return False
 
 
 # Acknowledged as it starts, whatever the project's Celery settings say: a drain's work
@@ -78,8 +74,7 @@ def drain(name: str, drain_id: str) -> int:
 
 
 def _drain(name: str, drain_id: str) -> int:
-    host = HOSTS.get(queue.kind(name), lambda: nullcontext(_idle))
-    with host() as busy:
+    with HOSTS[queue.kind(name)]() as busy:
         return _run(name, drain_id, busy)
 
 
@@ -123,13 +118,22 @@ def enqueue(name: str, items: Sequence[str], app: Celery | None = None) -> None:
     start a drain if one should.
 
     Redis errors are the caller's (nothing was queued); a broker that is down only delays
-    the drain (see ``start``).
+    the drain (see ``start``). While toot.testing's helpers are active, they take the
+    items instead (``toot.engine.isolation``).
     """
+    replacement = isolation.stand_in()
+    if replacement is not None:
+        replacement.push({name: items})
+        return
     start(name, queue.push_encoded(name, items), app)
 
 
 def enqueue_many(pushes: Mapping[str, Sequence[str]]) -> None:
     """``enqueue`` onto several lanes in one round trip to Redis (``queue.push_many``)."""
+    replacement = isolation.stand_in()
+    if replacement is not None:
+        replacement.push(pushes)
+        return
     for name, drain_id in queue.push_many(pushes).items():
         start(name, drain_id)
 

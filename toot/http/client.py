@@ -24,6 +24,7 @@ from urllib3.exceptions import NameResolutionError
 from urllib3.util import parse_url
 
 from toot.conf import conf
+from toot.engine import isolation
 from toot.engine.per_process import PerProcess
 from toot.http import ssrf, transport
 
@@ -121,6 +122,7 @@ def post_to_callback(url: str, body: bytes, headers: Mapping[str, str]) -> Respo
     peer answers, ends with ``transport.DeadlineExceeded`` after CONNECT_TIMEOUT +
     READ_TIMEOUT seconds.
     """
+    isolation.check("the network", outside_helpers=False)
     host, port = ssrf.callback_host(url)
     manager = _pools().manager()
     if isinstance(manager, urllib3.ProxyManager) and not ssrf.host_allowed(host):
@@ -196,6 +198,7 @@ get_session = PerProcess(_new_session)
 
 def post_to_source(url: str, body: str, headers: Mapping[str, str]) -> Response:
     """POST a registration: no SSRF rules, requests' errors, each read within READ_TIMEOUT."""
+    isolation.check("the network", outside_helpers=False)
     proxy = conf.PROXY_URL
     with get_session().post(
         url,

@@ -29,11 +29,14 @@ last mark. The claim keys live only while a handler's work is under way.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -175,6 +178,65 @@ class Heartbeat(threading.Thread):
 
 
 heartbeat = PerProcess(Heartbeat)
+
+# The event loop of the drain at work in this thread, if it has needed one.
+_drain_loop = threading.local()
+
+
+@contextmanager
+def hosting() -> Iterator[Callable[[], bool]]:
+    """What a drain of the in queue runs inside (``toot.engine.drain.HOSTS``): its async
+    handlers share one event loop, made when the first needs it and closed as the drain
+    ends, rather than one loop per event."""
+    loops: list[asyncio.AbstractEventLoop] = []
+    _drain_loop.loops = loops
+    try:
+        yield lambda: False
+    finally:
+        del _drain_loop.loops
+        for loop in loops:
+            _close(loop)
+
+
+def call(handler: Handler, event: Event) -> None:
+    """Run ``handler`` for ``event``; what an ``async def`` handler returns is awaited, on
+    the drain's event loop when there is one, else on a loop of its own."""
+    result = handler(event)
+    if inspect.isawaitable(result):
+        run_awaitable(result)
+
+
+def run_awaitable(awaitable: Awaitable[object]) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:  # called from async code (a test's): its loop cannot wait here, a thread's can
+        with ThreadPoolExecutor(1) as thread:
+            thread.submit(run_awaitable, awaitable).result()
+        return
+    loops: list[asyncio.AbstractEventLoop] | None = getattr(_drain_loop, "loops", None)
+    if loops is None:  # outside a drain: a dead letter replayed, toot.testing's delivery
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(_awaited(awaitable))
+        finally:
+            _close(loop)
+        return
+    if not loops:
+        loops.append(asyncio.new_event_loop())
+    loops[0].run_until_complete(_awaited(awaitable))
+
+
+async def _awaited(awaitable: Awaitable[object]) -> None:
+    await awaitable
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
 
 
 # Stands for every handler of the channel where none was found: its retry (and dead
@@ -343,7 +405,7 @@ def run_many(
             done_until: int | str = ""
             with beating.holding([pair[1]], owner, detached):
                 try:
-                    handler(event)
+                    call(handler, event)
                 except Exception as exc:
                     logger.exception(
                         "Event %s on %s: handler %s raised", event.id, event.channel, name
