@@ -82,10 +82,14 @@ def test_every_default_has_a_property():
 
 
 def test_missing_toot_setting_means_defaults():
-    with override_settings():
-        del settings.TOOT
-        assert conf.raw == {}
-        assert conf.KEY_PREFIX == "toot:"
+    try:
+        with override_settings():
+            del settings.TOOT
+            conf.forget()  # Django sends no setting_changed for a deleted setting
+            assert conf.raw == {}
+            assert conf.KEY_PREFIX == "toot:"
+    finally:
+        conf.forget()
 
 
 def test_toot_setting_must_be_a_dict():
