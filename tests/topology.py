@@ -183,7 +183,8 @@ class Topology(base.Topology):
                 return count
             # And what waits in the lanes of toot.publisher.lanes, or is held by senders.
             lanes = self._lanes_base(role)
-            count += int(client.zcard(f"{lanes}delayed")) + sum(self.held(role).values())
+            count += sum(self.held(role).values())
+            count += sum(int(client.zcard(f"{lanes}delayed:{url}")) for url in client.zrange(f"{lanes}delayed", 0, -1))
             return count + sum(int(client.llen(k)) for k in client.scan_iter(f"{lanes}ready:*"))
         finally:
             client.close()
