@@ -21,6 +21,9 @@ from toot.publisher import lanes, store
 from toot.subscriber import handling
 
 
+EPOCH = dt.datetime.fromtimestamp(0, dt.timezone.utc)
+
+
 def _when(timestamp: float | str | None) -> dt.datetime | None:
     if timestamp is None or timestamp == "":
         return None
@@ -207,6 +210,29 @@ def per_minute(count: int = 60) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def retries_of(urls: list[str], most: int = 10_000) -> list[dict[str, Any]]:
+    """The first ``most`` deliveries waiting for a retry to ``urls``, by URL then due time:
+    ``url``, ``event_ids``, ``channel``, ``attempts``, ``due``."""
+    found: list[dict[str, Any]] = []
+    b = lanes.base()
+    client = get_redis()
+    for url in urls:
+        if len(found) >= most:
+            break
+        for item, due in client.zrange(b + "delayed:" + url, 0, most - len(found) - 1, withscores=True):
+            record = json.loads(item)["delivery"]
+            found.append(
+                {
+                    "url": url,
+                    "event_ids": ", ".join(event["id"] for event in record["events"]),
+                    "channel": record["events"][0]["channel"],
+                    "attempts": record["attempts"],
+                    "due": _when(due),
+                }
+            )
+    return found
 
 
 def retry_now(
