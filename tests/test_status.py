@@ -208,7 +208,7 @@ def shape(text: str) -> list[str]:
 
 def test_the_operations_page_shows_toot_status_as_it_prints():
     page = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
-    shown = page.split("On a publisher with a subscriber failing:\n\n```console\n")[1]
+    shown = page.split("server down for a few seconds):\n\n```console\n")[1]
     shown = shown.split("```", 1)[0].split("\n", 1)[1]  # past the command
     store.add(USERS, URL, batch=True)
     store.add(ORDERS, URL, batch=True)
