@@ -13,6 +13,7 @@ import time
 import uuid
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -46,7 +47,7 @@ def own_prefix(monkeypatch, redis, no_drain_at_work):
     lanes.renew(HOST)
 
 
-def retry_item(url: str, channel: str) -> dict:
+def retry_item(url: str, channel: str) -> dict[str, Any]:
     event = Event(channel, {"n": 1}).to_dict()
     return {
         "delivery": {
@@ -60,7 +61,7 @@ def retry_item(url: str, channel: str) -> dict:
     }
 
 
-def fail_once(url: str, retries: list[dict], delay: float = 300.0) -> None:
+def fail_once(url: str, retries: list[dict[str, Any]], delay: float = 300.0) -> None:
     """A claim of ``url`` that failed with a 503, leaving ``retries``."""
     lanes.push({url: (False, ["S" + wire_json(Event(USERS, {}).to_dict())])})
     claimed = lanes.claim(HOST, queue.new_id(), None)
@@ -152,7 +153,8 @@ def test_toot_retry_now_makes_retries_due(redis):
     assert run(OTHER) == "1 retries due now.\n"
     assert run("--channel", USERS) == "1 retries due now.\n"
     assert run("--all") == "4 retries due now.\n"  # both URLs' three again, the handler's
-    assert queue.depth(queue.IN).next_due <= float(redis.time()[0]) + 1
+    due = queue.depth(queue.IN).next_due
+    assert due is not None and due <= float(redis.time()[0]) + 1
     lanes.wake()
     assert lanes.retries() == {}
     with pytest.raises(CommandError, match="Say which retries"):
@@ -189,8 +191,10 @@ def test_one_status_call_with_100k_retries_and_10k_subscriptions_is_cheap(redis,
     assert len(found.publisher.subscriptions) == 10_000
     assert len(found.publisher.callbacks) == urls
     with capsys.disabled():
-        print(f"\n  status(): {took * 1000:.0f} ms with 100,000 retries, 10,000 subscriptions "
-              f"of {urls} URLs")
+        print(
+            f"\n  status(): {took * 1000:.0f} ms with 100,000 retries, 10,000 subscriptions "
+            f"of {urls} URLs"
+        )
     assert took < 5.0
 
 
@@ -199,7 +203,7 @@ def shape(text: str) -> list[str]:
     errors and numbers left out, and tables' rows but their headers."""
     shaped = []
     for line in text.splitlines():
-        if line.startswith("    ") and not line.split()[0] in ("channel", "callback", "queue"):
+        if line.startswith("    ") and line.split()[0] not in ("channel", "callback", "queue"):
             continue
         line = re.sub(r"\d{4}-\d\d-\d\dT[\d:]+\+00:00", "T", line)
         shaped.append(re.sub(r"\d+", "N", " ".join(line.split())))

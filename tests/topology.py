@@ -184,7 +184,9 @@ class Topology(base.Topology):
             # And what waits in the lanes of toot.publisher.lanes, or is held by senders.
             lanes = self._lanes_base(role)
             count += sum(self.held(role).values())
-            count += sum(int(client.zcard(f"{lanes}delayed:{url}")) for url in client.zrange(f"{lanes}delayed", 0, -1))
+            # Each callback URL's retries, in a sorted set of its own (the index lists them).
+            for url in map(str, client.zrange(f"{lanes}delayed", 0, -1)):  # decoded already
+                count += int(client.zcard(f"{lanes}delayed:{url}"))
             return count + sum(int(client.llen(k)) for k in client.scan_iter(f"{lanes}ready:*"))
         finally:
             client.close()

@@ -15,6 +15,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
+from django.utils.text import capfirst
 
 from toot import status
 from toot.deadletters import requeue
@@ -118,7 +119,7 @@ class RedisPage(ModelAdmin):
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
-            "title": self.opts.verbose_name_plural.capitalize(),
+            "title": capfirst(self.opts.verbose_name_plural),
             **self.page(request),
             **(extra_context or {}),
         }
@@ -217,7 +218,9 @@ class OverviewAdmin(RedisPage):
         return {
             "status": found,
             "chart": chart(found.minutes),
-            "failing": [c for c in found.publisher.callbacks if c.failures or c.circuit != "closed"],
+            "failing": [
+                url for url in found.publisher.callbacks if url.failures or url.circuit != "closed"
+            ],
         }
 
 
@@ -236,7 +239,7 @@ def chart(minutes: list[dict[str, Any]]) -> SafeString:
     step = (WIDTH - 2 * MARGIN) / max(1, len(minutes) - 1)
 
     def y(value: int) -> float:
-        return HEIGHT - MARGIN - (HEIGHT - 2 * MARGIN) * value / top
+        return float(HEIGHT - MARGIN - (HEIGHT - 2 * MARGIN) * value / top)
 
     parts = [
         format_html(

@@ -10,16 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from django.db.models import Count
 
-from toot.conf import conf
 from toot.engine import queue
 from toot.engine.connection import as_text, get_redis
 from toot.publisher import lanes, store
 from toot.subscriber import handling
-
 
 EPOCH = dt.datetime.fromtimestamp(0, dt.timezone.utc)
 
@@ -123,7 +121,7 @@ def _dead_letters(kind: str, by: str) -> tuple[dict[str, int], dict[str, int]]:
 
     def count(name: str) -> dict[str, int]:
         rows = letters.values_list(name).annotate(n=Count("id")).order_by(name)
-        return {key: n for key, n in rows}
+        return dict(rows)
 
     return count("channel"), count(by)
 
@@ -169,8 +167,8 @@ def publisher() -> PublisherStatus:
             pipe.hvals(b + "held:" + host)
         held = sum(as_text(v).count(lanes.SEP) for values in pipe.execute() for v in values)
     dues = [url.next_retry for url in urls if url.next_retry is not None]
-    if old and old.next_due is not None:
-        dues.append(_when(old.next_due))
+    if old and (first := _when(old.next_due)) is not None:
+        dues.append(first)
     by_channel, by_url = _dead_letters("delivery", "callback_url")
     return PublisherStatus(
         QueueDepth.of(queue.OUT),
@@ -221,8 +219,10 @@ def retries_of(urls: list[str], most: int = 10_000) -> list[dict[str, Any]]:
     for url in urls:
         if len(found) >= most:
             break
-        for item, due in client.zrange(b + "delayed:" + url, 0, most - len(found) - 1, withscores=True):
-            record = json.loads(item)["delivery"]
+        last = most - len(found) - 1
+        waiting = client.zrange(b + "delayed:" + url, 0, last, withscores=True)
+        for item, due in cast("list[tuple[bytes, float]]", waiting):
+            record = json.loads(as_text(item))["delivery"]
             found.append(
                 {
                     "url": url,

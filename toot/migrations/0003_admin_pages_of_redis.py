@@ -8,43 +8,58 @@ class Migration(migrations.Migration):
     permissions."""
 
     dependencies = [
-        ('toot', '0002_deadletter_callback_url_unindexed'),
+        ("toot", "0002_deadletter_callback_url_unindexed"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Overview',
+            name="Overview",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'overview',
-                'verbose_name_plural': 'overview',
-                'managed': False,
-                'default_permissions': ('view',),
+                "verbose_name": "overview",
+                "verbose_name_plural": "overview",
+                "managed": False,
+                "default_permissions": ("view",),
             },
         ),
         migrations.CreateModel(
-            name='Retry',
+            name="Retry",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'retry waiting',
-                'verbose_name_plural': 'retries waiting',
-                'managed': False,
-                'default_permissions': ('view', 'change'),
+                "verbose_name": "retry waiting",
+                "verbose_name_plural": "retries waiting",
+                "managed": False,
+                "default_permissions": ("view", "change"),
             },
         ),
         migrations.CreateModel(
-            name='Subscription',
+            name="Subscription",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'subscription',
-                'managed': False,
-                'default_permissions': ('view', 'delete'),
+                "verbose_name": "subscription",
+                "managed": False,
+                "default_permissions": ("view", "delete"),
             },
         ),
     ]

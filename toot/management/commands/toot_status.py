@@ -45,9 +45,7 @@ class Command(BaseCommand):
         self.stdout.write(
             f"  callback URLs' lanes: {pub.waiting} waiting, {pub.held} held by senders"
         )
-        self.stdout.write(
-            f"  retries waiting: {pub.retries}, next due {_when(pub.next_retry)}"
-        )
+        self.stdout.write(f"  retries waiting: {pub.retries}, next due {_when(pub.next_retry)}")
         self.stdout.write(f"  outbox: {pub.outbox} events waiting for Redis")
         self._counts("  dead letters by channel", pub.dead_letters_by_channel)
         self._counts("  dead letters by callback URL", pub.dead_letters_by_url)
