@@ -42,6 +42,7 @@ PACKAGE_FILES = (
     "py.typed",
     "migrations/__init__.py",
     "management/commands/toot_register_subscriptions.py",
+    "templates/admin/toot/overview.html",  # the admin's pages (package data)
 )
 SDIST_FILES = ("LICENSE", "README.md", "CHANGELOG.md")
 CHECK_SETTINGS = """\
