@@ -44,6 +44,7 @@ PACKAGE_FILES = (
     "management/commands/toot_register_subscriptions.py",
     "testing.py",
     "pytest_plugin.py",
+    "templates/admin/toot/overview.html",  # the admin's pages (package data)
 )
 SDIST_FILES = ("LICENSE", "README.md", "CHANGELOG.md")
 CHECK_SETTINGS = """\

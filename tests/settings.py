@@ -27,6 +27,8 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.messages",
     "django.contrib.sessions",
+    # The live server serves the admin's CSS, for the browser test's screenshots.
+    "django.contrib.staticfiles",
     "toot",
 ]
 # What django.contrib.admin needs, for the dead letter admin's tests.

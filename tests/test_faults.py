@@ -250,3 +250,40 @@ def test_subscriber_down_for_a_while_gets_every_event_once(topology):
     report("subscriber down for three retry rounds", counts())
     assert counts() == {"published": 200, "delivered": 200, "duplicated": 0, "lost": 0}
     assert_no_dead_letters(topology)
+
+
+# The example's own settings: the default RETRY_SCHEDULE (5 s, then 5 min...) and breaker.
+RECOVERY = {
+    "name": "recovery",
+    "options": {"retry_schedule": "5,300,1800,7200,18000,36000,36000"},
+}
+DOWN_SECONDS = 30.0
+BACK_WITHIN = 60.0
+
+
+@pytest.mark.parametrize("topology", [RECOVERY], indirect=True)
+def test_a_subscriber_back_after_30_s_gets_its_backlog_within_a_minute(topology):
+    """Its web server down for 30 s while 200 events are published, then back, and one
+    more event published: every one is handled within a minute of the restart, once, with
+    the default schedule, whose second retry comes five minutes after the first. Its
+    circuit opens after five failures in a row; the first delivery after the restart
+    closes it and brings its retries forward (toot.publisher.lanes)."""
+    topology.processes["subscriber-web"].stop()
+    stopped = time.monotonic()
+    log = topology.log_from_now("publisher-worker")
+    sent = topology.publish("users.updated.v1", {"id": 1}, count=200)
+    wait_for(lambda: any(not a.ok for a in attempts(log())), DOWN_SECONDS, "a failure")
+    # What an operator sees then (run with -s to read it).
+    print("\n" + topology.manage("publisher", "toot_status", "--limit", "5").stdout)
+    # Down for the whole 30 s, whatever the publisher does meanwhile.
+    wait_for(lambda: time.monotonic() - stopped >= DOWN_SECONDS, 60, "30 s of downtime")
+    topology.start_web("subscriber")
+    restarted = time.monotonic()
+    sent += topology.publish("users.updated.v1", {"id": 2})
+    counts = receipts_of(topology, sent)
+    left = BACK_WITHIN - (time.monotonic() - restarted)
+    wait_for(lambda: counts()["lost"] == 0, left, "every event to reach the handler")
+    took = time.monotonic() - restarted
+    report(f"subscriber down 30 s, every event handled {took:.1f} s after the restart", counts())
+    assert counts() == {"published": 201, "delivered": 201, "duplicated": 0, "lost": 0}
+    assert_no_dead_letters(topology)

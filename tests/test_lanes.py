@@ -10,6 +10,7 @@ import re
 import uuid
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -265,3 +266,155 @@ def test_the_architecture_page_shows_toot_callbacks_as_it_prints():
     assert (
         "failing since 1970-01-01T00:00:01+00:00, open until 1970-01-01T00:00:02" in out.getvalue()
     )
+
+
+# Retries: a sorted set per URL, hurried once the URL answers again, or by retry_now.
+
+
+def next_due(url: str = URL) -> float:
+    due = lanes.retries()[url].next_due
+    assert due is not None
+    return due
+
+
+def retry_item(n: int, url: str = URL, channel: str = "org.example.lanes.v1") -> dict[str, Any]:
+    event = Event(channel, {"n": n}).to_dict()
+    return {
+        "delivery": {
+            "url": url,
+            "events": [event],
+            "batch": False,
+            "id": event["id"],
+            "attempts": 1,
+            "first_attempt_at": None,
+        }
+    }
+
+
+def schedule(count: int, delay: float = 300.0, url: str = URL, **kwargs) -> None:
+    """Retries of ``count`` deliveries to ``url``, due in ``delay`` seconds."""
+    lanes.push({url: (False, event_items(1))})
+    claimed = claim().claim
+    assert claimed is not None and claimed.url == url
+    claimed.outcome = lanes.FAILED
+    claimed.retries = [(retry_item(n, url, **kwargs), delay) for n in range(count)]
+    claim(claimed, take=False)
+
+
+def test_a_url_s_retries_wait_in_its_own_set_indexed_by_the_first_due(redis):
+    schedule(3, delay=300.0)
+    found = lanes.retries()
+    assert list(found) == [URL] and found[URL].count == 3
+    now = float(redis.time()[0])
+    assert 290 < next_due() - now <= 301
+    assert lanes.retrying_urls() == [URL]
+    assert lanes.pending() == 3
+    assert claim().claim is None  # none is due
+
+
+def test_due_retries_come_into_the_lane_and_the_index_follows(redis):
+    schedule(1, delay=300.0)
+    schedule(2, delay=0.0)  # made ready as they are scheduled
+    claimed = claim().claim
+    assert claimed is not None and len(claimed.items) == 2
+    assert lanes.retries()[URL].count == 1
+    assert redis.zscore(lanes.base() + "delayed", URL) > float(redis.time()[0]) + 200
+
+
+def test_a_url_that_answers_again_has_its_retries_hurried_a_step_at_a_time(redis, monkeypatch):
+    monkeypatch.setattr(lanes, "HURRY_STEP", 100)
+    schedule(250, delay=3600.0)  # its claim failed: one failure in a row
+    lanes.push({URL: (False, event_items(1))})
+    claimed = claim().claim
+    assert claimed is not None
+    claimed.outcome = lanes.OK
+    claim(claimed, take=False)  # answered: every retry is due, and comes a step at a time
+    assert redis.llen(lanes.base() + "ready:" + URL) == 100
+    assert lanes.retries()[URL].count == 150
+    assert next_due() <= float(redis.time()[0]) + 1  # hurried
+    claim(take=False)
+    assert redis.llen(lanes.base() + "ready:" + URL) == 100  # the lane is full: it waits
+    redis.ltrim(lanes.base() + "ready:" + URL, 100, -1)  # sent
+    redis.zadd(lanes.base() + "delayed", {URL: 0})  # HURRY_PAUSE has passed
+    lanes.wake()
+    assert redis.llen(lanes.base() + "ready:" + URL) == 100
+    redis.ltrim(lanes.base() + "ready:" + URL, 100, -1)
+    lanes.wake()
+    assert redis.llen(lanes.base() + "ready:" + URL) == 50
+    assert lanes.retries() == {}
+    assert not redis.sismember(lanes.base() + "hurry", URL)
+
+
+def test_a_url_that_never_failed_keeps_its_retries_schedule(redis):
+    schedule(2, delay=3600.0)
+    redis.hdel(lanes.base() + "state:" + URL, "failures")  # as if it had answered since
+    lanes.push({URL: (False, event_items(1))})
+    claimed = claim().claim
+    assert claimed is not None
+    end(claimed)
+    assert next_due() > float(redis.time()[0]) + 3000
+
+
+def test_retry_now_hurries_the_urls_named_or_every_url(redis):
+    other = URL + "/other"
+    schedule(2, url=URL)
+    schedule(3, url=other)
+    assert lanes.retry_now([URL]) == 2
+    now = float(redis.time()[0])
+    assert next_due() <= now + 1
+    assert next_due(other) > now + 200
+    assert lanes.retry_now([URL + "/none"]) == 0
+    assert lanes.retry_now() == 5
+    lanes.wake()
+    assert lanes.retries() == {}
+    assert redis.llen(lanes.base() + "ready:" + other) == 3
+
+
+def test_retry_channel_now_makes_that_channel_s_retries_due(redis):
+    schedule(2, channel="org.example.a.v1")
+    schedule(3, channel="org.example.b.v1")
+    assert lanes.retry_channel_now("org.example.b.v1") == 3
+    assert lanes.retry_channel_now("org.example.none.v1") == 0
+    lanes.wake()
+    assert lanes.retries()[URL].count == 2
+    ready = [item.decode() for item in redis.lrange(lanes.base() + "ready:" + URL, 0, -1)]
+    assert sum("org.example.b.v1" in item for item in ready) == 3
+
+
+def test_a_retry_scheduled_before_the_urls_own_sets_is_still_sent(redis):
+    """One upgrade's worth: the retries of a toot that kept them all in ``delayed``."""
+    old = queue.encode(retry_item(1))
+    later = queue.encode(retry_item(2))
+    now = float(redis.time()[0])
+    redis.zadd(lanes.base() + "delayed", {old: 0, later: now + 3600})
+    found = lanes.retries()
+    assert found[""].count == 2 and found[""].next_due == 0
+    assert lanes.retrying_urls() == []
+    lanes.wake()
+    assert redis.lrange(lanes.base() + "ready:" + URL, 0, -1) == [old.encode()]
+    assert lanes.retry_now() == 1
+    lanes.wake()
+    assert redis.llen(lanes.base() + "ready:" + URL) == 2
+    assert lanes.retries() == {}
+
+
+def test_a_claim_records_the_url_s_health_and_the_minute_s_counts(redis):
+    lanes.push({URL: (False, event_items(2))})
+    claimed = claim().claim
+    assert claimed is not None
+    claimed.outcome, claimed.failed, claimed.failure = lanes.FAILED, 2, "status 503"
+    claim(claimed, take=False)
+    record = lanes.health([URL])[URL]
+    assert record["error"] == "status 503" and "ok" not in record
+    lanes.push({URL: (False, event_items(1))})
+    claimed = claim().claim
+    assert claimed is not None
+    claimed.outcome, claimed.delivered = lanes.OK, 1
+    claim(claimed, take=False)
+    record = lanes.health([URL])[URL]
+    assert float(record["ok"]) >= float(record["failed"])
+    current, minutes = lanes.minutes(2)
+    assert len(minutes) == 2
+    totals = {key: sum(m.get(key, 0) for m in minutes) for key in ("delivered", "failed")}
+    assert totals == {"delivered": 1, "failed": 2}
+    assert current == int(redis.time()[0]) // 60

@@ -539,7 +539,7 @@ def test_a_sender_pool_whose_lease_went_to_another_schedules_nothing(
     # Given back by wake() here, or by the worker's relay first: either way, once.
     assert len(given_back) == 1
     assert [json.loads(r.body)["id"] for r in subscriber.requests] == [event["id"]] * 2
-    delayed = redis.zrange(lanes.base() + "delayed", 0, -1)
+    delayed = redis.zrange(lanes.base() + "delayed:" + subscriber.url, 0, -1)
     assert not [item for item in delayed if event["id"].encode() in item]
 
 

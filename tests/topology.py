@@ -183,7 +183,10 @@ class Topology(base.Topology):
                 return count
             # And what waits in the lanes of toot.publisher.lanes, or is held by senders.
             lanes = self._lanes_base(role)
-            count += int(client.zcard(f"{lanes}delayed")) + sum(self.held(role).values())
+            count += sum(self.held(role).values())
+            # Each callback URL's retries, in a sorted set of its own (the index lists them).
+            for url in map(str, client.zrange(f"{lanes}delayed", 0, -1)):  # decoded already
+                count += int(client.zcard(f"{lanes}delayed:{url}"))
             return count + sum(int(client.llen(k)) for k in client.scan_iter(f"{lanes}ready:*"))
         finally:
             client.close()

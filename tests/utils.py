@@ -163,7 +163,7 @@ def send_due(keep_alive: Callable[[], None] = lambda: None) -> list[tuple[Any, f
     """Send what the publisher's lanes have due, as a sender thread does, in the test's
     thread: claim after claim (each ending the one before) under ``TEST_SENDER`` until
     nothing is due. Returns the retries the claims scheduled, (item as JSON, delay), taken
-    back out of the lanes' ``delayed`` ZSET, where each must have been: the test decides
+    back out of the lanes' ``delayed:<url>`` ZSETs, where each must have been: the test decides
     when they are sent again (``sending.process`` of the items)."""
     import json
 
@@ -181,10 +181,12 @@ def send_due(keep_alive: Callable[[], None] = lambda: None) -> list[tuple[Any, f
             break
         sending.send_claim(ended, keep_alive)
         retries += ended.retries
-    delayed = lanes.base() + "delayed"
     client = get_redis()
     for item, _ in retries:
+        delayed = lanes.base() + "delayed:" + item["delivery"]["url"]
         assert client.zrem(delayed, queue.encode(item)) == 1, "a retry not scheduled"
+        if not client.exists(delayed):
+            client.zrem(lanes.base() + "delayed", item["delivery"]["url"])
     return [(json.loads(queue.encode(item)), delay) for item, delay in retries]
 
 

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 from django.utils import timezone
 
+from toot.engine import drain, queue
 from toot.protocol.events import Event, wire_json
-from toot.publisher import delivery
+from toot.publisher import delivery, lanes
 from toot.subscriber import handling
 
 if TYPE_CHECKING:
@@ -75,3 +76,46 @@ def redeliver(letter: DeadLetter) -> Replay:
         error,
     )
     return Replay.FAILED
+
+
+def requeue(letters: list[DeadLetter]) -> int:
+    """Put the letters' work back on the queues, for a worker to send or run once more, and
+    delete them; how many. A delivery goes to its callback URL's lane, a handler run to its
+    handler's lane, each with its attempts: one that fails again is a dead letter again,
+    with one more attempt. Nothing is sent in this process (an admin request would wait on
+    a subscriber)."""
+    by_url: dict[str, tuple[bool, list[str]]] = {}
+    by_lane: dict[str, list[str]] = {}
+    for letter in letters:
+        first = letter.first_attempt_at.isoformat()
+        if letter.kind == "delivery":  # DeadLetter.Kind.DELIVERY
+            record = {
+                "url": letter.callback_url,
+                "events": [letter.event],
+                "batch": False,
+                "id": letter.event_id,
+                "attempts": letter.attempts,
+                "first_attempt_at": first,
+            }
+            by_url.setdefault(letter.callback_url, (False, []))[1].append(
+                queue.encode({"delivery": record})
+            )
+        else:
+            name = queue.IN if letter.handler == handling.ALL else handling.lane(letter.handler)
+            item = {"event": letter.event, "attempts": letter.attempts, "first_attempt_at": first}
+            if letter.handler != handling.ALL:
+                item["handlers"] = [letter.handler]
+            by_lane.setdefault(name, []).append(queue.encode(item))
+    if by_url:
+        lanes.push(by_url)  # a worker's relay starts a drain, and so senders, for them
+    if by_lane:
+        drain.enqueue_many(by_lane)
+    for letter in letters:
+        logger.info(
+            "Event %s on %s: dead letter %s queued to be redelivered",
+            letter.event_id,
+            letter.channel,
+            letter.pk,
+        )
+        letter.delete()
+    return len(letters)

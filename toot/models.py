@@ -77,3 +77,36 @@ class OutboxEvent(models.Model):
     def __str__(self) -> str:
         event: dict[str, Any] = self.event
         return f"{event.get('id')} on {event.get('channel')}"
+
+
+# The admin's pages of what lives in Redis. They have no table: a model gives each page
+# its place in the admin and its permissions, which a project grants as any other.
+
+
+class Subscription(models.Model):
+    """A publisher's subscriptions (kept in Redis): view them, and delete to unsubscribe."""
+
+    class Meta:
+        managed = False
+        default_permissions = ("view", "delete")
+        verbose_name = _("subscription")
+
+
+class Retry(models.Model):
+    """Deliveries waiting for their retry (kept in Redis): change is "retry now"."""
+
+    class Meta:
+        managed = False
+        default_permissions = ("view", "change")
+        verbose_name = _("retry waiting")
+        verbose_name_plural = _("retries waiting")
+
+
+class Overview(models.Model):
+    """Queue depths and the last hour's deliveries, failures and handler runs."""
+
+    class Meta:
+        managed = False
+        default_permissions = ("view",)
+        verbose_name = _("overview")
+        verbose_name_plural = _("overview")

@@ -31,6 +31,7 @@ import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from toot.conf import conf
@@ -423,6 +424,58 @@ def pending(queue: str) -> int:
         for drain in drains:
             pipe.llen(claimed_key(queue, drain))
         return sum(pipe.execute())
+
+
+@dataclass
+class Depth:
+    """What a queue holds: items ready, held by running drains, waiting for a retry (and
+    when the first is due, Redis' time), and its drains."""
+
+    ready: int
+    held: int
+    retries: int
+    next_due: float | None
+    drains: int
+
+
+def depth(queue: str) -> Depth:
+    """``queue``'s depth, in two round trips."""
+    ready, delayed, leases = _keys(queue)
+    client = get_redis()
+    drains = [as_text(drain) for drain in client.zrange(leases, 0, -1)]
+    with client.pipeline(transaction=False) as pipe:
+        pipe.llen(ready)
+        pipe.zcard(delayed)
+        pipe.zrange(delayed, 0, 0, withscores=True)
+        for drain in drains:
+            pipe.llen(claimed_key(queue, drain))
+        waiting, retries, first, *held = pipe.execute()
+    next_due = float(first[0][1]) if first else None
+    return Depth(int(waiting), int(sum(held)), int(retries), next_due, len(drains))
+
+
+def retry_now(queue: str) -> int:
+    """Make every retry waiting in ``queue`` due now; how many. The relay's next step
+    moves them to ``ready``, 1,000 a step."""
+    count = 0
+    while True:
+        found = int(run_script(RETRY_NOW_SCRIPT, [_keys(queue)[1]], [RETRY_NOW_STEP]))
+        count += found
+        if found < RETRY_NOW_STEP:
+            return count
+
+
+# Retries made due per script call: a call stays short whatever waits.
+RETRY_NOW_STEP = 1000
+# KEYS: delayed; ARGV: most. Makes up to most of the items not yet due, due now.
+RETRY_NOW_SCRIPT = (
+    NOW
+    + """
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'LIMIT', 0, ARGV[1])
+for _, item in ipairs(items) do redis.call('ZADD', KEYS[1], 'XX', now, item) end
+return #items
+"""
+)
 
 
 def _optional_text(value: Any) -> str | None:

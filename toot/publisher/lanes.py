@@ -13,7 +13,10 @@ a slow URL keeps only its own threads waiting. Under ``KEY_PREFIX + "lanes:{out}
   circuit may be probed, or when its rate limit allows. A URL at its in-flight limit is
   left out until a request of its own returns;
 - ``inflight``: a HASH of the requests in flight per URL, across every worker;
-- ``delayed``: a ZSET of retries by when they are due;
+- ``delayed:<url>``: a ZSET of the URL's failed deliveries waiting for their retry, by
+  when each is due; ``delayed``: a ZSET of the URLs that have some, by when the first is
+  due; ``hurry``: a SET of the URLs whose retries are all due at once (``retry_now``, or
+  the URL answering again after failing), brought into the lane a few at a time;
 - ``hosts``: a ZSET of sender pools (one per worker process) scored by when their lease
   ends; ``held:<host>``: a HASH of what each pool's threads hold, a claim each, which the
   relay puts back at the front of its lane once the pool's lease has ended;
@@ -22,13 +25,18 @@ a slow URL keeps only its own threads waiting. Under ``KEY_PREFIX + "lanes:{out}
   the in-flight ``limit`` while it ramps up after closing);
 - ``rates``: a HASH of the events per second each URL asked for when it registered;
   ``tat:<url>``: when its rate limit next allows an event (GCRA);
-- ``batch``: a HASH of the URLs that asked for batches, whose claims take more at once.
+- ``batch``: a HASH of the URLs that asked for batches, whose claims take more at once;
+- ``health:<url>``: when the URL last answered (``ok``), last failed (``failed``) and how
+  (``error``), for ``toot.status``;
+- ``minute:<minute>``: a HASH of deliveries ``delivered`` and ``failed`` in that minute
+  (Redis' time, in minutes since the epoch), kept for an hour.
 
 Every key of a lane shares the ``{out}`` hash tag: one Redis Cluster slot.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,21 +81,75 @@ end
 """
 )
 
-# Shared by CLAIM_SCRIPT and WAKE_SCRIPT: b is the key base.
-_LANE = """
+# A hurried URL's retries come into its lane this many at a time, and only while fewer
+# wait there: the lane's in-flight limit (and a closing circuit's ramp) paces what is
+# sent, and the lane never holds a large backlog that new events wait behind.
+HURRY_STEP = 100
+# A hurried URL whose lane is full is looked at again after this many seconds.
+HURRY_PAUSE = 0.5
+# Per-minute counters are kept this long (an hour and a few minutes).
+MINUTES_KEPT = 65
+
+# Shared by CLAIM_SCRIPT, WAKE_SCRIPT and RETRY_NOW_SCRIPT: b is the key base.
+_LANE = f"""
 local function make_due(b, url, at)
   if redis.call('LLEN', b .. 'ready:' .. url) > 0 then
     redis.call('ZADD', b .. 'due', 'NX', at, url)
   end
 end
-local function move_due_retries(b)
-  local due = redis.call('ZRANGEBYSCORE', b .. 'delayed', '-inf', now, 'LIMIT', 0, 100)
-  for _, item in ipairs(due) do
-    redis.call('ZREM', b .. 'delayed', item)
-    local url = cjson.decode(item)['delivery']['url']
-    redis.call('RPUSH', b .. 'ready:' .. url, item)
+-- Moves up to most of url's retries into its lane, those due or, once hurried, any;
+-- returns how many.
+local function move_retries(b, url, most)
+  local key, ready = b .. 'delayed:' .. url, b .. 'ready:' .. url
+  local hurried = redis.call('SISMEMBER', b .. 'hurry', url) == 1
+  local items = {{}}
+  if hurried then
+    local room = {HURRY_STEP} - redis.call('LLEN', ready)
+    if room > 0 then items = redis.call('ZRANGE', key, 0, math.min(room, most) - 1) end
+  else
+    items = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, most)
+  end
+  if #items > 0 then
+    redis.call('ZREM', key, unpack(items))
+    redis.call('RPUSH', ready, unpack(items))
     make_due(b, url, now)
   end
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if not first[2] then
+    redis.call('ZREM', b .. 'delayed', url)
+    redis.call('SREM', b .. 'hurry', url)
+  elseif hurried then
+    redis.call('ZADD', b .. 'delayed', #items > 0 and now or now + {HURRY_PAUSE}, url)
+  else
+    redis.call('ZADD', b .. 'delayed', first[2], url)
+  end
+  return #items
+end
+local function move_due_retries(b)
+  local most = 100
+  local due = redis.call('ZRANGEBYSCORE', b .. 'delayed', '-inf', now, 'LIMIT', 0, 20)
+  for _, member in ipairs(due) do
+    if string.sub(member, 1, 1) == '{{' then
+      -- A retry itself, as a toot from before the URLs' own sets scheduled it.
+      redis.call('ZREM', b .. 'delayed', member)
+      local url = cjson.decode(member)['delivery']['url']
+      redis.call('RPUSH', b .. 'ready:' .. url, member)
+      make_due(b, url, now)
+      most = most - 1
+    else
+      most = most - move_retries(b, member, most)
+    end
+    if most <= 0 then break end
+  end
+end
+-- Makes every retry of url due now, to come into its lane a few at a time.
+local function hurry(b, url)
+  if redis.call('EXISTS', b .. 'delayed:' .. url) == 1 then
+    redis.call('SADD', b .. 'hurry', url)
+    redis.call('ZADD', b .. 'delayed', now, url)
+    return 1
+  end
+  return 0
 end
 """
 
@@ -95,9 +157,12 @@ end
 # single claim, items per batch claim, default rate, failures that open a circuit,
 # seconds it stays open, seconds of failing that disable the URL, whether to claim ("1"),
 # the new claim's id, then the claim that ended ("" if none), its URL, how it went (OK,
-# FAILED or NEUTRAL), then (retry item, delay) pairs.
+# FAILED or NEUTRAL), its last failure ("" if none), its deliveries delivered and failed,
+# then (retry item, delay) pairs.
 #
-# Ends the thread's last claim (its retries scheduled, its URL's breaker updated), renews
+# Ends the thread's last claim (its retries scheduled, its URL's breaker, health and the
+# minute's counters updated; a URL that answers again after failing has its retries
+# hurried), renews
 # the pool's lease, makes due retries ready and claims from the first due URL that may
 # be sent to. Returns {transition of the ended claim's URL or "", "1" if the new claim is
 # a probe, seconds until a URL is due ("" if none), URL, items...}; false once the pool's
@@ -105,6 +170,7 @@ end
 CLAIM_SCRIPT = (
     NOW
     + _LANE
+    + f"local MINUTES_KEPT = {MINUTES_KEPT * 60}\n"
     + """
 local b, host = ARGV[1], ARGV[2]
 local leased = redis.call('ZSCORE', KEYS[1], host)
@@ -119,12 +185,21 @@ if ended ~= '' and redis.call('HDEL', KEYS[2], ended) == 1 then
   if redis.call('HINCRBY', b .. 'inflight', url, -1) <= 0 then
     redis.call('HDEL', b .. 'inflight', url)
   end
-  for i = 16, #ARGV, 2 do
-    redis.call('ZADD', b .. 'delayed', now + tonumber(ARGV[i + 1]), ARGV[i])
+  for i = 19, #ARGV, 2 do
+    local at = now + tonumber(ARGV[i + 1])
+    redis.call('ZADD', b .. 'delayed:' .. url, at, ARGV[i])
+    redis.call('ZADD', b .. 'delayed', 'LT', at, url)
   end
-  local state = b .. 'state:' .. url
+  local minute = b .. 'minute:' .. math.floor(now / 60)
+  if ARGV[17] ~= '0' then redis.call('HINCRBY', minute, 'delivered', ARGV[17]) end
+  if ARGV[18] ~= '0' then redis.call('HINCRBY', minute, 'failed', ARGV[18]) end
+  if ARGV[17] ~= '0' or ARGV[18] ~= '0' then redis.call('EXPIRE', minute, MINUTES_KEPT) end
+  local state, health = b .. 'state:' .. url, b .. 'health:' .. url
   local mode = redis.call('HGET', state, 'mode')
+  if ARGV[16] ~= '' then redis.call('HSET', health, 'failed', now, 'error', ARGV[16]) end
   if ARGV[15] == 'ok' then
+    redis.call('HSET', health, 'ok', now)
+    if mode == 'probing' or redis.call('HEXISTS', state, 'failures') == 1 then hurry(b, url) end
     if mode == 'probing' then
       redis.call('HDEL', state, 'mode', 'until', 'failures', 'since')
       redis.call('HSET', state, 'limit', 1)
@@ -271,6 +346,47 @@ return tostring(math.max(0, first[2] - now))
 """
 )
 
+# KEYS: delayed; ARGV: key base, then URLs, or none for every URL with retries waiting.
+# Hurries the URLs' retries (and makes the retries of a toot from before the URLs' own
+# sets due now). Returns how many retries are hurried.
+RETRY_NOW_SCRIPT = (
+    NOW
+    + _LANE
+    + """
+local b, urls, count = ARGV[1], {}, 0
+if #ARGV == 1 then
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if string.sub(member, 1, 1) == '{' then
+      redis.call('ZADD', KEYS[1], now, member)
+      count = count + 1
+    else
+      urls[#urls + 1] = member
+    end
+  end
+else
+  for i = 2, #ARGV do urls[#urls + 1] = ARGV[i] end
+end
+for _, url in ipairs(urls) do
+  if hurry(b, url) == 1 then count = count + redis.call('ZCARD', b .. 'delayed:' .. url) end
+end
+return count
+"""
+)
+
+# KEYS: delayed, delayed:<url>; ARGV: key base, url, items. Makes those of the items still
+# waiting due now. Returns how many.
+DUE_NOW_SCRIPT = (
+    NOW
+    + """
+local count = 0
+for i = 3, #ARGV do
+  count = count + redis.call('ZADD', KEYS[2], 'XX', 'CH', now, ARGV[i])
+end
+if count > 0 then redis.call('ZADD', KEYS[1], 'LT', now, ARGV[2]) end
+return count
+"""
+)
+
 # KEYS: hosts; ARGV: host, lease seconds. Takes or renews a pool's lease.
 RENEW_SCRIPT = (
     NOW
@@ -313,6 +429,9 @@ class Claim:
     probe: bool = False
     outcome: str = NEUTRAL
     retries: Sequence[tuple[Any, float]] = ()
+    failure: str = ""  # the last failed delivery's status or error, for the URL's health
+    delivered: int = 0  # deliveries answered 2xx, and failed, for the minute's counters
+    failed: int = 0
 
 
 @dataclass
@@ -351,9 +470,9 @@ def claim(host: str, claim_id: str, ended: Claim | None, *, take: bool = True) -
         claim_id,
     ]
     if ended is None:
-        args += ["", "", NEUTRAL]
+        args += ["", "", NEUTRAL, "", 0, 0]
     else:
-        args += [ended.id, ended.url, ended.outcome]
+        args += [ended.id, ended.url, ended.outcome, ended.failure, ended.delivered, ended.failed]
         for item, delay in ended.retries:
             args += [encode(item), delay]
     reply = run_script(CLAIM_SCRIPT, [b + "hosts", b + "held:" + host], args)
@@ -479,6 +598,203 @@ def status(urls: Iterable[str] = ()) -> list[LaneStatus]:
     return found
 
 
+def retry_now(urls: Iterable[str] = ()) -> int:
+    """Make the retries waiting for ``urls`` (or for every URL) due now; how many.
+
+    They come into each URL's lane HURRY_STEP at a time, as it empties: a backlog of
+    thousands does not go out faster than the URL's in-flight limit allows, nor hold back
+    the events published meanwhile by more than a step.
+    """
+    b = base()
+    return int(run_script(RETRY_NOW_SCRIPT, [b + "delayed"], [b, *urls]))
+
+
+def retry_channel_now(channel: str) -> int:
+    """Make the retries waiting of events on ``channel`` due now, for every URL; how many."""
+    b = base()
+    client = get_redis()
+    count = 0
+    for url in retrying_urls():
+        key = b + "delayed:" + url
+        items = [
+            item
+            for item in map(as_text, client.zrange(key, 0, -1))
+            if json.loads(item)["delivery"]["events"][0]["channel"] == channel
+        ]
+        for start in range(0, len(items), 1000):  # a script call stays short
+            chunk = items[start : start + 1000]
+            count += int(run_script(DUE_NOW_SCRIPT, [b + "delayed", key], [b, url, *chunk]))
+    return count
+
+
+def retrying_urls() -> list[str]:
+    """The URLs with retries waiting."""
+    return index()[0]
+
+
+@dataclass
+class Retries:
+    count: int
+    # When the first is due (Redis' time), None if none waits; for a hurried URL, when
+    # its next step comes into its lane.
+    next_due: float | None
+
+
+# ARGV: key base, "1" to add the URLs that are due, in flight or disabled. The URLs with
+# retries waiting (and those others), and the count and first due time of the retries a
+# toot from before the URLs' own sets kept in the index itself, as JSON.
+INDEX_SCRIPT = """
+local b, urls, seen, old, first = ARGV[1], {}, {}, 0, false
+local function add(url)
+  if not seen[url] then
+    seen[url] = true
+    urls[#urls + 1] = url
+  end
+end
+local index = redis.call('ZRANGE', b .. 'delayed', 0, -1, 'WITHSCORES')
+for i = 1, #index, 2 do
+  if string.sub(index[i], 1, 1) == '{' then
+    old = old + 1
+    if not first then first = index[i + 1] end
+  else
+    add(index[i])
+  end
+end
+if ARGV[2] == '1' then
+  for _, url in ipairs(redis.call('ZRANGE', b .. 'due', 0, -1)) do add(url) end
+  for _, url in ipairs(redis.call('HKEYS', b .. 'inflight')) do add(url) end
+  for _, url in ipairs(redis.call('SMEMBERS', b .. 'disabled')) do add(url) end
+end
+return cjson.encode({old, first or '', #urls > 0 and urls or ''})
+"""
+
+
+def index(*, every: bool = False) -> tuple[list[str], Retries | None]:
+    """The URLs with retries waiting (``every``: and those due, in flight or disabled),
+    and the retries that a toot from before the URLs' own sets kept in the index itself
+    (None if none); one call."""
+    reply = run_script(INDEX_SCRIPT, [], [base(), "1" if every else "0"])
+    old, first, urls = json.loads(as_text(reply))
+    return list(urls or ()), Retries(old, float(first)) if old else None
+
+
+def retries(urls: Iterable[str] | None = None) -> dict[str, Retries]:
+    """The retries waiting for each of ``urls`` (default: every URL that has some, and
+    ``""`` for those of a toot from before the URLs' sets)."""
+    old = None
+    if urls is None:
+        urls, old = index()
+    found = {record.url: record.retries for record in records(urls)}
+    if old is not None:
+        found[""] = old
+    return found
+
+
+# ARGV: key base, URLs. Each URL's lane, breaker, health and retries, as JSON: read in
+# Redis, so that thousands of URLs cost a call, not a round trip's parsing per field.
+RECORDS_SCRIPT = """
+local b, out = ARGV[1], {}
+for i = 2, #ARGV do
+  local url = ARGV[i]
+  local state = redis.call('HMGET', b .. 'state:' .. url, 'mode', 'failures', 'since', 'until')
+  local health = redis.call('HMGET', b .. 'health:' .. url, 'ok', 'failed', 'error')
+  local key = b .. 'delayed:' .. url
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  out[#out + 1] = {
+    redis.call('LLEN', b .. 'ready:' .. url),
+    tonumber(redis.call('HGET', b .. 'inflight', url)) or 0,
+    state[1] or 'closed', tonumber(state[2]) or 0, state[3] or '', state[4] or '',
+    redis.call('HGET', b .. 'rates', url) or '',
+    health[1] or '', health[2] or '', health[3] or '',
+    redis.call('ZCARD', key), first[2] or '',
+    redis.call('SISMEMBER', b .. 'hurry', url) == 1
+      and redis.call('ZSCORE', b .. 'delayed', url) or ''
+  }
+end
+return cjson.encode(out)
+"""
+# URLs read per RECORDS_SCRIPT call: each call keeps Redis a few milliseconds.
+RECORDS_STEP = 1000
+
+
+def _seconds(text: str) -> float | None:
+    return float(text) if text else None
+
+
+@dataclass
+class Record:
+    """A URL's lane, circuit breaker, health and retries (times are Redis')."""
+
+    url: str
+    waiting: int
+    in_flight: int
+    mode: str  # "closed", "open", "probing" or "disabled"
+    failures: int  # in a row
+    failing_since: float | None
+    open_until: float | None
+    rate: float | None
+    last_ok: float | None
+    last_failed: float | None
+    error: str
+    retries: Retries
+
+
+def records(urls: Iterable[str]) -> list[Record]:
+    """Each of ``urls``' record, a script call per RECORDS_STEP URLs."""
+    urls = list(urls)
+    found = []
+    for start in range(0, len(urls), RECORDS_STEP):
+        chunk = urls[start : start + RECORDS_STEP]
+        rows = json.loads(as_text(run_script(RECORDS_SCRIPT, [], [base(), *chunk])))
+        for url, row in zip(chunk, rows, strict=True):
+            waiting, in_flight, mode, failures, since, until, rate, ok, failed, error = row[:10]
+            count, first, hurried_at = row[10:]
+            found.append(
+                Record(
+                    url,
+                    int(waiting),
+                    int(in_flight),
+                    mode,
+                    int(failures),
+                    _seconds(since),
+                    _seconds(until),
+                    float(rate) if rate else conf.CALLBACK_RATE_LIMIT,
+                    _seconds(ok),
+                    _seconds(failed),
+                    error,
+                    Retries(int(count), _seconds(hurried_at or first)),
+                )
+            )
+    return found
+
+
+def health(urls: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Each URL's health record: ``ok`` and ``failed`` (Redis' time) and ``error``."""
+    urls = list(urls)
+    with get_redis().pipeline(transaction=False) as pipe:
+        for url in urls:
+            pipe.hgetall(base() + "health:" + url)
+        replies = pipe.execute()
+    return {
+        url: {as_text(k): as_text(v) for k, v in reply.items()}
+        for url, reply in zip(urls, replies, strict=True)
+    }
+
+
+def minutes(count: int = 60) -> tuple[int, list[dict[str, int]]]:
+    """The last ``count`` minutes' counters, oldest first, and the current minute (Redis'
+    time, minutes since the epoch)."""
+    client = get_redis()
+    seconds, _ = client.time()
+    current = int(seconds) // 60
+    first = current - count + 1
+    with client.pipeline(transaction=False) as pipe:
+        for minute in range(first, current + 1):
+            pipe.hgetall(f"{base()}minute:{minute}")
+        replies = pipe.execute()
+    return current, [{as_text(k): int(v) for k, v in reply.items()} for reply in replies]
+
+
 def pending() -> int:
     """Deliveries waiting in every lane, held by senders, or waiting for a retry."""
     b = base()
@@ -490,7 +806,7 @@ def pending() -> int:
             pipe.llen(key)
         for host in hosts:
             pipe.hvals(b + "held:" + host)
-        pipe.zcard(b + "delayed")
         replies = pipe.execute()
-    held = sum(as_text(v).count(SEP) for values in replies[len(keys) : -1] for v in values)
-    return int(sum(replies[: len(keys)]) + held + replies[-1])
+    held = sum(as_text(v).count(SEP) for values in replies[len(keys) :] for v in values)
+    waiting = sum(r.count for r in retries().values())
+    return int(sum(replies[: len(keys)]) + held + waiting)

@@ -209,6 +209,11 @@ def send_claim(claim: lanes.Claim, keep_alive: Callable[[], None]) -> None:
                 failed = outcome
             else:
                 answered = True
+        if outcome.ok:
+            claim.delivered += 1
+        elif not outcome.gone:
+            claim.failed += 1
+            claim.failure = f"status {outcome.status}" if outcome.status else outcome.error
         try:
             retry = settle(delivery, outcome)
         except Exception:

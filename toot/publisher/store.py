@@ -7,6 +7,7 @@ the callback URLs that asked for batches (the protocol's batches).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from toot.conf import conf
@@ -91,3 +92,27 @@ def subscriptions(prefix: str = "") -> dict[str, list[str]]:
         members = pipe.execute()
     pairs = zip(channels, members, strict=True)
     return {channel: sorted(map(as_text, urls)) for channel, urls in pairs if urls}
+
+
+# KEYS: index; ARGV: key prefix. Every subscription as JSON, [channel, url, batch] each.
+EVERY_SCRIPT = """
+local out = {}
+for _, channel in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local batched = {}
+  for _, url in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'batch:' .. channel)) do
+    batched[url] = true
+  end
+  for _, url in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'subscriptions:' .. channel)) do
+    out[#out + 1] = {channel, url, batched[url] and 1 or 0}
+  end
+end
+if #out == 0 then return '[]' end
+return cjson.encode(out)
+"""
+
+
+def every() -> list[tuple[str, str, bool]]:
+    """Every subscription, (channel, callback URL, batch flag), sorted; one script call
+    whatever their number."""
+    reply = run_script(EVERY_SCRIPT, [_index_key()], [conf.KEY_PREFIX])
+    return sorted((channel, url, bool(batch)) for channel, url, batch in json.loads(as_text(reply)))

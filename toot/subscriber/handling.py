@@ -119,11 +119,16 @@ for i, claim in ipairs(KEYS) do
   end
 end
 """
-# KEYS: done hash, claim key; ARGV: owner, detached token, field, and, if the run
-# succeeded, when the hash may expire ("" if it failed). Marks a success done and ends
-# the claim if it is still the run's own, in one step: a run that checks between the two
-# sees either.
-END_SCRIPT = """
+# Handler runs are counted per minute (``minutes``) for this long: an hour and a few
+# minutes.
+MINUTES_KEPT = 65 * 60
+# KEYS: done hash, claim key, the minute's counters; ARGV: owner, detached token, field,
+# and, if the run succeeded, when the hash may expire ("" if it failed). Marks a success
+# done and ends the claim if it is still the run's own, in one step: a run that checks
+# between the two sees either. Counts the run in its minute, in the same round trip.
+END_SCRIPT = f"""
+redis.call('HINCRBY', KEYS[3], ARGV[4] ~= '' and 'handled' or 'failed', 1)
+redis.call('EXPIRE', KEYS[3], {MINUTES_KEPT})
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], ARGV[3], 1)
   redis.call('EXPIREAT', KEYS[1], ARGV[4])
@@ -304,6 +309,24 @@ def _done_until(event: Event) -> int:
     return int(min(max(hour_end, now), now + HOUR)) + conf.DEDUPE_TTL
 
 
+def minute_key(minute: int | None = None) -> str:
+    """The HASH that counts the handler runs of ``minute`` (default: this one, by this
+    machine's clock, in minutes since the epoch): ``handled`` and ``failed``."""
+    if minute is None:
+        minute = int(time.time()) // 60
+    return f"{conf.KEY_PREFIX}handled:minute:{minute}"
+
+
+def minutes(count: int = 60) -> tuple[int, list[dict[str, int]]]:
+    """The handler runs of the last ``count`` minutes, oldest first, and this minute."""
+    current = int(time.time()) // 60
+    with get_redis().pipeline(transaction=False) as pipe:
+        for minute in range(current - count + 1, current + 1):
+            pipe.hgetall(minute_key(minute))
+        replies = pipe.execute()
+    return current, [{as_text(k): int(v) for k, v in reply.items()} for reply in replies]
+
+
 def state(event: Event, name: str) -> str | None:
     """DONE, RUNNING or None (neither) for the event's handler ``name``."""
     client = get_redis()
@@ -413,7 +436,7 @@ def run_many(
                     failures[index][name] = exc
                 else:
                     done_until = _done_until(event)
-            run_script(END_SCRIPT, pair, [owner, detached, field, done_until])
+            run_script(END_SCRIPT, [*pair, minute_key()], [owner, detached, field, done_until])
     return failures
 
 
