@@ -498,7 +498,8 @@ def projects_environment():
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("TOOT_", "CELERY_", "DJANGO_", "PYTEST_"))
+        # and not the suite's database: each project tests on its own SQLite
+        if not key.startswith(("TOOT_", "CELERY_", "DJANGO_", "PYTEST_", "DATABASE_URL"))
     }
     env.update(SAMPLE_REDIS_URL=closed, TOOT_REDIS_URL=closed, TOOT_LOG_LEVEL="WARNING")
     env["PYTHONPATH"] = str(ROOT)
