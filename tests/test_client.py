@@ -302,7 +302,7 @@ def test_toots_pools_work_outside_a_call_too(server):
     assert response.status == 200
 
 
-def test_other_settings_get_pools_of_their_own(server):
+def test_other_settings_get_pools_of_their_own(server, no_drain_at_work):
     deliver(server.url)
     default = client._pools().manager()
 
