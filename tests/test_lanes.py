@@ -16,7 +16,7 @@ import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
 
-from tests.utils import patch_toot
+from tests.utils import patch_toot, retry_item
 from toot.engine import queue
 from toot.engine.connection import get_redis
 from toot.models import DeadLetter
@@ -277,18 +277,8 @@ def next_due(url: str = URL) -> float:
     return due
 
 
-def retry_item(n: int, url: str = URL, channel: str = "org.example.lanes.v1") -> dict[str, Any]:
-    event = Event(channel, {"n": n}).to_dict()
-    return {
-        "delivery": {
-            "url": url,
-            "events": [event],
-            "batch": False,
-            "id": event["id"],
-            "attempts": 1,
-            "first_attempt_at": None,
-        }
-    }
+def lane_retry(n: int, url: str = URL, channel: str = "org.example.lanes.v1") -> dict[str, Any]:
+    return retry_item(url, channel, n)
 
 
 def schedule(count: int, delay: float = 300.0, url: str = URL, **kwargs) -> None:
@@ -297,7 +287,7 @@ def schedule(count: int, delay: float = 300.0, url: str = URL, **kwargs) -> None
     claimed = claim().claim
     assert claimed is not None and claimed.url == url
     claimed.outcome = lanes.FAILED
-    claimed.retries = [(retry_item(n, url, **kwargs), delay) for n in range(count)]
+    claimed.retries = [(lane_retry(n, url, **kwargs), delay) for n in range(count)]
     claim(claimed, take=False)
 
 
@@ -383,8 +373,8 @@ def test_retry_channel_now_makes_that_channel_s_retries_due(redis):
 
 def test_a_retry_scheduled_before_the_urls_own_sets_is_still_sent(redis):
     """One upgrade's worth: the retries of a toot that kept them all in ``delayed``."""
-    old = queue.encode(retry_item(1))
-    later = queue.encode(retry_item(2))
+    old = queue.encode(lane_retry(1))
+    later = queue.encode(lane_retry(2))
     now = float(redis.time()[0])
     redis.zadd(lanes.base() + "delayed", {old: 0, later: now + 3600})
     found = lanes.retries()

@@ -19,7 +19,7 @@ import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
 
-from tests.utils import patch_toot
+from tests.utils import patch_toot, retry_item
 from toot import status
 from toot.engine import queue
 from toot.engine.connection import get_redis
@@ -45,20 +45,6 @@ def own_prefix(monkeypatch, redis, no_drain_at_work):
     drain of the tests' worker may be at work."""
     patch_toot(monkeypatch, KEY_PREFIX=f"{settings.TOOT['KEY_PREFIX']}{uuid.uuid4().hex[:8]}:")
     lanes.renew(HOST)
-
-
-def retry_item(url: str, channel: str) -> dict[str, Any]:
-    event = Event(channel, {"n": 1}).to_dict()
-    return {
-        "delivery": {
-            "url": url,
-            "events": [event],
-            "batch": False,
-            "id": event["id"],
-            "attempts": 1,
-            "first_attempt_at": None,
-        }
-    }
 
 
 def fail_once(url: str, retries: list[dict[str, Any]], delay: float = 300.0) -> None:

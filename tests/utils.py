@@ -212,3 +212,20 @@ def relaying_lanes() -> Any:
                 steps.remove(sending.relay_step)
 
     return relaying()
+
+
+def retry_item(url: str, channel: str, n: int = 1) -> dict[str, Any]:
+    """A delivery's retry as the lanes keep it: one event, attempted once."""
+    from toot.protocol.events import Event
+
+    event = Event(channel, {"n": n}).to_dict()
+    return {
+        "delivery": {
+            "url": url,
+            "events": [event],
+            "batch": False,
+            "id": event["id"],
+            "attempts": 1,
+            "first_attempt_at": None,
+        }
+    }

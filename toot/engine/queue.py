@@ -415,15 +415,8 @@ def lease_if_idle(queue: str) -> str | None:
 
 def pending(queue: str) -> int:
     """Items in ``queue``: ready, held by drains, or waiting for a retry."""
-    ready, delayed, leases = _keys(queue)
-    client = get_redis()
-    drains = [as_text(drain) for drain in client.zrange(leases, 0, -1)]
-    with client.pipeline(transaction=False) as pipe:
-        pipe.llen(ready)
-        pipe.zcard(delayed)
-        for drain in drains:
-            pipe.llen(claimed_key(queue, drain))
-        return sum(pipe.execute())
+    found = depth(queue)
+    return found.ready + found.held + found.retries
 
 
 @dataclass
