@@ -312,6 +312,18 @@ def test_other_settings_get_pools_of_their_own(server, no_drain_at_work):
     assert client._pools().manager() is default
 
 
+def test_the_setup_in_use_keeps_its_pools_however_many_others_came_and_went(server):
+    deliver(server.url)
+    default = client._pools().manager()
+
+    for n in range(client.Pools.LIMIT + 1):  # each a setup of its own, then the default again
+        with toot_settings(MAX_IN_FLIGHT=100 + n):
+            deliver(server.url)
+        deliver(server.url)
+
+    assert client._pools().manager() is default
+
+
 @pytest.mark.parametrize("in_flight, kept", [(4, 10), (16, 16)])
 def test_a_pool_keeps_a_connection_per_request_in_flight_to_a_url(in_flight, kept):
     with toot_settings(MAX_IN_FLIGHT=in_flight):

@@ -7,6 +7,7 @@ Each test has a KEY_PREFIX of its own, so that it sees only its own lanes.
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from io import StringIO
 from pathlib import Path
@@ -408,3 +409,32 @@ def test_a_claim_records_the_url_s_health_and_the_minute_s_counts(redis):
     totals = {key: sum(m.get(key, 0) for m in minutes) for key in ("delivered", "failed")}
     assert totals == {"delivered": 1, "failed": 2}
     assert current == int(redis.time()[0]) // 60
+
+
+def test_a_sender_thread_outlives_redis_dropping_as_it_renews_a_lease_that_ran_out(
+    monkeypatch, caplog
+):
+    # Redis going between two round trips cannot be arranged with a real one: the claim
+    # says the lease ran out (a long pause), and the renewal after it finds Redis gone.
+    from toot.publisher import senders
+
+    monkeypatch.setattr(senders, "ERROR_PAUSE", 0.01)
+    work = lanes.Claim(id="c1", url="http://one.example/cb", items=["i1"])
+    replies = iter([None, lanes.Reply(work, "", None)])
+    monkeypatch.setattr(lanes, "claim", lambda *args, **kwargs: next(replies, None))
+    renewals = iter([None, ConnectionError("Redis went away")])
+
+    def renew(host):
+        error = next(renewals, None)
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(lanes, "renew", renew)
+    monkeypatch.setattr(lanes, "release", lambda host: None)
+    sent = threading.Event()
+    pool = senders.Senders(lambda claim, keep_alive: sent.set())
+
+    with pool.hosting():
+        assert sent.wait(5), "the thread ended when the renewal failed"
+
+    assert "toot senders cannot reach Redis, will keep trying: Redis went away" in caplog.text

@@ -9,6 +9,7 @@ from the environment (no ``HTTPS_PROXY``, no ``REQUESTS_CA_BUNDLE``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -79,7 +80,10 @@ class Pools:
         )
         key = (proxy, bundle, cert, size, *rules)
         manager = self._managers.get(key)
-        if manager is None:
+        if manager is not None:
+            with contextlib.suppress(KeyError):  # another setup's thread just dropped it
+                self._managers.move_to_end(key)  # the least recently used goes first
+        else:
             with self._lock:
                 manager = self._managers.get(key) or _new_manager(proxy, bundle, cert, size)
                 self._managers[key] = manager

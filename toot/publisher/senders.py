@@ -136,7 +136,12 @@ class Senders:
                     log_transition(ended.url, reply.transition)
                 ended = None
                 if reply is None:  # the lease ended (a long pause): what we held went back
-                    lanes.renew(self.host)
+                    try:
+                        lanes.renew(self.host)
+                    except Exception as exc:  # Redis gone since: the next claim says when back
+                        self._complain(exc)
+                        time.sleep(ERROR_PAUSE)
+                        continue
                     self._renewed = time.monotonic()
                     continue
                 self._renewed = time.monotonic()
