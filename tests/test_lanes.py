@@ -6,6 +6,7 @@ Each test has a KEY_PREFIX of its own, so that it sees only its own lanes.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import uuid
@@ -313,7 +314,7 @@ def test_due_retries_come_into_the_lane_and_the_index_follows(redis):
 
 
 def test_a_url_that_answers_again_has_its_retries_hurried_a_step_at_a_time(redis, monkeypatch):
-    monkeypatch.setattr(lanes, "HURRY_STEP", 100)
+    monkeypatch.setattr(lanes, "RETRY_STEP", 100)
     schedule(250, delay=3600.0)  # its claim failed: one failure in a row
     lanes.push({URL: (False, event_items(1))})
     claimed = claim().claim
@@ -326,7 +327,7 @@ def test_a_url_that_answers_again_has_its_retries_hurried_a_step_at_a_time(redis
     claim(take=False)
     assert redis.llen(lanes.base() + "ready:" + URL) == 100  # the lane is full: it waits
     redis.ltrim(lanes.base() + "ready:" + URL, 100, -1)  # sent
-    redis.zadd(lanes.base() + "delayed", {URL: 0})  # HURRY_PAUSE has passed
+    redis.zadd(lanes.base() + "delayed", {URL: 0})  # RETRY_PAUSE has passed
     lanes.wake()
     assert redis.llen(lanes.base() + "ready:" + URL) == 100
     redis.ltrim(lanes.base() + "ready:" + URL, 100, -1)
@@ -372,6 +373,25 @@ def test_retry_channel_now_makes_that_channel_s_retries_due(redis):
     assert sum("org.example.b.v1" in item for item in ready) == 3
 
 
+def test_a_channel_s_retries_made_due_come_into_the_lane_a_step_at_a_time(redis):
+    schedule(250, delay=3600.0, channel="org.example.b.v1")
+    ready = lanes.base() + "ready:" + URL
+    assert lanes.retry_channel_now("org.example.b.v1") == 250
+    lanes.wake()
+    assert redis.llen(ready) == lanes.RETRY_STEP == 100
+    lanes.wake()
+    assert redis.llen(ready) == 100  # the lane is full: the rest wait for room
+    assert next_due() > float(redis.time()[0])  # looked at again after RETRY_PAUSE
+    redis.ltrim(ready, 100, -1)  # sent
+    redis.zadd(lanes.base() + "delayed", {URL: 0})  # RETRY_PAUSE has passed
+    lanes.wake()
+    assert redis.llen(ready) == 100
+    redis.ltrim(ready, 100, -1)
+    lanes.wake()
+    assert redis.llen(ready) == 50
+    assert lanes.retries() == {}
+
+
 def test_a_retry_scheduled_before_the_urls_own_sets_is_still_sent(redis):
     """One upgrade's worth: the retries of a toot that kept them all in ``delayed``."""
     old = queue.encode(lane_retry(1))
@@ -404,6 +424,7 @@ def test_a_claim_records_the_url_s_health_and_the_minute_s_counts(redis):
     claim(claimed, take=False)
     record = lanes.health([URL])[URL]
     assert float(record["ok"]) >= float(record["failed"])
+    assert 0 < redis.ttl(lanes.base() + "health:" + URL) <= lanes.HEALTH_KEPT  # not forever
     current, minutes = lanes.minutes(2)
     assert len(minutes) == 2
     totals = {key: sum(m.get(key, 0) for m in minutes) for key in ("delivered", "failed")}
@@ -416,23 +437,34 @@ def test_a_sender_thread_outlives_redis_dropping_as_it_renews_a_lease_that_ran_o
 ):
     # Redis going between two round trips cannot be arranged with a real one: the claim
     # says the lease ran out (a long pause), and the renewal after it finds Redis gone.
+    # Only this pool's calls are scripted: the worker's own senders share the module.
     from toot.publisher import senders
 
+    caplog.set_level(logging.WARNING, logger="toot.publisher.senders")
     monkeypatch.setattr(senders, "ERROR_PAUSE", 0.01)
+    sent = threading.Event()
+    pool = senders.Senders(lambda claim, keep_alive: sent.set())
     work = lanes.Claim(id="c1", url="http://one.example/cb", items=["i1"])
     replies = iter([None, lanes.Reply(work, "", None)])
-    monkeypatch.setattr(lanes, "claim", lambda *args, **kwargs: next(replies, None))
     renewals = iter([None, ConnectionError("Redis went away")])
+    real = {name: getattr(lanes, name) for name in ("claim", "renew", "release")}
+
+    def claim(host, *args, **kwargs):
+        return next(replies, None) if host == pool.host else real["claim"](host, *args, **kwargs)
 
     def renew(host):
+        if host != pool.host:
+            return real["renew"](host)
         error = next(renewals, None)
         if error is not None:
             raise error
 
-    monkeypatch.setattr(lanes, "renew", renew)
-    monkeypatch.setattr(lanes, "release", lambda host: None)
-    sent = threading.Event()
-    pool = senders.Senders(lambda claim, keep_alive: sent.set())
+    def release(host):
+        if host != pool.host:
+            real["release"](host)
+
+    for name, fake in [("claim", claim), ("renew", renew), ("release", release)]:
+        monkeypatch.setattr(lanes, name, fake)
 
     with pool.hosting():
         assert sent.wait(5), "the thread ended when the renewal failed"

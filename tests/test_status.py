@@ -125,10 +125,11 @@ def test_toot_status_prints_a_table_and_json():
 def test_toot_retry_now_makes_retries_due(redis):
     fail_once(URL, [retry_item(URL, USERS), retry_item(URL, ORDERS)])
     fail_once(OTHER, [retry_item(OTHER, ORDERS)])
-    drain_id = queue.push(queue.IN, [{"event": {}}])  # its lease taken, no drain sent
+    handler_runs = [{"event": Event(channel, {}).to_dict()} for channel in (USERS, ORDERS)]
+    drain_id = queue.push(queue.IN, handler_runs)  # its lease taken, no drain sent
     assert drain_id is not None
-    [item] = queue.claim(queue.IN, drain_id, 10)
-    queue.claim(queue.IN, drain_id, 0, [(item, 3600.0)])
+    items = queue.claim(queue.IN, drain_id, 10)
+    queue.claim(queue.IN, drain_id, 0, [(item, 3600.0) for item in items])
     queue.forget(queue.IN, drain_id)
 
     def run(*args):
@@ -137,8 +138,10 @@ def test_toot_retry_now_makes_retries_due(redis):
         return out.getvalue()
 
     assert run(OTHER) == "1 retries due now.\n"
-    assert run("--channel", USERS) == "1 retries due now.\n"
-    assert run("--all") == "4 retries due now.\n"  # both URLs' three again, the handler's
+    assert run("--channel", USERS) == "2 retries due now.\n"  # a delivery, a handler run
+    assert queue.depth(queue.IN).retries == 2  # due or not, both wait for the relay
+    # Both URLs' three again, and the other channel's handler run, not yet due till now.
+    assert run("--all") == "4 retries due now.\n"
     due = queue.depth(queue.IN).next_due
     assert due is not None and due <= float(redis.time()[0]) + 1
     lanes.wake()

@@ -16,7 +16,7 @@ from devtools.processes import free_port
 from devtools.redis_server import start_redis
 from tests.utils import callback_urls, redis_down, toot_settings
 from toot.engine import connection
-from toot.publisher import store
+from toot.publisher import lanes, store
 
 pytestmark = pytest.mark.usefixtures("no_drain_at_work")
 
@@ -95,6 +95,18 @@ def test_remove_returns_false_when_not_there(redis):
     assert store.remove(CHANNEL, SUB_B) is False
     assert store.remove(OTHER_CHANNEL, SUB_A) is False
     assert callback_urls(CHANNEL) == [SUB_A]
+
+
+def test_a_url_s_health_record_goes_with_its_last_subscription(redis):
+    store.add(CHANNEL, SUB_A)
+    store.add(OTHER_CHANNEL, SUB_A)
+    health = lanes.base() + "health:" + SUB_A
+    redis.hset(health, "ok", 1)  # as a delivery to it records it
+
+    store.remove(CHANNEL, SUB_A)
+    assert redis.exists(health)  # still subscribed to the other channel
+    store.remove(OTHER_CHANNEL, SUB_A)
+    assert not redis.exists(health)
 
 
 def test_remove_twice(redis):

@@ -238,13 +238,14 @@ def retries_of(urls: list[str], most: int = 10_000) -> list[dict[str, Any]]:
 def retry_now(
     urls: list[str] | None = None, channel: str | None = None, *, every: bool = False
 ) -> int:
-    """Make waiting retries due now: the publisher's for ``urls``, or of events on
-    ``channel``, or (``every``) all of both sides'. Returns how many."""
+    """Make waiting retries due now: the publisher's for ``urls``, both sides' of events
+    on ``channel``, or (``every``) all of both sides'. Returns how many."""
     count = 0
     if urls:
         count += lanes.retry_now(urls)
     if channel:
         count += lanes.retry_channel_now(channel)
+        count += sum(queue.retry_now(name, channel) for name in [queue.IN, *queue.lanes()])
     if every:
         count += lanes.retry_now()
         names = [queue.OUT, queue.IN, *queue.lanes()]

@@ -27,7 +27,8 @@ a slow URL keeps only its own threads waiting. Under ``KEY_PREFIX + "lanes:{out}
   ``tat:<url>``: when its rate limit next allows an event (GCRA);
 - ``batch``: a HASH of the URLs that asked for batches, whose claims take more at once;
 - ``health:<url>``: when the URL last answered (``ok``), last failed (``failed``) and how
-  (``error``), for ``toot.status``;
+  (``error``), for ``toot.status``; kept 30 days after its last delivery, or until the
+  URL's last subscription is removed;
 - ``minute:<minute>``: a HASH of deliveries ``delivered`` and ``failed`` in that minute
   (Redis' time, in minutes since the epoch), kept for an hour.
 
@@ -81,14 +82,18 @@ end
 """
 )
 
-# A hurried URL's retries come into its lane this many at a time, and only while fewer
-# wait there: the lane's in-flight limit (and a closing circuit's ramp) paces what is
-# sent, and the lane never holds a large backlog that new events wait behind.
-HURRY_STEP = 100
-# A hurried URL whose lane is full is looked at again after this many seconds.
-HURRY_PAUSE = 0.5
+# Retries come into a URL's lane this many at a time, and only while fewer wait there:
+# the lane's in-flight limit (and a closing circuit's ramp) paces what is sent, and the
+# lane never holds a large backlog that new events wait behind, however many retries were
+# made due at once (a hurried URL's, a channel's by retry_channel_now).
+RETRY_STEP = 100
+# A URL whose lane is full, with retries to move, is looked at again after this long.
+RETRY_PAUSE = 0.5
 # Per-minute counters are kept this long (an hour and a few minutes).
 MINUTES_KEPT = 65
+# A URL's health record is kept this long after its last delivery (30 days), and dropped
+# at once when its last subscription is removed.
+HEALTH_KEPT = 30 * 24 * 3600
 
 # Shared by CLAIM_SCRIPT, WAKE_SCRIPT and RETRY_NOW_SCRIPT: b is the key base.
 _LANE = f"""
@@ -102,12 +107,11 @@ end
 local function move_retries(b, url, most)
   local key, ready = b .. 'delayed:' .. url, b .. 'ready:' .. url
   local hurried = redis.call('SISMEMBER', b .. 'hurry', url) == 1
-  local items = {{}}
-  if hurried then
-    local room = {HURRY_STEP} - redis.call('LLEN', ready)
-    if room > 0 then items = redis.call('ZRANGE', key, 0, math.min(room, most) - 1) end
-  else
-    items = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, most)
+  local items, room = {{}}, {RETRY_STEP} - redis.call('LLEN', ready)
+  if room > 0 and hurried then
+    items = redis.call('ZRANGE', key, 0, math.min(room, most) - 1)
+  elseif room > 0 then
+    items = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, math.min(room, most))
   end
   if #items > 0 then
     redis.call('ZREM', key, unpack(items))
@@ -119,7 +123,9 @@ local function move_retries(b, url, most)
     redis.call('ZREM', b .. 'delayed', url)
     redis.call('SREM', b .. 'hurry', url)
   elseif hurried then
-    redis.call('ZADD', b .. 'delayed', #items > 0 and now or now + {HURRY_PAUSE}, url)
+    redis.call('ZADD', b .. 'delayed', #items > 0 and now or now + {RETRY_PAUSE}, url)
+  elseif room <= 0 and tonumber(first[2]) <= now then
+    redis.call('ZADD', b .. 'delayed', now + {RETRY_PAUSE}, url)
   else
     redis.call('ZADD', b .. 'delayed', first[2], url)
   end
@@ -170,7 +176,7 @@ end
 CLAIM_SCRIPT = (
     NOW
     + _LANE
-    + f"local MINUTES_KEPT = {MINUTES_KEPT * 60}\n"
+    + f"local MINUTES_KEPT, HEALTH_KEPT = {MINUTES_KEPT * 60}, {HEALTH_KEPT}\n"
     + """
 local b, host = ARGV[1], ARGV[2]
 local leased = redis.call('ZSCORE', KEYS[1], host)
@@ -197,8 +203,9 @@ if ended ~= '' and redis.call('HDEL', KEYS[2], ended) == 1 then
   local state, health = b .. 'state:' .. url, b .. 'health:' .. url
   local mode = redis.call('HGET', state, 'mode')
   if ARGV[16] ~= '' then redis.call('HSET', health, 'failed', now, 'error', ARGV[16]) end
+  if ARGV[15] == 'ok' then redis.call('HSET', health, 'ok', now) end
+  if ARGV[16] ~= '' or ARGV[15] == 'ok' then redis.call('EXPIRE', health, HEALTH_KEPT) end
   if ARGV[15] == 'ok' then
-    redis.call('HSET', health, 'ok', now)
     if mode == 'probing' or redis.call('HEXISTS', state, 'failures') == 1 then hurry(b, url) end
     if mode == 'probing' then
       redis.call('HDEL', state, 'mode', 'until', 'failures', 'since')
@@ -601,7 +608,7 @@ def status(urls: Iterable[str] = ()) -> list[LaneStatus]:
 def retry_now(urls: Iterable[str] = ()) -> int:
     """Make the retries waiting for ``urls`` (or for every URL) due now; how many.
 
-    They come into each URL's lane HURRY_STEP at a time, as it empties: a backlog of
+    They come into each URL's lane RETRY_STEP at a time, as it empties: a backlog of
     thousands does not go out faster than the URL's in-flight limit allows, nor hold back
     the events published meanwhile by more than a step.
     """
@@ -779,6 +786,11 @@ def health(urls: Iterable[str]) -> dict[str, dict[str, str]]:
         url: {as_text(k): as_text(v) for k, v in reply.items()}
         for url, reply in zip(urls, replies, strict=True)
     }
+
+
+def forget_health(url: str) -> None:
+    """Drop the URL's health record (its last subscription was removed)."""
+    get_redis().delete(base() + "health:" + url)
 
 
 def minutes(count: int = 60) -> tuple[int, list[dict[str, int]]]:

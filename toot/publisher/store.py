@@ -61,7 +61,20 @@ def add(channel: str, callback_url: str, *, batch: bool = False, rate: float | N
 def remove(channel: str, callback_url: str) -> bool:
     """Unsubscribe ``callback_url`` from ``channel``; False if it was not subscribed."""
     keys = [_channel_key(channel), _index_key(), _batch_key(channel)]
-    return bool(run_script(REMOVE_SCRIPT, keys, [callback_url, channel]))
+    removed = bool(run_script(REMOVE_SCRIPT, keys, [callback_url, channel]))
+    if removed and not subscribed(callback_url):
+        lanes.forget_health(callback_url)  # toot_status lists no URL nobody subscribed
+    return removed
+
+
+def subscribed(callback_url: str) -> bool:
+    """Whether ``callback_url`` is subscribed to any channel: one round trip for them all."""
+    client = get_redis()
+    channels = list(client.smembers(_index_key()))
+    with client.pipeline(transaction=False) as pipe:
+        for channel in channels:
+            pipe.sismember(_channel_key(as_text(channel)), callback_url)
+        return any(pipe.execute())
 
 
 def subscribers(channels: Iterable[str]) -> dict[str, list[tuple[str, bool]]]:

@@ -9,13 +9,16 @@ from toot import status
 
 class Command(BaseCommand):
     help = (
-        "Make waiting retries due now: the deliveries waiting for callback URLs, those of "
-        "a channel's events, or every retry of both sides (--all)."
+        "Make waiting retries due now: the deliveries waiting for callback URLs, the "
+        "deliveries and handler runs of a channel's events, or every retry of both sides "
+        "(--all)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("urls", nargs="*", help="Callback URLs whose retries are due now.")
-        parser.add_argument("--channel", help="Every delivery of this full channel's events.")
+        parser.add_argument(
+            "--channel", help="Every delivery and handler run of this full channel's events."
+        )
         parser.add_argument(
             "--all", action="store_true", help="Every retry: deliveries and handler runs."
         )
