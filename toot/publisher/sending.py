@@ -239,7 +239,7 @@ def send_claim(claim: lanes.Claim, keep_alive: Callable[[], None]) -> None:
             # The database down as a dead letter is written, say: only this delivery
             # waits, as if this attempt had not been made.
             logger.exception(
-                "%s: cannot record the outcome of its delivery to %s; trying it again in %.0fs",
+                "%s: cannot record its outcome, delivery to %s; trying it again in %.0fs",
                 delivery.what,
                 delivery.url,
                 FAILED_WORK_DELAY,
