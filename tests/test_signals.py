@@ -360,6 +360,32 @@ def test_the_callbacks_endpoint_that_asks_to_unsubscribe_received_the_event(
     assert sent.of("subscription_removed", channel)[0]["reason"] == "unsubscribe"
 
 
+def test_a_batch_is_received_in_one_signal_and_handled_event_by_event(
+    client, worker, eventually, sent, suffix
+):
+    seen: list[toot.Event] = []
+    subscribe("publisher", suffix, seen.append)
+    channel = SOURCE_PREFIX + suffix
+    [name] = handling.handlers_by_name(channel)
+    events = [toot.Event(channel, {"n": n}) for n in range(3)]
+
+    response = client.post(
+        "/toot/callbacks",
+        json.dumps({"events": [event.to_dict() for event in events]}),
+        content_type="application/json",
+    )
+
+    assert response.status_code == 200
+    assert sent.of("event_received", channel) == [
+        {"events": events, "channel": channel, "handlers": [name]}
+    ]
+    eventually(lambda: len(sent.of("handler_succeeded", channel)) == 3, what="every handler run")
+    assert sorted(seen, key=events.index) == events
+    assert sorted((h["event"].id, h["handler"]) for h in sent.of("handler_succeeded", channel)) == (
+        sorted((event.id, name) for event in events)
+    )
+
+
 # Handlers that fail --------------------------------------------------------------------
 
 
@@ -447,6 +473,19 @@ def test_the_subscriptions_endpoint_signals_each_registration_and_removal(client
         {"channel": channel, "callback_url": url, "reason": "request"}
     ]  # once: the 404 removed nothing
     assert sent.senders("subscription_added") == {Subscription}
+
+
+def test_a_receiver_that_raises_changes_no_answer_of_the_endpoints(client, redis, raising):
+    channel = f"org.example.test.{uuid.uuid4().hex[:8]}.v1"
+    url = "http://subscriber.example/toot/callbacks"
+    body = {"channel": channel, "callback_url": url}
+
+    response = client.post("/toot/subscriptions", json.dumps(body), "application/json")
+    assert response.status_code == 201
+    assert store.subscriptions(channel) == {channel: [url]}
+    response = client.delete(f"/toot/subscriptions?channel={channel}&callback_url={url}")
+    assert response.status_code == 204
+    assert store.subscriptions(channel) == {}
 
 
 @pytest.mark.django_db
