@@ -4,6 +4,7 @@ handlers run by the real worker, and the subscriptions endpoint and admin."""
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import json
 import logging
@@ -24,8 +25,9 @@ from toot import signals
 from toot.deadletters import Replay, redeliver
 from toot.engine import queue
 from toot.engine.connection import get_redis
+from toot.exceptions import AlreadyRunning
 from toot.models import DeadLetter, Subscription
-from toot.publisher import lanes, store
+from toot.publisher import delivery, lanes, sending, store
 from toot.publisher.delivery import Outcome
 from toot.publisher.sending import bury_delivery
 from toot.subscriber import handling
@@ -431,10 +433,10 @@ def test_replayed_dead_letters_are_signalled_with_their_attempt(redis, sent):
     letter = handling.bury_handler(event.to_dict(), name, 4, RuntimeError("boom"), None)
     with HTTPServer() as peer:
         published = toot.Event("org.example.test.replayed.v1", {"id": 9})
-        delivery = bury_delivery(published.to_dict(), peer.url, 4, Outcome(status=500), None)
+        filed = bury_delivery(published.to_dict(), peer.url, 4, Outcome(status=500), None)
 
         assert redeliver(letter) is Replay.REDELIVERED
-        assert redeliver(delivery) is Replay.REDELIVERED
+        assert redeliver(filed) is Replay.REDELIVERED
 
     assert calls == [event]
     [handled] = sent.of("handler_succeeded", channel)
@@ -596,3 +598,49 @@ def test_the_receivers_the_docs_show_log_a_failing_subscriber(
 
 def ours(caplog):
     return [r for r in caplog.records if r.name == "myproject.toot"]
+
+
+# Edges ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["2015-10-23 11:50:09 -0500", "2015-10-23T16:50:09", "2015-10-23T11:50:09-05:00"],
+    ids=["ruby", "naive", "iso"],
+)
+def test_a_delivery_s_events_reach_receivers_with_aware_timestamps(sent, timestamp):
+    """Events queued by publish() carry ISO 8601 with an offset; any other form (a dead
+    letter's, an older toot's) is read as the callbacks endpoint reads it."""
+    channel = "org.example.test.edges.v1"
+    wire = {"id": "e1", "timestamp": timestamp, "payload": {"n": 1}, "channel": channel}
+    sent_once = sending.Delivery("http://peer.example/cb", channel, [wire], False, "e1", b"")
+
+    sending.signal_outcome(sent_once, Outcome(status=200, duration=0.01), 1)
+
+    [delivered] = sent.of("delivery_succeeded", channel)
+    [event] = delivered["events"]
+    assert (event.id, event.payload) == ("e1", {"n": 1})
+    assert event.timestamp == dt.datetime(2015, 10, 23, 16, 50, 9, tzinfo=dt.timezone.utc)
+
+
+def test_a_410_for_a_url_no_longer_subscribed_removes_nothing(redis, sent, caplog):
+    channel = f"org.example.test.{uuid.uuid4().hex[:8]}.v1"
+    event = toot.Event(channel, {"id": 1}).to_dict()
+    with HTTPServer(Reply(410)) as gone, caplog.at_level(logging.INFO, "toot.publisher.delivery"):
+        outcome = delivery.attempt(gone.url, channel, json.dumps(event).encode(), event["id"])
+
+    assert outcome.gone
+    assert sent.of("subscription_removed") == []
+    [line] = [r.getMessage() for r in caplog.records if r.name == "toot.publisher.delivery"]
+    assert line == (
+        f"Event {event['id']} on {channel}: {gone.url} asked to unsubscribe from {channel} "
+        "(status 410); it was not subscribed"
+    )
+
+
+def test_a_handler_running_elsewhere_is_neither_signal(sent):
+    event = toot.Event(SOURCE_PREFIX + "edges.v1", {"id": 1})
+
+    handling.signal_runs(event, {}, {"tests.busy": AlreadyRunning("busy")}, 1, None)
+
+    assert sent.of("handler_failed") == sent.of("handler_succeeded") == []
