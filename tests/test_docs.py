@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,7 +29,15 @@ import redis
 from django.conf import settings
 
 import toot
-from devtools.processes import ROOT, Process, free_port, wait_for, wait_for_http
+from devtools.processes import (
+    ROOT,
+    Process,
+    celery_worker_argv,
+    free_port,
+    wait_for,
+    wait_for_http,
+)
+from tests.http_server import HTTPServer
 from toot.conf import DEFAULTS, SOURCE_KEYS
 
 DOCS = ROOT / "docs"
@@ -405,3 +414,91 @@ def test_the_testing_page_shows_only_tests_that_run():
         ROOT / "example_project" / "example_app" / "tests.py",
     }
     assert re.findall(r"^```(\w+)", page, re.M) == ["text"]  # the failure message
+
+
+# The logging page ------------------------------------------------------------------------
+
+LOGGING_EXAMPLE = DOCS / "examples" / "logging_settings.py"
+LOG_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO "
+
+
+def test_the_logging_page_shows_its_setting_whole():
+    included = [
+        (DOCS / d.argument).resolve()
+        for d in directives((DOCS / "logging.md").read_text())
+        if d.name == "literalinclude"
+    ]
+    assert included == [LOGGING_EXAMPLE]
+
+
+def test_the_logging_setting_shows_toot_s_lines_in_a_web_process_and_a_worker(tmp_path):
+    """The page's LOGGING in a project's settings: a process that publishes (as a web
+    process would) and a Celery worker started at its default --loglevel, WARNING, both
+    print toot's INFO lines."""
+    marker = f"toot-test-{settings.RUN_ID}-logging"
+    (tmp_path / "logging_project.py").write_text(
+        "from tests.settings import *  # noqa: F403\n"
+        f"exec(open({str(LOGGING_EXAMPLE)!r}).read())\n"
+        f"CELERY_TASK_DEFAULT_QUEUE = {marker!r}\n"
+        f"TOOT = {{**TOOT, 'KEY_PREFIX': {marker + ':'!r}}}  # noqa: F405\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "logging_project",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+    }
+    channel = f"org.example.test.logging.{uuid.uuid4().hex[:8]}.v1"
+    worker = Process(
+        "logging-worker",
+        celery_worker_argv("tests.celery", f"{marker}@%h", 1, pool="threads", loglevel="WARNING"),
+        env,
+        log_dir=tmp_path,
+    )
+    try:
+        with HTTPServer() as peer:
+            # At WARNING a worker does not say it is ready: the drain's message waits for it.
+            worker.start()
+            published = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import django; django.setup()\n"
+                    "import tests.celery, toot\n"
+                    "from toot.publisher import store\n"
+                    f"store.add({channel!r}, {peer.url!r})\n"
+                    f"print(toot.publish('', {{'id': 1}}, prefix={channel!r}).id)\n",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert published.returncode == 0, published.stderr
+            event_id = published.stdout.strip()
+            assert re.search(
+                LOG_LINE + rf"toot\.publisher\.publishing Event {event_id} on {channel}: "
+                r"published$",
+                published.stderr,
+                re.M,
+            ), published.stderr
+            delivered = (
+                LOG_LINE + rf"toot\.publisher\.sending Event {event_id} on {channel}: "
+                rf"delivered to {re.escape(peer.url)} \(status 200, attempt 1\)$"
+            )
+            wait_for(
+                lambda: not worker.running or re.search(delivered, worker.log(), re.M),
+                60,
+                "the worker's toot line",
+            )
+            assert worker.running, worker.log()
+            # toot's INFO lines, and none of Celery's own: the worker is at WARNING.
+            assert " ready." not in worker.log()
+    finally:
+        worker.stop()
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        try:
+            keys = list(client.scan_iter(match=f"{marker}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()

@@ -18,7 +18,7 @@ PACKAGE = Path(toot.__file__).resolve().parent
 # Lower layers first. A module imports from a lower layer, or from its own package; never
 # from a higher layer, and never across the publisher's and the subscriber's sides.
 LAYERS = [
-    ["toot.exceptions"],
+    ["toot.exceptions", "toot.signals"],
     ["toot.conf"],
     ["toot.models", "toot.protocol"],
     ["toot.engine"],

@@ -6,6 +6,7 @@ admin's CSRF protection, and is refused without its permission.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
@@ -17,7 +18,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 from django.utils.text import capfirst
 
-from toot import status
+from toot import signals, status
 from toot.deadletters import requeue
 from toot.models import DeadLetter, OutboxEvent, Overview, Retry, Subscription
 from toot.publisher import lanes, store
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 else:
     ModelAdmin = admin.ModelAdmin
 
+logger = logging.getLogger(__name__)
 # Rows a Redis page shows at most: the rest is for toot_status --json.
 PAGE_ROWS = 500
 
@@ -167,6 +169,17 @@ class SubscriptionAdmin(RedisPage):
             raise PermissionDenied
         channel, url = request.POST.get("channel", ""), request.POST.get("callback_url", "")
         if store.remove(channel, url):
+            logger.info(
+                "Subscription %s to %s removed in the admin by %s", url, channel, request.user
+            )
+            signals.send(
+                signals.subscription_removed,
+                Subscription,
+                f"Subscription {url} to {channel}",
+                channel=channel,
+                callback_url=url,
+                reason="admin",
+            )
             self.message_user(request, f"{url} unsubscribed from {channel}.", messages.SUCCESS)
         else:
             self.message_user(request, f"{url} was not subscribed to {channel}.", messages.WARNING)

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from toot.engine import drain, queue
 from toot.protocol.events import Event, wire_json
-from toot.publisher import delivery, lanes
+from toot.publisher import delivery, lanes, sending
 from toot.subscriber import handling
 
 if TYPE_CHECKING:
@@ -41,6 +41,10 @@ def redeliver(letter: DeadLetter) -> Replay:
     if letter.kind == "delivery":  # DeadLetter.Kind.DELIVERY
         body = wire_json(letter.event).encode()
         outcome = delivery.attempt(letter.callback_url, letter.channel, body, letter.event_id)
+        replayed = sending.Delivery(
+            letter.callback_url, letter.channel, [letter.event], False, letter.event_id, body
+        )
+        sending.signal_outcome(replayed, outcome, letter.attempts + 1)
         if outcome.gone:  # attempt() removed the subscription; retrying is pointless
             logger.warning(
                 "Event %s on %s: dead letter %s not delivered, %s is gone (410); removed",
@@ -53,13 +57,19 @@ def redeliver(letter: DeadLetter) -> Replay:
             return Replay.GONE
         ok, status, error = outcome.ok, outcome.status, outcome.error
     else:
-        failures = handling.run(Event.from_dict(letter.event), [letter.handler])
+        failures = handling.run(
+            Event.from_dict(letter.event), [letter.handler], attempt=letter.attempts + 1
+        )
         ok, status = not failures, None
         # Keyed by each handler's name: a letter filed under ALL runs every handler.
         error = "; ".join(map(repr, failures.values()))
     if ok:
         logger.info(
-            "Event %s on %s: dead letter %s redelivered", letter.event_id, letter.channel, letter.pk
+            "Event %s on %s: dead letter %s redelivered (%s)",
+            letter.event_id,
+            letter.channel,
+            letter.pk,
+            _concerns(letter),
         )
         letter.delete()
         return Replay.REDELIVERED
@@ -69,10 +79,11 @@ def redeliver(letter: DeadLetter) -> Replay:
     letter.last_attempt_at = timezone.now()
     letter.save(update_fields=["attempts", "last_status", "last_error", "last_attempt_at"])
     logger.warning(
-        "Event %s on %s: dead letter %s failed again: %s",
+        "Event %s on %s: dead letter %s failed again (%s): %s",
         letter.event_id,
         letter.channel,
         letter.pk,
+        _concerns(letter),
         error,
     )
     return Replay.FAILED
@@ -112,10 +123,18 @@ def requeue(letters: list[DeadLetter]) -> int:
         drain.enqueue_many(by_lane)
     for letter in letters:
         logger.info(
-            "Event %s on %s: dead letter %s queued to be redelivered",
+            "Event %s on %s: dead letter %s queued to be redelivered (%s)",
             letter.event_id,
             letter.channel,
             letter.pk,
+            _concerns(letter),
         )
         letter.delete()
     return len(letters)
+
+
+def _concerns(letter: DeadLetter) -> str:
+    """What a letter's log line names beside its event: the callback URL or the handler."""
+    if letter.kind == "delivery":  # DeadLetter.Kind.DELIVERY
+        return f"to {letter.callback_url}"
+    return f"handler {letter.handler}"

@@ -18,11 +18,13 @@ from django.utils.decorators import method_decorator
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
+from toot import signals
 from toot.conf import Source, conf
 from toot.engine import drain, queue
 from toot.engine.broker import BROKER_ERRORS
 from toot.exceptions import InvalidCallback, InvalidEvent, InvalidSignature, Refused
 from toot.http import ssrf
+from toot.models import Subscription
 from toot.protocol import auth, signing
 from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, Event, wire_json
 from toot.protocol.validation import (
@@ -159,7 +161,7 @@ class SubscriptionsView(TootView):
                 "rate_limit must be a number of events per second, over 0 and at most "
                 f"{MAX_RATE_LIMIT}",
             )
-        self._check_callback(callback_url)
+        self._check_callback(channel, callback_url)
         added = store.add(channel, callback_url, batch=batch, rate=rate)
         logger.info(
             "Subscription %s to %s %s%s%s",
@@ -168,6 +170,16 @@ class SubscriptionsView(TootView):
             "added" if added else "already there",
             ", in batches" if batch else "",
             f", at most {rate:g} events/s" if rate else "",
+        )
+        signals.send(
+            signals.subscription_added,
+            Subscription,
+            f"Subscription {callback_url} to {channel}",
+            channel=channel,
+            callback_url=callback_url,
+            created=added,
+            batch=batch,
+            rate_limit=rate,
         )
         return HttpResponse(status=201 if added else 204)
 
@@ -180,6 +192,14 @@ class SubscriptionsView(TootView):
         if not store.remove(channel, callback_url):
             raise Refused(404, f"{callback_url} is not subscribed to {channel}")
         logger.info("Subscription %s to %s removed", callback_url, channel)
+        signals.send(
+            signals.subscription_removed,
+            Subscription,
+            f"Subscription {callback_url} to {channel}",
+            channel=channel,
+            callback_url=callback_url,
+            reason="request",
+        )
         return HttpResponse(status=204)
 
     @staticmethod
@@ -197,7 +217,7 @@ class SubscriptionsView(TootView):
         return channel, callback_url  # type: ignore[return-value]
 
     @staticmethod
-    def _check_callback(callback_url: str) -> None:
+    def _check_callback(channel: str, callback_url: str) -> None:
         """Refuse now a URL that no delivery would be sent to (the SSRF guard, toot.http.ssrf).
 
         Only on POST: DELETE must still remove a URL stored before the rules changed.
@@ -205,7 +225,7 @@ class SubscriptionsView(TootView):
         try:
             ssrf.check_callback_url(callback_url)
         except InvalidCallback as exc:
-            logger.warning("Subscription of %s refused: %s", callback_url, exc)
+            logger.warning("Subscription %s to %s refused: %s", callback_url, channel, exc)
             raise Refused(422, str(exc)) from None
         except OSError:  # a temporary resolver failure: the subscriber should try again
             raise Refused(503, "cannot resolve the callback_url host now; try again") from None
@@ -221,11 +241,13 @@ class CallbackView(TootView):
         channel = events[0].channel
         matched = registry.matching(channel)
         self.verify_signature(
-            request, {conf.source_for_channel(channel), *(source for source, _ in matched)}
+            request, {conf.source_for_channel(channel), *(source for source, _ in matched)}, events
         )
         what = ("Events " if len(events) > 1 else "Event ") + ", ".join(e.id for e in events)
+        what += f" on {channel}"
         if not matched:
-            logger.info("%s on %s: no local subscription, asking to unsubscribe", what, channel)
+            logger.info("%s: no local subscription, asking to unsubscribe", what)
+            self.received(events, channel, [], what)
             response = HttpResponse(status=200)
             response["X-Toot-Unsubscribe"] = "True"
             return response
@@ -234,14 +256,33 @@ class CallbackView(TootView):
         # publisher's retry, and the done marks keep the lanes that did not from running
         # twice. MAX_JSON_DEPTH keeps every event serializable.
         wire = [event.to_dict() for event in events]
-        drain.enqueue_many(
-            {
-                handling.lane(name): [queue.encode(InItem(event=e, handlers=[name])) for e in wire]
-                for name in handling.handlers_by_name(channel)
-            }
-        )
-        logger.info("%s on %s: received, handlers queued", what, channel)
+        names = list(handling.handlers_by_name(channel))
+        try:
+            drain.enqueue_many(
+                {
+                    handling.lane(name): [
+                        queue.encode(InItem(event=e, handlers=[name])) for e in wire
+                    ]
+                    for name in names
+                }
+            )
+        except BROKER_ERRORS as exc:
+            logger.error("%s: cannot queue the handlers, store unavailable: %s", what, exc)
+            return error_response(503, "toot is unavailable, try again later")
+        logger.info("%s: received, queued for %s", what, ", ".join(names))
+        self.received(events, channel, names, what)
         return HttpResponse(status=200)
+
+    @staticmethod
+    def received(events: list[Event], channel: str, handlers: list[str], what: str) -> None:
+        signals.send(
+            signals.event_received,
+            Event,
+            what,
+            events=events,
+            channel=channel,
+            handlers=handlers,
+        )
 
     @staticmethod
     def events(request: HttpRequest) -> list[Event]:
@@ -279,7 +320,9 @@ class CallbackView(TootView):
         return events
 
     @staticmethod
-    def verify_signature(request: HttpRequest, sources: set[Source | None]) -> None:
+    def verify_signature(
+        request: HttpRequest, sources: set[Source | None], events: list[Event]
+    ) -> None:
         """Refuse with 401 unless each of ``sources`` that has secrets signed the request.
 
         The sources are the one whose prefix starts the channel, so that a stranger learns
@@ -298,5 +341,12 @@ class CallbackView(TootView):
                     name=f'a secret of TOOT["SOURCES"]["{source.name}"]',
                 )
             except InvalidSignature as exc:
-                logger.warning("Callback from source %s refused: %s", source.name, exc)
+                # The ids as repr(): they are a stranger's until the signature holds.
+                logger.warning(
+                    "Events %s on %s: refused, not signed by source %s: %s",
+                    ", ".join(repr(event.id) for event in events),
+                    events[0].channel,
+                    source.name,
+                    exc,
+                )
                 raise Refused(401, str(exc)) from None

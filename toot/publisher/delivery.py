@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
+from toot import signals
 from toot.conf import conf
 from toot.exceptions import ConfigError, InvalidCallback
 from toot.http import client
@@ -28,6 +30,8 @@ class Outcome:
     # The publisher's own settings failed (a malformed secret, a missing CA bundle): not
     # the URL's fault, so its circuit breaker does not count it.
     ours: bool = False
+    # Seconds the request took, for the signals; None when none was sent.
+    duration: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -62,48 +66,61 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
 
 
-def attempt(callback_url: str, channel: str, body: bytes, message_id: str) -> Outcome:
+def attempt(
+    callback_url: str, channel: str, body: bytes, message_id: str, *, what: str | None = None
+) -> Outcome:
     """POST ``body`` (one event or a batch) once; honours X-Toot-Unsubscribe and 410 Gone.
 
-    ``message_id`` is the webhook-id that names the event, or the batch, in logs and
-    signatures; ``channel`` is the one an unsubscribe removes the URL from.
+    ``message_id`` is the webhook-id that names the event, or the batch, in signatures;
+    ``channel`` is the one an unsubscribe removes the URL from; ``what`` names the
+    delivery's events in log lines (``Event <id> on <channel>``, or the batch's).
     """
+    what = what or f"Event {message_id} on {channel}"
     try:
         # Signed at each attempt: webhook-timestamp must be fresh when the subscriber reads it.
         headers = signing.signature_headers(message_id, body, conf.SIGNING_SECRETS)
     except ConfigError as exc:  # a bad secret: retried like a failure, so a fix loses nothing
-        logger.error("Delivery %s on %s: cannot sign it: %s", message_id, channel, exc)
+        logger.error("%s: cannot sign the delivery to %s: %s", what, callback_url, exc)
         return Outcome(error=f"{type(exc).__name__}: {exc}", ours=True)
+    started = time.perf_counter()
     try:
         # The SSRF rules again: the URL's at each attempt, its host's addresses at each new
         # connection (a kept-alive one goes to an address checked when it opened).
         response = client.post_to_callback(callback_url, body, headers)
     except InvalidCallback as exc:
-        logger.error(
-            "Delivery %s on %s: refused to send it to %s: %s",
-            message_id,
-            channel,
-            callback_url,
-            exc,
-        )
+        logger.error("%s: refused to send it to %s: %s", what, callback_url, exc)
         return Outcome(error=f"{type(exc).__name__}: {exc}", refused=True)
     except ConfigError as exc:  # PROXY_URL, CA_BUNDLE or CLIENT_CERT: as a bad secret above
-        logger.error("Delivery %s on %s: cannot send it: %s", message_id, channel, exc)
+        logger.error("%s: cannot send it to %s: %s", what, callback_url, exc)
         return Outcome(error=f"{type(exc).__name__}: {exc}", ours=True)
     except client.ERRORS as exc:  # no answer, none in time, or a host that does not resolve
-        return Outcome(error=client.error_text(exc, callback_url))
-    outcome = Outcome(status=response.status)
+        return Outcome(
+            error=client.error_text(exc, callback_url), duration=time.perf_counter() - started
+        )
+    outcome = Outcome(status=response.status, duration=time.perf_counter() - started)
     if not outcome.ok:
         outcome.error = response.excerpt()
         if response.status in (429, 503):
             outcome.retry_after = parse_retry_after(response.headers.get("Retry-After"))
     if outcome.gone or (outcome.ok and "X-Toot-Unsubscribe" in response.headers):
-        store.remove(channel, callback_url)
+        removed = store.remove(channel, callback_url)
         logger.info(
-            "Delivery %s on %s: %s asked to unsubscribe (status %d); removed",
-            message_id,
-            channel,
+            "%s: %s asked to unsubscribe from %s (status %d); %s",
+            what,
             callback_url,
+            channel,
             response.status,
+            "removed" if removed else "it was not subscribed",
         )
+        if removed:
+            from toot.models import Subscription
+
+            signals.send(
+                signals.subscription_removed,
+                Subscription,
+                f"Subscription {callback_url} to {channel}",
+                channel=channel,
+                callback_url=callback_url,
+                reason="gone" if outcome.gone else "unsubscribe",
+            )
     return outcome

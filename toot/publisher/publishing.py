@@ -12,6 +12,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
+from toot import signals
 from toot.conf import conf
 from toot.engine import drain, isolation, queue
 from toot.engine.broker import BROKER_ERRORS
@@ -114,8 +115,18 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
             drain.enqueue(queue.OUT, [f'{{"event":{text}}}'])
         except BROKER_ERRORS as exc:  # no retry loop in the caller's request: the outbox is it
             outbox.keep(json.loads(text), exc)
-            return
-        logger.info("Event %s on %s: published", event.id, event.channel)
+            kept = True
+        else:
+            kept = False
+            logger.info("Event %s on %s: published", event.id, event.channel)
+        if signals.event_published.receivers:
+            signals.send(
+                signals.event_published,
+                Event,
+                f"Event {event.id} on {event.channel}",
+                event=event,
+                outbox=kept,
+            )
 
     atomic = in_transaction()
     if atomic:

@@ -12,6 +12,7 @@ same webhook-id, and to the dead letters once the schedule is spent.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import uuid
@@ -23,12 +24,13 @@ from typing import TYPE_CHECKING, Any, TypedDict, final
 from celery import Celery
 from django.utils import timezone
 
+from toot import signals
 from toot.conf import conf
 from toot.engine import drain, queue
 from toot.engine.per_process import PerProcess
 from toot.engine.queue import FAILED_WORK_DELAY, Lease, Retry, encode
 from toot.engine.retries import next_delay
-from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, batch_body, wire_json
+from toot.protocol.events import BATCH_MAX_BYTES, BATCH_WRAPPER_BYTES, Event, batch_body, wire_json
 from toot.publisher import lanes, store
 from toot.publisher.delivery import Outcome, attempt
 from toot.publisher.senders import Senders
@@ -110,6 +112,13 @@ class Delivery:
     def event_ids(self) -> str:
         return ", ".join(event["id"] for event in self.events)
 
+    @property
+    def what(self) -> str:
+        """The delivery as log lines name it: its events' ids and channel, and a batch's id."""
+        if not self.batch:
+            return f"Event {self.event_ids} on {self.channel}"
+        return f"Events {self.event_ids} on {self.channel} (batch {self.id})"
+
 
 def _chunks(events: list[dict[str, Any]], encoded: list[str]) -> Iterator[tuple[list[Any], bytes]]:
     """The events cut into batches of at most BATCH_MAX_EVENTS and about BATCH_MAX_BYTES."""
@@ -137,10 +146,17 @@ def fan_out(items: list[OutItem]) -> dict[str, tuple[bool, list[str]]]:
     if not by_channel:
         return by_url
     for channel, urls in store.subscribers(by_channel).items():
-        for event, _ in by_channel[channel]:
-            logger.info(
-                "Event %s on %s: sending to %d subscribers", event["id"], channel, len(urls)
-            )
+        if logger.isEnabledFor(logging.INFO):
+            listed = ", ".join(url for url, _ in urls[:LISTED_URLS])
+            more = f", and {len(urls) - LISTED_URLS} more" if len(urls) > LISTED_URLS else ""
+            for event, _ in by_channel[channel]:
+                logger.info(
+                    "Event %s on %s: sending to %d subscribers%s",
+                    event["id"],
+                    channel,
+                    len(urls),
+                    f" ({listed}{more})" if urls else "",
+                )
         for url, batch in urls:
             prefix = lanes.BATCHED if batch else lanes.SINGLE
             was_batch, lane = by_url.setdefault(url, (batch, []))
@@ -149,6 +165,8 @@ def fan_out(items: list[OutItem]) -> dict[str, tuple[bool, list[str]]]:
     return by_url
 
 
+# The callback URLs a fan-out's log line names, at most.
+LISTED_URLS = 5
 # After a fan-out the drain waits up to this long for a sender to claim (see Senders.nudge).
 FAN_OUT_WAIT = 0.05
 
@@ -201,10 +219,12 @@ def send_claim(claim: lanes.Claim, keep_alive: Callable[[], None]) -> None:
     answered = False
     retries: list[Retry] = []
     for delivery in plan(claim.url, claim.items):
-        outcome = failed
+        outcome, sent = failed, failed is None
         if outcome is None:
             keep_alive()
-            outcome = attempt(delivery.url, delivery.channel, delivery.body, delivery.id)
+            outcome = attempt(
+                delivery.url, delivery.channel, delivery.body, delivery.id, what=delivery.what
+            )
             if outcome.of_the_url:
                 failed = outcome
             else:
@@ -215,13 +235,13 @@ def send_claim(claim: lanes.Claim, keep_alive: Callable[[], None]) -> None:
             claim.failed += 1
             claim.failure = f"status {outcome.status}" if outcome.status else outcome.error
         try:
-            retry = settle(delivery, outcome)
+            retry = settle(delivery, outcome, sent=sent)
         except Exception:
             # The database down as a dead letter is written, say: only this delivery
             # waits, as if this attempt had not been made.
             logger.exception(
-                "Delivery %s to %s: cannot record its outcome; trying it again in %.0fs",
-                delivery.id,
+                "%s: cannot record its outcome, delivery to %s; trying it again in %.0fs",
+                delivery.what,
                 delivery.url,
                 FAILED_WORK_DELAY,
             )
@@ -257,41 +277,86 @@ def relay_step(app: Celery) -> None:
         drain.start(queue.OUT, queue.lease_if_idle(queue.OUT), app)
 
 
-def settle(delivery: Delivery, outcome: Outcome) -> Retry | None:
-    """Log the attempt's outcome; the retry to schedule, unless delivered or dead-lettered."""
+def settle(delivery: Delivery, outcome: Outcome, *, sent: bool = True) -> Retry | None:
+    """Log the attempt's outcome and signal it; the retry to schedule, unless delivered or
+    dead-lettered. ``sent``: whether a request was made (not when its URL had already
+    failed in the same claim)."""
     attempts = delivery.attempts + 1
     first_attempt_at = delivery.first_attempt_at or timezone.now().isoformat()
-    what = f"{'Events' if delivery.batch else 'Event'} {delivery.event_ids} on {delivery.channel}"
-    if delivery.batch:
-        what += f" (batch {delivery.id})"
     if outcome.gone:  # attempt() logged the unsubscription
+        signal_outcome(delivery, outcome, attempts, sent=sent)
         return None
     if outcome.ok:
         logger.info(
             "%s: delivered to %s (status %s, attempt %d)",
-            what,
+            delivery.what,
             delivery.url,
             outcome.status,
             attempts,
         )
+        signal_outcome(delivery, outcome, attempts)
         return None
     # A URL the SSRF guard refused is dead-lettered at once (see delivery.Outcome.refused).
     delay = None if outcome.refused else next_delay(attempts, outcome.retry_after)
     if delay is None:
         for event in delivery.events:
             bury_delivery(event, delivery.url, attempts, outcome, first_attempt_at)
+        signal_outcome(delivery, outcome, attempts, sent=sent)
         return None
     logger.warning(
         "%s: delivery to %s failed (attempt %d, status %s: %s), retrying in %.1fs",
-        what,
+        delivery.what,
         delivery.url,
         attempts,
         outcome.status,
         outcome.error,
         delay,
     )
+    signal_outcome(delivery, outcome, attempts, sent=sent, retry_in=delay)
     retry = replace(delivery, attempts=attempts, first_attempt_at=first_attempt_at)
     return retry.as_item(), delay
+
+
+def signal_outcome(
+    delivery: Delivery,
+    outcome: Outcome,
+    attempt: int,
+    *,
+    sent: bool = True,
+    retry_in: float | None = None,
+) -> None:
+    """Send ``delivery_succeeded`` or ``delivery_failed`` (toot.signals), once per request."""
+    signal = signals.delivery_succeeded if outcome.ok else signals.delivery_failed
+    if not signal.receivers:  # no Event built for nobody
+        return
+    failure = {} if outcome.ok else {"error": outcome.error, "retry_in": retry_in}
+    signals.send(
+        signal,
+        Event,
+        delivery.what,
+        callback_url=delivery.url,
+        channel=delivery.channel,
+        events=list(map(_event, delivery.events)),
+        delivery_id=delivery.id,
+        batch=delivery.batch,
+        attempt=attempt,
+        status=outcome.status,
+        duration=outcome.duration if sent else None,
+        **failure,
+    )
+
+
+def _event(wire: dict[str, Any]) -> Event:
+    """An event of a delivery, for the signals: those publish() made, checked then, are
+    rebuilt without checking again (four times faster than Event.from_dict), others in
+    full."""
+    try:
+        timestamp = dt.datetime.fromisoformat(wire["timestamp"])
+    except (KeyError, TypeError, ValueError):
+        return Event.from_dict(wire)
+    if timestamp.tzinfo is None:
+        return Event.from_dict(wire)
+    return Event(wire["channel"], wire.get("payload"), id=wire["id"], timestamp=timestamp)
 
 
 def bury_delivery(
@@ -313,7 +378,7 @@ def bury_delivery(
         outcome.status,
         outcome.error,
     )
-    return DeadLetter.bury(
+    letter = DeadLetter.bury(
         event,
         attempts,
         first_attempt_at,
@@ -322,3 +387,12 @@ def bury_delivery(
         last_status=outcome.status,
         last_error=outcome.error,
     )
+    signals.send(
+        signals.dead_lettered,
+        DeadLetter,
+        f"Event {event['id']} on {event['channel']}",
+        dead_letter=letter,
+        event=Event.from_dict(event),
+        kind=str(letter.kind),
+    )
+    return letter

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from django.utils import timezone
 
+from toot import signals
 from toot.conf import conf
 from toot.engine.connection import as_text, get_redis, run_script
 from toot.engine.per_process import PerProcess
@@ -335,14 +336,20 @@ def state(event: Event, name: str) -> str | None:
     return RUNNING if client.exists(_claim_key(event, name)) else None
 
 
-def run(event: Event, names: list[str] | None = None) -> dict[str, Exception]:
+def run(event: Event, names: list[str] | None = None, *, attempt: int = 1) -> dict[str, Exception]:
     """Run the event's handlers (only ``names`` if given) here and now, outside any drain;
-    returns the failures by name."""
-    return run_many([(event, names)])[0]
+    returns the failures by name. Signals each run as attempt ``attempt``, not retried."""
+    durations: list[dict[str, float]] = []
+    failures = run_many([(event, names)], durations=durations)[0]
+    signal_runs(event, durations[0], failures, attempt, None)
+    return failures
 
 
 def run_many(
-    jobs: list[tuple[Event, list[str] | None]], lease: Lease | None = None
+    jobs: list[tuple[Event, list[str] | None]],
+    lease: Lease | None = None,
+    *,
+    durations: list[dict[str, float]] | None = None,
 ) -> list[dict[str, Exception]]:
     """Run each event's handlers (only the names given, if any); the failures of each.
 
@@ -352,8 +359,11 @@ def run_many(
     leave the earlier ones to run again. A name that is no longer subscribed (renamed or
     removed by a deploy) is a failure, not a silent success: its retries and its dead
     letter keep the work visible. A handler running elsewhere fails with AlreadyRunning.
+    ``durations``, if given, gets for each job the seconds each handler that ran took.
     """
     failures: list[dict[str, Exception]] = []
+    timings: list[dict[str, float]] = [] if durations is None else durations
+    timings[:] = [{} for _ in jobs]
     planned: list[tuple[int, Event, str, Handler]] = []
     by_channel: dict[str, dict[str, Handler]] = {}  # a batch is mostly of one channel
     for index, (event, names) in enumerate(jobs):
@@ -427,14 +437,17 @@ def run_many(
                 lease.keep_alive()
             done_until: int | str = ""
             with beating.holding([pair[1]], owner, detached):
+                started = time.perf_counter()
                 try:
                     call(handler, event)
                 except Exception as exc:
+                    timings[index][name] = time.perf_counter() - started
                     logger.exception(
                         "Event %s on %s: handler %s raised", event.id, event.channel, name
                     )
                     failures[index][name] = exc
                 else:
+                    timings[index][name] = time.perf_counter() - started
                     done_until = _done_until(event)
             run_script(END_SCRIPT, [*pair, minute_key()], [owner, detached, field, done_until])
     return failures
@@ -462,7 +475,9 @@ def process(items: list[InItem], lease: Lease) -> list[Retry]:
     """
     jobs = [(Event.from_dict(item["event"]), item.get("handlers")) for item in items]
     retries: list[Retry] = []
-    for item, (event, _), failed in zip(items, jobs, run_many(jobs, lease), strict=True):
+    durations: list[dict[str, float]] = []
+    failures = run_many(jobs, lease, durations=durations)
+    for item, (event, _), failed, ran in zip(items, jobs, failures, durations, strict=True):
         attempts = item.get("attempts", 0)
         first_attempt_at = item.get("first_attempt_at")
         deferred = sorted(
@@ -480,7 +495,13 @@ def process(items: list[InItem], lease: Lease) -> list[Retry]:
             failed = {name: error for name, error in failed.items() if name not in deferred}
         if not failed:
             if not deferred:
-                logger.info("Event %s on %s: handled", event.id, event.channel)
+                logger.info(
+                    "Event %s on %s: handled%s",
+                    event.id,
+                    event.channel,
+                    f" by {', '.join(ran)}" if ran else "",
+                )
+            signal_runs(event, ran, failed, attempts + 1, None)
             continue
         attempts += 1
         first_attempt_at = first_attempt_at or timezone.now().isoformat()
@@ -488,6 +509,7 @@ def process(items: list[InItem], lease: Lease) -> list[Retry]:
         if delay is None:
             for name, error in failed.items():
                 bury_handler(item["event"], name, attempts, error, first_attempt_at)
+            signal_runs(event, ran, failed, attempts, None)
             continue
         retry: InItem = {
             "event": item["event"],
@@ -497,14 +519,53 @@ def process(items: list[InItem], lease: Lease) -> list[Retry]:
         }
         retries.append((retry, delay))
         logger.warning(
-            "Event %s on %s: %d handlers failed (attempt %d), retrying them in %.1fs",
+            "Event %s on %s: handler %s failed (attempt %d), retrying in %.1fs",
             event.id,
             event.channel,
-            len(failed),
+            ", ".join(sorted(failed)),
             attempts,
             delay,
         )
+        signal_runs(event, ran, failed, attempts, delay)
     return retries
+
+
+def signal_runs(
+    event: Event,
+    ran: dict[str, float],
+    failed: dict[str, Exception],
+    attempt: int,
+    retry_in: float | None,
+) -> None:
+    """Send ``handler_succeeded`` for each handler that ran and returned, and
+    ``handler_failed`` for each failure (toot.signals); those deferred are neither."""
+    if not signals.wanted(signals.handler_succeeded, signals.handler_failed):
+        return
+    what = f"Event {event.id} on {event.channel}"
+    for name, duration in ran.items():
+        if name not in failed:
+            signals.send(
+                signals.handler_succeeded,
+                Event,
+                f"{what}, handler {name}",
+                event=event,
+                handler=name,
+                attempt=attempt,
+                duration=duration,
+            )
+    for name, error in failed.items():
+        if not isinstance(error, AlreadyRunning):
+            signals.send(
+                signals.handler_failed,
+                Event,
+                f"{what}, handler {name}",
+                event=event,
+                handler=name,
+                attempt=attempt,
+                error=error,
+                duration=ran.get(name),
+                retry_in=retry_in,
+            )
 
 
 def bury_handler(
@@ -524,7 +585,7 @@ def bury_handler(
         attempts,
         error,
     )
-    return DeadLetter.bury(
+    letter = DeadLetter.bury(
         event,
         attempts,
         first_attempt_at,
@@ -532,3 +593,12 @@ def bury_handler(
         handler=handler,
         last_error=repr(error),
     )
+    signals.send(
+        signals.dead_lettered,
+        DeadLetter,
+        f"Event {event['id']} on {event['channel']}, handler {handler}",
+        dead_letter=letter,
+        event=Event.from_dict(event),
+        kind=str(letter.kind),
+    )
+    return letter
