@@ -13,8 +13,10 @@ class TootConfig(AppConfig):
         """Register the checks and put the parts together; touches no Redis, database or
         network: the relay starts with a worker, on Celery's ``worker_ready``."""
         from celery.signals import worker_ready, worker_shutting_down
+        from django.core.signals import setting_changed
 
         from toot.checks import check_celery, check_security, check_settings, check_subscriptions
+        from toot import metrics
         from toot.engine import drain, queue, relay
         from toot.publisher import outbox, sending
         from toot.subscriber import handling
@@ -34,3 +36,6 @@ class TootConfig(AppConfig):
                 relay.STEPS.append(step)
         worker_ready.connect(relay.on_worker_ready, dispatch_uid="toot.relay.start")
         worker_shutting_down.connect(relay.on_worker_shutting_down, dispatch_uid="toot.relay.stop")
+        # Only when TOOT["METRICS"] is on: imports prometheus_client, connects receivers.
+        metrics.setup()
+        setting_changed.connect(metrics.setup, dispatch_uid="toot.metrics.setup")
