@@ -219,6 +219,12 @@ def parser() -> argparse.ArgumentParser:
         help="send deliveries unsigned, as Ruby toot does (default: signed with a "
         "whsec_ secret and verified, as docs/security.md advises)",
     )
+    how.add_argument(
+        "--metrics",
+        action="store_true",
+        help='TOOT["METRICS"] on in both projects, prometheus_client in multiprocess mode '
+        "(docs/metrics.md); default off",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument(
@@ -291,6 +297,7 @@ class Run:
             signed=not args.unsigned,
             copies=max(self.copies),
             read_timeout=args.read_timeout,
+            metrics=args.metrics,
         )
         self.topology = Topology(options)
         self.driver = Driver(self.topology, say)
@@ -309,12 +316,17 @@ class Run:
                 "loadavg": {"start": os.getloadavg()[0]},
                 "options": {
                     # read_timeout below, only when given: the default run's JSON stays as it was.
-                    **{k: v for k, v in asdict(options).items() if k != "read_timeout"},
+                    **{
+                        k: v
+                        for k, v in asdict(options).items()
+                        if k not in ("read_timeout", "metrics")
+                    },
                     "events": args.events,
                     "copies": self.copies,
                     "rates": args.rates,
                     "duration": args.duration,
                     **({"read_timeout": args.read_timeout} if args.read_timeout else {}),
+                    **({"metrics": True} if args.metrics else {}),
                     **(
                         {
                             "slow": slow.describe(args.slow),

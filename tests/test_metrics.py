@@ -10,6 +10,7 @@ import uuid
 import pytest
 from celery.worker import state as worker_state
 from django.conf import settings
+from django.test import override_settings
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -275,3 +276,25 @@ def test_metrics_on_passes_the_checks():
     with toot_settings(METRICS=True):
         assert check_settings() == []
 
+
+
+def test_the_docs_urls_serve_the_metrics(client, metrics_on, redis):
+    with override_settings(ROOT_URLCONF="docs.examples.metrics_urls"):
+        samples = scrape(client)
+    assert samples["toot_redis_up"] == 1
+
+
+def test_the_metrics_page_shows_the_files_these_tests_run():
+    from tests.test_docs import DOCS, directives
+
+    included = [
+        d.argument
+        for d in directives((DOCS / "metrics.md").read_text())
+        if d.name == "literalinclude"
+    ]
+    # metrics_urls.py above; the other two in tests/test_metrics_processes.py.
+    assert included == [
+        "examples/metrics_urls.py",
+        "examples/metrics_gunicorn.py",
+        "examples/metrics_celery.py",
+    ]

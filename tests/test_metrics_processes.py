@@ -9,7 +9,9 @@ what a scrape of either gunicorn worker serves must add them up.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +19,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.processes import wait_for
+from devtools.processes import ROOT, WORKER_READY, Process, celery_worker_argv, wait_for
+from devtools.topology import gunicorn_argv
 from tests.http_server import HTTPServer, Reply
 from tests.topology import PREFIX, Topology, attempts
 
@@ -28,9 +31,35 @@ UPDATED = f"{PREFIX}users.updated.v1"
 FAILING = f"{PREFIX}metrics.failing.v1"  # subscribed by a test server that answers 503
 
 
+# What docs/metrics.md shows: gunicorn's configuration, and the Celery app's hook.
+GUNICORN_CONF = ROOT / "docs" / "examples" / "metrics_gunicorn.py"
+CELERY_HOOK = "docs.examples.metrics_celery"
+
+
+class MetricsTopology(Topology):
+    """The example project, its servers and workers started as docs/metrics.md says."""
+
+    def start_web(self, role: str, *, wait: bool = True) -> Process:
+        argv = gunicorn_argv(self.ports[role], self.web_workers, self.web_threads)
+        process = self.project_process(f"{role}-web", role, [*argv, "--config", str(GUNICORN_CONF)])
+        if wait:
+            self.wait_for_web(role)
+        return process
+
+    def start_worker(self, role: str, name: str | None = None, *, wait: bool = True) -> Process:
+        name = name or f"{role}-worker"
+        argv = celery_worker_argv("example_project", f"{self.prefix}-{name}@%h", self.concurrency)
+        process = self.project_process(name, role, [*argv, "--include", CELERY_HOOK])
+        if wait:
+            process.wait_for_log(WORKER_READY)
+        return process
+
+
 @pytest.fixture(scope="module")
 def topology():
-    topology = Topology("metrics", retry_schedule=RETRY_SCHEDULE, env={"TOOT_METRICS": "1"})
+    topology = MetricsTopology(
+        "metrics", retry_schedule=RETRY_SCHEDULE, env={"TOOT_METRICS": "1"}
+    )
     topology.multiproc_dirs = {}
     for role in ("publisher", "subscriber"):
         # Empty at start, as a deployment must make it (docs/metrics.md).
@@ -146,6 +175,31 @@ def test_both_sides_scrapes_add_up_every_process_s_counts(topology):
     # And either gunicorn worker serves the same sums.
     for _ in range(4):
         assert Scrape(topology.subscriber_url).total("toot_events_handled_total") == EVENTS
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_counts_outlive_a_killed_gunicorn_worker(topology):
+    """A worker killed and replaced (gunicorn's child_exit marks it dead): what it
+    counted stays in every scrape."""
+    before = Scrape(topology.subscriber_url).samples
+    received = sum(v for _, v in before["toot_events_received_total"])
+    assert received > 0  # the test above ran first
+    master = topology.processes["subscriber-web"].popen.pid
+    workers = children(master)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    wait_for(
+        lambda: len(set(children(master)) - set(workers)) == 1 and len(children(master)) == 2,
+        30,
+        "gunicorn to replace the worker",
+    )
+    for _ in range(4):
+        scrape = Scrape(topology.subscriber_url)
+        assert scrape.total("toot_events_received_total") == received
+    assert topology.processes["subscriber-web"].running
 
 
 def test_a_fresh_scrape_without_events_serves_the_gauges(topology):
