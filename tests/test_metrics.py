@@ -95,7 +95,9 @@ def test_an_event_s_path_is_counted_on_both_sides(
     assert value("toot_publish_to_handled_seconds_bucket", channel=channel, le="10.0") == 3
     for failure in ("toot_deliveries_failed_total", "toot_handler_failures_total"):
         assert not [
-            s for m in REGISTRY.collect() for s in m.samples
+            s
+            for m in REGISTRY.collect()
+            for s in m.samples
             if s.name == failure and s.labels.get("channel") == channel
         ]
 
@@ -116,10 +118,9 @@ def test_failed_deliveries_are_counted_by_status_class_then_dead_lettered(
 
         for channel in (failing, silent):
             eventually(
-                lambda channel=channel: value(
-                    "toot_events_dead_lettered_total", channel=channel, kind="delivery"
-                )
-                == 1,
+                lambda channel=channel: (
+                    value("toot_events_dead_lettered_total", channel=channel, kind="delivery") == 1
+                ),
                 what=f"the dead letter of {channel}",
             )
     failed = "toot_deliveries_failed_total"
@@ -197,6 +198,7 @@ def test_the_view_serves_counters_and_the_queue_gauges_read_from_redis(
         queued = settings.CELERY_TASK_DEFAULT_QUEUE
         idle = lambda: not (worker_state.requests or get_redis().llen(queued))  # noqa: E731
         eventually(idle, what="the worker's drains to end")
+
     with toot_settings(METRICS=True):
         toot.publish(suffix, {"id": 1})
     no_drain_at_work()
@@ -261,7 +263,7 @@ def test_e009_metrics_on_without_prometheus_client(monkeypatch):
         [message] = check_settings()
         assert receivers_of_metrics() == []  # nothing connected that would fail
     assert message.id == "toot.E009"
-    assert "prometheus" in message.hint
+    assert message.hint is not None and "prometheus" in message.hint
 
 
 def test_metrics_must_be_a_bool():
@@ -275,7 +277,6 @@ def test_metrics_must_be_a_bool():
 def test_metrics_on_passes_the_checks():
     with toot_settings(METRICS=True):
         assert check_settings() == []
-
 
 
 def test_the_docs_urls_serve_the_metrics(client, metrics_on, redis):

@@ -39,6 +39,8 @@ CELERY_HOOK = "docs.examples.metrics_celery"
 class MetricsTopology(Topology):
     """The example project, its servers and workers started as docs/metrics.md says."""
 
+    multiproc_dirs: dict[str, Path]
+
     def start_web(self, role: str, *, wait: bool = True) -> Process:
         argv = gunicorn_argv(self.ports[role], self.web_workers, self.web_threads)
         process = self.project_process(f"{role}-web", role, [*argv, "--config", str(GUNICORN_CONF)])
@@ -57,9 +59,7 @@ class MetricsTopology(Topology):
 
 @pytest.fixture(scope="module")
 def topology():
-    topology = MetricsTopology(
-        "metrics", retry_schedule=RETRY_SCHEDULE, env={"TOOT_METRICS": "1"}
-    )
+    topology = MetricsTopology("metrics", retry_schedule=RETRY_SCHEDULE, env={"TOOT_METRICS": "1"})
     topology.multiproc_dirs = {}
     for role in ("publisher", "subscriber"):
         # Empty at start, as a deployment must make it (docs/metrics.md).
@@ -110,6 +110,7 @@ def test_both_sides_scrapes_add_up_every_process_s_counts(topology):
     with HTTPServer(Reply(503, body=b"down")) as failing:
         topology.subscribe(FAILING, failing.url)
         sent = topology.publish("users.updated.v1", {"id": 1}, count=EVENTS)
+        assert len(sent) == EVENTS
         topology.publish("metrics.failing.v1", {"id": 2})
 
         def publisher() -> Scrape:
@@ -125,8 +126,10 @@ def test_both_sides_scrapes_add_up_every_process_s_counts(topology):
             "the subscriber's scrape to count every handler run",
         )
         wait_for(
-            lambda: publisher().total("toot_events_delivered_total") == EVENTS
-            and publisher().total("toot_events_dead_lettered_total") == 1,
+            lambda: (
+                publisher().total("toot_events_delivered_total") == EVENTS
+                and publisher().total("toot_events_dead_lettered_total") == 1
+            ),
             60,
             "the publisher's scrape to count the deliveries and the dead letter",
         )

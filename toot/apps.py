@@ -15,8 +15,8 @@ class TootConfig(AppConfig):
         from celery.signals import worker_ready, worker_shutting_down
         from django.core.signals import setting_changed
 
-        from toot.checks import check_celery, check_security, check_settings, check_subscriptions
         from toot import metrics
+        from toot.checks import check_celery, check_security, check_settings, check_subscriptions
         from toot.engine import drain, queue, relay
         from toot.publisher import outbox, sending
         from toot.subscriber import handling

@@ -98,10 +98,14 @@ class Metrics:
             return Histogram(name, doc, labels, buckets=BUCKETS)
 
         self.published = counter(
-            "toot_events_published", "Events published (handed to Redis or the outbox).", ("channel",)
+            "toot_events_published",
+            "Events published (handed to Redis or the outbox).",
+            ("channel",),
         )
         self.delivered = counter(
-            "toot_events_delivered", "Events in deliveries that a callback URL answered 2xx.", ("channel",)
+            "toot_events_delivered",
+            "Events in deliveries that a callback URL answered 2xx.",
+            ("channel",),
         )
         self.failed = counter(
             "toot_deliveries_failed",
@@ -309,7 +313,7 @@ def registry() -> CollectorRegistry:
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
-        multiprocess.MultiProcessCollector(scraped)
+        multiprocess.MultiProcessCollector(scraped)  # type: ignore[no-untyped-call]
     else:
         scraped.register(_Default())
     scraped.register(QueueCollector())
