@@ -16,6 +16,7 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.urls import NoReverseMatch, reverse
 
 from toot.conf import DEFAULTS, SOURCE_KEYS, conf
+from toot.engine import connection
 from toot.engine.retries import JITTER
 from toot.exceptions import ConfigError
 from toot.protocol.signing import secret_error
@@ -241,6 +242,19 @@ def _url_errors() -> list[CheckMessage]:
             messages.append(
                 Error(f"{error}: {url!r}.", hint="Give an absolute http(s) URL.", id="toot.E005")
             )
+    if conf.REDIS_URL.startswith(connection.SENTINEL_SCHEMES):
+        try:
+            connection.parse_sentinel_url(conf.REDIS_URL)
+        except ValueError as exc:
+            messages.append(
+                Error(
+                    f'TOOT["REDIS_URL"] is not a Sentinel URL toot can use: {exc}.',
+                    hint="For example redis+sentinel://:password@10.0.0.1:26379,"
+                    "10.0.0.2:26379,10.0.0.3:26379/mymaster/0.",
+                    id="toot.E005",
+                )
+            )
+        return messages
     try:
         redis_scheme = urlsplit(conf.REDIS_URL).scheme
     except ValueError:  # e.g. an unclosed IPv6 bracket: report it, don't crash the checks
@@ -248,8 +262,8 @@ def _url_errors() -> list[CheckMessage]:
     if redis_scheme not in ("redis", "rediss", "unix"):
         messages.append(
             Error(
-                'TOOT["REDIS_URL"] must be a redis://, rediss:// or unix:// URL: '
-                f"{conf.REDIS_URL!r}.",
+                'TOOT["REDIS_URL"] must be a redis://, rediss://, unix:// or redis+sentinel:// '
+                f"URL: {conf.REDIS_URL!r}.",
                 hint="For example redis://127.0.0.1:6379/0.",
                 id="toot.E005",
             )

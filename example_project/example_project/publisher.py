@@ -28,6 +28,8 @@ TOOT = {
     # whsec_ secrets every delivery is signed with; none: unsigned, as Ruby toot sends.
     "SIGNING_SECRETS": env.list("TOOT_SIGNING_SECRETS", default=[]),
     "REDIS_URL": REDIS_URL,
+    # Replicas (Redis Sentinel's) that must hold an event before it counts as kept.
+    "REDIS_WAIT_REPLICAS": env.int("TOOT_REDIS_WAIT_REPLICAS", default=0),
     # Its own, if another project shares the Redis: each drains the queues under its prefix.
     "KEY_PREFIX": env("TOOT_KEY_PREFIX", default="toot:publisher:"),
     "RETRY_SCHEDULE": env.list(

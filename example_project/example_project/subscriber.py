@@ -37,6 +37,8 @@ TOOT = {
         },
     },
     "REDIS_URL": REDIS_URL,
+    # Replicas (Redis Sentinel's) that must hold an event before it counts as kept.
+    "REDIS_WAIT_REPLICAS": env.int("TOOT_REDIS_WAIT_REPLICAS", default=0),
     "KEY_PREFIX": env("TOOT_KEY_PREFIX", default="toot:subscriber:"),
     # When a handler that raised runs again, and then becomes a dead letter.
     "RETRY_SCHEDULE": env.list(

@@ -269,6 +269,9 @@ def push_encoded(queue: str, items: Sequence[str]) -> str | None:
 
 def _push(queue: str, items: Sequence[str]) -> str | None:
     args = [conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id(), *items]
+    if conf.REDIS_WAIT_REPLICAS:  # a push is where work enters toot: kept only once replicated
+        [drain] = run_scripts([(PUSH_SCRIPT, _keys(queue)[::2], args)], replicated=True)
+        return _optional_text(drain)
     return _optional_text(run_script(PUSH_SCRIPT, _keys(queue)[::2], args))
 
 
@@ -299,7 +302,9 @@ def push_many(pushes: Mapping[str, Sequence[str]]) -> dict[str, str | None]:
             (PUSH_SCRIPT, _keys(name)[::2], [conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id(), *items])
             for name, items in pushes.items()
         ]
-        results = run_scripts(calls, before=lambda pipe: new and pipe.sadd(_lanes_key(), *new))
+        results = run_scripts(
+            calls, before=lambda pipe: new and pipe.sadd(_lanes_key(), *new), replicated=True
+        )
         drains = {name: _optional_text(drain) for name, drain in zip(pushes, results, strict=True)}
         registered.update(dict.fromkeys(new, now))
     started = [name for name, drain in drains.items() if drain is not None and name not in new]
