@@ -4,6 +4,7 @@ a full ``noeviction`` Redis, whose overflow waits in the outbox and is delivered
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -30,9 +31,9 @@ from tests.celery import app as celery_app
 from tests.http_server import HTTPServer, Reply
 from tests.utils import toot_settings
 from toot.checks import check_redis
-from toot.engine import connection, redis_config
+from toot.engine import connection, queue, redis_config
 from toot.models import DeadLetter, OutboxEvent
-from toot.publisher import outbox, sending, store
+from toot.publisher import lanes, outbox, sending, store
 
 pytestmark = pytest.mark.usefixtures("no_drain_at_work")
 
@@ -481,19 +482,50 @@ def test_a_real_worker_warns_as_it_starts(tmp_path, fresh_clients):
 # noeviction: a full Redis keeps the overflow in the outbox, and loses nothing
 
 
+@pytest.mark.parametrize("binary", BINARIES)
+def test_a_full_redis_lets_work_move_on_and_refuses_new_work(toot_redis, binary):
+    """queue.room: on a Redis over its maxmemory, a drain still takes its lease, claims,
+    gives its batch back and starts again, and senders take their pool's lease; pushing
+    new work is refused."""
+    toot_redis(*GOOD, "--maxmemory-policy", "noeviction", binary=binary)
+    name = "full"  # a queue of the test's own, which no relay wakes
+    drain_id = queue.push_encoded(name, ['{"n": 1}', '{"n": 2}'])
+    assert drain_id is not None
+    connection.get_redis().config_set("maxmemory", 1)  # full, whatever it holds
+
+    with pytest.raises(redis_py.ResponseError, match="command not allowed when used memory"):
+        queue.push_encoded(name, ['{"n": 3}'])
+    with pytest.raises(redis_py.ResponseError, match="command not allowed when used memory"):
+        lanes.push({"http://sub.example/cb": (False, ["S{}"])})
+
+    assert queue.claim(name, drain_id, 10, first=True) == [{"n": 1}, {"n": 2}]
+    queue.renew(name, drain_id)
+    queue.abandon(name, drain_id, 0)  # what it held, back as retries due now
+    again = queue.lease_if_idle(name)
+    assert again is not None
+    assert queue.claim(name, again, 10, first=True) == [{"n": 1}, {"n": 2}]
+    lanes.renew("a-sender-pool")
+    assert lanes.claim("a-sender-pool", "claim-1", None) is not None
+    assert lanes.wake() is None
+
+
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("binary", BINARIES)
 def test_a_full_noeviction_redis_keeps_the_overflow_in_the_outbox(
-    celery_worker, toot_redis, eventually
+    celery_worker, toot_redis, eventually, binary
 ):
     """The publisher's Redis at 2 MB with noeviction, its subscriber down while more events
     are published than fit: publish() raises nothing, the overflow waits in the outbox, and
-    once the subscriber is back and Redis has room again every event is delivered."""
+    once the subscriber is back every event is delivered: the full Redis still lets toot's
+    drains and senders take their leases and claims (queue.room), and each delivery makes
+    room for the outbox."""
     toot_redis(
         *GOOD,
         "--maxmemory",
         "2mb",
         "--maxmemory-policy",
         "noeviction",
+        binary=binary,
         # Down for long, but no event spends its attempts meanwhile: the circuit opens and
         # probes twice a second.
         RETRY_SCHEDULE=[0.5] * 60,
@@ -518,26 +550,26 @@ def test_a_full_noeviction_redis_keeps_the_overflow_in_the_outbox(
         kept = OutboxEvent.objects.count()
         full = client.info("memory")
 
-        # The subscriber is back, and Redis gets room, as an operator would give it.
-        up.set()
-        client.config_set("maxmemory", "64mb")
+        up.set()  # the subscriber is back; Redis is as full as it was
 
         def all_delivered():
             # The relay's steps for the lanes and the outbox, which the tests' worker
-            # leaves to the tests (tests/conftest.py).
-            sending.relay_step(celery_app)
-            outbox.relay(celery_app)
+            # leaves to the tests (tests/conftest.py): each fails while Redis is full.
+            for step in (sending.relay_step, outbox.relay):
+                with contextlib.suppress(redis_py.RedisError):
+                    step(celery_app)
             return set(accepted) == set(published)
 
         started = time.monotonic()
         eventually(all_delivered, timeout=120, what="every event to be delivered")
         took = time.monotonic() - started
 
+    server = binary or "the tests' redis-server"
     print(
-        f"noeviction at {full['maxmemory_human']}: published {len(published)}, kept in the "
-        f"outbox {kept} (used_memory {full['used_memory_human']}), delivered "
+        f"{server}, noeviction at {full['maxmemory_human']}: published {len(published)}, "
+        f"kept in the outbox {kept} (used_memory {full['used_memory_human']}), delivered "
         f"{len(set(accepted))} ({len(accepted) - len(set(accepted))} twice) {took:.1f} s "
-        "after the subscriber came back and Redis had room"
+        "after the subscriber came back"
     )
     assert kept > 500  # more than fit: the overflow waited in the database
     assert len(published) - kept > 1000  # and Redis held what fit
