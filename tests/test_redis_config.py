@@ -5,7 +5,9 @@ a full ``noeviction`` Redis, whose overflow waits in the outbox and is delivered
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -31,8 +33,9 @@ from tests.celery import app as celery_app
 from tests.http_server import HTTPServer, Reply
 from tests.utils import toot_settings
 from toot.checks import check_redis
-from toot.engine import connection, queue, redis_config
+from toot.engine import connection, drain, queue, redis_config
 from toot.models import DeadLetter, OutboxEvent
+from toot.protocol.events import Event
 from toot.publisher import lanes, outbox, sending, store
 
 pytestmark = pytest.mark.usefixtures("no_drain_at_work")
@@ -509,20 +512,63 @@ def test_a_full_redis_lets_work_move_on_and_refuses_new_work(toot_redis, binary)
     assert lanes.wake() is None
 
 
+def test_a_drain_that_cannot_fan_out_on_a_full_redis_gives_its_batch_back(
+    toot_redis, monkeypatch, caplog
+):
+    toot_redis(*GOOD, "--maxmemory-policy", "noeviction")
+    monkeypatch.setattr(sending, "FULL_WAIT", 0.2)
+    monkeypatch.setattr(drain, "_last_full", -math.inf)  # the first warning in a minute
+    caplog.set_level(logging.DEBUG, logger="toot.engine.drain")
+    channel = f"org.example.test.full.{uuid.uuid4().hex[:8]}.v1"
+    store.add(channel, "http://sub.example/toot/callbacks")
+    name = "out:full"  # a lane of the out queue of the test's own, which no relay wakes
+    event = Event(channel, {"n": 1}).to_dict()
+    drain_id = queue.push(name, [{"event": event}])
+    assert drain_id is not None
+    client = connection.get_redis()
+    client.config_set("maxmemory", 1)  # full, whatever it holds
+
+    assert drain.drain(name, drain_id) == 0  # no exception for Celery to log
+
+    [record] = [r for r in caplog.records if "queue stopped" in r.getMessage()]
+    assert record.name == "toot.engine.drain"
+    assert record.getMessage().startswith(f"Drain {drain_id} of the {name} queue stopped: ")
+    assert "toot's Redis is full (" in record.getMessage()
+    assert "what it held is tried again in 10s, as deliveries make room" in record.getMessage()
+    [waiting] = client.zrange(queue._keys(name)[1], 0, -1)  # its batch, as a retry
+    assert json.loads(connection.as_text(waiting)) == {"event": event}
+    assert client.zcard(queue.leases_key(name)) == 0  # and its lease given up
+
+
+def test_other_errors_of_a_drain_still_raise(toot_redis, monkeypatch):
+    toot_redis(*GOOD)
+    monkeypatch.setattr(sending, "FULL_WAIT", 0.2)
+    channel = f"org.example.test.full.{uuid.uuid4().hex[:8]}.v1"
+    store.add(channel, "http://sub.example/toot/callbacks")
+    name = "out:full"
+    drain_id = queue.push(name, [{"event": Event(channel, {"n": 1}).to_dict()}])
+    assert drain_id is not None
+
+    def refused(by_url):
+        raise redis_py.ResponseError("WRONGTYPE Operation against a key")
+
+    monkeypatch.setattr(lanes, "push", refused)
+    with pytest.raises(redis_py.ResponseError, match="WRONGTYPE"):
+        drain.drain(name, drain_id)
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("binary", BINARIES)
 def test_a_full_noeviction_redis_keeps_the_overflow_in_the_outbox(
-    celery_worker, toot_redis, eventually, binary
+    celery_worker, toot_redis, eventually, binary, caplog, monkeypatch
 ):
-    """The publisher's Redis at 2 MB with noeviction, its subscriber down while more events
-    are published than fit: publish() raises nothing, the overflow waits in the outbox, and
+    """The publisher's Redis with noeviction, its subscriber down while more events are
+    published than fit: publish() raises nothing, the overflow waits in the outbox, and
     once the subscriber is back every event is delivered: the full Redis still lets toot's
     drains and senders take their leases and claims (queue.room), and each delivery makes
     room for the outbox."""
     toot_redis(
         *GOOD,
-        "--maxmemory",
-        "2mb",
         "--maxmemory-policy",
         "noeviction",
         binary=binary,
@@ -530,10 +576,15 @@ def test_a_full_noeviction_redis_keeps_the_overflow_in_the_outbox(
         # probes twice a second.
         RETRY_SCHEDULE=[0.5] * 60,
         BREAKER_SECONDS=0.5,
-        # A drain that failed on the full Redis holds its batch until its lease ends.
+        # What a drain cut off from the full Redis held comes back once its lease ends.
         LEASE_SECONDS=5.0,
     )
+    monkeypatch.setattr(drain, "_last_full", -math.inf)  # this test sees the first warning
+    caplog.set_level(logging.WARNING)
     client = connection.get_redis()
+    # Room for about 1.2 MB of toot's data above what the server uses for itself (about
+    # 0.8 MB on 6.2, 1 MB on 7.0, and more with each client's buffers).
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + 1_200_000)
     up = threading.Event()
     accepted: list[str] = []  # event ids, per batch the subscriber answered 200
     channel = f"orders.created.{uuid.uuid4().hex[:8]}.v1"
@@ -571,6 +622,8 @@ def test_a_full_noeviction_redis_keeps_the_overflow_in_the_outbox(
         f"{len(set(accepted))} ({len(accepted) - len(set(accepted))} twice) {took:.1f} s "
         "after the subscriber came back"
     )
+    # Drains that found Redis full raised nothing to Celery, which would log each.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert kept > 500  # more than fit: the overflow waited in the database
     assert len(published) - kept > 1000  # and Redis held what fit
     assert OutboxEvent.objects.count() == 0
