@@ -17,6 +17,7 @@ from django.urls import NoReverseMatch, reverse
 
 from toot.conf import DEFAULTS, SOURCE_KEYS, conf
 from toot.engine import connection
+from toot.engine import redis_config
 from toot.engine.retries import JITTER
 from toot.exceptions import ConfigError
 from toot.protocol.signing import secret_error
@@ -356,4 +357,23 @@ def check_security(
             'its source\'s TOKEN) or to a callable; see "Securing toot" in the README.',
             id="toot.W003",
         )
+    ]
+
+
+def check_redis(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """toot's Redis as it is now: its eviction policy, persistence and version.
+
+    A deploy check (``manage.py check --deploy``): it talks to Redis, within
+    ``REDIS_TIMEOUT``, which the other checks never do.
+    """
+    broker_url = celery.current_app.conf.broker_url
+    try:
+        findings = redis_config.inspect(broker_url if isinstance(broker_url, str) else None)
+    except ConfigError:
+        return []  # check_settings reports it
+    return [
+        (Error if finding.is_error else Warning)(finding.message, hint=finding.hint, id=finding.id)
+        for finding in findings
     ]

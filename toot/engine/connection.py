@@ -229,5 +229,13 @@ def _script(client: redis.Redis, text: str) -> Script:
     return script
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a write because it is over its maxmemory
+    (``noeviction``): raised as OutOfMemoryError, or inside a script's error on 6.2."""
+    return isinstance(exc, redis.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and "command not allowed when used memory" in str(exc)
+    )
+
+
 def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

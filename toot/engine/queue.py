@@ -63,6 +63,22 @@ NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
+
+
+def room(key: str) -> str:
+    """Lua that lets the rest of a script write on a Redis over its maxmemory.
+
+    With ``noeviction``, a full Redis refuses a script's first write that needs memory, but
+    lets a script that has written finish, as it cannot stop halfway. So the steps that
+    move work along or end it, and so make room (a lease, a claim, a failing drain giving
+    its batch back), first write nothing with a ZREM of a member no key holds: a full Redis
+    still lets toot empty it, and refuses only new work (publish() then keeps the event in
+    the outbox, the callbacks endpoint answers 503). ``key`` is a sorted set of the
+    script's KEYS.
+    """
+    return f"redis.call('ZREM', {key}, '')\n"
+
+
 # Puts what a drain's claimed list holds back at the front of ready, first in order.
 _GIVE_BACK = """
 local function give_back(ready, claimed)
@@ -100,6 +116,7 @@ return start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 # which sends it and schedules its retries.
 CLAIM_SCRIPT = (
     NOW
+    + room("KEYS[3]")
     + _GIVE_BACK
     + """
 local leased = redis.call('ZSCORE', KEYS[3], ARGV[1])
@@ -128,6 +145,7 @@ return items
 # KEYS: leases; ARGV: drain id, lease seconds. Extends the lease unless it is gone.
 RENEW_SCRIPT = (
     NOW
+    + room("KEYS[1]")
     + """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
@@ -138,6 +156,7 @@ return 1
 # back as retries due in delay seconds, and ends its lease.
 ABANDON_SCRIPT = (
     NOW
+    + room("KEYS[1]")
     + """
 for _, item in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), item)
@@ -163,6 +182,7 @@ return 1
 # drain id when work waits and a drain should start.
 WAKE_SCRIPT = (
     NOW
+    + room("KEYS[3]")
     + _GIVE_BACK
     + _START
     + """
@@ -184,6 +204,7 @@ return start(KEYS[1], KEYS[3], ARGV[2], ARGV[3], ARGV[4])
 # KEYS: leases; ARGV: lease seconds, new drain id. Takes a lease when no drain runs.
 LEASE_IF_IDLE_SCRIPT = (
     NOW
+    + room("KEYS[1]")
     + """
 if redis.call('ZCOUNT', KEYS[1], now, '+inf') > 0 then return false end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
