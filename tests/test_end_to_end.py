@@ -225,7 +225,7 @@ def test_one_trace_runs_from_the_publisher_s_request_to_the_subscriber_s_handler
             span
             for span in spans()
             if span["attributes"].get("messaging.message.id") == sent["id"]
-            or sent["id"] in span["attributes"].get("toot.event.ids", ())
+            or sent["id"] in span["attributes"].get("messaging.toot.event.ids", ())
         ]
 
     wait_for(
@@ -256,6 +256,6 @@ def test_one_trace_runs_from_the_publisher_s_request_to_the_subscriber_s_handler
     assert send["links"] == [{"trace_id": publish["trace_id"], "span_id": publish["span_id"]}]
     assert send["attributes"]["url.full"] == topology.callback_url
     assert send["attributes"]["http.response.status_code"] == 200
-    assert process["attributes"]["toot.handler"] == "example_app.handlers.user_updated"
+    assert process["attributes"]["messaging.toot.handler"] == "example_app.handlers.user_updated"
     assert all(span["status"] != "ERROR" for span in chain)
     assert topology.receipts()[-1]["id"] == sent["id"]

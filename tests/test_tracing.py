@@ -119,14 +119,14 @@ def test_one_trace_runs_from_the_publisher_s_request_to_the_handler(
         assert span.status.status_code != StatusCode.ERROR
     assert publish.attributes["messaging.message.id"] == event.id
     assert process.attributes["messaging.message.id"] == event.id
-    assert process.attributes["toot.handler"] == name
+    assert process.attributes["messaging.toot.handler"] == name
     assert send.attributes["url.full"] == url
     assert send.attributes["http.response.status_code"] == 200
-    assert send.attributes["toot.delivery.attempt"] == 1
+    assert send.attributes["messaging.toot.delivery.attempt"] == 1
     assert receive.attributes["http.response.status_code"] == 200
     if batch:  # a batch of one: its links name its one event's publish
         assert [link.context.span_id for link in send.links] == [publish.context.span_id]
-        assert send.attributes["toot.event.ids"] == (event.id,)
+        assert send.attributes["messaging.toot.event.ids"] == (event.id,)
     else:
         assert send.attributes["messaging.message.id"] == event.id
         assert not send.links
@@ -151,10 +151,10 @@ def test_retries_are_children_of_the_same_publish(
     first, second = sorted(named(spans, "send", channel), key=lambda s: s.start_time)
     [publish] = named(spans, "publish", channel)
     assert parent_of(first) == parent_of(second) == publish.context.span_id
-    assert first.attributes["toot.delivery.attempt"] == 1
+    assert first.attributes["messaging.toot.delivery.attempt"] == 1
     assert first.attributes["http.response.status_code"] == 503
     assert first.status.status_code == StatusCode.ERROR
-    assert (second.attributes["toot.delivery.attempt"], second.status.is_ok) == (2, True)
+    assert (second.attributes["messaging.toot.delivery.attempt"], second.status.is_ok) == (2, True)
     # Each attempt's header names its own span.
     for request, span in ((first_request, first), (second_request, second)):
         assert request.headers["traceparent"] == traceparent(span)
@@ -205,7 +205,7 @@ def test_a_batch_s_delivery_links_each_event_s_trace(tracing, spans, suffix):
         (second[1], second[2]),
     ]
     assert send.attributes["messaging.batch.message_count"] == 3
-    assert send.attributes["toot.batch.id"] == delivery.id
+    assert send.attributes["messaging.toot.batch.id"] == delivery.id
     assert request.headers["traceparent"] == traceparent(send)
     # The wire body is the protocol's, whatever the trace.
     assert [e["id"] for e in request.json()["events"]] == [e.id for e, _ in published]

@@ -113,11 +113,11 @@ def sending(
     contexts = [c for c in map(_span_context, traceparents) if c is not None]
     parent = trace.set_span_in_context(trace.NonRecordingSpan(contexts[0])) if contexts else None
     attributes = _attributes("send", "send", channel)
-    attributes |= {"url.full": url, "toot.delivery.attempt": attempt}
+    attributes |= {"url.full": url, "messaging.toot.delivery.attempt": attempt}
     if batch:
         attributes["messaging.batch.message_count"] = len(event_ids)
-        attributes["toot.batch.id"] = delivery_id
-        attributes["toot.event.ids"] = list(event_ids)
+        attributes["messaging.toot.batch.id"] = delivery_id
+        attributes["messaging.toot.event.ids"] = list(event_ids)
         links = [Link(context) for context in contexts]
     else:
         attributes["messaging.message.id"] = event_ids[0]
@@ -160,7 +160,7 @@ class Receipt:
         self.span.set_attributes(_attributes("receive", "receive", channel))
         if len(events) > 1:
             self.span.set_attribute("messaging.batch.message_count", len(events))
-            self.span.set_attribute("toot.event.ids", [event.id for event in events])
+            self.span.set_attribute("messaging.toot.event.ids", [event.id for event in events])
         else:
             self.span.set_attribute("messaging.message.id", events[0].id)
 
@@ -190,7 +190,7 @@ def running(event: Event, handler: str, traceparent: str | None) -> Iterator[Spa
     """A handler run's span, child of the receipt's (``traceparent``, from the queue
     item) or, without one (a dead letter replayed), of the current span."""
     attributes = _attributes("process", "process", event.channel)
-    attributes |= {"messaging.message.id": event.id, "toot.handler": handler}
+    attributes |= {"messaging.message.id": event.id, "messaging.toot.handler": handler}
     with _tracer.start_as_current_span(
         f"process {event.channel}",
         context=context_of(traceparent),
