@@ -6,6 +6,7 @@ tests/test_end_to_end.py follows a trace across real processes."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -25,7 +26,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 import toot
 from devtools.processes import ROOT
 from tests.http_server import HTTPServer, Reply, in_order
-from tests.utils import relaying_lanes
+from tests.utils import redis_down, relaying_lanes
+from toot import tracing as tracing_module
 from toot.checks import check_settings
 from toot.protocol.events import wire_json
 from toot.publisher import lanes, sending, store
@@ -210,6 +212,109 @@ def test_a_batch_s_delivery_links_each_event_s_trace(tracing, spans, suffix):
     # The wire body is the protocol's, whatever the trace.
     assert [e["id"] for e in request.json()["events"]] == [e.id for e, _ in published]
     assert "traceparent" not in request.body.decode()
+
+
+# The callbacks view -----------------------------------------------------------------------
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_a_refused_delivery_s_receipt_is_in_its_trace_and_not_an_error(tracing, client, spans):
+    response = client.post(
+        "/toot/callbacks",
+        b'{"channel": 1}',
+        content_type="application/json",
+        HTTP_TRACEPARENT=PARENT,
+    )
+
+    assert response.status_code == 422
+    [receive] = spans()
+    assert (receive.name, receive.kind) == ("receive", SpanKind.SERVER)
+    assert f"{receive.context.trace_id:032x}" == PARENT.split("-")[1]
+    assert f"{parent_of(receive):016x}" == PARENT.split("-")[2]
+    assert receive.attributes["http.response.status_code"] == 422
+    assert receive.status.status_code != StatusCode.ERROR
+
+
+def test_a_header_that_does_not_parse_starts_a_trace(tracing, client, spans, suffix):
+    event = toot.Event(SOURCE_PREFIX + suffix, {"id": 8})  # nobody here subscribes
+
+    response = client.post(
+        "/toot/callbacks", event.to_json(), content_type="application/json", HTTP_TRACEPARENT="00-x"
+    )
+
+    assert (response.status_code, response["X-Toot-Unsubscribe"]) == (200, "True")
+    [receive] = spans()
+    assert (receive.name, receive.parent) == (f"receive {event.channel}", None)
+    assert receive.attributes["messaging.message.id"] == event.id
+
+
+def test_a_receipt_the_store_fails_is_an_error(tracing, client, spans, suffix):
+    subscribe("publisher", suffix, lambda event: None)
+    event = toot.Event(SOURCE_PREFIX + suffix, {"id": 9})
+
+    with redis_down():
+        response = client.post("/toot/callbacks", event.to_json(), content_type="application/json")
+
+    assert response.status_code == 503
+    [receive] = spans()
+    assert receive.status.status_code == StatusCode.ERROR
+    assert receive.attributes["http.response.status_code"] == 503
+
+
+def test_a_batch_s_receipt_names_its_events(tracing, client, spans, suffix):
+    events = [toot.Event(SOURCE_PREFIX + suffix, {"n": n}) for n in range(2)]
+    body = json.dumps({"events": [event.to_dict() for event in events]})
+
+    assert client.post("/toot/callbacks", body, content_type="application/json").status_code == 200
+
+    [receive] = spans()
+    assert receive.attributes["messaging.batch.message_count"] == 2
+    assert receive.attributes["messaging.toot.event.ids"] == tuple(e.id for e in events)
+
+
+def test_the_request_s_span_of_the_project_s_instrumentation_is_the_receipt_s_parent(
+    tracing, client, spans, suffix
+):
+    event = toot.Event(SOURCE_PREFIX + suffix, {"id": 10})
+
+    # As opentelemetry-instrumentation-django's middleware would, from the same header.
+    with trace.get_tracer("tests").start_as_current_span("POST /toot/callbacks") as request:
+        client.post(
+            "/toot/callbacks",
+            event.to_json(),
+            content_type="application/json",
+            HTTP_TRACEPARENT=PARENT,
+        )
+
+    receive = next(span for span in spans() if span.name.startswith("receive"))
+    assert parent_of(receive) == request.get_span_context().span_id
+
+
+def test_a_delivery_that_gets_no_answer_is_an_error_without_a_status(tracing, spans, suffix):
+    channel = "org.example.test." + suffix
+    with HTTPServer() as peer:
+        url = peer.url
+    event = toot.Event(channel, {"id": 11})
+    [delivery] = sending.plan(url, [lanes.SINGLE + PARENT + event.to_json()])
+
+    assert not sending.send(delivery).ok
+
+    [send] = spans()
+    assert "http.response.status_code" not in send.attributes
+    assert send.status.status_code == StatusCode.ERROR
+    assert send.attributes["error.type"] == "no answer"
+    assert f"{send.context.trace_id:032x}" == PARENT.split("-")[1]
+
+
+def test_the_tracer_s_version_is_toot_s_or_none_from_a_checkout(monkeypatch):
+    assert tracing_module._version() == toot.__version__
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert tracing_module._version() is None
 
 
 # Queue items -------------------------------------------------------------------------------

@@ -165,6 +165,8 @@ class Receipt:
             self.span.set_attribute("messaging.message.id", events[0].id)
 
     def answered(self, status: int) -> None:
+        """Record the answer's status: an error of the receipt only for a 5xx, as a
+        server span's (a 4xx is the sender's)."""
         self.span.set_attribute("http.response.status_code", status)
         if status >= 500:
             self.span.set_status(Status(StatusCode.ERROR))

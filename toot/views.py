@@ -243,14 +243,20 @@ class CallbackView(TootView):
             return self.accept(request)
         from toot import tracing
 
+        # A refusal (a 4xx) leaves the span before it is raised: it is the sender's error,
+        # not the receipt's, which any other exception is.
+        refusal: Refused | None = None
         with tracing.receiving(request) as receipt:
             try:
                 response = self.accept(request, receipt)
             except Refused as refused:
                 receipt.answered(refused.status)
-                raise
-            receipt.answered(response.status_code)
-            return response
+                refusal = refused
+            else:
+                receipt.answered(response.status_code)
+        if refusal is not None:
+            raise refusal
+        return response
 
     def accept(self, request: HttpRequest, receipt: Receipt | None = None) -> HttpResponse:
         """Read, verify and queue the request's events; ``receipt``: its span when tracing,
