@@ -219,6 +219,13 @@ def parser() -> argparse.ArgumentParser:
         help="send deliveries unsigned, as Ruby toot does (default: signed with a "
         "whsec_ secret and verified, as docs/security.md advises)",
     )
+    how.add_argument(
+        "--tracing",
+        action="store_true",
+        help='TOOT["TRACING"] on in every process, with the OpenTelemetry SDK and a batch '
+        "span processor whose exporter drops the spans: toot's and the SDK's cost, not an "
+        "exporter's (default: off)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument(
@@ -289,6 +296,7 @@ class Run:
             web_threads=args.web_threads,
             concurrency=args.concurrency,
             signed=not args.unsigned,
+            tracing=args.tracing,
             copies=max(self.copies),
             read_timeout=args.read_timeout,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import ssl
@@ -110,7 +111,22 @@ def check_settings(
     messages += _dedupe_warnings()
     messages += _lease_warnings()
     messages += _sender_warnings()
+    messages += _tracing_errors()
     return messages
+
+
+def _tracing_errors() -> list[CheckMessage]:
+    # Found, not imported: toot.tracing imports it only when a span is to be made.
+    if not conf.TRACING or importlib.util.find_spec("opentelemetry.trace") is not None:
+        return []
+    return [
+        Error(
+            'TOOT["TRACING"] is on, but opentelemetry-api is not installed.',
+            hint="Install toot's otel extra (pip install django-toot[otel]) and an "
+            "OpenTelemetry SDK to export the spans, or set TRACING to False.",
+            id="toot.E010",
+        )
+    ]
 
 
 def _tls_errors() -> list[CheckMessage]:

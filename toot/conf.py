@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "ALLOWED_CALLBACK_HOSTS": (),
     "ALLOWED_CALLBACK_NETWORKS": (),
     "ALLOW_REDIS_IN_TESTS": False,
+    "TRACING": False,
 }
 REQUIRED_SOURCE_KEYS = ("SUBSCRIPTION_URL", "CHANNEL_PREFIX")
 SOURCE_KEYS = (*REQUIRED_SOURCE_KEYS, "SECRET", "SECRETS", "TOKEN")
@@ -524,6 +525,14 @@ class Settings:
         value = self.get("BATCH")
         if not isinstance(value, bool):
             raise ConfigError(f'TOOT["BATCH"] must be True or False, not {value!r}.')
+        return value
+
+    @setting
+    def TRACING(self) -> bool:
+        """Whether toot makes OpenTelemetry spans and carries their context (toot.tracing)."""
+        value = self.get("TRACING")
+        if not isinstance(value, bool):
+            raise ConfigError(f'TOOT["TRACING"] must be True or False, not {value!r}.')
         return value
 
     @setting

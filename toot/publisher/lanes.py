@@ -7,7 +7,8 @@ claimed the next: one subscriber answering after a second held every other back.
 a slow URL keeps only its own threads waiting. Under ``KEY_PREFIX + "lanes:{out}:"``:
 
 - ``ready:<url>``: a LIST of what waits for the URL, oldest first: an event as its wire
-  JSON after ``S`` (sent alone) or ``B`` (in batches), or a failed delivery's retry as a
+  JSON after ``S`` (sent alone) or ``B`` (in batches), with its publish's traceparent
+  between the two when it was traced (toot.tracing), or a failed delivery's retry as a
   JSON object;
 - ``due``: a ZSET of URLs scored by when each may next be claimed from: now, or when its
   circuit may be probed, or when its rate limit allows. A URL at its in-flight limit is
