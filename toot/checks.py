@@ -17,8 +17,7 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.urls import NoReverseMatch, reverse
 
 from toot.conf import DEFAULTS, SOURCE_KEYS, conf
-from toot.engine import connection
-from toot.engine import redis_config
+from toot.engine import connection, redis_config
 from toot.engine.retries import JITTER
 from toot.exceptions import ConfigError
 from toot.protocol.signing import secret_error
