@@ -225,6 +225,13 @@ def parser() -> argparse.ArgumentParser:
         help='TOOT["METRICS"] on in both projects, prometheus_client in multiprocess mode '
         "(docs/metrics.md); default off",
     )
+    how.add_argument(
+        "--tracing",
+        action="store_true",
+        help='TOOT["TRACING"] on in every process, with the OpenTelemetry SDK and a batch '
+        "span processor whose exporter drops the spans: toot's and the SDK's cost, not an "
+        "exporter's (default: off)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument(
@@ -295,6 +302,7 @@ class Run:
             web_threads=args.web_threads,
             concurrency=args.concurrency,
             signed=not args.unsigned,
+            tracing=args.tracing,
             copies=max(self.copies),
             read_timeout=args.read_timeout,
             metrics=args.metrics,

@@ -33,6 +33,7 @@ class Options:
     copies: int = 1  # the most callback URLs any burst subscribes
     read_timeout: float | None = None  # the publisher's READ_TIMEOUT; None: toot's default
     metrics: bool = False  # TOOT["METRICS"] in both projects (--metrics)
+    tracing: bool = False  # TOOT["TRACING"], spans dropped (example_project/tracing.py)
 
 
 class Topology(base.Topology):
@@ -51,6 +52,8 @@ class Topology(base.Topology):
             concurrency=options.concurrency,
             env={"BENCH_COPIES": str(options.copies)},
         )
+        if options.tracing:
+            self.env["TOOT_TRACE_FILE"] = "discard"
         # The example subscriber with M copies of its callback URL (bench/subscriber/).
         self.settings_modules["subscriber"] = "bench.subscriber.settings"
         if options.read_timeout is not None:

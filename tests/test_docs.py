@@ -503,3 +503,18 @@ def test_the_logging_setting_shows_toot_s_lines_in_a_web_process_and_a_worker(tm
                 client.delete(*keys)
         finally:
             client.close()
+
+
+def test_the_tracing_page_shows_the_example_s_setup_that_the_end_to_end_test_runs():
+    # tests/test_end_to_end.py follows a trace across processes with this very function.
+    included = [
+        ((DOCS / d.argument).resolve(), d.options.get("pyobject"))
+        for d in directives((DOCS / "tracing.md").read_text())
+        if d.name == "literalinclude"
+    ]
+    example = ROOT / "example_project" / "example_project"
+    assert included == [((example / "tracing.py").resolve(), "export_spans_to")]
+    for role in ("publisher", "subscriber"):
+        settings_text = (example / f"{role}.py").read_text()
+        assert f'export_spans_to(TRACE_FILE, "{role}")' in settings_text
+        assert '"TRACING": bool(TRACE_FILE),' in settings_text

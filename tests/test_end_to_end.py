@@ -9,6 +9,8 @@ gunicorn every request, which they read too.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import json
 import uuid
 
 import pytest
@@ -186,3 +188,74 @@ def test_ruby_publisher_timestamps_reach_the_handler_as_aware_datetimes(
     handled = dt.datetime.fromisoformat(receipt["timestamp"])
     assert handled.tzinfo is not None
     assert handled == expected
+
+
+# Traces ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """The example project with tracing on: each of its processes appends the spans it
+    finishes to one file (example_project/tracing.py); returns the topology and a reader."""
+    path = tmp_path_factory.mktemp("traces") / "spans.jsonl"
+    path.touch()
+    topology = Topology("e2e-traces", env={"TOOT_TRACE_FILE": str(path)})
+    try:
+        topology.start()
+        topology.register()
+        yield topology, lambda: [json.loads(line) for line in path.read_text().splitlines()]
+    finally:
+        topology.stop()
+
+
+def test_one_trace_runs_from_the_publisher_s_request_to_the_subscriber_s_handler(traced):
+    topology, spans = traced
+    code = (
+        "from opentelemetry import trace\n"
+        "import toot\n"
+        "with trace.get_tracer('example').start_as_current_span('POST /orders'):\n"
+        "    print(toot.publish('users.updated.v1', {'id': 7}).to_json())\n"
+    )
+    result = topology.manage("publisher", "shell", "-c", code)
+    [sent] = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    channel = f"{PREFIX}users.updated.v1"
+
+    def of_the_event():
+        return [
+            span
+            for span in spans()
+            if span["attributes"].get("messaging.message.id") == sent["id"]
+            or sent["id"] in span["attributes"].get("messaging.toot.event.ids", ())
+        ]
+
+    wait_for(
+        lambda: any(span["name"] == f"process {channel}" for span in of_the_event()),
+        30,
+        "the handler's span",
+    )
+    wait_for(lambda: len(of_the_event()) >= 4, 30, "the delivery's span to end")
+    by_name = {span["name"]: span for span in of_the_event()}
+    publish, send = by_name[f"publish {channel}"], by_name[f"send {channel}"]
+    receive, process = by_name[f"receive {channel}"], by_name[f"process {channel}"]
+    [request] = [span for span in spans() if span["span_id"] == publish["parent_id"]]
+    chain = [request, publish, send, receive, process]
+    print(
+        "\n".join(
+            f"{s['service']:<10} {s['kind']:<8} {s['name']:<45} trace {s['trace_id']} "
+            f"span {s['span_id']} parent {s['parent_id']}"
+            for s in chain
+        )
+    )
+    assert {span["trace_id"] for span in chain} == {request["trace_id"]}
+    assert request["parent_id"] is None
+    for parent, child in itertools.pairwise(chain):
+        assert child["parent_id"] == parent["span_id"], child["name"]
+    assert [s["service"] for s in chain] == ["publisher"] * 3 + ["subscriber"] * 2
+    assert [s["kind"] for s in chain] == ["INTERNAL", "PRODUCER", "CLIENT", "SERVER", "CONSUMER"]
+    # The example subscriber asks for batches: the delivery links its event's publish.
+    assert send["links"] == [{"trace_id": publish["trace_id"], "span_id": publish["span_id"]}]
+    assert send["attributes"]["url.full"] == topology.callback_url
+    assert send["attributes"]["http.response.status_code"] == 200
+    assert process["attributes"]["messaging.toot.handler"] == "example_app.handlers.user_updated"
+    assert all(span["status"] != "ERROR" for span in chain)
+    assert topology.receipts()[-1]["id"] == sent["id"]

@@ -22,7 +22,7 @@ LAYERS = [
     ["toot.conf"],
     ["toot.models", "toot.protocol"],
     ["toot.engine"],
-    ["toot.http"],
+    ["toot.http", "toot.tracing"],
     ["toot.publisher", "toot.subscriber"],
 ]
 

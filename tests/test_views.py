@@ -1468,7 +1468,7 @@ def test_a_batch_of_one_event_of_max_event_bytes_is_accepted(client, enqueued, s
     assert len(wire_json(event)) == limit  # as much as publish() takes
 
     with override_settings(TOOT={**settings.TOOT, "MAX_EVENT_BYTES": limit}):
-        [(_, body)] = sending._chunks([event], [wire_json(event)])  # as a publisher sends it
+        [(_, body)] = sending._chunks([wire_json(event)])  # as a publisher sends it
         accepted = post_raw(client, CALLBACKS, body)
 
     assert accepted.status_code == 200

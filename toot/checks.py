@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import ssl
@@ -16,6 +17,7 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.urls import NoReverseMatch, reverse
 
 from toot.conf import DEFAULTS, SOURCE_KEYS, conf
+from toot.engine import connection, redis_config
 from toot.engine.retries import JITTER
 from toot.exceptions import ConfigError
 from toot.protocol.signing import secret_error
@@ -109,6 +111,7 @@ def check_settings(
     messages += _lease_warnings()
     messages += _sender_warnings()
     messages += _metrics_errors()
+    messages += _tracing_errors()
     return messages
 
 
@@ -123,6 +126,20 @@ def _metrics_errors() -> list[CheckMessage]:
             hint='Install toot with its prometheus extra: pip install "django-toot[prometheus]"; '
             'or set TOOT["METRICS"] to False.',
             id="toot.E009",
+        )
+    ]
+
+
+def _tracing_errors() -> list[CheckMessage]:
+    # Found, not imported: toot.tracing imports it only when a span is to be made.
+    if not conf.TRACING or importlib.util.find_spec("opentelemetry.trace") is not None:
+        return []
+    return [
+        Error(
+            'TOOT["TRACING"] is on, but opentelemetry-api is not installed.',
+            hint="Install toot's otel extra (pip install django-toot[otel]) and an "
+            "OpenTelemetry SDK to export the spans, or set TRACING to False.",
+            id="toot.E010",
         )
     ]
 
@@ -257,6 +274,19 @@ def _url_errors() -> list[CheckMessage]:
             messages.append(
                 Error(f"{error}: {url!r}.", hint="Give an absolute http(s) URL.", id="toot.E005")
             )
+    if conf.REDIS_URL.startswith(connection.SENTINEL_SCHEMES):
+        try:
+            connection.parse_sentinel_url(conf.REDIS_URL)
+        except ValueError as exc:
+            messages.append(
+                Error(
+                    f'TOOT["REDIS_URL"] is not a Sentinel URL toot can use: {exc}.',
+                    hint="For example redis+sentinel://:password@10.0.0.1:26379,"
+                    "10.0.0.2:26379,10.0.0.3:26379/mymaster/0.",
+                    id="toot.E005",
+                )
+            )
+        return messages
     try:
         redis_scheme = urlsplit(conf.REDIS_URL).scheme
     except ValueError:  # e.g. an unclosed IPv6 bracket: report it, don't crash the checks
@@ -264,8 +294,8 @@ def _url_errors() -> list[CheckMessage]:
     if redis_scheme not in ("redis", "rediss", "unix"):
         messages.append(
             Error(
-                'TOOT["REDIS_URL"] must be a redis://, rediss:// or unix:// URL: '
-                f"{conf.REDIS_URL!r}.",
+                'TOOT["REDIS_URL"] must be a redis://, rediss://, unix:// or redis+sentinel:// '
+                f"URL: {conf.REDIS_URL!r}.",
                 hint="For example redis://127.0.0.1:6379/0.",
                 id="toot.E005",
             )
@@ -358,4 +388,23 @@ def check_security(
             'its source\'s TOKEN) or to a callable; see "Securing toot" in the README.',
             id="toot.W003",
         )
+    ]
+
+
+def check_redis(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """toot's Redis as it is now: its eviction policy, persistence and version.
+
+    A deploy check (``manage.py check --deploy``): it talks to Redis, within
+    ``REDIS_TIMEOUT``, which the other checks never do.
+    """
+    broker_url = celery.current_app.conf.broker_url
+    try:
+        findings = redis_config.inspect(broker_url if isinstance(broker_url, str) else None)
+    except ConfigError:
+        return []  # check_settings reports it
+    return [
+        (Error if finding.is_error else Warning)(finding.message, hint=finding.hint, id=finding.id)
+        for finding in findings
     ]

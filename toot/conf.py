@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "CONNECT_TIMEOUT": 5.0,
     "READ_TIMEOUT": 15.0,
     "REDIS_TIMEOUT": 5.0,
+    "REDIS_WAIT_REPLICAS": 0,
+    "REDIS_WAIT_TIMEOUT": 1.0,
     "MAX_EVENT_BYTES": 256 * 1024,
     "RETRY_SCHEDULE": DEFAULT_RETRY_SCHEDULE,
     "DEDUPE_TTL": 3 * 24 * 3600,
@@ -68,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "ALLOWED_CALLBACK_NETWORKS": (),
     "ALLOW_REDIS_IN_TESTS": False,
     "METRICS": False,
+    "TRACING": False,
 }
 REQUIRED_SOURCE_KEYS = ("SUBSCRIPTION_URL", "CHANNEL_PREFIX")
 SOURCE_KEYS = (*REQUIRED_SOURCE_KEYS, "SECRET", "SECRETS", "TOKEN")
@@ -368,6 +371,21 @@ class Settings:
         return self._positive("REDIS_TIMEOUT")
 
     @setting
+    def REDIS_WAIT_REPLICAS(self) -> int:
+        """Replicas that must hold an event before publish() or the callbacks endpoint
+        counts it as kept (Redis' WAIT); 0: none, the master's word is enough."""
+        value = self.get("REDIS_WAIT_REPLICAS")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(
+                f'TOOT["REDIS_WAIT_REPLICAS"] must be a whole number, 0 or more, not {value!r}.'
+            )
+        return value
+
+    @setting
+    def REDIS_WAIT_TIMEOUT(self) -> float:
+        return self._positive("REDIS_WAIT_TIMEOUT")
+
+    @setting
     def MAX_EVENT_BYTES(self) -> int:
         return self._whole("MAX_EVENT_BYTES")
 
@@ -516,6 +534,14 @@ class Settings:
         value = self.get("BATCH")
         if not isinstance(value, bool):
             raise ConfigError(f'TOOT["BATCH"] must be True or False, not {value!r}.')
+        return value
+
+    @setting
+    def TRACING(self) -> bool:
+        """Whether toot makes OpenTelemetry spans and carries their context (toot.tracing)."""
+        value = self.get("TRACING")
+        if not isinstance(value, bool):
+            raise ConfigError(f'TOOT["TRACING"] must be True or False, not {value!r}.')
         return value
 
     @setting

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -36,8 +36,10 @@ from toot.protocol.validation import (
 )
 from toot.publisher import store
 from toot.subscriber import handling
-from toot.subscriber.handling import InItem
 from toot.subscriber.registry import registry
+
+if TYPE_CHECKING:
+    from toot.tracing import Receipt
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +239,31 @@ class CallbackView(TootView):
     http_method_names = ["post"]
 
     def post(self, request: HttpRequest) -> HttpResponse:
+        if not conf.TRACING:
+            return self.accept(request)
+        from toot import tracing
+
+        # A refusal (a 4xx) leaves the span before it is raised: it is the sender's error,
+        # not the receipt's, which any other exception is.
+        refusal: Refused | None = None
+        with tracing.receiving(request) as receipt:
+            try:
+                response = self.accept(request, receipt)
+            except Refused as refused:
+                receipt.answered(refused.status)
+                refusal = refused
+            else:
+                receipt.answered(response.status_code)
+        if refusal is not None:
+            raise refusal
+        return response
+
+    def accept(self, request: HttpRequest, receipt: Receipt | None = None) -> HttpResponse:
+        """Read, verify and queue the request's events; ``receipt``: its span when tracing,
+        whose context each queued item carries to its handler's span."""
         events = self.events(request)
+        if receipt is not None:
+            receipt.events(events)
         channel = events[0].channel
         matched = registry.matching(channel)
         self.verify_signature(
@@ -257,11 +283,12 @@ class CallbackView(TootView):
         # twice. MAX_JSON_DEPTH keeps every event serializable.
         wire = [event.to_dict() for event in events]
         names = list(handling.handlers_by_name(channel))
+        traceparent = None if receipt is None else receipt.traceparent
         try:
             drain.enqueue_many(
                 {
                     handling.lane(name): [
-                        queue.encode(InItem(event=e, handlers=[name])) for e in wire
+                        queue.encode(handling.in_item(e, name, traceparent)) for e in wire
                     ]
                     for name in names
                 }

@@ -13,7 +13,16 @@ CELERY_TASK_DEFAULT_QUEUE = env("CELERY_QUEUE", default="publisher")
 # Bearer tokens subscribers must send (comma-separated); none leaves the endpoint open.
 SUBSCRIPTIONS_TOKENS = env.list("TOOT_SUBSCRIPTIONS_TOKENS", default=[])
 
+# OpenTelemetry traces to a file, as JSON lines (example_project/tracing.py), when set.
+TRACE_FILE = env("TOOT_TRACE_FILE", default="")
+if TRACE_FILE:
+    from example_project.tracing import export_spans_to
+
+    export_spans_to(TRACE_FILE, "publisher")
+
 TOOT = {
+    # Spans of publish, deliveries, receipts and handler runs (docs/tracing.md).
+    "TRACING": bool(TRACE_FILE),
     "CHANNEL_PREFIX": env("TOOT_CHANNEL_PREFIX", default="org.example.publisher."),
     "SUBSCRIPTIONS_AUTH": {"TOKENS": SUBSCRIPTIONS_TOKENS} if SUBSCRIPTIONS_TOKENS else None,
     # Callback hosts allowed over plain http and on non-public addresses (toot's SSRF guard
@@ -28,6 +37,8 @@ TOOT = {
     # whsec_ secrets every delivery is signed with; none: unsigned, as Ruby toot sends.
     "SIGNING_SECRETS": env.list("TOOT_SIGNING_SECRETS", default=[]),
     "REDIS_URL": REDIS_URL,
+    # Replicas (Redis Sentinel's) that must hold an event before it counts as kept.
+    "REDIS_WAIT_REPLICAS": env.int("TOOT_REDIS_WAIT_REPLICAS", default=0),
     # Its own, if another project shares the Redis: each drains the queues under its prefix.
     "KEY_PREFIX": env("TOOT_KEY_PREFIX", default="toot:publisher:"),
     "RETRY_SCHEDULE": env.list(

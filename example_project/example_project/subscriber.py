@@ -14,7 +14,16 @@ CELERY_TASK_DEFAULT_QUEUE = env("CELERY_QUEUE", default="subscriber")
 # It serves toot/subscriptions too (include("toot.urls")): closed the same way.
 SUBSCRIPTIONS_TOKENS = env.list("TOOT_SUBSCRIPTIONS_TOKENS", default=[])
 
+# OpenTelemetry traces to a file, as JSON lines (example_project/tracing.py), when set.
+TRACE_FILE = env("TOOT_TRACE_FILE", default="")
+if TRACE_FILE:
+    from example_project.tracing import export_spans_to
+
+    export_spans_to(TRACE_FILE, "subscriber")
+
 TOOT = {
+    # Spans of publish, deliveries, receipts and handler runs (docs/tracing.md).
+    "TRACING": bool(TRACE_FILE),
     "SUBSCRIPTIONS_AUTH": {"TOKENS": SUBSCRIPTIONS_TOKENS} if SUBSCRIPTIONS_TOKENS else None,
     "CALLBACK_URL": env("TOOT_CALLBACK_URL", default="http://127.0.0.1:8002/toot/callbacks"),
     # Ask sources for batches of events (a Ruby publisher ignores it and sends single events).
@@ -37,6 +46,8 @@ TOOT = {
         },
     },
     "REDIS_URL": REDIS_URL,
+    # Replicas (Redis Sentinel's) that must hold an event before it counts as kept.
+    "REDIS_WAIT_REPLICAS": env.int("TOOT_REDIS_WAIT_REPLICAS", default=0),
     "KEY_PREFIX": env("TOOT_KEY_PREFIX", default="toot:subscriber:"),
     # When a handler that raised runs again, and then becomes a dead letter.
     "RETRY_SCHEDULE": env.list(

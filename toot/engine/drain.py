@@ -20,6 +20,7 @@ from celery import Celery, shared_task
 from toot.conf import conf
 from toot.engine import isolation, queue
 from toot.engine.broker import BROKER_ERRORS, send_now
+from toot.engine.connection import out_of_memory
 from toot.exceptions import LeaseLost
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 # one warning per this many seconds says so, the rest are logged at DEBUG.
 QUIET_SECONDS = 60.0
 _last_warning = -math.inf
+# The same for drains that find toot's Redis full (docs/redis.md).
+_last_full = -math.inf
 
 # What works through a claimed batch of each queue (and of its lanes), given by its side
 # when the app is ready (toot.apps): the items and the drain's lease in, the retries to
@@ -55,7 +58,9 @@ def drain(name: str, drain_id: str) -> int:
     A drain that went without renewing its lease for ``LEASE_SECONDS`` (a call that hung)
     stops, and schedules no retries: what it held is another drain's by then. A drain that
     fails (the database down while it writes a dead letter, say) puts what it held back
-    for another drain in queue.FAILED_WORK_DELAY seconds, and raises.
+    for another drain in queue.FAILED_WORK_DELAY seconds, and raises; one that finds
+    toot's Redis full does the same, but says so in a warning a minute rather than raise
+    on every try: the other drains' deliveries make room meanwhile.
     """
     try:
         return _drain(name, drain_id)
@@ -67,10 +72,25 @@ def drain(name: str, drain_id: str) -> int:
             name,
         )
         return 0
-    except Exception:
+    except Exception as exc:
         with contextlib.suppress(Exception):  # Redis itself down: the lease ends by itself
             queue.abandon(name, drain_id, queue.FAILED_WORK_DELAY)
-        raise
+        if not out_of_memory(exc):
+            raise
+        global _last_full
+        level = logging.DEBUG
+        if time.monotonic() - _last_full > QUIET_SECONDS:
+            level, _last_full = logging.WARNING, time.monotonic()
+        logger.log(
+            level,
+            "Drain %s of the %s queue stopped: toot's Redis is full (%s); what it held is "
+            "tried again in %.0fs, as deliveries make room",
+            drain_id,
+            name,
+            exc,
+            queue.FAILED_WORK_DELAY,
+        )
+        return 0
 
 
 def _drain(name: str, drain_id: str) -> int:

@@ -63,6 +63,22 @@ NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
+
+
+def room(key: str) -> str:
+    """Lua that lets the rest of a script write on a Redis over its maxmemory.
+
+    With ``noeviction``, a full Redis refuses a script's first write that needs memory, but
+    lets a script that has written finish, as it cannot stop halfway. So the steps that
+    move work along or end it, and so make room (a lease, a claim, a failing drain giving
+    its batch back), first write nothing with a ZREM of a member no key holds: a full Redis
+    still lets toot empty it, and refuses only new work (publish() then keeps the event in
+    the outbox, the callbacks endpoint answers 503). ``key`` is a sorted set of the
+    script's KEYS.
+    """
+    return f"redis.call('ZREM', {key}, '')\n"
+
+
 # Puts what a drain's claimed list holds back at the front of ready, first in order.
 _GIVE_BACK = """
 local function give_back(ready, claimed)
@@ -100,6 +116,7 @@ return start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 # which sends it and schedules its retries.
 CLAIM_SCRIPT = (
     NOW
+    + room("KEYS[3]")
     + _GIVE_BACK
     + """
 local leased = redis.call('ZSCORE', KEYS[3], ARGV[1])
@@ -128,6 +145,7 @@ return items
 # KEYS: leases; ARGV: drain id, lease seconds. Extends the lease unless it is gone.
 RENEW_SCRIPT = (
     NOW
+    + room("KEYS[1]")
     + """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
@@ -138,6 +156,7 @@ return 1
 # back as retries due in delay seconds, and ends its lease.
 ABANDON_SCRIPT = (
     NOW
+    + room("KEYS[1]")
     + """
 for _, item in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), item)
@@ -163,6 +182,7 @@ return 1
 # drain id when work waits and a drain should start.
 WAKE_SCRIPT = (
     NOW
+    + room("KEYS[3]")
     + _GIVE_BACK
     + _START
     + """
@@ -184,6 +204,7 @@ return start(KEYS[1], KEYS[3], ARGV[2], ARGV[3], ARGV[4])
 # KEYS: leases; ARGV: lease seconds, new drain id. Takes a lease when no drain runs.
 LEASE_IF_IDLE_SCRIPT = (
     NOW
+    + room("KEYS[1]")
     + """
 if redis.call('ZCOUNT', KEYS[1], now, '+inf') > 0 then return false end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
@@ -269,6 +290,9 @@ def push_encoded(queue: str, items: Sequence[str]) -> str | None:
 
 def _push(queue: str, items: Sequence[str]) -> str | None:
     args = [conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id(), *items]
+    if conf.REDIS_WAIT_REPLICAS:  # a push is where work enters toot: kept only once replicated
+        [drain] = run_scripts([(PUSH_SCRIPT, _keys(queue)[::2], args)], replicated=True)
+        return _optional_text(drain)
     return _optional_text(run_script(PUSH_SCRIPT, _keys(queue)[::2], args))
 
 
@@ -299,7 +323,9 @@ def push_many(pushes: Mapping[str, Sequence[str]]) -> dict[str, str | None]:
             (PUSH_SCRIPT, _keys(name)[::2], [conf.MAX_DRAINS, conf.LEASE_SECONDS, new_id(), *items])
             for name, items in pushes.items()
         ]
-        results = run_scripts(calls, before=lambda pipe: new and pipe.sadd(_lanes_key(), *new))
+        results = run_scripts(
+            calls, before=lambda pipe: new and pipe.sadd(_lanes_key(), *new), replicated=True
+        )
         drains = {name: _optional_text(drain) for name, drain in zip(pushes, results, strict=True)}
         registered.update(dict.fromkeys(new, now))
     started = [name for name, drain in drains.items() if drain is not None and name not in new]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
@@ -67,18 +68,25 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def attempt(
-    callback_url: str, channel: str, body: bytes, message_id: str, *, what: str | None = None
+    callback_url: str,
+    channel: str,
+    body: bytes,
+    message_id: str,
+    *,
+    what: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Outcome:
     """POST ``body`` (one event or a batch) once; honours X-Toot-Unsubscribe and 410 Gone.
 
     ``message_id`` is the webhook-id that names the event, or the batch, in signatures;
     ``channel`` is the one an unsubscribe removes the URL from; ``what`` names the
-    delivery's events in log lines (``Event <id> on <channel>``, or the batch's).
+    delivery's events in log lines (``Event <id> on <channel>``, or the batch's);
+    ``headers`` go with the signature's (a traceparent, toot.tracing).
     """
     what = what or f"Event {message_id} on {channel}"
     try:
         # Signed at each attempt: webhook-timestamp must be fresh when the subscriber reads it.
-        headers = signing.signature_headers(message_id, body, conf.SIGNING_SECRETS)
+        signed = signing.signature_headers(message_id, body, conf.SIGNING_SECRETS)
     except ConfigError as exc:  # a bad secret: retried like a failure, so a fix loses nothing
         logger.error("%s: cannot sign the delivery to %s: %s", what, callback_url, exc)
         return Outcome(error=f"{type(exc).__name__}: {exc}", ours=True)
@@ -86,7 +94,9 @@ def attempt(
     try:
         # The SSRF rules again: the URL's at each attempt, its host's addresses at each new
         # connection (a kept-alive one goes to an address checked when it opened).
-        response = client.post_to_callback(callback_url, body, headers)
+        response = client.post_to_callback(
+            callback_url, body, {**signed, **headers} if headers else signed
+        )
     except InvalidCallback as exc:
         logger.error("%s: refused to send it to %s: %s", what, callback_url, exc)
         return Outcome(error=f"{type(exc).__name__}: {exc}", refused=True)

@@ -7,7 +7,8 @@ claimed the next: one subscriber answering after a second held every other back.
 a slow URL keeps only its own threads waiting. Under ``KEY_PREFIX + "lanes:{out}:"``:
 
 - ``ready:<url>``: a LIST of what waits for the URL, oldest first: an event as its wire
-  JSON after ``S`` (sent alone) or ``B`` (in batches), or a failed delivery's retry as a
+  JSON after ``S`` (sent alone) or ``B`` (in batches), with its publish's traceparent
+  between the two when it was traced (toot.tracing), or a failed delivery's retry as a
   JSON object;
 - ``due``: a ZSET of URLs scored by when each may next be claimed from: now, or when its
   circuit may be probed, or when its rate limit allows. A URL at its in-flight limit is
@@ -44,7 +45,7 @@ from typing import Any
 
 from toot.conf import conf
 from toot.engine.connection import as_text, get_redis, run_script
-from toot.engine.queue import NOW, encode
+from toot.engine.queue import NOW, encode, room
 
 SINGLE = "S"  # prefixes an event sent alone
 BATCHED = "B"  # prefixes an event sent in batches
@@ -175,6 +176,7 @@ end
 # lease is gone (the relay gave what it held to others).
 CLAIM_SCRIPT = (
     NOW
+    + room("KEYS[1]")  # a claim must run on a full Redis: it ends one, which makes room
     + _LANE
     + f"local MINUTES_KEPT, HEALTH_KEPT = {MINUTES_KEPT * 60}, {HEALTH_KEPT}\n"
     + """
@@ -324,6 +326,7 @@ return {transition, '0', first[2] and tostring(math.max(0, first[2] - now)) or '
 # the seconds until the first lane is due (0: now), or false if none waits.
 WAKE_SCRIPT = (
     NOW
+    + room("KEYS[1]")
     + _LANE
     + """
 local b = ARGV[1]
@@ -397,6 +400,7 @@ return count
 # KEYS: hosts; ARGV: host, lease seconds. Takes or renews a pool's lease.
 RENEW_SCRIPT = (
     NOW
+    + room("KEYS[1]")
     + """
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 """

@@ -102,17 +102,34 @@ def publish(channel: str, payload: Any = None, *, prefix: str | None = None) -> 
     """
     full_channel = check_channel((conf.CHANNEL_PREFIX if prefix is None else prefix) + channel)
     event = Event(full_channel, payload)
+    if not conf.TRACING:
+        return _publish(event)
+    from toot import tracing
+
+    with tracing.publishing(event) as traceparent:
+        return _publish(event, traceparent)
+
+
+def _publish(event: Event, traceparent: str | None = None) -> Event:
+    """``publish`` once the event is made; ``traceparent``: the publish span's context,
+    which the queue item carries to the deliveries (toot.tracing)."""
     # The text is what is sent, on commit: a payload the caller changes meanwhile is not.
     text, converted = _encoded(event.to_dict())
     if converted:  # the event as subscribers get it: datetimes as strings, and so on
         event.payload = json.loads(text)["payload"]
+    # The out queue's item (sending.NewEvent), made by hand: the text is not parsed again.
+    item = (
+        f'{{"event":{text}}}'
+        if traceparent is None
+        else (f'{{"event":{text},"traceparent":"{traceparent}"}}')
+    )
     replacement = isolation.stand_in()
     if replacement is not None:  # toot.testing: the call is seen now, the event on commit
         replacement.publishing(json.loads(text))
 
     def send() -> None:
         try:
-            drain.enqueue(queue.OUT, [f'{{"event":{text}}}'])
+            drain.enqueue(queue.OUT, [item])
         except BROKER_ERRORS as exc:  # no retry loop in the caller's request: the outbox is it
             outbox.keep(json.loads(text), exc)
             kept = True

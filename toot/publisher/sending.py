@@ -15,18 +15,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypedDict, final
 
+import redis
 from celery import Celery
 from django.utils import timezone
 
 from toot import signals
 from toot.conf import conf
 from toot.engine import drain, queue
+from toot.engine.connection import out_of_memory
 from toot.engine.per_process import PerProcess
 from toot.engine.queue import FAILED_WORK_DELAY, Lease, Retry, encode
 from toot.engine.retries import next_delay
@@ -41,22 +44,32 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@final
-class NewEvent(TypedDict):
-    """An out queue item: an event publish() pushed, to fan out (its wire form)."""
-
+class _Published(TypedDict):
     event: dict[str, Any]
 
 
-class DeliveryRecord(TypedDict):
-    """A delivery that failed, as it waits for its retry."""
+@final
+class NewEvent(_Published, total=False):
+    """An out queue item: an event publish() pushed, to fan out (its wire form); with
+    ``traceparent`` when its publish was traced (toot.tracing)."""
 
+    traceparent: str
+
+
+class _Record(TypedDict):
     url: str
     events: list[dict[str, Any]]
     batch: bool
     id: str
     attempts: int
     first_attempt_at: str | None
+
+
+class DeliveryRecord(_Record, total=False):
+    """A delivery that failed, as it waits for its retry; with ``traceparents``, its
+    events' publish contexts (None for one that has none), when any was traced."""
+
+    traceparents: list[str | None]
 
 
 @final
@@ -81,6 +94,8 @@ class Delivery:
     body: bytes
     attempts: int = 0
     first_attempt_at: str | None = None
+    # Each event's publish context (toot.tracing), or none at all when none was traced.
+    traceparents: tuple[str | None, ...] = ()
 
     @classmethod
     def from_item(cls, item: DeliveryRecord) -> Delivery:
@@ -94,19 +109,21 @@ class Delivery:
             batch_body(map(wire_json, events)) if batch else wire_json(events[0]).encode(),
             item["attempts"],
             item["first_attempt_at"],
+            tuple(item.get("traceparents", ())),
         )
 
     def as_item(self) -> DeliveryRetry:
-        return {
-            "delivery": {
-                "url": self.url,
-                "events": self.events,
-                "batch": self.batch,
-                "id": self.id,
-                "attempts": self.attempts,
-                "first_attempt_at": self.first_attempt_at,
-            }
+        record: DeliveryRecord = {
+            "url": self.url,
+            "events": self.events,
+            "batch": self.batch,
+            "id": self.id,
+            "attempts": self.attempts,
+            "first_attempt_at": self.first_attempt_at,
         }
+        if self.traceparents:
+            record["traceparents"] = list(self.traceparents)
+        return {"delivery": record}
 
     @property
     def event_ids(self) -> str:
@@ -120,16 +137,17 @@ class Delivery:
         return f"Events {self.event_ids} on {self.channel} (batch {self.id})"
 
 
-def _chunks(events: list[dict[str, Any]], encoded: list[str]) -> Iterator[tuple[list[Any], bytes]]:
-    """The events cut into batches of at most BATCH_MAX_EVENTS and about BATCH_MAX_BYTES."""
+def _chunks(encoded: list[str]) -> Iterator[tuple[slice, bytes]]:
+    """The events cut into batches of at most BATCH_MAX_EVENTS and about BATCH_MAX_BYTES:
+    which of them, and the batch's body."""
     start, size = 0, BATCH_WRAPPER_BYTES
     for end, text in enumerate(encoded):
         full = end - start == conf.BATCH_MAX_EVENTS or size + len(text) > BATCH_MAX_BYTES
         if end > start and full:
-            yield events[start:end], batch_body(encoded[start:end])
+            yield slice(start, end), batch_body(encoded[start:end])
             start, size = end, BATCH_WRAPPER_BYTES
         size += len(text) + 1  # and its comma
-    yield events[start:], batch_body(encoded[start:])  # never called with no events
+    yield slice(start, None), batch_body(encoded[start:])  # never called with no events
 
 
 def fan_out(items: list[OutItem]) -> dict[str, tuple[bool, list[str]]]:
@@ -142,7 +160,10 @@ def fan_out(items: list[OutItem]) -> dict[str, tuple[bool, list[str]]]:
             by_url.setdefault(record["url"], (False, []))[1].append(encode(item))
         else:
             event = item["event"]
-            by_channel.setdefault(event["channel"], []).append((event, wire_json(event)))
+            text = wire_json(event)
+            if "traceparent" in item:  # between the prefix and the JSON (see plan())
+                text = item["traceparent"] + text
+            by_channel.setdefault(event["channel"], []).append((event, text))
     if not by_channel:
         return by_url
     for channel, urls in store.subscribers(by_channel).items():
@@ -171,41 +192,89 @@ LISTED_URLS = 5
 FAN_OUT_WAIT = 0.05
 
 
+# While toot's Redis is full (noeviction, at its maxmemory), a drain that cannot fan out
+# keeps its process's senders sending what the lanes hold, which makes room, and tries
+# again as each claims, for up to this many seconds; then it gives its batch back.
+FULL_WAIT = 5.0
+
+
 def process(items: list[OutItem], lease: Lease) -> list[Retry]:
     """Fan the claimed items out to their URLs' lanes, for this process's senders (and
     every other's) to send; schedules no retries of its own."""
     by_url = fan_out(items)
     if by_url:
-        lanes.push(by_url)
+        push(by_url, lease)
         pool().nudge(wait=FAN_OUT_WAIT)
     return []
+
+
+def push(by_url: dict[str, tuple[bool, list[str]]], lease: Lease) -> None:
+    """``lanes.push``, which a full Redis refuses until the senders make room (FULL_WAIT)."""
+    deadline = time.monotonic() + FULL_WAIT
+    while True:
+        try:
+            lanes.push(by_url)
+            return
+        except redis.ResponseError as exc:
+            if not out_of_memory(exc) or time.monotonic() > deadline:
+                raise
+        lease.keep_alive()
+        pool().nudge(wait=FAN_OUT_WAIT)
 
 
 def plan(url: str, items: list[str]) -> list[Delivery]:
     """The deliveries for a claim of ``url``'s lane: events alone, in batches of one
     channel, and retries as they were."""
     deliveries: list[Delivery] = []
-    batched: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
+    batched: dict[str, tuple[list[dict[str, Any]], list[str], list[str | None]]] = {}
     for item in items:
         if item.startswith(lanes.SINGLE):
-            text = item[1:]
+            traceparent, text = _traced(item)
             event = json.loads(text)
             deliveries.append(
-                Delivery(url, event["channel"], [event], False, event["id"], text.encode())
+                Delivery(
+                    url,
+                    event["channel"],
+                    [event],
+                    False,
+                    event["id"],
+                    text.encode(),
+                    traceparents=(traceparent,) if traceparent else (),
+                )
             )
         elif item.startswith(lanes.BATCHED):
-            event = json.loads(item[1:])
-            events, texts = batched.setdefault(event["channel"], ([], []))
+            traceparent, text = _traced(item)
+            event = json.loads(text)
+            events, texts, traceparents = batched.setdefault(event["channel"], ([], [], []))
             events.append(event)
-            texts.append(item[1:])
+            texts.append(text)
+            traceparents.append(traceparent)
         else:
             deliveries.append(Delivery.from_item(json.loads(item)["delivery"]))
-    for channel, (events, texts) in batched.items():
+    for channel, (events, texts, traceparents) in batched.items():
+        traced = any(traceparents)
         deliveries += [
-            Delivery(url, channel, chunk, True, uuid.uuid4().hex, body)
-            for chunk, body in _chunks(events, texts)
+            Delivery(
+                url,
+                channel,
+                events[chunk],
+                True,
+                uuid.uuid4().hex,
+                body,
+                traceparents=tuple(traceparents[chunk]) if traced else (),
+            )
+            for chunk, body in _chunks(texts)
         ]
     return deliveries
+
+
+def _traced(item: str) -> tuple[str | None, str]:
+    """A lane item's traceparent, if its publish was traced, and its event's JSON: the
+    traceparent goes between the S or B prefix and the JSON, which starts with ``{``."""
+    if item[1] == "{":
+        return None, item[1:]
+    start = item.index("{")
+    return item[1:start], item[start:]
 
 
 def send_claim(claim: lanes.Claim, keep_alive: Callable[[], None]) -> None:
@@ -222,9 +291,7 @@ def send_claim(claim: lanes.Claim, keep_alive: Callable[[], None]) -> None:
         outcome, sent = failed, failed is None
         if outcome is None:
             keep_alive()
-            outcome = attempt(
-                delivery.url, delivery.channel, delivery.body, delivery.id, what=delivery.what
-            )
+            outcome = send(delivery)
             if outcome.of_the_url:
                 failed = outcome
             else:
@@ -253,6 +320,35 @@ def send_claim(claim: lanes.Claim, keep_alive: Callable[[], None]) -> None:
         claim.outcome = lanes.FAILED
     elif answered:
         claim.outcome = lanes.OK
+
+
+def send(delivery: Delivery) -> Outcome:
+    """One attempt at the delivery, in a span of its own when tracing (toot.tracing)."""
+    if not conf.TRACING:
+        return attempt(
+            delivery.url, delivery.channel, delivery.body, delivery.id, what=delivery.what
+        )
+    from toot import tracing
+
+    with tracing.sending(
+        delivery.url,
+        delivery.channel,
+        delivery.id,
+        delivery.batch,
+        [event["id"] for event in delivery.events],
+        delivery.traceparents or [None] * len(delivery.events),
+        delivery.attempts + 1,
+    ) as (headers, span):
+        outcome = attempt(
+            delivery.url,
+            delivery.channel,
+            delivery.body,
+            delivery.id,
+            what=delivery.what,
+            headers=headers,
+        )
+        tracing.sent(span, outcome.status, outcome.error)
+    return outcome
 
 
 # This process's sender threads (a new pool after a fork).

@@ -350,6 +350,7 @@ def run_many(
     lease: Lease | None = None,
     *,
     durations: list[dict[str, float]] | None = None,
+    traceparents: list[str | None] | None = None,
 ) -> list[dict[str, Exception]]:
     """Run each event's handlers (only the names given, if any); the failures of each.
 
@@ -360,6 +361,7 @@ def run_many(
     removed by a deploy) is a failure, not a silent success: its retries and its dead
     letter keep the work visible. A handler running elsewhere fails with AlreadyRunning.
     ``durations``, if given, gets for each job the seconds each handler that ran took.
+    With TRACING on, each run is a span, child of the job's ``traceparents`` entry if any.
     """
     failures: list[dict[str, Exception]] = []
     timings: list[dict[str, float]] = [] if durations is None else durations
@@ -407,6 +409,9 @@ def run_many(
         keys += [*pair, leases_key(lane(name))]
     states = run_script(CLAIM_SCRIPT, keys, [int(lifetime * 1000), owner, *fields])
     beating = heartbeat()
+    traced = conf.TRACING
+    if traced:
+        from toot import tracing
     # A run of its own holds every claim from the start; a drain's lease holds its own.
     with beating.holding([] if lease else [claim for _, claim in pairs], owner, detached):
         for (index, event, name, handler), state, field, pair in zip(
@@ -439,7 +444,12 @@ def run_many(
             with beating.holding([pair[1]], owner, detached):
                 started = time.perf_counter()
                 try:
-                    call(handler, event)
+                    if not traced:
+                        call(handler, event)
+                    else:
+                        traceparent = traceparents[index] if traceparents else None
+                        with tracing.running(event, name, traceparent):
+                            call(handler, event)
                 except Exception as exc:
                     timings[index][name] = time.perf_counter() - started
                     logger.exception(
@@ -464,6 +474,16 @@ class InItem(_Received, total=False):
     handlers: list[str]
     attempts: int
     first_attempt_at: str | None
+    traceparent: str  # the receive span's context, when it was traced (toot.tracing)
+
+
+def in_item(event: dict[str, Any], handler: str, traceparent: str | None) -> InItem:
+    """The in queue item of an event received, for one handler's lane; ``traceparent``:
+    the receive span's, when tracing."""
+    item = InItem(event=event, handlers=[handler])
+    if traceparent:
+        item["traceparent"] = traceparent
+    return item
 
 
 def process(items: list[InItem], lease: Lease) -> list[Retry]:
@@ -476,7 +496,8 @@ def process(items: list[InItem], lease: Lease) -> list[Retry]:
     jobs = [(Event.from_dict(item["event"]), item.get("handlers")) for item in items]
     retries: list[Retry] = []
     durations: list[dict[str, float]] = []
-    failures = run_many(jobs, lease, durations=durations)
+    traceparents = [item.get("traceparent") for item in items] if conf.TRACING else None
+    failures = run_many(jobs, lease, durations=durations, traceparents=traceparents)
     for item, (event, _), failed, ran in zip(items, jobs, failures, durations, strict=True):
         attempts = item.get("attempts", 0)
         first_attempt_at = item.get("first_attempt_at")
@@ -517,6 +538,8 @@ def process(items: list[InItem], lease: Lease) -> list[Retry]:
             "attempts": attempts,
             "first_attempt_at": first_attempt_at,
         }
+        if "traceparent" in item:
+            retry["traceparent"] = item["traceparent"]
         retries.append((retry, delay))
         logger.warning(
             "Event %s on %s: handler %s failed (attempt %d), retrying in %.1fs",
