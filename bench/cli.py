@@ -220,6 +220,12 @@ def parser() -> argparse.ArgumentParser:
         "whsec_ secret and verified, as docs/security.md advises)",
     )
     how.add_argument(
+        "--metrics",
+        action="store_true",
+        help='TOOT["METRICS"] on in both projects, prometheus_client in multiprocess mode '
+        "(docs/metrics.md); default off",
+    )
+    how.add_argument(
         "--tracing",
         action="store_true",
         help='TOOT["TRACING"] on in every process, with the OpenTelemetry SDK and a batch '
@@ -299,6 +305,7 @@ class Run:
             tracing=args.tracing,
             copies=max(self.copies),
             read_timeout=args.read_timeout,
+            metrics=args.metrics,
         )
         self.topology = Topology(options)
         self.driver = Driver(self.topology, say)
@@ -317,12 +324,17 @@ class Run:
                 "loadavg": {"start": os.getloadavg()[0]},
                 "options": {
                     # read_timeout below, only when given: the default run's JSON stays as it was.
-                    **{k: v for k, v in asdict(options).items() if k != "read_timeout"},
+                    **{
+                        k: v
+                        for k, v in asdict(options).items()
+                        if k not in ("read_timeout", "metrics")
+                    },
                     "events": args.events,
                     "copies": self.copies,
                     "rates": args.rates,
                     "duration": args.duration,
                     **({"read_timeout": args.read_timeout} if args.read_timeout else {}),
+                    **({"metrics": True} if args.metrics else {}),
                     **(
                         {
                             "slow": slow.describe(args.slow),

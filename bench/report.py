@@ -34,6 +34,7 @@ def table(results: dict[str, Any]) -> list[str]:
         f"{options['web_threads']} threads per side; Celery prefork concurrency "
         f"{options['concurrency']} per side; deliveries "
         f"{'signed, subscribing takes a token' if options['signed'] else 'unsigned'}; "
+        f"{'metrics on (multiprocess); ' if options.get('metrics') else ''}"
         f"{'tracing on (spans dropped); ' if options.get('tracing') else ''}"
         "processes log at WARNING"
     )

@@ -32,6 +32,7 @@ class Options:
     signed: bool = True
     copies: int = 1  # the most callback URLs any burst subscribes
     read_timeout: float | None = None  # the publisher's READ_TIMEOUT; None: toot's default
+    metrics: bool = False  # TOOT["METRICS"] in both projects (--metrics)
     tracing: bool = False  # TOOT["TRACING"], spans dropped (example_project/tracing.py)
 
 
@@ -58,6 +59,14 @@ class Topology(base.Topology):
         if options.read_timeout is not None:
             self.settings_modules["publisher"] = "bench.publisher_settings"
             self.role_env["publisher"]["BENCH_READ_TIMEOUT"] = str(options.read_timeout)
+        if options.metrics:
+            # Both projects count, each process in its own files of its side's directory,
+            # as under gunicorn and Celery in production (docs/metrics.md).
+            self.env["TOOT_METRICS"] = "1"
+            for role in base.ROLES:
+                directory = self.log_dir / f"prometheus-{role}"
+                directory.mkdir()
+                self.role_env[role]["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
         self.options = options
         self.subscribed: list[str] = []
         self.slow_subscribed: list[str] = []  # the slow URLs beside them (bench/slow.py)

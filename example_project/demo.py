@@ -47,11 +47,19 @@ def say(message: str = "") -> None:
 
 
 class Demo:
-    def __init__(self, count: int, rate: float) -> None:
+    def __init__(self, count: int, rate: float, *, metrics: bool = False) -> None:
         self.count = count
         self.rate = rate
+        self.metrics = metrics
         # Secured as docs/security.md advises: subscribing takes a token, deliveries are signed.
         self.topology = Topology("demo", retry_schedule="0.5,1,2,5", token=True, signed=True)
+        if metrics:
+            # docs/metrics.md: TOOT["METRICS"] on, each side's processes sharing a directory.
+            self.topology.env["TOOT_METRICS"] = "1"
+            for role in ("publisher", "subscriber"):
+                directory = self.topology.log_dir / f"prometheus-{role}"
+                directory.mkdir()
+                self.topology.role_env[role]["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
         self.sent: dict[int, str] = {}  # n -> event id
         self.latencies: dict[int, float] = {}  # n -> ms
         self.receipts = 0
@@ -174,6 +182,23 @@ class Demo:
             say(f"  missing events: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
         return 1 if lost or duplicated else 0
 
+    def show_metrics(self) -> None:
+        """toot's samples, as a scrape of each side's /metrics returns them (buckets left
+        out)."""
+        import requests
+
+        for role, url in (
+            ("publisher", self.topology.publisher_url),
+            ("subscriber", self.topology.subscriber_url),
+        ):
+            say()
+            say(f"Metrics of the {role}: $ curl {url}/metrics  (toot_*, buckets left out)")
+            response = requests.get(f"{url}/metrics", timeout=10)
+            response.raise_for_status()
+            for line in response.text.splitlines():
+                if line.startswith("toot_") and "_bucket{" not in line and "_created" not in line:
+                    say(f"  {line}")
+
     def stop(self) -> None:
         say()
         say(f"Stopping {len(self.topology.processes)} processes ...")
@@ -186,17 +211,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=50, help="events to publish (default 50)")
     parser.add_argument("--rate", type=float, default=10, help="events per second (default 10)")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="Prometheus metrics on in both projects (docs/metrics.md), shown at the end",
+    )
     args = parser.parse_args()
     if args.count < 1 or args.rate <= 0:
         parser.error("--count and --rate must be positive")
 
-    demo = Demo(args.count, args.rate)
+    demo = Demo(args.count, args.rate, metrics=args.metrics)
     try:
         demo.start()
         demo.register()
         demo.setup_publisher()
         demo.publish_and_watch()
-        return demo.summary()
+        status = demo.summary()
+        if demo.metrics:
+            demo.show_metrics()
+        return status
     except KeyboardInterrupt:
         say("\nInterrupted.")
         return 130

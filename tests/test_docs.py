@@ -93,6 +93,7 @@ PROJECT_FILES = {
     "apps.py",
     "asgi.py",
     "celery.py",
+    "gunicorn.conf.py",  # gunicorn's default configuration file (docs/metrics.md)
     "handlers.py",
     "manage.py",
     "models.py",

@@ -4,6 +4,7 @@ from django.http import HttpRequest, JsonResponse
 from django.urls import include, path
 
 import toot
+import toot.metrics
 
 
 async def publish_from_async_view(request: HttpRequest) -> JsonResponse:
@@ -15,4 +16,5 @@ async def publish_from_async_view(request: HttpRequest) -> JsonResponse:
 urlpatterns = [
     path("toot/", include("toot.urls")),
     path("async-publish/", publish_from_async_view),
+    path("metrics", toot.metrics.view),
 ]

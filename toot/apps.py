@@ -14,7 +14,9 @@ class TootConfig(AppConfig):
         network: the relay starts with a worker, on Celery's ``worker_ready``, as does the check
         of toot's Redis (``toot.engine.redis_config``)."""
         from celery.signals import worker_ready, worker_shutting_down
+        from django.core.signals import setting_changed
 
+        from toot import metrics
         from toot.checks import (
             check_celery,
             check_redis,
@@ -44,3 +46,6 @@ class TootConfig(AppConfig):
         worker_ready.connect(relay.on_worker_ready, dispatch_uid="toot.relay.start")
         worker_shutting_down.connect(relay.on_worker_shutting_down, dispatch_uid="toot.relay.stop")
         worker_ready.connect(redis_config.on_worker_ready, dispatch_uid="toot.redis_config.check")
+        # Only when TOOT["METRICS"] is on: imports prometheus_client, connects receivers.
+        metrics.setup()
+        setting_changed.connect(metrics.setup, dispatch_uid="toot.metrics.setup")

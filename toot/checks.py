@@ -110,8 +110,24 @@ def check_settings(
     messages += _dedupe_warnings()
     messages += _lease_warnings()
     messages += _sender_warnings()
+    messages += _metrics_errors()
     messages += _tracing_errors()
     return messages
+
+
+def _metrics_errors() -> list[CheckMessage]:
+    from toot import metrics
+
+    if not conf.METRICS or metrics.available():
+        return []
+    return [
+        Error(
+            'TOOT["METRICS"] is on, but prometheus_client is not installed.',
+            hint='Install toot with its prometheus extra: pip install "django-toot[prometheus]"; '
+            'or set TOOT["METRICS"] to False.',
+            id="toot.E011",
+        )
+    ]
 
 
 def _tracing_errors() -> list[CheckMessage]:

@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "ALLOWED_CALLBACK_HOSTS": (),
     "ALLOWED_CALLBACK_NETWORKS": (),
     "ALLOW_REDIS_IN_TESTS": False,
+    "METRICS": False,
     "TRACING": False,
 }
 REQUIRED_SOURCE_KEYS = ("SUBSCRIPTION_URL", "CHANNEL_PREFIX")
@@ -512,6 +513,14 @@ class Settings:
         value = self.get("ALLOW_REDIS_IN_TESTS")
         if not isinstance(value, bool):
             raise ConfigError(f'TOOT["ALLOW_REDIS_IN_TESTS"] must be True or False, not {value!r}.')
+        return value
+
+    @setting
+    def METRICS(self) -> bool:
+        """Whether toot.metrics counts what toot does for Prometheus (the prometheus extra)."""
+        value = self.get("METRICS")
+        if not isinstance(value, bool):
+            raise ConfigError(f'TOOT["METRICS"] must be True or False, not {value!r}.')
         return value
 
     @setting

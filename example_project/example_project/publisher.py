@@ -52,4 +52,6 @@ TOOT = {
     # A subscriber failing this many times in a row gets a rest of that many seconds.
     "BREAKER_FAILURES": env.int("TOOT_BREAKER_FAILURES", default=5),
     "BREAKER_SECONDS": env.float("TOOT_BREAKER_SECONDS", default=30.0),
+    # Prometheus metrics, served at /metrics (docs/metrics.md); needs prometheus_client.
+    "METRICS": env.bool("TOOT_METRICS", default=False),
 }

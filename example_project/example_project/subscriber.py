@@ -55,6 +55,8 @@ TOOT = {
     ),
     # How long a drain whose worker died keeps what it held before another takes it over.
     "LEASE_SECONDS": env.float("TOOT_LEASE_SECONDS", default=60.0),
+    # Prometheus metrics, served at /metrics (docs/metrics.md); needs prometheus_client.
+    "METRICS": env.bool("TOOT_METRICS", default=False),
 }
 # How long the example handler takes per event (the fault tests give it a moment).
 EXAMPLE_HANDLER_SECONDS = env.float("EXAMPLE_HANDLER_SECONDS", default=0.0)
