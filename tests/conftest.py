@@ -15,7 +15,7 @@ from pytest_django import live_server_helper
 
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
-from tests.utils import addrinfo, spy_pushes
+from tests.utils import addrinfo, relaying_lanes, spy_pushes
 from toot.conf import conf
 from toot.engine import connection, queue, relay
 from toot.engine import drain as tasks
@@ -162,6 +162,13 @@ def handled_while_subscribed(request, eventually):
         )
 
     eventually(handled, what="every queued event to be handled")
+
+
+@pytest.fixture
+def worker(celery_worker, no_drain_at_work):
+    """The real worker, its relay sending the lanes' retries as a project's does."""
+    with relaying_lanes():
+        yield celery_worker
 
 
 @pytest.fixture

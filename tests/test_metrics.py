@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import toot
 from tests.http_server import HTTPServer, Reply
-from tests.utils import redis_down, relaying_lanes, retry_item, toot_settings
+from tests.utils import redis_down, retry_item, toot_settings
 from toot import metrics
 from toot.checks import check_settings
 from toot.engine import queue
@@ -33,12 +33,6 @@ SOURCE_PREFIX = "org.example.publisher."
 def metrics_on():
     with toot_settings(METRICS=True):
         yield
-
-
-@pytest.fixture
-def worker(celery_worker, no_drain_at_work):
-    with relaying_lanes():
-        yield celery_worker
 
 
 @pytest.fixture

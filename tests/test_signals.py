@@ -20,7 +20,7 @@ from django.urls import reverse
 import toot
 from devtools.processes import ROOT
 from tests.http_server import HTTPServer, Reply, in_order
-from tests.utils import redis_down, relaying_lanes
+from tests.utils import redis_down
 from toot import signals
 from toot.deadletters import Replay, redeliver
 from toot.engine import queue
@@ -108,13 +108,6 @@ def raising():
     yield broken_receiver
     for name in NAMES:
         getattr(signals, name).disconnect(broken_receiver)
-
-
-@pytest.fixture
-def worker(celery_worker, no_drain_at_work):
-    """The real worker, its relay sending the lanes' retries as a project's does."""
-    with relaying_lanes():
-        yield celery_worker
 
 
 @pytest.fixture

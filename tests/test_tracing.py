@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 import toot
 from devtools.processes import ROOT
 from tests.http_server import HTTPServer, Reply, in_order
-from tests.utils import redis_down, relaying_lanes
+from tests.utils import redis_down
 from toot import tracing as tracing_module
 from toot.checks import check_settings
 from toot.protocol.events import wire_json
@@ -62,12 +62,6 @@ def spans():
 def tracing():
     with override_settings(TOOT={**settings.TOOT, "TRACING": True}):
         yield
-
-
-@pytest.fixture
-def worker(celery_worker, no_drain_at_work):
-    with relaying_lanes():
-        yield celery_worker
 
 
 @pytest.fixture
