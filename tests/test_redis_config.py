@@ -498,8 +498,7 @@ def test_a_full_redis_lets_work_move_on_and_refuses_new_work(toot_redis, binary)
 
     with pytest.raises(redis_py.ResponseError, match="command not allowed when used memory"):
         queue.push_encoded(name, ['{"n": 3}'])
-    with pytest.raises(redis_py.ResponseError, match="command not allowed when used memory"):
-        lanes.push({"http://sub.example/cb": (False, ["S{}"])})
+    lanes.push({"http://sub.example/cb": (False, ["S{}"])})  # a fan-out moves work along
 
     assert queue.claim(name, drain_id, 10, first=True) == [{"n": 1}, {"n": 2}]
     queue.renew(name, drain_id)
@@ -512,11 +511,8 @@ def test_a_full_redis_lets_work_move_on_and_refuses_new_work(toot_redis, binary)
     assert lanes.wake() is None
 
 
-def test_a_drain_that_cannot_fan_out_on_a_full_redis_gives_its_batch_back(
-    toot_redis, monkeypatch, caplog
-):
+def test_a_drain_that_finds_redis_full_gives_its_batch_back(toot_redis, monkeypatch, caplog):
     toot_redis(*GOOD, "--maxmemory-policy", "noeviction")
-    monkeypatch.setattr(sending, "FULL_WAIT", 0.2)
     monkeypatch.setattr(drain, "_last_full", -math.inf)  # the first warning in a minute
     caplog.set_level(logging.DEBUG, logger="toot.engine.drain")
     channel = f"org.example.test.full.{uuid.uuid4().hex[:8]}.v1"
@@ -528,6 +524,10 @@ def test_a_drain_that_cannot_fan_out_on_a_full_redis_gives_its_batch_back(
     client = connection.get_redis()
     client.config_set("maxmemory", 1)  # full, whatever it holds
 
+    def write(by_url):  # a step of the drain that needs memory: the subscriber's done marks
+        client.set(f"{settings.TOOT['KEY_PREFIX']}full-test", "x")
+
+    monkeypatch.setattr(lanes, "push", write)
     assert drain.drain(name, drain_id) == 0  # no exception for Celery to log
 
     [record] = [r for r in caplog.records if "queue stopped" in r.getMessage()]
@@ -542,7 +542,6 @@ def test_a_drain_that_cannot_fan_out_on_a_full_redis_gives_its_batch_back(
 
 def test_other_errors_of_a_drain_still_raise(toot_redis, monkeypatch):
     toot_redis(*GOOD)
-    monkeypatch.setattr(sending, "FULL_WAIT", 0.2)
     channel = f"org.example.test.full.{uuid.uuid4().hex[:8]}.v1"
     store.add(channel, "http://sub.example/toot/callbacks")
     name = "out:full"

@@ -66,9 +66,12 @@ OK, FAILED, NEUTRAL = "ok", "failed", "neutral"
 
 # KEYS: due; ARGV: key base, then (url, batch flag, count, items...) per URL. Appends
 # each URL's items to its lane and makes the lane due if it was not (and the URL is not
-# disabled: the relay makes dead letters of what waits for it).
+# disabled: the relay makes dead letters of what waits for it). It runs on a full Redis
+# too (queue.room): the fan-out moves work along, and only the deliveries that follow
+# make room; refused, the out queue would hold the last of the memory for good.
 PUSH_SCRIPT = (
     NOW
+    + room("KEYS[1]")
     + """
 local base, i = ARGV[1], 2
 while i <= #ARGV do

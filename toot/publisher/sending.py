@@ -15,21 +15,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypedDict, final
 
-import redis
 from celery import Celery
 from django.utils import timezone
 
 from toot import signals
 from toot.conf import conf
 from toot.engine import drain, queue
-from toot.engine.connection import out_of_memory
 from toot.engine.per_process import PerProcess
 from toot.engine.queue import FAILED_WORK_DELAY, Lease, Retry, encode
 from toot.engine.retries import next_delay
@@ -192,34 +189,15 @@ LISTED_URLS = 5
 FAN_OUT_WAIT = 0.05
 
 
-# While toot's Redis is full (noeviction, at its maxmemory), a drain that cannot fan out
-# keeps its process's senders sending what the lanes hold, which makes room, and tries
-# again as each claims, for up to this many seconds; then it gives its batch back.
-FULL_WAIT = 5.0
-
-
 def process(items: list[OutItem], lease: Lease) -> list[Retry]:
     """Fan the claimed items out to their URLs' lanes, for this process's senders (and
-    every other's) to send; schedules no retries of its own."""
+    every other's) to send; schedules no retries of its own. The fan-out runs on a full
+    Redis too (lanes.PUSH_SCRIPT): the deliveries that follow make room."""
     by_url = fan_out(items)
     if by_url:
-        push(by_url, lease)
+        lanes.push(by_url)
         pool().nudge(wait=FAN_OUT_WAIT)
     return []
-
-
-def push(by_url: dict[str, tuple[bool, list[str]]], lease: Lease) -> None:
-    """``lanes.push``, which a full Redis refuses until the senders make room (FULL_WAIT)."""
-    deadline = time.monotonic() + FULL_WAIT
-    while True:
-        try:
-            lanes.push(by_url)
-            return
-        except redis.ResponseError as exc:
-            if not out_of_memory(exc) or time.monotonic() > deadline:
-                raise
-        lease.keep_alive()
-        pool().nudge(wait=FAN_OUT_WAIT)
 
 
 def plan(url: str, items: list[str]) -> list[Delivery]:
