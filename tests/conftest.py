@@ -165,6 +165,16 @@ def handled_while_subscribed(request, eventually):
 
 
 @pytest.fixture
+def fresh_clients(monkeypatch):
+    """An empty client cache, so that the clients a test creates go away with it."""
+    clients: dict[tuple[str, float], Any] = {}
+    monkeypatch.setattr(connection, "_clients", clients)
+    yield clients
+    for client in clients.values():
+        client.close()
+
+
+@pytest.fixture
 def worker(celery_worker, no_drain_at_work):
     """The real worker, its relay sending the lanes' retries as a project's does."""
     with relaying_lanes():

@@ -53,16 +53,6 @@ EVICTING_POLICIES = [
 
 
 @pytest.fixture
-def fresh_clients(monkeypatch):
-    """An empty client cache, so that the clients a test creates go away with it."""
-    clients: dict[tuple[str, float], redis_py.Redis] = {}
-    monkeypatch.setattr(connection, "_clients", clients)
-    yield clients
-    for client in clients.values():
-        client.close()
-
-
-@pytest.fixture
 def toot_redis(fresh_clients):
     """Start a redis-server with these options (and ``config`` set as it runs) and make it
     toot's Redis for the test."""

@@ -59,16 +59,6 @@ def other_db():
     client.close()
 
 
-@pytest.fixture
-def fresh_clients(monkeypatch):
-    """An empty client cache, so that the clients a test creates go away with it."""
-    clients: dict[tuple[str, float], redis_py.Redis] = {}
-    monkeypatch.setattr(connection, "_clients", clients)
-    yield clients
-    for client in clients.values():
-        client.close()
-
-
 def test_add_returns_true_when_added(redis):
     assert store.add(CHANNEL, SUB_A) is True
     assert callback_urls(CHANNEL) == [SUB_A]
