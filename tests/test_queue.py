@@ -127,6 +127,21 @@ def test_push_many_loads_its_script_where_redis_forgot_it(redis, name):
     assert ready(redis, f"{name}:lane") == items(1)
 
 
+def test_commands_before_scripts_run_once_though_redis_forgot_the_scripts(redis, name):
+    """The scripts that met NoScriptError run again, not what came before them: a handler
+    run ends with its minute counted once."""
+    key = f"{name}:counter"
+    redis.script_flush()  # a restarted Redis
+
+    [result] = connection.run_scripts(
+        [(queue.RETRY_NOW_SCRIPT, [queue._keys(name)[1]], [1])],
+        before=lambda pipe: pipe.incr(key),
+    )
+
+    assert (result, redis.get(key)) == (0, b"1")
+    redis.delete(key)
+
+
 def test_push_many_raises_what_redis_refused_once_the_other_lanes_are_pushed(redis, name):
     """A pipeline, not a transaction: the caller's retry pushes again, and the handlers'
     done marks keep the lanes pushed twice from running twice."""

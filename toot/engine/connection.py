@@ -189,10 +189,12 @@ def run_scripts(
     replicas = conf.REDIS_WAIT_REPLICAS if replicated else 0
     results: list[Any] = [None] * len(calls)
     pending = list(range(len(calls)))
+    first = True
     while True:
         with client.pipeline(transaction=False) as pipe:
-            if len(pending) == len(calls):
+            if first:  # not again with the calls that met NoScriptError
                 before(pipe)
+                first = False
             skipped = len(pipe)
             for i in pending:
                 text, keys, args = calls[i]
