@@ -41,6 +41,7 @@ from devtools.processes import (
     wait_for_http,
 )
 from devtools.redis_server import start_redis
+from toot.engine.connection import new_client
 
 ROLES = ("publisher", "subscriber")
 APP_PROCESSES = ("publisher-web", "publisher-worker", "subscriber-web", "subscriber-worker")
@@ -179,8 +180,8 @@ class Topology:
         """A client of the topology's Redis (the one toot and the receipts use)."""
         if not self.redis_url:
             raise TopologyError("Redis is not started")
-        if self._client is None:
-            self._client = redis.Redis.from_url(self.redis_url)
+        if self._client is None:  # any URL toot takes, a Redis Cluster's too
+            self._client = new_client(self.redis_url, 10)
         return self._client
 
     def start(self) -> None:

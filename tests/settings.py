@@ -78,7 +78,9 @@ STATIC_URL = "/static/"
 # most tests need; tests/test_checks.py unsilences the warning where it tests it.
 SILENCED_SYSTEM_CHECKS = ["toot.W003"]
 
-CELERY_BROKER_URL = REDIS_URL
+# The broker is toot's Redis unless given apart: a Redis Cluster (TOOT_TEST_REDIS_URL of
+# .ci/run's Cluster pass) cannot be Celery's broker.
+CELERY_BROKER_URL = env("TOOT_TEST_BROKER_URL", default=REDIS_URL)
 CELERY_TASK_DEFAULT_QUEUE = f"toot-test-{RUN_ID}"
 CELERY_TASK_IGNORE_RESULT = True
 

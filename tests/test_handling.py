@@ -54,15 +54,10 @@ def hold_claim(redis, event, name, holder="~another-run", ms=60_000):
     redis.set(handling._claim_key(event, name), holder, px=ms)
 
 
-def live_lease(redis, drain_id):
-    """A lease that has not ended, as a running drain holds it."""
-    redis.zadd(queue.leases_key(queue.IN), {drain_id: redis_now(redis) + 60})
-
-
 def mark_done(redis, event, name):
     """What another worker leaves once it ran the handler."""
     redis.delete(handling._claim_key(event, name))
-    redis.hset(handling._done_key(event), handling._field(event, name), 1)
+    redis.hset(handling._done_key(event, name), handling._field(event, name), 1)
 
 
 def recorder(calls, label, fail_times=0):
@@ -135,7 +130,8 @@ def test_each_handler_runs_once_and_is_then_remembered_for_dedupe_ttl(redis, cap
         for handler in (first, second):
             assert handling.state(event, handler_name(handler)) == DONE
             # At least DEDUPE_TTL after the end of the event's hour, counted from now.
-            assert 1234 < redis.ttl(handling._done_key(event)) <= 1234 + handling.HOUR
+            done = handling._done_key(event, handler_name(handler))
+            assert 1234 < redis.ttl(done) <= 1234 + handling.HOUR
 
         with caplog.at_level(logging.INFO, logger="toot.subscriber.handling"):
             assert run(event) == {}  # the publisher retried a delivery that was handled
@@ -268,18 +264,24 @@ def test_a_claim_whose_heartbeat_stopped_expires_and_the_handler_runs(redis, eve
     assert calls == ["orphaned"]
 
 
-def test_a_claim_of_a_live_drain_is_already_running(redis):
-    calls: list[str] = []
-    handler = recorder(calls, "busy")
+def test_a_drain_of_the_in_queue_holds_its_claims_through_the_heartbeat(redis):
+    """A replayed dead letter's drain runs every handler of its event: its claims, each in
+    its handler's slot, are detached from the start, as another run looks for a claim's
+    owner among the leases of the handler's own lane only."""
+    held: list[bytes] = []
+
+    def handler(event):
+        held.append(redis.get(handling._claim_key(event, handler_name(handler))))
+        # Another drain, of the handler's lane, meets it running.
+        lane = handling.lane(handler_name(handler))
+        [failures] = run_many([(event, None)], WatchedLease(name=lane))
+        held.append(type(failures[handler_name(handler)]).__name__.encode())
+
     subscribe("publisher", "users.updated.v1", handler)
-    event = new_event()
-    live_lease(redis, "other-drain")
-    hold_claim(redis, event, handler_name(handler), holder="other-drain")
+    lease = WatchedLease()
 
-    failures = run_many([(event, None)], WatchedLease())
-
-    assert isinstance(failures[0][handler_name(handler)], AlreadyRunning)
-    assert calls == []
+    assert run_many([(new_event(), None)], lease) == [{}]
+    assert held == [b"~" + lease.id.encode(), b"AlreadyRunning"]
 
 
 def test_a_claim_held_by_a_live_drain_of_the_handlers_lane_is_running(redis):
@@ -327,7 +329,6 @@ def test_a_drain_claims_under_its_lease_and_its_handler_runs_under_the_heartbeat
     """Claims not yet started live with the lease; a running one outlives it, held by the
     heartbeat, so that a slow handler never runs twice."""
     first, second = new_event(), new_event()
-    lease = WatchedLease()
     seen: list[tuple[bytes | None, bytes | None]] = []
     later: list[dict[str, Exception]] = []
 
@@ -343,6 +344,7 @@ def test_a_drain_claims_under_its_lease_and_its_handler_runs_under_the_heartbeat
 
     subscribe("publisher", "users.updated.v1", slow)
     name = handler_name(slow)
+    lease = WatchedLease(name=handling.lane(name))
     owner = lease.id.encode()
 
     failures = run_many([(first, None), (second, None)], lease)
@@ -351,7 +353,7 @@ def test_a_drain_claims_under_its_lease_and_its_handler_runs_under_the_heartbeat
     assert isinstance(later[0][name], AlreadyRunning)
     assert failures == [{}, {}]
     assert handling.state(first, name) == DONE
-    assert not list(redis.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}handled:running:*"))
+    assert not list(redis.scan_iter(match=f"{settings.TOOT['KEY_PREFIX']}handled:*:running:*"))
 
 
 def test_a_run_outside_a_drain_holds_its_claims_through_the_heartbeat(redis):
@@ -378,7 +380,7 @@ def test_a_run_outside_a_drain_holds_its_claims_through_the_heartbeat(redis):
 def test_a_heartbeat_that_cannot_reach_redis_warns_and_keeps_beating(redis, caplog):
     beating = handling.heartbeat()
     with (
-        beating.holding(["some-claim"], "owner", "~owner"),
+        beating.holding({"some-claim": ("owner", "~owner")}),
         redis_down(),
         caplog.at_level(logging.WARNING, logger="toot.subscriber.handling"),
     ):
@@ -394,7 +396,7 @@ def test_dedupe_keys_are_under_key_prefix(redis):
     other = f"{settings.TOOT['KEY_PREFIX']}other:"
 
     with override_settings(TOOT={**settings.TOOT, "KEY_PREFIX": other}):
-        assert handling._done_key(event).startswith(other)
+        assert handling._done_key(event, "x").startswith(other)
         assert handling._claim_key(event, "x").startswith(other)
         assert run(event) == {}
     assert run(event) == {}  # under another prefix, nothing remembers it
@@ -679,7 +681,8 @@ def test_a_dead_letter_for_no_handler_runs_every_handler_once_replayed(redis):
 )
 def test_done_marks_last_dedupe_ttl_however_old_or_new_the_event(redis, age, low, high):
     calls: list[str] = []
-    subscribe("publisher", "users.updated.v1", recorder(calls, "once"))
+    handler = recorder(calls, "once")
+    subscribe("publisher", "users.updated.v1", handler)
     event = Event(CHANNEL, {"id": 1}, timestamp=timezone.now() - age)
 
     with override_settings(TOOT={**settings.TOOT, "DEDUPE_TTL": 1234}):
@@ -687,22 +690,27 @@ def test_done_marks_last_dedupe_ttl_however_old_or_new_the_event(redis, age, low
         assert run(event) == {}  # deduped all the same
 
     assert calls == ["once"]
-    assert 1234 + low - 5 <= redis.ttl(handling._done_key(event)) <= 1234 + high
+    done = handling._done_key(event, handler_name(handler))
+    assert 1234 + low - 5 <= redis.ttl(done) <= 1234 + high
 
 
 def test_a_done_mark_is_a_16_byte_field_of_its_hours_hash(redis):
-    subscribe("publisher", "users.updated.v1", lambda event: None)
+    def handler(event):
+        pass
+
+    subscribe("publisher", "users.updated.v1", handler)
     stamp = timezone.now()
     events = [Event(CHANNEL, {"id": n}, timestamp=stamp) for n in range(3)]
 
     for event in events:
         assert run(event) == {}
 
-    [done] = {handling._done_key(event) for event in events}  # one hash for the hour
+    # One hash for the handler's hour.
+    [done] = {handling._done_key(event, handler_name(handler)) for event in events}
     assert redis.hlen(done) == 3
     assert {len(field) for field in redis.hkeys(done)} == {16}
     prefix = settings.TOOT["KEY_PREFIX"]
-    assert not list(redis.scan_iter(match=f"{prefix}handled:running:*"))  # claims are gone
+    assert not list(redis.scan_iter(match=f"{prefix}handled:*:running:*"))  # claims are gone
 
 
 # async def handlers

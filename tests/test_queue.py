@@ -13,6 +13,7 @@ import pytest
 import redis as redis_py
 from django.conf import settings
 from django.test import override_settings
+from redis.crc import key_slot
 
 from tests.utils import expire, live_leases, redis_now, toot_settings
 from toot.conf import conf
@@ -581,10 +582,12 @@ def test_queues_are_namespaced_by_key_prefix(redis, name):
         assert queue.pending(name) == 1
 
     assert queue.claim(name, mine, 10) == items("mine")
-    assert redis.llen(f"{other}queue:{{{name}}}:ready") == 1
+    assert redis.llen(f"{other}queue:{{{other}{name}}}:ready") == 1
 
 
 def test_every_key_of_a_queue_is_in_one_cluster_slot(name):
-    # Redis Cluster runs a script only on keys of one slot: the braced part decides it.
+    # Redis Cluster runs a script only on keys of one slot: the braced part decides it, and
+    # names the project, whose queues spread over slots apart from another's.
     keys = [*queue._keys(name), queue.claimed_key(name, "drain")]
-    assert {key.split("{")[1].split("}")[0] for key in keys} == {name}
+    assert {key.split("{")[1].split("}")[0] for key in keys} == {conf.KEY_PREFIX + name}
+    assert len({key_slot(key.encode()) for key in keys}) == 1

@@ -183,11 +183,12 @@ def test_keys_live_under_key_prefix(redis):
     store.add(OTHER_CHANNEL, SUB_A, batch=True)
 
     prefix = settings.TOOT["KEY_PREFIX"]
+    base = f"{prefix}subscriptions:{{{prefix}out}}:"  # the slot of the publisher's queue
     assert keys(redis) == [
-        f"{prefix}batch:{OTHER_CHANNEL}",
-        f"{prefix}channels",
-        f"{prefix}subscriptions:{OTHER_CHANNEL}",
-        f"{prefix}subscriptions:{CHANNEL}",
+        f"{base}batch:{OTHER_CHANNEL}",
+        f"{base}channels",
+        f"{base}urls:{OTHER_CHANNEL}",
+        f"{base}urls:{CHANNEL}",
     ]
     assert not redis.exists(CHANNEL)  # unlike Ruby toot, not keyed by the bare channel
 
@@ -248,8 +249,7 @@ def test_remove_drops_the_batch_flag(redis):
     assert store.remove(CHANNEL, SUB_A) is True
 
     assert store.subscribers([CHANNEL]) == {CHANNEL: [(SUB_B, True)]}
-    prefix = settings.TOOT["KEY_PREFIX"]
-    assert redis.smembers(f"{prefix}batch:{CHANNEL}") == {SUB_B.encode()}
+    assert redis.smembers(store._batch_key(CHANNEL)) == {SUB_B.encode()}
     store.remove(CHANNEL, SUB_B)
     assert keys(redis) == []  # no flag left behind to come back with a new subscription
 
@@ -367,9 +367,7 @@ def test_redis_connection_setting_names_the_client_factory(redis, other_db):
         assert callback_urls(CHANNEL) == [SUB_A]
 
     assert callback_urls(CHANNEL) == []  # not in the store's own database
-    assert other_db.smembers(f"{settings.TOOT['KEY_PREFIX']}subscriptions:{CHANNEL}") == {
-        SUB_A.encode()
-    }
+    assert other_db.smembers(store._channel_key(CHANNEL)) == {SUB_A.encode()}
 
 
 def test_redis_connection_setting_wins_over_redis_url(other_db):
@@ -378,7 +376,7 @@ def test_redis_connection_setting_wins_over_redis_url(other_db):
     ):
         store.add(CHANNEL, SUB_A)
 
-    assert other_db.exists(f"{settings.TOOT['KEY_PREFIX']}subscriptions:{CHANNEL}")
+    assert other_db.exists(store._channel_key(CHANNEL))
 
 
 def test_unreachable_server_raises_connection_error(fresh_clients):

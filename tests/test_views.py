@@ -707,7 +707,8 @@ def test_unreachable_store_answers_503(client, redis, method, path, extra):
 
 def waiting(redis, lane):
     """The events ready on the ``lane``, oldest first, that no drain has claimed."""
-    ready = f"{settings.TOOT['KEY_PREFIX']}queue:{{{lane}}}:ready"  # toot.engine.queue's layout
+    prefix = settings.TOOT["KEY_PREFIX"]
+    ready = f"{prefix}queue:{{{prefix}{lane}}}:ready"  # toot.engine.queue's layout
     return [json.loads(item)["event"] for item in redis.lrange(ready, 0, -1)]
 
 

@@ -25,6 +25,7 @@ from devtools import topology as base
 from devtools.processes import WORKER_READY, Process, celery_worker_argv, free_port, wait_for
 from devtools.redis_server import redis_server_binary
 from tests.http_server import RecordedRequest, Reply
+from toot.engine.connection import new_client
 
 PREFIX = base.CHANNEL_PREFIX
 # What toot.publisher.sending logs for each attempt (toot's own log format names the logger; the
@@ -122,7 +123,7 @@ class Topology(base.Topology):
             run_id=f"{settings.RUN_ID}-{name}",
             redis_url=settings.REDIS_URL,
             retry_schedule=retry_schedule,
-            env=env,
+            env={"CELERY_BROKER_URL": settings.CELERY_BROKER_URL, **(env or {})},
             log_dir=Path(tempfile.mkdtemp(prefix=f"toot-{name}-")),
         )
         self.broker = RedisServer("broker", self.log_dir) if own_broker else None
@@ -164,7 +165,7 @@ class Topology(base.Topology):
     # toot's state, as the role's processes see it
 
     def _toot_redis(self, role: str) -> redis.Redis:
-        return redis.Redis.from_url(self.environ(role)["TOOT_REDIS_URL"], decode_responses=True)
+        return new_client(self.environ(role)["TOOT_REDIS_URL"], 10, decode_responses=True)
 
     def pending(self, role: str, name: str) -> int:
         """Items in ``role``'s queue ``name``: ready, held by drains, or waiting for a retry.
@@ -192,7 +193,8 @@ class Topology(base.Topology):
             client.close()
 
     def _lanes_base(self, role: str) -> str:
-        return f"{self.key_prefixes[role]}lanes:{{out}}:"
+        prefix = self.key_prefixes[role]
+        return f"{prefix}lanes:{{{prefix}out}}:"
 
     def held(self, role: str) -> dict[str, int]:
         """How many items each sender pool of ``role`` holds (toot.publisher.lanes' layout:
@@ -220,7 +222,8 @@ class Topology(base.Topology):
 
     def _queue_base(self, role: str, name: str) -> str:
         """Where ``role``'s queue ``name`` keeps its keys (toot.engine.queue's layout)."""
-        return f"{self.key_prefixes[role]}queue:{{{name}}}:"
+        prefix = self.key_prefixes[role]
+        return f"{prefix}queue:{{{prefix}{name}}}:"
 
     def worker_running(self, drain_id: str) -> str | None:
         """The name of the worker that last logged a claim for drain (or sender pool)

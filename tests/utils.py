@@ -10,6 +10,7 @@ from django.test import override_settings
 
 from toot.conf import conf
 from toot.engine import queue
+from toot.publisher import store
 
 
 def store_contents(redis: Any) -> dict[Any, Any]:
@@ -18,8 +19,7 @@ def store_contents(redis: Any) -> dict[Any, Any]:
     Only these sets: retries and handler marks that tasks of earlier tests still write
     share the namespace and are not the store.
     """
-    prefix = settings.TOOT["KEY_PREFIX"]
-    keys = [*redis.scan_iter(match=f"{prefix}subscriptions:*", count=1000), f"{prefix}channels"]
+    keys = [*redis.scan_iter(match=store._channel_key("*"), count=1000), store._index_key()]
     return {key: redis.smembers(key) for key in keys}
 
 

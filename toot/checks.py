@@ -287,6 +287,29 @@ def _url_errors() -> list[CheckMessage]:
                 )
             )
         return messages
+    if conf.REDIS_URL.startswith(connection.CLUSTER_SCHEMES):
+        try:
+            connection.parse_cluster_url(conf.REDIS_URL)
+        except ValueError as exc:
+            messages.append(
+                Error(
+                    f'TOOT["REDIS_URL"] is not a Redis Cluster URL toot can use: {exc}.',
+                    hint="For example redis+cluster://:password@10.0.0.1:6379,"
+                    "10.0.0.2:6379,10.0.0.3:6379.",
+                    id="toot.E005",
+                )
+            )
+        if conf.REDIS_WAIT_REPLICAS:
+            messages.append(
+                Error(
+                    'TOOT["REDIS_WAIT_REPLICAS"] works with one master (redis:// or '
+                    "redis+sentinel://), not with Redis Cluster: WAIT counts the writes of "
+                    "one connection, and a cluster's pushes go to several masters.",
+                    hint='Set TOOT["REDIS_WAIT_REPLICAS"] to 0.',
+                    id="toot.E005",
+                )
+            )
+        return messages
     try:
         redis_scheme = urlsplit(conf.REDIS_URL).scheme
     except ValueError:  # e.g. an unclosed IPv6 bracket: report it, don't crash the checks
@@ -294,8 +317,8 @@ def _url_errors() -> list[CheckMessage]:
     if redis_scheme not in ("redis", "rediss", "unix"):
         messages.append(
             Error(
-                'TOOT["REDIS_URL"] must be a redis://, rediss://, unix:// or redis+sentinel:// '
-                f"URL: {conf.REDIS_URL!r}.",
+                'TOOT["REDIS_URL"] must be a redis://, rediss://, unix://, redis+sentinel:// '
+                f"or redis+cluster:// URL: {conf.REDIS_URL!r}.",
                 hint="For example redis://127.0.0.1:6379/0.",
                 id="toot.E005",
             )

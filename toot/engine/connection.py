@@ -3,7 +3,9 @@
 Every module that touches Redis goes through ``get_redis()`` and ``run_script()``: one
 client per URL and timeout (or the project's own, ``REDIS_CONNECTION``), scripts run by
 their SHA. A ``redis+sentinel://`` URL names a master that Redis Sentinel fails over: the
-client asks the sentinels where it is, and asks again once it stops answering.
+client asks the sentinels where it is, and asks again once it stops answering. A
+``redis+cluster://`` URL names nodes of a Redis Cluster: the client learns from them which
+master serves which hash slot, and every script's keys share one slot (``slot()``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
 import redis
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
+from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
@@ -50,8 +53,9 @@ def get_redis() -> redis.Redis:
 _CELERY_CERT_REQS = re.compile(r"([?&]ssl_cert_reqs=)CERT_(REQUIRED|OPTIONAL|NONE)(?=&|$)", re.I)
 
 
-def new_client(url: str, timeout: float) -> redis.Redis:
-    """The client toot builds from REDIS_URL and REDIS_TIMEOUT."""
+def new_client(url: str, timeout: float, **extra: Any) -> redis.Redis:
+    """The client toot builds from REDIS_URL and REDIS_TIMEOUT (``extra``: more options of
+    redis-py's, for a tool that reads toot's keys)."""
     options: dict[str, Any] = {
         "socket_connect_timeout": timeout,
         "socket_timeout": timeout,
@@ -59,16 +63,21 @@ def new_client(url: str, timeout: float) -> redis.Redis:
         # No retry of a command whose reply was lost: a claim run twice would drop the
         # batch the first run took. redis-py's Redis() has retried by default since 6.0.
         "retry": Retry(NoBackoff(), 0),
+        **extra,
     }
     if url.startswith(SENTINEL_SCHEMES):
         return _sentinel_client(parse_sentinel_url(url), options)
+    if url.startswith(CLUSTER_SCHEMES):
+        return _cluster_client(parse_cluster_url(url), options)
     return redis.Redis.from_url(
         _CELERY_CERT_REQS.sub(lambda match: match[1] + match[2].lower(), url), **options
     )
 
 
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 _SENTINEL_PORT = 26379
+_REDIS_PORT = 6379
 # Query options passed to the connections to the master (TLS files and checks); the
 # sentinels get the same TLS options, and a password of their own if one is given.
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
@@ -90,8 +99,30 @@ class SentinelURL:
     tls_options: dict[str, str] = field(default_factory=dict)
 
 
-def parse_sentinel_url(url: str) -> SentinelURL:
-    """The parts of a ``redis+sentinel://`` URL; ValueError saying what is wrong."""
+@dataclass(frozen=True)
+class ClusterURL:
+    """``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``, ``rediss+cluster://``
+    for TLS; query: ``ssl_*`` options. The nodes are where the client starts: it learns
+    the others from them."""
+
+    nodes: list[tuple[str, int]]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _ManyHostsURL:
+    scheme: str
+    hosts: list[tuple[str, int]]
+    path: str
+    username: str | None
+    password: str | None
+    options: dict[str, str]
+
+
+def _parse_many_hosts(url: str, default_port: int, options: Iterable[str]) -> _ManyHostsURL:
     scheme, _, rest = url.partition("://")
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
@@ -101,35 +132,59 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         user, has_password, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if has_password else None
-    sentinels = [_host_port(part) for part in hosts.split(",") if part]
-    if not sentinels:
+    found = dict(parse_qsl(query))
+    unknown = set(found) - {*options, *_TLS_OPTIONS}
+    if unknown:
+        raise ValueError(f"unknown option {sorted(unknown)[0]!r}")
+    return _ManyHostsURL(
+        scheme,
+        [_host_port(part, default_port) for part in hosts.split(",") if part],
+        path.strip("/"),
+        username,
+        password,
+        found,
+    )
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """The parts of a ``redis+sentinel://`` URL; ValueError saying what is wrong."""
+    parts = _parse_many_hosts(url, _SENTINEL_PORT, ("sentinel_username", "sentinel_password"))
+    if not parts.hosts:
         raise ValueError("it names no sentinel (host:port, comma-separated)")
-    service, _, db = path.strip("/").partition("/")
+    service, _, db = parts.path.partition("/")
     if not service:
         raise ValueError("it names no service after the sentinels (…:26379/mymaster)")
     if db and not db.isdigit():
         raise ValueError(f"its database must be a number, not {db!r}")
-    options = dict(parse_qsl(query))
-    unknown = set(options) - {"sentinel_username", "sentinel_password", *_TLS_OPTIONS}
-    if unknown:
-        raise ValueError(f"unknown option {sorted(unknown)[0]!r}")
     return SentinelURL(
-        sentinels,
+        parts.hosts,
         unquote(service),
         int(db or 0),
-        username,
-        password,
-        scheme == "rediss+sentinel",
+        parts.username,
+        parts.password,
+        parts.scheme == "rediss+sentinel",
         {
             key.removeprefix("sentinel_"): value
-            for key, value in options.items()
+            for key, value in parts.options.items()
             if key.startswith("sentinel_")
         },
-        {key: value for key, value in options.items() if key in _TLS_OPTIONS},
+        {key: value for key, value in parts.options.items() if key in _TLS_OPTIONS},
     )
 
 
-def _host_port(text: str) -> tuple[str, int]:
+def parse_cluster_url(url: str) -> ClusterURL:
+    """The parts of a ``redis+cluster://`` URL; ValueError saying what is wrong."""
+    parts = _parse_many_hosts(url, _REDIS_PORT, ())
+    if not parts.hosts:
+        raise ValueError("it names no node (host:port, comma-separated)")
+    if parts.path not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has database 0 only, not {parts.path!r}")
+    return ClusterURL(
+        parts.hosts, parts.username, parts.password, parts.scheme == "rediss+cluster", parts.options
+    )
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
     if text.startswith("["):  # [IPv6]:port
         host, _, port = text[1:].partition("]")
         port = port.removeprefix(":")
@@ -137,7 +192,7 @@ def _host_port(text: str) -> tuple[str, int]:
         host, _, port = text.partition(":")
     if not host or (port and not port.isdigit()):
         raise ValueError(f"{text!r} is not host:port")
-    return host, int(port or _SENTINEL_PORT)
+    return host, int(port or default_port)
 
 
 def _sentinel_client(url: SentinelURL, options: dict[str, Any]) -> redis.Redis:
@@ -156,6 +211,35 @@ def _sentinel_client(url: SentinelURL, options: dict[str, Any]) -> redis.Redis:
         url.service, db=url.db, username=url.username, password=url.password, **tls
     )
     return client
+
+
+def _cluster_client(url: ClusterURL, options: dict[str, Any]) -> redis.Redis:
+    tls: dict[str, Any] = {"ssl": True, **url.tls_options} if url.tls else {}
+    if int(redis.__version__.split(".")[0]) < 6:  # before 6.0, `retry` left these at 3
+        options = {**options, "cluster_error_retry_attempts": 0}
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in url.nodes],  # type: ignore[no-untyped-call]
+        username=url.username,
+        password=url.password,
+        # A MOVED or ASK reply is followed (the command did not run); a command whose
+        # reply was lost is not run again, as on one Redis. The slots are read again on
+        # the next command.
+        require_full_coverage=False,
+        **tls,
+        **options,
+    )
+    # The commands toot uses are RedisCluster's too, routed by their keys' slot.
+    return cast(redis.Redis, client)
+
+
+def slot(name: str) -> str:
+    """A hash tag that puts a key in the Redis Cluster slot of this project's ``name``.
+
+    Every key a script touches carries the same tag, as a cluster runs a script on the
+    one master that holds its keys' slot; the project's prefix inside the tag spreads two
+    projects' queues of the same name over different slots.
+    """
+    return f"{{{conf.KEY_PREFIX}{name}}}"
 
 
 def run_script(text: str, keys: Sequence[str], args: Iterable[Any]) -> Any:

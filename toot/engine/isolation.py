@@ -103,6 +103,10 @@ def where(what: str) -> str:
 
 def bare(url: str) -> str:
     """``url`` without its user and password."""
+    scheme, separator, rest = url.partition("://")
+    if separator and "+" in scheme:  # redis+sentinel:// or redis+cluster://, many hosts
+        netloc, slash, path = rest.partition("/")
+        return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path.partition('?')[0]}"
     try:
         parts = urlsplit(url)
         host = parts.hostname

@@ -3,7 +3,8 @@
 One Celery message per event (fan out, deliver, handle) cost more CPU than the delivery
 itself. Instead, publishing and the callback endpoint push events onto a Redis list, and
 a few drain tasks take them off in batches. Each queue (``out``: deliveries to send,
-``in``: handlers to run) lives under ``KEY_PREFIX + "queue:{name}:"``. A queue may have
+``in``: handlers to run) lives under ``KEY_PREFIX + "queue:{<KEY_PREFIX>name}:"``, one
+Redis Cluster hash slot per queue. A queue may have
 lanes, ``<queue>:<lane>``, each a queue of its own with its own drains, pushed to with
 ``push_many`` and listed in the ``KEY_PREFIX + "queue:lanes"`` SET for the relay to wake:
 the subscriber's ``in`` has one per handler, so that a slow handler holds back only its
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toot.conf import conf
-from toot.engine.connection import as_text, get_redis, run_script, run_scripts
+from toot.engine.connection import as_text, get_redis, run_script, run_scripts, slot
 from toot.engine.per_process import PerProcess
 from toot.exceptions import LeaseLost
 
@@ -219,8 +220,8 @@ def kind(queue: str) -> str:
 
 
 def _base(queue: str) -> str:
-    # The braces make every key of a queue one Redis Cluster hash slot.
-    return f"{conf.KEY_PREFIX}queue:{{{queue}}}:"
+    # Every key of a queue is in one Redis Cluster hash slot, the queue's.
+    return f"{conf.KEY_PREFIX}queue:{slot(queue)}:"
 
 
 def _keys(queue: str) -> tuple[str, str, str]:

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from redis.cluster import RedisCluster
 
 from toot.engine import isolation
 from toot.engine.connection import as_text, get_redis
@@ -109,7 +110,7 @@ def inspect(broker_url: str | None = None) -> list[Finding]:
     where = isolation.where("Redis")
     try:
         client = get_redis()
-        state = read(client)
+        states = [(name, read(server)) for name, server in _servers(client, where)]
     except (redis.RedisError, OSError, ValueError, NotIsolated) as exc:
         return [
             Finding(
@@ -120,9 +121,12 @@ def inspect(broker_url: str | None = None) -> list[Finding]:
                 "policy, persistence and version.",
             )
         ]
-    findings = _version(where, state) + _eviction(where, state) + _persistence(where, state)
-    findings += _unreadable(where, state)
-    if broker_url and state.maxmemory and _same_server(broker_url, client):
+    findings = []
+    for name, state in states:
+        findings += _version(name, state) + _eviction(name, state) + _persistence(name, state)
+        findings += _unreadable(name, state)
+    [(_, state), *others] = states
+    if broker_url and not others and state.maxmemory and _same_server(broker_url, client):
         findings.append(
             Finding(
                 SHARED_BROKER,
@@ -136,6 +140,17 @@ def inspect(broker_url: str | None = None) -> list[Finding]:
             )
         )
     return findings
+
+
+def _servers(client: redis.Redis, where: str) -> list[tuple[str, redis.Redis]]:
+    """The servers behind ``client``, named: the one, or each master of a Redis Cluster
+    (every one holds a share of toot's keys)."""
+    if not isinstance(client, RedisCluster):
+        return [(where, client)]
+    return [
+        (f"{where}, master {node.name}", client.get_redis_connection(node))
+        for node in client.get_primaries()
+    ]
 
 
 def _version(where: str, state: ServerState) -> list[Finding]:

@@ -4,7 +4,8 @@ A drain used to send a claimed batch to every URL and wait for the slowest befor
 claimed the next: one subscriber answering after a second held every other back. Now the
 ``out`` queue's drain only fans events out, into a list per URL, and sender threads
 (``toot.publisher.senders``) take work from whichever URL is due, a claim at a time:
-a slow URL keeps only its own threads waiting. Under ``KEY_PREFIX + "lanes:{out}:"``:
+a slow URL keeps only its own threads waiting. Under
+``KEY_PREFIX + "lanes:{<KEY_PREFIX>out}:"``:
 
 - ``ready:<url>``: a LIST of what waits for the URL, oldest first: an event as its wire
   JSON after ``S`` (sent alone) or ``B`` (in batches), with its publish's traceparent
@@ -33,7 +34,8 @@ a slow URL keeps only its own threads waiting. Under ``KEY_PREFIX + "lanes:{out}
 - ``minute:<minute>``: a HASH of deliveries ``delivered`` and ``failed`` in that minute
   (Redis' time, in minutes since the epoch), kept for an hour.
 
-Every key of a lane shares the ``{out}`` hash tag: one Redis Cluster slot.
+Every key of a lane shares the ``out`` queue's hash tag (``connection.slot``), and so do the
+subscription store's: a script may read any of them on a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from toot.conf import conf
-from toot.engine.connection import as_text, get_redis, run_script
-from toot.engine.queue import NOW, encode, room
+from toot.engine.connection import as_text, get_redis, run_script, slot
+from toot.engine.queue import NOW, OUT, encode, room
 
 SINGLE = "S"  # prefixes an event sent alone
 BATCHED = "B"  # prefixes an event sent in batches
@@ -430,7 +432,7 @@ return reply
 
 
 def base() -> str:
-    return f"{conf.KEY_PREFIX}lanes:{{out}}:"
+    return f"{conf.KEY_PREFIX}lanes:{slot(OUT)}:"
 
 
 @dataclass
@@ -654,9 +656,10 @@ class Retries:
     next_due: float | None
 
 
-# ARGV: key base, "1" to add the URLs that are due, in flight or disabled. The URLs with
-# retries waiting (and those others), and the count and first due time of the retries a
-# toot from before the URLs' own sets kept in the index itself, as JSON.
+# KEYS: delayed (which routes the call to the lanes' slot on a Redis Cluster); ARGV: key
+# base, "1" to add the URLs that are due, in flight or disabled. The URLs with retries
+# waiting (and those others), and the count and first due time of the retries a toot from
+# before the URLs' own sets kept in the index itself, as JSON.
 INDEX_SCRIPT = """
 local b, urls, seen, old, first = ARGV[1], {}, {}, 0, false
 local function add(url)
@@ -687,7 +690,7 @@ def index(*, every: bool = False) -> tuple[list[str], Retries | None]:
     """The URLs with retries waiting (``every``: and those due, in flight or disabled),
     and the retries that a toot from before the URLs' own sets kept in the index itself
     (None if none); one call."""
-    reply = run_script(INDEX_SCRIPT, [], [base(), "1" if every else "0"])
+    reply = run_script(INDEX_SCRIPT, [base() + "delayed"], [base(), "1" if every else "0"])
     old, first, urls = json.loads(as_text(reply))
     return list(urls or ()), Retries(old, float(first)) if old else None
 
@@ -704,8 +707,9 @@ def retries(urls: Iterable[str] | None = None) -> dict[str, Retries]:
     return found
 
 
-# ARGV: key base, URLs. Each URL's lane, breaker, health and retries, as JSON: read in
-# Redis, so that thousands of URLs cost a call, not a round trip's parsing per field.
+# KEYS: delayed (to route the call); ARGV: key base, URLs. Each URL's lane, breaker, health
+# and retries, as JSON: read in Redis, so that thousands of URLs cost a call, not a round
+# trip's parsing per field.
 RECORDS_SCRIPT = """
 local b, out = ARGV[1], {}
 for i = 2, #ARGV do
@@ -759,7 +763,9 @@ def records(urls: Iterable[str]) -> list[Record]:
     found = []
     for start in range(0, len(urls), RECORDS_STEP):
         chunk = urls[start : start + RECORDS_STEP]
-        rows = json.loads(as_text(run_script(RECORDS_SCRIPT, [], [base(), *chunk])))
+        rows = json.loads(
+            as_text(run_script(RECORDS_SCRIPT, [base() + "delayed"], [base(), *chunk]))
+        )
         for url, row in zip(chunk, rows, strict=True):
             waiting, in_flight, mode, failures, since, until, rate, ok, failed, error = row[:10]
             count, first, hurried_at = row[10:]

@@ -1,8 +1,10 @@
 """The publisher's subscription store in Redis: one SET of callback URLs per channel.
 
-Like the Ruby gem it keeps a SET per full channel (under ``KEY_PREFIX``); unlike it,
-it keeps an index SET of channels instead of running ``KEYS``, and a SET per channel of
-the callback URLs that asked for batches (the protocol's batches).
+Like the Ruby gem it keeps a SET per full channel; unlike it, it keeps an index SET of
+channels instead of running ``KEYS``, and a SET per channel of the callback URLs that
+asked for batches (the protocol's batches). Every key is under ``KEY_PREFIX +
+"subscriptions:{<KEY_PREFIX>out}:"``, in the slot of the publisher's queue and lanes, so
+that a script may read them on a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import json
 from collections.abc import Iterable
 
 from toot.conf import conf
-from toot.engine.connection import as_text, get_redis, run_script
+from toot.engine.connection import as_text, get_redis, run_script, slot
+from toot.engine.queue import OUT
 from toot.publisher import lanes
 
 # Add and remove keep the channel index and the batch flags in step with the channel's
@@ -34,16 +37,20 @@ return removed
 """
 
 
+def _base() -> str:
+    return f"{conf.KEY_PREFIX}subscriptions:{slot(OUT)}:"
+
+
 def _channel_key(channel: str) -> str:
-    return f"{conf.KEY_PREFIX}subscriptions:{channel}"
+    return f"{_base()}urls:{channel}"
 
 
 def _index_key() -> str:
-    return f"{conf.KEY_PREFIX}channels"
+    return f"{_base()}channels"
 
 
 def _batch_key(channel: str) -> str:
-    return f"{conf.KEY_PREFIX}batch:{channel}"
+    return f"{_base()}batch:{channel}"
 
 
 def add(channel: str, callback_url: str, *, batch: bool = False, rate: float | None = None) -> bool:
@@ -107,7 +114,7 @@ def subscriptions(prefix: str = "") -> dict[str, list[str]]:
     return {channel: sorted(map(as_text, urls)) for channel, urls in pairs if urls}
 
 
-# KEYS: index; ARGV: key prefix. Every subscription as JSON, [channel, url, batch] each.
+# KEYS: index; ARGV: key base. Every subscription as JSON, [channel, url, batch] each.
 EVERY_SCRIPT = """
 local out = {}
 for _, channel in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -115,7 +122,7 @@ for _, channel in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   for _, url in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'batch:' .. channel)) do
     batched[url] = true
   end
-  for _, url in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'subscriptions:' .. channel)) do
+  for _, url in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'urls:' .. channel)) do
     out[#out + 1] = {channel, url, batched[url] and 1 or 0}
   end
 end
@@ -127,5 +134,5 @@ return cjson.encode(out)
 def every() -> list[tuple[str, str, bool]]:
     """Every subscription, (channel, callback URL, batch flag), sorted; one script call
     whatever their number."""
-    reply = run_script(EVERY_SCRIPT, [_index_key()], [conf.KEY_PREFIX])
+    reply = run_script(EVERY_SCRIPT, [_index_key()], [_base()])
     return sorted((channel, url, bool(batch)) for channel, url, batch in json.loads(as_text(reply)))

@@ -35,17 +35,19 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from django.utils import timezone
+from redis.client import Pipeline
+from redis.crc import key_slot
 
 from toot import signals
 from toot.conf import conf
-from toot.engine.connection import as_text, get_redis, run_script
+from toot.engine.connection import as_text, get_redis, run_scripts, slot
 from toot.engine.per_process import PerProcess
 from toot.engine.queue import IN, NOW, Lease, Retry, leases_key, new_id
 from toot.engine.retries import next_delay
@@ -74,19 +76,19 @@ DEFER_SECONDS = 5.0
 DETACHED = "~"
 HOUR = 3600
 
-# KEYS: the in queue's leases, then (done hash, claim key, leases of the handler's lane)
-# per (event, handler); ARGV: the claims' lifetime in ms, the owner (a drain's lease id, or
-# a detached token), then a field per pair. Returns, per pair: "done"; "running" when a
-# live owner holds the claim (a detached one, or a drain, of the lane or of the in queue,
-# whose lease has not ended); "claimed"; "taken:<owner>" when it was a dead drain's;
-# "twice" for a pair already met in this call.
+# KEYS: the leases of a handler's lane, then (done hash, claim key) per event, all in the
+# lane's slot; ARGV: the claims' lifetime in ms, the owner (a drain's lease id, or a
+# detached token), then a field per event. Returns, per event: "done"; "running" when a
+# live owner holds the claim (a detached one, or a drain of the lane whose lease has not
+# ended); "claimed"; "taken:<owner>" when it was a dead drain's; "twice" for an event
+# already met in this call.
 CLAIM_SCRIPT = (
     NOW
     + """
 local owner = ARGV[2]
 local seen, states = {}, {}
-for i = 2, #KEYS, 3 do
-  local field, claim = ARGV[(i + 1) / 3 + 2], KEYS[i + 1]
+for i = 2, #KEYS, 2 do
+  local field, claim = ARGV[i / 2 + 2], KEYS[i + 1]
   local state
   if seen[claim] then
     state = 'twice'
@@ -94,8 +96,7 @@ for i = 2, #KEYS, 3 do
     state = 'done'
   else
     local held = redis.call('GET', claim)
-    local lease = held and (redis.call('ZSCORE', KEYS[i + 2], held)
-      or redis.call('ZSCORE', KEYS[1], held))
+    local lease = held and redis.call('ZSCORE', KEYS[1], held)
     if held and held ~= owner
         and (string.sub(held, 1, 1) == '~' or (lease and tonumber(lease) > now)) then
       state = 'running'
@@ -123,13 +124,11 @@ end
 # Handler runs are counted per minute (``minutes``) for this long: an hour and a few
 # minutes.
 MINUTES_KEPT = 65 * 60
-# KEYS: done hash, claim key, the minute's counters; ARGV: owner, detached token, field,
-# and, if the run succeeded, when the hash may expire ("" if it failed). Marks a success
-# done and ends the claim if it is still the run's own, in one step: a run that checks
-# between the two sees either. Counts the run in its minute, in the same round trip.
-END_SCRIPT = f"""
-redis.call('HINCRBY', KEYS[3], ARGV[4] ~= '' and 'handled' or 'failed', 1)
-redis.call('EXPIRE', KEYS[3], {MINUTES_KEPT})
+# KEYS: done hash, claim key; ARGV: owner, detached token, field, and, if the run
+# succeeded, when the hash may expire ("" if it failed). Marks a success done and ends the
+# claim if it is still the run's own, in one step: a run that checks between the two sees
+# either.
+END_SCRIPT = """
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], ARGV[3], 1)
   redis.call('EXPIREAT', KEYS[1], ARGV[4])
@@ -154,9 +153,10 @@ class Heartbeat(threading.Thread):
         self.start()
 
     @contextmanager
-    def holding(self, claims: list[str], owner: str, detached: str) -> Iterator[None]:
+    def holding(self, claims: Mapping[str, tuple[str, str]]) -> Iterator[None]:
+        """Hold ``claims`` (claim key: (owner, detached token)) while the block runs."""
         with self._lock:
-            self._held.update(dict.fromkeys(claims, (owner, detached)))
+            self._held.update(claims)
         try:
             yield
         finally:
@@ -175,9 +175,19 @@ class Heartbeat(threading.Thread):
         if not held:
             return
         lifetime = int(conf.LEASE_SECONDS * 1000)
+        by_slot: dict[int, list[tuple[str, tuple[str, str]]]] = {}
+        for claim in held:  # a script's keys share a slot (a handler's, on a Redis Cluster)
+            by_slot.setdefault(key_slot(claim[0].encode()), []).append(claim)
         try:
-            run_script(
-                HOLD_SCRIPT, [key for key, _ in held], [lifetime, *chain(*(v for _, v in held))]
+            run_scripts(
+                [
+                    (
+                        HOLD_SCRIPT,
+                        [key for key, _ in claims],
+                        [lifetime, *chain(*(v for _, v in claims))],
+                    )
+                    for claims in by_slot.values()
+                ]
             )
         except Exception as exc:  # Redis down: the next beat tries again, within the lease
             logger.warning("Cannot renew the claims of running handlers: %s", exc)
@@ -289,16 +299,21 @@ def _field(event: Event, name: str) -> bytes:
     return hashlib.blake2b(f"{event.id}\0{name}".encode(), digest_size=16).digest()
 
 
-def _done_key(event: Event) -> str:
-    return f"{conf.KEY_PREFIX}handled:{int(event.timestamp.timestamp()) // HOUR}"
+def _handled(name: str) -> str:
+    # A handler's done marks and claims are in the slot of its lane.
+    return f"{conf.KEY_PREFIX}handled:{slot(lane(name))}:"
+
+
+def _done_key(event: Event, name: str) -> str:
+    return f"{_handled(name)}{int(event.timestamp.timestamp()) // HOUR}"
 
 
 def _claim_key(event: Event, name: str) -> str:
-    return _claim_key_of(_field(event, name))
+    return _claim_key_of(_field(event, name), name)
 
 
-def _claim_key_of(field: bytes) -> str:
-    return f"{conf.KEY_PREFIX}handled:running:{field.hex()}"
+def _claim_key_of(field: bytes, name: str) -> str:
+    return f"{_handled(name)}running:{field.hex()}"
 
 
 def _done_until(event: Event) -> int:
@@ -318,6 +333,13 @@ def minute_key(minute: int | None = None) -> str:
     return f"{conf.KEY_PREFIX}handled:minute:{minute}"
 
 
+def _count_run(outcome: str) -> Callable[[Pipeline], object]:
+    """Counts a handler run in this minute's counters, in the round trip that ends it, apart
+    from the end's script: on a Redis Cluster the counters are in a slot of their own."""
+    minute = minute_key()
+    return lambda pipe: (pipe.hincrby(minute, outcome, 1), pipe.expire(minute, MINUTES_KEPT))
+
+
 def minutes(count: int = 60) -> tuple[int, list[dict[str, int]]]:
     """The handler runs of the last ``count`` minutes, oldest first, and this minute."""
     current = int(time.time()) // 60
@@ -331,7 +353,7 @@ def minutes(count: int = 60) -> tuple[int, list[dict[str, int]]]:
 def state(event: Event, name: str) -> str | None:
     """DONE, RUNNING or None (neither) for the event's handler ``name``."""
     client = get_redis()
-    if client.hexists(_done_key(event), _field(event, name)):
+    if client.hexists(_done_key(event, name), _field(event, name)):
         return DONE
     return RUNNING if client.exists(_claim_key(event, name)) else None
 
@@ -394,28 +416,46 @@ def run_many(
     if not planned:
         return failures
     fields = [_field(event, name) for _, event, name, _ in planned]
-    # (done hash, claim key) per planned run, in the order of the scripts' KEYS.
+    # (done hash, claim key) per planned run, in the slot of its handler's lane.
     pairs = [
-        (_done_key(event), _claim_key_of(field))
-        for (_, event, _, _), field in zip(planned, fields, strict=True)
+        (_done_key(event, name), _claim_key_of(field, name))
+        for (_, event, name, _), field in zip(planned, fields, strict=True)
     ]
-    if lease is None:
-        owner = detached = DETACHED + new_id()
-        lifetime = conf.LEASE_SECONDS
-    else:
-        owner, detached, lifetime = lease.id, DETACHED + lease.id, ORPHAN_SECONDS
-    keys = [leases_key(IN)]
-    for (_, _, name, _), pair in zip(planned, pairs, strict=True):
-        keys += [*pair, leases_key(lane(name))]
-    states = run_script(CLAIM_SCRIPT, keys, [int(lifetime * 1000), owner, *fields])
+    # A script per handler, its keys in one slot (on a Redis Cluster, a slot per handler),
+    # all in one round trip. A drain of the handler's own lane claims under its lease; any
+    # other run (outside a drain, or a drain of the in queue) holds its claims through the
+    # heartbeat from the start, as a claim's owner is looked for only among the leases of
+    # its own lane.
+    runs: dict[str, list[int]] = {}
+    for position, (_, _, name, _) in enumerate(planned):
+        runs.setdefault(name, []).append(position)
+    token = DETACHED + (lease.id if lease else new_id())
+    owners: dict[str, tuple[str, str]] = {}
+    held: dict[str, tuple[str, str]] = {}
+    calls = []
+    for name, positions in runs.items():
+        lifetime: float
+        if lease is not None and lease.queue == lane(name):
+            owners[name], lifetime = (lease.id, token), ORPHAN_SECONDS
+        else:
+            owners[name], lifetime = (token, token), conf.LEASE_SECONDS
+            held.update((pairs[position][1], owners[name]) for position in positions)
+        keys = [leases_key(lane(name)), *chain(*(pairs[position] for position in positions))]
+        owner = owners[name][0]
+        calls.append(
+            (CLAIM_SCRIPT, keys, [int(lifetime * 1000), owner, *(fields[p] for p in positions)])
+        )
+    states = [""] * len(planned)
+    for positions, reply in zip(runs.values(), run_scripts(calls), strict=True):
+        for position, state in zip(positions, reply, strict=True):
+            states[position] = as_text(state)
     beating = heartbeat()
     traced = conf.TRACING
     if traced:
         from toot import tracing
-    # A run of its own holds every claim from the start; a drain's lease holds its own.
-    with beating.holding([] if lease else [claim for _, claim in pairs], owner, detached):
+    with beating.holding(held):
         for (index, event, name, handler), state, field, pair in zip(
-            planned, map(as_text, states), fields, pairs, strict=True
+            planned, states, fields, pairs, strict=True
         ):
             if state == TWICE:
                 continue
@@ -441,7 +481,7 @@ def run_many(
             if lease is not None:
                 lease.keep_alive()
             done_until: int | str = ""
-            with beating.holding([pair[1]], owner, detached):
+            with beating.holding({pair[1]: owners[name]}):
                 started = time.perf_counter()
                 try:
                     if not traced:
@@ -459,7 +499,8 @@ def run_many(
                 else:
                     timings[index][name] = time.perf_counter() - started
                     done_until = _done_until(event)
-            run_script(END_SCRIPT, [*pair, minute_key()], [owner, detached, field, done_until])
+            end = (END_SCRIPT, pair, [*owners[name], field, done_until])
+            run_scripts([end], before=_count_run("handled" if done_until else "failed"))
     return failures
 
 
