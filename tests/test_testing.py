@@ -110,6 +110,14 @@ def test_the_guard_names_celerys_default_broker_when_the_project_sets_none():
         ("redis://user:secret@redis.internal:99999/0", "a URL that cannot be parsed"),
         ("user:secret@redis.internal", "a URL with credentials"),
         ("memory", "memory"),
+        (
+            "redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2/toot/0?sentinel_password=sp",
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2/toot/0",
+        ),
+        (
+            "rediss+cluster://app:pw@10.0.0.1:7000,10.0.0.2",
+            "rediss+cluster://10.0.0.1:7000,10.0.0.2",
+        ),
     ],
 )
 def test_the_guard_shows_urls_without_credentials(url, shown):
