@@ -10,8 +10,8 @@ subscriber with five copies of its callback URL (``.../toot/callbacks`` and
 copy's handler only. A receipt ``(event id, copy)`` is then proof that the event reached
 that URL, and two receipts of one pair are a handler run twice: the test counts both by
 (event id, copy), with one subscriber project and no other server. Every URL asks for
-batches (docs/protocol.md section 7), as the example subscriber does: 100,000 deliveries
-one request each would take the two cores several minutes.
+batches (docs/protocol.md section 7), as the example subscriber does: with one URL of the
+five taking single events instead, the stream took 284 s where it took 145 to 180 s.
 
 Deliveries (events the subscriber's endpoint accepted, a redelivery counted again) come
 from toot's metrics, ``toot_events_received_total`` of the subscriber's web and
