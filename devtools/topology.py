@@ -274,7 +274,12 @@ class Topology:
         return said
 
     def manage(
-        self, role: str, *args: str, env: Mapping[str, str] | None = None, check: bool = True
+        self,
+        role: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
+        timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
         """``manage.py *args`` as ``role``, with ``env`` over its environment; its output is
         also appended to ``<role>-<command>.log``. With check, a failure raises."""
@@ -287,7 +292,7 @@ class Topology:
             },
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
         )
         log = self.log_dir / f"{role}-{args[0]}.log"
         with log.open("a") as file:

@@ -12,17 +12,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.processes import ROOT, WORKER_READY, Process, celery_worker_argv, wait_for
 from devtools.topology import gunicorn_argv
 from tests.http_server import HTTPServer, Reply
-from tests.topology import PREFIX, Topology, attempts
+from tests.topology import PREFIX, Scrape, Topology, attempts
 
 EVENTS = 20
 RETRY_SCHEDULE = "0.2,0.5,1,1,1"
@@ -80,26 +77,6 @@ def topology():
         yield topology
     finally:
         topology.stop()
-
-
-class Scrape:
-    """One scrape of a side's /metrics: samples by name, each with its labels."""
-
-    def __init__(self, url: str) -> None:
-        response = requests.get(f"{url}/metrics", timeout=10)
-        response.raise_for_status()
-        self.samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-        for family in text_string_to_metric_families(response.text):
-            for sample in family.samples:
-                self.samples[sample.name].append((sample.labels, sample.value))
-
-    def total(self, name: str, **labels: str) -> float:
-        """The sum of ``name``'s samples whose labels include ``labels``."""
-        return sum(
-            value
-            for found, value in self.samples.get(name, [])
-            if all(found.get(k) == v for k, v in labels.items())
-        )
 
 
 def pids(directory: Path) -> set[str]:

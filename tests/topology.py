@@ -1,6 +1,7 @@
 """The example project as real processes (devtools/topology.py), for the end-to-end and
 fault tests, on the tests' Redis, with what only the tests need: logs read for delivery
-attempts, toot's queues read for what drains hold, and counts by event id.
+attempts, toot's queues read for what drains hold, counts by event id, and a side's
+metrics scraped.
 
 The publisher may get a Redis of its own, for a fault test to kill: as its Celery broker
 only (``own_broker``), or as toot's store, which its broker then shares as it does by
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any, NamedTuple
 import redis
 import requests
 from django.conf import settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from devtools import topology as base
 from devtools.processes import WORKER_READY, Process, celery_worker_argv, free_port, wait_for
@@ -270,6 +273,26 @@ class Topology(base.Topology):
         code = f"from toot.models import {model}; print({model}.objects.count())"
         # Django 5.2's shell may print its automatic imports first.
         return int(self.manage(role, "shell", "-c", code).stdout.split()[-1])
+
+
+class Scrape:
+    """One scrape of a side's /metrics: samples by name, each with its labels."""
+
+    def __init__(self, url: str) -> None:
+        response = requests.get(f"{url}/metrics", timeout=10)
+        response.raise_for_status()
+        self.samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                self.samples[sample.name].append((sample.labels, sample.value))
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of ``name``'s samples whose labels include ``labels``."""
+        return sum(
+            value
+            for found, value in self.samples.get(name, [])
+            if all(found.get(k) == v for k, v in labels.items())
+        )
 
 
 @contextmanager
