@@ -29,7 +29,8 @@ toot's end-to-end benchmark. Starts Redis (embedded unless $TOOT_REDIS_URL is se
 example publisher and subscriber (gunicorn + a Celery worker each), subscribes M callback
 URLs to one channel, and measures burst throughput, paced latency, the machine's limits
 (how steady its CPUs are, Celery no-op task rate, plain POST rate and latency), CPU per
-delivery by process and peak memory.
+delivery by process, Redis commands and Redis CPU per event and per delivery, and peak
+memory.
 Prints a table, writes JSON (and with matplotlib a PNG chart of the bursts and paced
 runs it ran) to --output-dir, and ends with one line per mode and M:
 mode=<single|batch> M=<m> deliveries_per_s=<x>.
@@ -205,6 +206,15 @@ def parser() -> argparse.ArgumentParser:
         "alike, and of the no-op worker (default 2)",
     )
     how.add_argument(
+        "--workers",
+        "-w",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Celery worker processes per side, each with its own node name (-n) and "
+        "--concurrency children; their CPU and memory are summed per side (default 1)",
+    )
+    how.add_argument(
         "--web-workers", type=int, default=2, help="gunicorn worker processes per side (default 2)"
     )
     how.add_argument(
@@ -301,6 +311,7 @@ class Run:
             web_workers=args.web_workers,
             web_threads=args.web_threads,
             concurrency=args.concurrency,
+            workers=args.workers,
             signed=not args.unsigned,
             tracing=args.tracing,
             copies=max(self.copies),
@@ -405,7 +416,9 @@ class Run:
             self.clean &= memory["lost"] == 0 and memory["duplicated"] == 0
 
     def start_mode(self, mode: str) -> None:
-        say(f"Starting publisher and subscriber, mode={mode} (gunicorn + Celery worker each) ...")
+        workers = self.args.workers
+        each = "Celery worker" if workers == 1 else f"{workers} Celery workers"
+        say(f"Starting publisher and subscriber, mode={mode} (gunicorn + {each} each) ...")
         begun = time.monotonic()
         self.topology.start_apps(mode)
         if mode == "batch" and self.topology.setting("subscriber", "BATCH") != "True":
@@ -418,7 +431,8 @@ class Run:
         self.driver.set_mode(mode)
         self.mode_started = True
         self.topology.subscribe_copies(1)
-        self.driver.warm_up(1)
+        # Enough events that each worker's children take some before anything is timed.
+        self.driver.warm_up(1, events=20 * self.args.workers)
         say(f"  up and warm in {time.monotonic() - begun:.1f}s")
 
     def run_mode(self, mode: str) -> None:
@@ -619,9 +633,9 @@ class Run:
 
     def finish(self) -> None:
         topology = self.topology
-        self.results["peak_rss_mib"] = {
-            name: procstat.peak_rss_mib(pid) for name, pid in topology.pids().items()
-        } | {"driver (publish)": driver_peak_rss_mib()}
+        self.results["peak_rss_mib"] = topology.by_kind(procstat.peak_rss_mib) | {
+            "driver (publish)": driver_peak_rss_mib()
+        }
         self.results["lines"] = report.mode_lines(self.results)
         self.results["meta"]["loadavg"]["end"] = os.getloadavg()[0]
         self.results["meta"]["seconds"] = round(
@@ -648,8 +662,16 @@ class Run:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.events < 1 or args.duration <= 0 or args.concurrency < 1 or args.memory_events < 1:
-        parser().error("--events, --duration, --concurrency and --memory-events must be positive")
+    if (
+        args.events < 1
+        or args.duration <= 0
+        or args.concurrency < 1
+        or args.workers < 1
+        or args.memory_events < 1
+    ):
+        parser().error(
+            "--events, --duration, --concurrency, --workers and --memory-events must be positive"
+        )
     if not procstat.available():
         parser().error("needs Linux's /proc to measure the processes' CPU and memory")
     # Stop everything on Ctrl-C and on kill, also when started with SIGINT ignored (nohup, &).
