@@ -24,6 +24,7 @@ from devtools.topology import TopologyError
 
 MODES = ("single", "batch")
 STEADINESS_SECONDS = 3.0
+REDIS_IDLE_SECONDS = 2.0  # after each mode's warm-up: Redis's calls while no event comes
 DESCRIPTION = """\
 toot's end-to-end benchmark. Starts Redis (embedded unless $TOOT_REDIS_URL is set), the
 example publisher and subscriber (gunicorn + a Celery worker each), subscribes M callback
@@ -359,6 +360,7 @@ class Run:
                 **versions(),
             },
             "limits": {},
+            "redis_idle": {},
             "bursts": [],
             "paced": [],
             "modes": [],
@@ -434,6 +436,12 @@ class Run:
         # Enough events that each worker's children take some before anything is timed.
         self.driver.warm_up(1, events=20 * self.args.workers)
         say(f"  up and warm in {time.monotonic() - begun:.1f}s")
+        idle = self.driver.redis_idle(REDIS_IDLE_SECONDS)
+        self.results["redis_idle"][mode] = idle
+        say(
+            f"  idle: Redis ran {idle['calls_per_s']:,.0f} calls/s, "
+            f"{idle['cpu_ms_per_s']:.1f} ms of CPU a second"
+        )
 
     def run_mode(self, mode: str) -> None:
         args, driver = self.args, self.driver

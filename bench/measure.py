@@ -207,7 +207,8 @@ class Driver:
         sent: set[str] = set()
         durations: list[float] = []
         cpu_before = topology.cpu()
-        redis_before, polls_before = redis_commands.snapshot(topology.client), topology.receipt_polls
+        redis_before = redis_commands.snapshot(topology.client)
+        polls_before = topology.receipt_polls
         machine_before, own_before = procstat.machine_busy_seconds(), procstat.own_cpu_seconds()
         driver_before = time.process_time()
         started = time.time()
@@ -221,7 +222,8 @@ class Driver:
             published_hook(sent)
         complete = topology.wait_for_receipts(events * copies, stall)
         cpu_after = topology.cpu()
-        redis_after, polls = redis_commands.snapshot(topology.client), topology.receipt_polls
+        redis_after = redis_commands.snapshot(topology.client)
+        polls = topology.receipt_polls
         handler_runs = topology.receipt_count()  # after the snapshot: not counted in it
         machine = procstat.machine_busy_seconds() - machine_before
         own = procstat.own_cpu_seconds() - own_before
@@ -259,6 +261,14 @@ class Driver:
                 receipts=handler_runs,
             ),
         )
+
+    def redis_idle(self, seconds: float) -> dict[str, Any]:
+        """Redis's calls and CPU a second over ``seconds`` in which nothing is published."""
+        client = self.topology.client
+        before, started = redis_commands.snapshot(client), time.monotonic()
+        time.sleep(seconds)  # a window measured, not a wait for an outcome
+        after = redis_commands.snapshot(client)
+        return redis_commands.idle(before, after, time.monotonic() - started)
 
     # Paced: a fixed rate for a while; the latency from publish() to handler
 

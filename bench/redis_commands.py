@@ -76,3 +76,19 @@ def delta(
         "cpu_us_per_call": cpu_ms * 1000 / total if total else None,
         "excluded": {"llen (receipt polls)": polls, "rpush (handler receipts)": receipts},
     }
+
+
+def idle(before: Snapshot, after: Snapshot, seconds: float) -> dict[str, Any]:
+    """What Redis does a second while no event comes: the workers' polls (Celery's broker,
+    toot's drains, relay and retries), which a burst's counts hold too, over its seconds."""
+    calls = {
+        name: count - before.calls.get(name, 0)
+        for name, count in after.calls.items()
+        if name not in IGNORED and count > before.calls.get(name, 0)
+    }
+    return {
+        "seconds": seconds,
+        "calls": dict(sorted(calls.items(), key=lambda item: (-item[1], item[0]))),
+        "calls_per_s": sum(calls.values()) / seconds,
+        "cpu_ms_per_s": (after.cpu_seconds - before.cpu_seconds) * 1000 / seconds,
+    }

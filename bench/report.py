@@ -135,7 +135,7 @@ def table(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"  A side's {options['workers']} Celery workers are summed in its -worker row."
             )
-        lines += _redis_table(bursts)
+        lines += _redis_table(bursts, results.get("redis_idle") or {})
 
     paced = results.get("paced") or []
     if paced:
@@ -292,8 +292,9 @@ def _slow_table(section: dict[str, Any] | None) -> list[str]:
 REDIS_ROWS = 12  # commands shown by name; the rest are summed under "other"
 
 
-def _redis_table(bursts: list[dict[str, Any]]) -> list[str]:
-    """Redis's calls by command per event and per delivery, and its CPU, in each burst."""
+def _redis_table(bursts: list[dict[str, Any]], idle: dict[str, dict[str, Any]]) -> list[str]:
+    """Redis's calls by command per event and per delivery, and its CPU, in each burst; and
+    the share of them Redis would have run in as long with no event (``idle``, by mode)."""
     bursts = [burst for burst in bursts if burst.get("redis")]
     if not bursts:
         return []
@@ -337,6 +338,26 @@ def _redis_table(bursts: list[dict[str, Any]]) -> list[str]:
         + f"{'Redis CPU us/call':<20}"
         + "".join(f"{_num(b['redis']['cpu_us_per_call'], 2):>{width}}" for b in bursts)
     )
+    if any(b["mode"] in idle for b in bursts):
+
+        def idle_share(burst: dict[str, Any]) -> str:
+            quiet = idle.get(burst["mode"])
+            if not quiet or not burst["redis"]["calls_total"]:
+                return "-"
+            share = quiet["calls_per_s"] * burst["seconds"] / burst["redis"]["calls_total"]
+            return f"{share:.0%}"
+
+        lines.append(
+            "  "
+            + f"{'idle share of calls':<20}"
+            + "".join(f"{idle_share(b):>{width}}" for b in bursts)
+        )
+        for mode, quiet in idle.items():
+            lines.append(
+                f"  idle, {mode}: {quiet['calls_per_s']:,.0f} calls/s and "
+                f"{quiet['cpu_ms_per_s']:.1f} ms of Redis CPU a second with no event (the "
+                "workers' polls; in the counts above over each burst's seconds)"
+            )
     lines.append(
         "  calls as INFO commandstats counts them: a script's EVALSHA and each command it "
         "calls; Redis CPU: INFO cpu, sys + user"
