@@ -27,8 +27,8 @@ STEADINESS_SECONDS = 3.0
 REDIS_IDLE_SECONDS = 2.0  # after each mode's warm-up: Redis's calls while no event comes
 DESCRIPTION = """\
 toot's end-to-end benchmark. Starts Redis (embedded unless $TOOT_REDIS_URL is set), the
-example publisher and subscriber (gunicorn + a Celery worker each), subscribes M callback
-URLs to one channel, and measures burst throughput, paced latency, the machine's limits
+example publisher and subscriber (gunicorn and --workers Celery workers each), subscribes
+M callback URLs to one channel, and measures burst throughput, paced latency, the machine's limits
 (how steady its CPUs are, Celery no-op task rate, plain POST rate and latency), CPU per
 delivery by process, Redis commands and Redis CPU per event and per delivery, and peak
 memory.

@@ -64,8 +64,11 @@ def delta(
             calls[name] = ran
     cpu_ms = (after.cpu_seconds - before.cpu_seconds) * 1000
     total = sum(calls.values())
+    ranked = dict(sorted(calls.items(), key=lambda item: (-item[1], item[0])))
     return {
-        "calls": dict(sorted(calls.items(), key=lambda item: (-item[1], item[0]))),
+        "calls": ranked,
+        "by_command_per_event": {name: count / events for name, count in ranked.items()},
+        "by_command_per_delivery": {name: count / deliveries for name, count in ranked.items()},
         "calls_total": total,
         "calls_per_event": total / events,
         "calls_per_delivery": total / deliveries,

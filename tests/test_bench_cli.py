@@ -73,6 +73,8 @@ def test_two_workers_per_side_and_the_redis_commands_of_each_burst(tmp_path):
             assert "info" not in redis["calls"]
             assert redis["calls_per_event"] == redis["calls_total"] / burst["events"]
             assert redis["calls_per_delivery"] == redis["calls_total"] / (30 * copies)
+            per_delivery = redis["by_command_per_delivery"]
+            assert per_delivery["evalsha"] == redis["calls"]["evalsha"] / (30 * copies)
             assert redis["excluded"]["rpush (handler receipts)"] == 30 * copies
             assert redis["cpu_ms"] > 0
         # Each of M URLs gets its own sends and handler runs: more calls per event.

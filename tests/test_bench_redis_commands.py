@@ -46,6 +46,8 @@ def test_the_benchmarks_own_commands_are_taken_out():
     assert counted["calls"] == {"evalsha": 30, "llen": 10, "rpush": 10, "brpop": 4}
     assert list(counted["calls"]) == ["evalsha", "llen", "rpush", "brpop"]  # most first
     assert counted["calls_total"] == 54
+    assert counted["by_command_per_event"]["evalsha"] == 3.0
+    assert counted["by_command_per_delivery"]["brpop"] == 0.2
     assert round(counted["cpu_ms"], 6) == 3.0
     assert round(counted["cpu_ms_per_delivery"], 6) == 0.15
     assert round(counted["cpu_us_per_call"], 3) == round(3000 / 54, 3)
