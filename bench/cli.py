@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import json
 import os
 import platform
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -19,7 +21,7 @@ from typing import Any
 from bench import procstat, report, slow, steadiness
 from bench.measure import Burst, Driver, Paced, Published, batch_available, driver_peak_rss_mib
 from bench.topology import BenchError, Options, Topology
-from devtools.processes import ROOT
+from devtools.processes import ROOT, Process
 from devtools.topology import TopologyError
 
 MODES = ("single", "batch")
@@ -225,6 +227,13 @@ def parser() -> argparse.ArgumentParser:
         help="threads per gunicorn worker, gthread (default 4)",
     )
     how.add_argument(
+        "--redis-sides",
+        action="store_true",
+        help="read Redis's MONITOR feed through the run (bench/redis_sides.py) and report "
+        "the share of its calls on the publisher's, the subscriber's and the broker's keys; "
+        "MONITOR costs Redis CPU, so Redis's figures are not those of a run without it",
+    )
+    how.add_argument(
         "--unsigned",
         action="store_true",
         help="send deliveries unsigned, as Ruby toot does (default: signed with a "
@@ -347,6 +356,7 @@ class Run:
                     "duration": args.duration,
                     **({"read_timeout": args.read_timeout} if args.read_timeout else {}),
                     **({"metrics": True} if args.metrics else {}),
+                    **({"redis_sides": True} if args.redis_sides else {}),
                     **(
                         {
                             "slow": slow.describe(args.slow),
@@ -380,6 +390,36 @@ class Run:
             }
         self.clean = True
         self.mode_started = False
+        self.sides: Process | None = None  # --redis-sides: bench/redis_sides.py
+
+    def start_sides(self) -> None:
+        topology = self.topology
+        self.sides = Process(
+            "redis-sides",
+            [
+                sys.executable,
+                "-m",
+                "bench.redis_sides",
+                topology.redis_url,
+                topology.prefix,
+                str(topology.log_dir / "redis-sides.json"),
+            ],
+            {"PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+            log_dir=topology.log_dir,
+        ).start()
+        self.sides.wait_for_log("monitoring")
+
+    def stop_sides(self) -> None:
+        """Stop the MONITOR reader; its counts go into the results."""
+        if self.sides is None:
+            return
+        if not self.sides.running:
+            raise BenchError(f"the MONITOR reader exited:\n{self.sides.log()[-3000:]}")
+        self.sides.stop()
+        self.sides = None
+        path = self.topology.log_dir / "redis-sides.json"
+        self.results["redis_sides"] = json.loads(path.read_text())
 
     def note(self, text: str) -> None:
         self.results["notes"].append(text)
@@ -395,6 +435,9 @@ class Run:
             else "$TOOT_REDIS_URL (shared; not counted)"
         )
         say(f"Redis: {self.results['meta']['redis']}")
+        if args.redis_sides:
+            self.start_sides()
+            say("Redis's MONITOR feed is read through the run (--redis-sides)")
         if self.slow is not None:
             self.slow.start()
             say(f"Slow callback URLs ({slow.describe(args.slow)}): {self.slow.url}/slow/<i>")
@@ -641,6 +684,7 @@ class Run:
 
     def finish(self) -> None:
         topology = self.topology
+        self.stop_sides()
         self.results["peak_rss_mib"] = topology.by_kind(procstat.peak_rss_mib) | {
             "driver (publish)": driver_peak_rss_mib()
         }
@@ -701,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Benchmark failed: {exc}")
         status = 2
     finally:
+        if run.sides is not None:
+            run.sides.stop()
         say(f"Stopping {len(run.topology.processes)} processes ...")
         for line in run.topology.stop():
             say(f"  {line}")

@@ -137,6 +137,8 @@ def table(results: dict[str, Any]) -> list[str]:
             )
         lines += _redis_table(bursts, results.get("redis_idle") or {})
 
+    lines += _sides_lines(results.get("redis_sides"))
+
     paced = results.get("paced") or []
     if paced:
         lines.append("")
@@ -287,6 +289,24 @@ def _slow_table(section: dict[str, Any] | None) -> list[str]:
             "up on (READ_TIMEOUT) before the answer"
         )
     return lines
+
+
+def _sides_lines(sides: dict[str, Any] | None) -> list[str]:
+    """Whose keys Redis's calls touched, over the whole run (--redis-sides)."""
+    if not sides:
+        return []
+    shares = ", ".join(
+        f"{side} {value['share']:.1%}"
+        for side, value in sides.items()
+        if side != "benchmark" and value["calls"]
+    )
+    return [
+        "",
+        "Redis calls by whose keys they touch, over the whole run (--redis-sides, MONITOR): "
+        + shares,
+        f"  not counted: the benchmark's own {sides['benchmark']['calls']:,} (receipts, the "
+        "no-op tasks of the limits)",
+    ]
 
 
 REDIS_ROWS = 12  # commands shown by name; the rest are summed under "other"

@@ -30,7 +30,7 @@ def test_workers_must_be_positive(workers, capsys):
 # Real processes for most of a minute, more on a loaded machine; no database of the
 # suite's in it (the benchmark's projects have SQLite files of their own).
 @pytest.mark.bench
-def test_two_workers_per_side_and_the_redis_commands_of_each_burst(tmp_path):
+def test_two_workers_per_side_and_the_redis_commands_of_each_burst_and_side(tmp_path):
     # The benchmark's own embedded Redis, not the suite's: its counts are then its own.
     env = {
         key: value
@@ -38,7 +38,10 @@ def test_two_workers_per_side_and_the_redis_commands_of_each_burst(tmp_path):
         if key not in ("TOOT_REDIS_URL", "DJANGO_SETTINGS_MODULE", "CELERY_BROKER_URL")
     }
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--workers", "2", *ARGS, "--output-dir", str(tmp_path)],
+        [
+            *[sys.executable, "-m", "bench", "--workers", "2", "--redis-sides", *ARGS],
+            *["--output-dir", str(tmp_path)],
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -77,6 +80,12 @@ def test_two_workers_per_side_and_the_redis_commands_of_each_burst(tmp_path):
             assert per_delivery["evalsha"] == redis["calls"]["evalsha"] / (30 * copies)
             assert redis["excluded"]["rpush (handler receipts)"] == 30 * copies
             assert redis["cpu_ms"] > 0
+        # MONITOR's reader ran beside them all, and told the two sides apart.
+        sides = results["redis_sides"]
+        assert sides["publisher"]["by_command"]["evalsha"] > 0
+        assert sides["subscriber"]["by_command"]["evalsha"] > 0
+        assert sides["benchmark"]["by_command"]["rpush"] >= 90  # the receipts, 30 + 60
+        assert "Redis calls by whose keys they touch" in result.stdout
         # Each of M URLs gets its own sends and handler runs: more calls per event.
         assert bursts[2]["redis"]["calls_per_event"] > bursts[1]["redis"]["calls_per_event"]
     finally:
