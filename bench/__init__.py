@@ -13,7 +13,12 @@ one channel, and then measures, in one run:
 * the machine's limits: a Celery no-op task's consumption rate on the same broker, and
   the subscriber's gunicorn plain POST rate from one Python client;
 * CPU milliseconds per delivery of each process tree, peak RSS, and losses and
-  duplicates, counted by (event id, copy of the URL): both must be zero.
+  duplicates, counted by (event id, copy of the URL): both must be zero;
+* Redis's calls by command and its own CPU, per event and per delivery, in each burst
+  (bench/redis_commands.py).
+
+``--workers N`` runs N Celery workers per side. ``python -m bench.capacity`` turns a run's
+figures into the capacity model of docs/capacity.md (bench/capacity.py).
 
 With ``--slow``, the bursts and paced runs are measured with slow callback URLs on the
 channel too, beside the measured subscriber (issue 15; see bench/slow.py).

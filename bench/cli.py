@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import json
 import os
 import platform
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -19,17 +21,19 @@ from typing import Any
 from bench import procstat, report, slow, steadiness
 from bench.measure import Burst, Driver, Paced, Published, batch_available, driver_peak_rss_mib
 from bench.topology import BenchError, Options, Topology
-from devtools.processes import ROOT
+from devtools.processes import ROOT, Process
 from devtools.topology import TopologyError
 
 MODES = ("single", "batch")
 STEADINESS_SECONDS = 3.0
+REDIS_IDLE_SECONDS = 2.0  # after each mode's warm-up: Redis's calls while no event comes
 DESCRIPTION = """\
 toot's end-to-end benchmark. Starts Redis (embedded unless $TOOT_REDIS_URL is set), the
-example publisher and subscriber (gunicorn + a Celery worker each), subscribes M callback
-URLs to one channel, and measures burst throughput, paced latency, the machine's limits
+example publisher and subscriber (gunicorn and --workers Celery workers each), subscribes
+M callback URLs to one channel, and measures burst throughput, paced latency, the machine's limits
 (how steady its CPUs are, Celery no-op task rate, plain POST rate and latency), CPU per
-delivery by process and peak memory.
+delivery by process, Redis commands and Redis CPU per event and per delivery, and peak
+memory.
 Prints a table, writes JSON (and with matplotlib a PNG chart of the bursts and paced
 runs it ran) to --output-dir, and ends with one line per mode and M:
 mode=<single|batch> M=<m> deliveries_per_s=<x>.
@@ -205,6 +209,15 @@ def parser() -> argparse.ArgumentParser:
         "alike, and of the no-op worker (default 2)",
     )
     how.add_argument(
+        "--workers",
+        "-w",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Celery worker processes per side, each with its own node name (-n) and "
+        "--concurrency children; their CPU and memory are summed per side (default 1)",
+    )
+    how.add_argument(
         "--web-workers", type=int, default=2, help="gunicorn worker processes per side (default 2)"
     )
     how.add_argument(
@@ -212,6 +225,13 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         help="threads per gunicorn worker, gthread (default 4)",
+    )
+    how.add_argument(
+        "--redis-sides",
+        action="store_true",
+        help="read Redis's MONITOR feed through the run (bench/redis_sides.py) and report "
+        "the share of its calls on the publisher's, the subscriber's and the broker's keys; "
+        "MONITOR costs Redis CPU, so Redis's figures are not those of a run without it",
     )
     how.add_argument(
         "--unsigned",
@@ -301,6 +321,7 @@ class Run:
             web_workers=args.web_workers,
             web_threads=args.web_threads,
             concurrency=args.concurrency,
+            workers=args.workers,
             signed=not args.unsigned,
             tracing=args.tracing,
             copies=max(self.copies),
@@ -335,6 +356,7 @@ class Run:
                     "duration": args.duration,
                     **({"read_timeout": args.read_timeout} if args.read_timeout else {}),
                     **({"metrics": True} if args.metrics else {}),
+                    **({"redis_sides": True} if args.redis_sides else {}),
                     **(
                         {
                             "slow": slow.describe(args.slow),
@@ -348,6 +370,7 @@ class Run:
                 **versions(),
             },
             "limits": {},
+            "redis_idle": {},
             "bursts": [],
             "paced": [],
             "modes": [],
@@ -367,6 +390,36 @@ class Run:
             }
         self.clean = True
         self.mode_started = False
+        self.sides: Process | None = None  # --redis-sides: bench/redis_sides.py
+
+    def start_sides(self) -> None:
+        topology = self.topology
+        self.sides = Process(
+            "redis-sides",
+            [
+                sys.executable,
+                "-m",
+                "bench.redis_sides",
+                topology.redis_url,
+                topology.prefix,
+                str(topology.log_dir / "redis-sides.json"),
+            ],
+            {"PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+            log_dir=topology.log_dir,
+        ).start()
+        self.sides.wait_for_log("monitoring")
+
+    def stop_sides(self) -> None:
+        """Stop the MONITOR reader; its counts go into the results."""
+        if self.sides is None:
+            return
+        if not self.sides.running:
+            raise BenchError(f"the MONITOR reader exited:\n{self.sides.log()[-3000:]}")
+        self.sides.stop()
+        self.sides = None
+        path = self.topology.log_dir / "redis-sides.json"
+        self.results["redis_sides"] = json.loads(path.read_text())
 
     def note(self, text: str) -> None:
         self.results["notes"].append(text)
@@ -382,6 +435,9 @@ class Run:
             else "$TOOT_REDIS_URL (shared; not counted)"
         )
         say(f"Redis: {self.results['meta']['redis']}")
+        if args.redis_sides:
+            self.start_sides()
+            say("Redis's MONITOR feed is read through the run (--redis-sides)")
         if self.slow is not None:
             self.slow.start()
             say(f"Slow callback URLs ({slow.describe(args.slow)}): {self.slow.url}/slow/<i>")
@@ -405,7 +461,9 @@ class Run:
             self.clean &= memory["lost"] == 0 and memory["duplicated"] == 0
 
     def start_mode(self, mode: str) -> None:
-        say(f"Starting publisher and subscriber, mode={mode} (gunicorn + Celery worker each) ...")
+        workers = self.args.workers
+        each = "Celery worker" if workers == 1 else f"{workers} Celery workers"
+        say(f"Starting publisher and subscriber, mode={mode} (gunicorn + {each} each) ...")
         begun = time.monotonic()
         self.topology.start_apps(mode)
         if mode == "batch" and self.topology.setting("subscriber", "BATCH") != "True":
@@ -418,8 +476,15 @@ class Run:
         self.driver.set_mode(mode)
         self.mode_started = True
         self.topology.subscribe_copies(1)
-        self.driver.warm_up(1)
+        # Enough events that each worker's children take some before anything is timed.
+        self.driver.warm_up(1, events=20 * self.args.workers)
         say(f"  up and warm in {time.monotonic() - begun:.1f}s")
+        idle = self.driver.redis_idle(REDIS_IDLE_SECONDS)
+        self.results["redis_idle"][mode] = idle
+        say(
+            f"  idle: Redis ran {idle['calls_per_s']:,.0f} calls/s, "
+            f"{idle['cpu_ms_per_s']:.1f} ms of CPU a second"
+        )
 
     def run_mode(self, mode: str) -> None:
         args, driver = self.args, self.driver
@@ -619,9 +684,10 @@ class Run:
 
     def finish(self) -> None:
         topology = self.topology
-        self.results["peak_rss_mib"] = {
-            name: procstat.peak_rss_mib(pid) for name, pid in topology.pids().items()
-        } | {"driver (publish)": driver_peak_rss_mib()}
+        self.stop_sides()
+        self.results["peak_rss_mib"] = topology.by_kind(procstat.peak_rss_mib) | {
+            "driver (publish)": driver_peak_rss_mib()
+        }
         self.results["lines"] = report.mode_lines(self.results)
         self.results["meta"]["loadavg"]["end"] = os.getloadavg()[0]
         self.results["meta"]["seconds"] = round(
@@ -648,8 +714,16 @@ class Run:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.events < 1 or args.duration <= 0 or args.concurrency < 1 or args.memory_events < 1:
-        parser().error("--events, --duration, --concurrency and --memory-events must be positive")
+    if (
+        args.events < 1
+        or args.duration <= 0
+        or args.concurrency < 1
+        or args.workers < 1
+        or args.memory_events < 1
+    ):
+        parser().error(
+            "--events, --duration, --concurrency, --workers and --memory-events must be positive"
+        )
     if not procstat.available():
         parser().error("needs Linux's /proc to measure the processes' CPU and memory")
     # Stop everything on Ctrl-C and on kill, also when started with SIGINT ignored (nohup, &).
@@ -671,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Benchmark failed: {exc}")
         status = 2
     finally:
+        if run.sides is not None:
+            run.sides.stop()
         say(f"Stopping {len(run.topology.processes)} processes ...")
         for line in run.topology.stop():
             say(f"  {line}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import requests
 
-from bench import noop_app, procstat
+from bench import noop_app, procstat, redis_commands
 from bench.subscriber import CHANNEL as SUBSCRIBER_CHANNEL
 from bench.topology import CHANNEL, BenchError, Topology
 from devtools.processes import wait_for
@@ -126,6 +126,8 @@ class Burst:
     other_cores: float
     tally: dict[str, int]
     progress: list[tuple[float, int]] = field(default_factory=list)  # (s, handler runs)
+    # Redis's commands by name and its CPU, less the benchmark's own (bench/redis_commands.py)
+    redis: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,6 +207,8 @@ class Driver:
         sent: set[str] = set()
         durations: list[float] = []
         cpu_before = topology.cpu()
+        redis_before = redis_commands.snapshot(topology.client)
+        polls_before = topology.receipt_polls
         machine_before, own_before = procstat.machine_busy_seconds(), procstat.own_cpu_seconds()
         driver_before = time.process_time()
         started = time.time()
@@ -218,6 +222,9 @@ class Driver:
             published_hook(sent)
         complete = topology.wait_for_receipts(events * copies, stall)
         cpu_after = topology.cpu()
+        redis_after = redis_commands.snapshot(topology.client)
+        polls = topology.receipt_polls
+        handler_runs = topology.receipt_count()  # after the snapshot: not counted in it
         machine = procstat.machine_busy_seconds() - machine_before
         own = procstat.own_cpu_seconds() - own_before
         waited = time.time() - started
@@ -245,7 +252,23 @@ class Driver:
             / waited,
             tally=asdict(result),
             progress=_progress(started, [r["received_at"] for r in mine]),
+            redis=redis_commands.delta(
+                redis_before,
+                redis_after,
+                events=events,
+                deliveries=deliveries,
+                polls=polls - polls_before,
+                receipts=handler_runs,
+            ),
         )
+
+    def redis_idle(self, seconds: float) -> dict[str, Any]:
+        """Redis's calls and CPU a second over ``seconds`` in which nothing is published."""
+        client = self.topology.client
+        before, started = redis_commands.snapshot(client), time.monotonic()
+        time.sleep(seconds)  # a window measured, not a wait for an outcome
+        after = redis_commands.snapshot(client)
+        return redis_commands.idle(before, after, time.monotonic() - started)
 
     # Paced: a fixed rate for a while; the latency from publish() to handler
 
@@ -446,8 +469,7 @@ class Driver:
             duplicated += result.duplicated
             done += count
             if done in (checkpoint, events):
-                pids = topology.pids()
-                rss[str(done)] = {name: procstat.rss_mib(pid) for name, pid in pids.items()}
+                rss[str(done)] = topology.by_kind(procstat.rss_mib)
                 # Redis holds toot's "handled" key per delivery for DEDUPE_TTL (3 days).
                 redis_mib[str(done)] = int(topology.client.info("memory")["used_memory"]) / 2**20
             if done % (chunk * 10) == 0 or done == events:

@@ -31,8 +31,9 @@ def table(results: dict[str, Any]) -> list[str]:
     )
     lines.append(
         f"topology: Redis {meta['redis']}; gunicorn gthread {options['web_workers']} workers x "
-        f"{options['web_threads']} threads per side; Celery prefork concurrency "
-        f"{options['concurrency']} per side; deliveries "
+        f"{options['web_threads']} threads per side; "
+        f"{options.get('workers', 1)} Celery worker(s) per side, prefork concurrency "
+        f"{options['concurrency']} each; deliveries "
         f"{'signed, subscribing takes a token' if options['signed'] else 'unsigned'}; "
         f"{'metrics on (multiprocess); ' if options.get('metrics') else ''}"
         f"{'tracing on (spans dropped); ' if options.get('tracing') else ''}"
@@ -130,6 +131,13 @@ def table(results: dict[str, Any]) -> list[str]:
             "  publisher-web only serves subscriptions. Trees: each gunicorn or Celery worker "
             "with its children."
         )
+        if options.get("workers", 1) > 1:
+            lines.append(
+                f"  A side's {options['workers']} Celery workers are summed in its -worker row."
+            )
+        lines += _redis_table(bursts, results.get("redis_idle") or {})
+
+    lines += _sides_lines(results.get("redis_sides"))
 
     paced = results.get("paced") or []
     if paced:
@@ -280,6 +288,104 @@ def _slow_table(section: dict[str, Any] | None) -> list[str]:
             "  most held: requests the URL held at once; hung up: requests the publisher gave "
             "up on (READ_TIMEOUT) before the answer"
         )
+    return lines
+
+
+def _sides_lines(sides: dict[str, Any] | None) -> list[str]:
+    """Whose keys Redis's calls touched, over the whole run (--redis-sides)."""
+    if not sides:
+        return []
+    shares = ", ".join(
+        f"{side} {value['share']:.1%}"
+        for side, value in sides.items()
+        if side != "benchmark" and value["calls"]
+    )
+    return [
+        "",
+        "Redis calls by whose keys they touch, over the whole run (--redis-sides, MONITOR): "
+        + shares,
+        f"  not counted: the benchmark's own {sides['benchmark']['calls']:,} (receipts, the "
+        "no-op tasks of the limits)",
+    ]
+
+
+REDIS_ROWS = 12  # commands shown by name; the rest are summed under "other"
+
+
+def _redis_table(bursts: list[dict[str, Any]], idle: dict[str, dict[str, Any]]) -> list[str]:
+    """Redis's calls by command per event and per delivery, and its CPU, in each burst; and
+    the share of them Redis would have run in as long with no event (``idle``, by mode)."""
+    bursts = [burst for burst in bursts if burst.get("redis")]
+    if not bursts:
+        return []
+    totals: dict[str, float] = {}
+    for burst in bursts:
+        for name, calls in burst["redis"]["calls"].items():
+            totals[name] = totals.get(name, 0.0) + calls / burst["deliveries"]
+    ranked = sorted(totals, key=lambda name: (-totals[name], name))
+    shown, other = ranked[:REDIS_ROWS], ranked[REDIS_ROWS:]
+    width = 17
+    lines = [
+        "",
+        "Redis calls per event / per delivery, by command (during each burst; the "
+        "benchmark's own taken out)",
+        "  "
+        + f"{'':<20}"
+        + "".join(f"{burst['mode'] + ' M=' + str(burst['copies']):>{width}}" for burst in bursts),
+    ]
+
+    def row(label: str, values: list[tuple[float, float] | None], digits: int = 2) -> None:
+        cells = "".join(
+            f"{'-' if value is None else f'{value[0]:.{digits}f} / {value[1]:.{digits}f}':>{width}}"
+            for value in values
+        )
+        lines.append(f"  {label:<20}{cells}")
+
+    def per(burst: dict[str, Any], calls: float) -> tuple[float, float]:
+        return calls / burst["events"], calls / burst["deliveries"]
+
+    for name in shown:
+        row(name, [per(b, b["redis"]["calls"].get(name, 0)) for b in bursts])
+    if other:
+        row(
+            f"other ({len(other)})",
+            [per(b, sum(b["redis"]["calls"].get(name, 0) for name in other)) for b in bursts],
+        )
+    row("all calls", [per(b, b["redis"]["calls_total"]) for b in bursts])
+    row("Redis CPU, ms", [per(b, b["redis"]["cpu_ms"]) for b in bursts], 3)
+    lines.append(
+        "  "
+        + f"{'Redis CPU us/call':<20}"
+        + "".join(f"{_num(b['redis']['cpu_us_per_call'], 2):>{width}}" for b in bursts)
+    )
+    if any(b["mode"] in idle for b in bursts):
+
+        def idle_share(burst: dict[str, Any]) -> str:
+            quiet = idle.get(burst["mode"])
+            if not quiet or not burst["redis"]["calls_total"]:
+                return "-"
+            share = quiet["calls_per_s"] * burst["seconds"] / burst["redis"]["calls_total"]
+            return f"{share:.0%}"
+
+        lines.append(
+            "  "
+            + f"{'idle share of calls':<20}"
+            + "".join(f"{idle_share(b):>{width}}" for b in bursts)
+        )
+        for mode, quiet in idle.items():
+            lines.append(
+                f"  idle, {mode}: {quiet['calls_per_s']:,.0f} calls/s and "
+                f"{quiet['cpu_ms_per_s']:.1f} ms of Redis CPU a second with no event (the "
+                "workers' polls; in the counts above over each burst's seconds)"
+            )
+    lines.append(
+        "  calls as INFO commandstats counts them: a script's EVALSHA and each command it "
+        "calls; Redis CPU: INFO cpu, sys + user"
+    )
+    lines.append(
+        "  taken out: the benchmark's LLEN polls of the receipts, the example handler's RPUSH "
+        "of one, the INFOs; Celery's broker commands are in"
+    )
     return lines
 
 

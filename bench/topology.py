@@ -9,7 +9,9 @@ worker of a no-op task for the broker's own limit.
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench import procstat
@@ -18,6 +20,7 @@ from devtools import topology as base
 from devtools.processes import ROOT, Process, celery_worker_argv
 
 CHANNEL = base.CHANNEL_PREFIX + SUBSCRIBER_CHANNEL
+WORKER_NUMBER = re.compile(r"(?<=-worker)-\d+$")  # publisher-worker-2 is a publisher-worker
 
 
 class BenchError(base.TopologyError):
@@ -29,6 +32,7 @@ class Options:
     web_workers: int = 2
     web_threads: int = 4
     concurrency: int = 2
+    workers: int = 1  # Celery worker processes per side (--workers), each a -n of its own
     signed: bool = True
     copies: int = 1  # the most callback URLs any burst subscribes
     read_timeout: float | None = None  # the publisher's READ_TIMEOUT; None: toot's default
@@ -71,9 +75,11 @@ class Topology(base.Topology):
         self.subscribed: list[str] = []
         self.slow_subscribed: list[str] = []  # the slow URLs beside them (bench/slow.py)
         self.batch = False  # whether copies register for batches (docs/protocol.md section 7)
+        # wait_for_receipts's LLENs so far: Redis commands of the benchmark's, not toot's.
+        self.receipt_polls = 0
 
     def start_apps(self, mode: str) -> None:
-        """gunicorn and a Celery worker for each side, in ``mode``, answering HTTP.
+        """gunicorn and ``workers`` Celery workers for each side, in ``mode``, answering HTTP.
 
         The first time, the databases are migrated first; later (another mode) the
         running ones are stopped first. Redis, keys and queues stay. The workers log no
@@ -84,6 +90,11 @@ class Topology(base.Topology):
         self.batch = mode == "batch"
         self.env["TOOT_BATCH"] = "1" if self.batch else "0"
         self.start()
+        # More workers per side share the side's queues, as more hosts of a project would:
+        # <role>-worker-2 and on, each its own Celery node name (-n).
+        for n in range(2, self.options.workers + 1):
+            for role in base.ROLES:
+                self.start_worker(role, f"{role}-worker-{n}", wait=False)
 
     def setting(self, role: str, key: str) -> str:
         """``conf.get(key)`` of toot as ``role``'s settings give it, as text."""
@@ -114,6 +125,9 @@ class Topology(base.Topology):
     def pids(self) -> dict[str, int]:
         """The measured processes by name (their process trees are what is counted)."""
         names = list(base.APP_PROCESSES)
+        names += [
+            f"{role}-worker-{n}" for n in range(2, self.options.workers + 1) for role in base.ROLES
+        ]
         if self.embedded_redis:
             names.append("redis")
         return {
@@ -122,8 +136,17 @@ class Topology(base.Topology):
             if name in self.processes and self.processes[name].popen is not None
         }
 
+    def by_kind(self, measure: Callable[[int], float]) -> dict[str, float]:
+        """``measure`` of each process tree, the N workers of a side summed under
+        ``<role>-worker``: the table's rows stay those of one worker per side."""
+        found: dict[str, float] = {}
+        for name, pid in self.pids().items():
+            kind = WORKER_NUMBER.sub("", name)
+            found[kind] = found.get(kind, 0.0) + measure(pid)
+        return found
+
     def cpu(self) -> dict[str, float]:
-        return {name: procstat.cpu_seconds(pid) for name, pid in self.pids().items()}
+        return self.by_kind(procstat.cpu_seconds)
 
     # Subscriptions: M callback URLs for the one channel
 
@@ -164,6 +187,7 @@ class Topology(base.Topology):
         polls = 0
         while True:
             current = self.receipt_count()
+            self.receipt_polls += 1
             if current >= expected:
                 return True
             if current != count:

@@ -213,6 +213,7 @@ for n in range({count}):
 
 
 @pytest.mark.failover
+@pytest.mark.processes
 def test_the_stream_goes_on_when_a_master_dies(redis):
     """The publisher's toot Redis is the cluster (its Celery broker and the subscriber on
     Redis of their own): the master that serves its queue's and lanes' slot is killed

@@ -20,6 +20,9 @@ from devtools.processes import wait_for
 from tests.http_server import HTTPServer, Reply
 from tests.topology import CALLBACK_ACCEPTED, PREFIX, Topology, attempts, count, event_ids
 
+# The example project as real processes, with SQLite databases of their own.
+pytestmark = pytest.mark.processes
+
 
 @pytest.fixture(scope="module")
 def topology():

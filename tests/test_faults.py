@@ -19,6 +19,9 @@ from tests.topology import PREFIX, Topology, attempts, count, event_ids, running
 from toot.engine import queue
 from toot.subscriber import handling
 
+# The example project as real processes, with SQLite databases of their own.
+pytestmark = pytest.mark.processes
+
 CHANNEL = f"{PREFIX}users.deleted.v1"
 # The lane of the in queue where the example's handler of users.updated.v1 runs.
 UPDATED_LANE = handling.lane("example_app.handlers.user_updated")

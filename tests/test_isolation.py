@@ -22,7 +22,7 @@ from devtools.processes import wait_for
 from tests.http_server import HTTPServer, RecordedRequest, Reply
 from tests.topology import PREFIX, Topology, event_ids, running
 
-pytestmark = pytest.mark.isolation
+pytestmark = [pytest.mark.isolation, pytest.mark.processes]
 
 SUFFIX = "users.deleted.v1"  # the example subscriber's channel
 CHANNEL = PREFIX + SUFFIX

@@ -21,6 +21,9 @@ from devtools.topology import gunicorn_argv
 from tests.http_server import HTTPServer, Reply
 from tests.topology import PREFIX, Scrape, Topology, attempts
 
+# The example project as real processes, with SQLite databases of their own.
+pytestmark = pytest.mark.processes
+
 EVENTS = 20
 RETRY_SCHEDULE = "0.2,0.5,1,1,1"
 ATTEMPTS = 1 + len(RETRY_SCHEDULE.split(","))

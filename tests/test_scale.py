@@ -50,7 +50,7 @@ from tests.topology import PREFIX, Scrape, Topology
 from toot.engine import queue
 from toot.subscriber import handling
 
-pytestmark = pytest.mark.scale
+pytestmark = [pytest.mark.scale, pytest.mark.processes]
 
 EVENTS = int(os.environ.get("TOOT_SCALE_EVENTS", "20000"))
 URLS = 5

@@ -175,6 +175,7 @@ for n in range({count}):
 
 
 @pytest.mark.failover
+@pytest.mark.processes
 @pytest.mark.parametrize("wait_replicas", [0, 1])
 def test_the_stream_goes_on_when_the_master_dies(redis, wait_replicas):
     """The publisher's toot Redis is the group (its Celery broker a Redis of its own): the

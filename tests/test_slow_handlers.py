@@ -19,7 +19,7 @@ from devtools.processes import wait_for
 from tests.slow_handler import CHANNEL as SLOW
 from tests.topology import PREFIX, Topology, running
 
-pytestmark = pytest.mark.isolation
+pytestmark = [pytest.mark.isolation, pytest.mark.processes]
 
 FAST = "users.updated.v1"
 FAST_RATE = 20.0  # events per second
