@@ -317,16 +317,19 @@ def test_the_setup_in_use_keeps_its_pools_however_many_others_came_and_went(serv
     default = client._pools().manager()
 
     for n in range(client.Pools.LIMIT + 1):  # each a setup of its own, then the default again
-        with toot_settings(MAX_IN_FLIGHT=100 + n):
+        with toot_settings(SENDERS=100 + n):
             deliver(server.url)
         deliver(server.url)
 
     assert client._pools().manager() is default
 
 
-@pytest.mark.parametrize("in_flight, kept", [(4, 10), (16, 16)])
-def test_a_pool_keeps_a_connection_per_request_in_flight_to_a_url(in_flight, kept):
-    with toot_settings(MAX_IN_FLIGHT=in_flight):
+@pytest.mark.parametrize("senders, kept", [(4, 10), (40, 40)])
+def test_a_pool_keeps_a_connection_per_sender_thread_to_a_host(senders, kept):
+    """Several callback URLs on one host share its pool: as many connections as this
+    process's sender threads, not one URL's MAX_IN_FLIGHT, or the pool would close those
+    it could not keep."""
+    with toot_settings(SENDERS=senders, MAX_IN_FLIGHT=2):
         assert client._pools().manager().connection_pool_kw["maxsize"] == kept
 
 

@@ -70,9 +70,10 @@ class Pools:
 
     def manager(self) -> urllib3.PoolManager:
         proxy, bundle, cert = conf.PROXY_URL, conf.CA_BUNDLE, conf.CLIENT_CERT
-        # A connection per request in flight to a URL: a thread finding none kept would
-        # open one, and the pool close it after.
-        size = max(10, conf.MAX_IN_FLIGHT)
+        # A connection per sender thread, the most requests this process has in flight to
+        # one host (several callback URLs may share it, MAX_IN_FLIGHT each): a thread
+        # finding none kept would open one, and the pool close it after.
+        size = max(10, conf.SENDERS)
         raw = conf.raw
         rules = (
             repr(raw.get("ALLOWED_CALLBACK_HOSTS")),
