@@ -249,10 +249,15 @@ class Topology:
         return process
 
     def stop_apps(self) -> None:
-        """Stop the four processes (and the tests' more workers); Redis, keys and queues stay."""
-        for name in reversed(list(self.processes)):
-            if name != "redis":
-                self.processes.pop(name).stop()
+        """Stop the four processes (and the tests' more workers); Redis, keys and queues stay.
+
+        All at once: a Celery worker's warm shutdown waits for its drains, each up to 5 s,
+        and one after the other these added up to 20 s per topology.
+        """
+        stopping = [self.processes.pop(n) for n in reversed(list(self.processes)) if n != "redis"]
+        if stopping:
+            with ThreadPoolExecutor(len(stopping)) as pool:
+                list(pool.map(Process.stop, stopping))
 
     def check_running(self) -> None:
         for name, process in self.processes.items():
