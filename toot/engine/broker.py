@@ -61,9 +61,9 @@ def send_now(task: Task[Any, Any], args: Sequence[Any], **options: Any) -> None:
         raise OperationalError(f"No broker connection free within {timeout:g} s") from exc
     with producer:
         connection = cast("Connection", producer.connection)  # a pool's producers have one
-        # BROKER_ERRORS and what the transport raises besides: py-amqp's AMQP errors, which Celery passes on
-        # as they are unless "recoverable" (a queue declared with other arguments, 406, or
-        # refused to this user, 403, are not): a publish() would raise them.
+        # BROKER_ERRORS and what the transport raises besides: py-amqp's AMQP errors, which
+        # Celery passes on as they are unless "recoverable" (a queue declared with other
+        # arguments, 406, or refused to this user, 403, are not): publish() raised them.
         errors: tuple[type[BaseException], ...] = (
             *BROKER_ERRORS,
             *connection.connection_errors,
