@@ -32,6 +32,7 @@ from typing import Any
 import redis
 import requests
 
+from devtools import broker
 from devtools.processes import (
     ROOT,
     WORKER_READY,
@@ -92,7 +93,8 @@ class Topology:
     ``kind`` and ``run_id`` name the run (``toot-<kind>-<run_id>``, a new run id by
     default); ``redis_url`` is the Redis to use, by default ``$TOOT_REDIS_URL`` or else an
     embedded one. ``token`` closes the publisher's subscriptions endpoint with a bearer
-    token that the subscriber sends, ``signed`` signs deliveries with a secret the
+    token that the subscriber sends, ``broker_url`` is Celery's broker (by default toot's
+    Redis, as the example's settings fall back to), ``signed`` signs deliveries with a secret the
     subscriber checks (both as docs/security.md advises). ``quiet`` processes log warnings only.
     ``env`` goes over the environment of both projects' processes; ``role_env[role]`` (set
     it before starting) over one project's.
@@ -104,6 +106,7 @@ class Topology:
         *,
         run_id: str | None = None,
         redis_url: str | None = None,
+        broker_url: str | None = None,
         retry_schedule: str = "0.5,1,2,5",
         token: bool = False,
         signed: bool = False,
@@ -119,6 +122,7 @@ class Topology:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         self.redis_url = redis_url or os.environ.get("TOOT_REDIS_URL", "")
         self.embedded_redis = not self.redis_url
+        self.broker_url = broker_url
         self.retry_schedule = retry_schedule
         self.token = secrets.token_urlsafe(24) if token else None
         self.secret = (
@@ -136,6 +140,9 @@ class Topology:
         self.subscriptions_url = f"{self.publisher_url}/toot/subscriptions"
         self.key_prefixes = {role: f"{self.prefix}:{role}:" for role in ROLES}
         self.queues = {role: f"{self.prefix}-{role}" for role in ROLES}
+        # Celery queues besides each role's own, that the caller's workers consume: deleted
+        # with those from a broker that is not toot's Redis.
+        self.other_queues: list[str] = []
         self.receipts_key = f"{self.prefix}:receipts"
         self.processes: dict[str, Process] = {}
         self.migrated = False
@@ -151,6 +158,8 @@ class Topology:
             "EXAMPLE_RECEIPTS_KEY": self.receipts_key,
             "PYTHONUNBUFFERED": "1",
         }
+        if self.broker_url:
+            env["CELERY_BROKER_URL"] = self.broker_url
         if self.quiet:
             env["TOOT_LOG_LEVEL"] = "WARNING"
         if self.token:
@@ -241,10 +250,15 @@ class Topology:
         return process
 
     def stop_apps(self) -> None:
-        """Stop the four processes (and the tests' more workers); Redis, keys and queues stay."""
-        for name in reversed(list(self.processes)):
-            if name != "redis":
-                self.processes.pop(name).stop()
+        """Stop the four processes (and the tests' more workers); Redis, keys and queues stay.
+
+        All at once: a Celery worker's warm shutdown waits for its drains, each up to 5 s,
+        and one after the other these added up to 20 s per topology.
+        """
+        stopping = [self.processes.pop(n) for n in reversed(list(self.processes)) if n != "redis"]
+        if stopping:
+            with ThreadPoolExecutor(len(stopping)) as pool:
+                list(pool.map(Process.stop, stopping))
 
     def check_running(self) -> None:
         for name, process in self.processes.items():
@@ -252,9 +266,16 @@ class Topology:
                 raise TopologyError(f"{name} exited:\n{process.log()[-3000:]}")
 
     def stop(self) -> list[str]:
-        """Stop every process; on a shared Redis remove this run's keys. Says what it did."""
+        """Stop every process; on a shared Redis remove this run's keys, on a broker of its
+        own this run's queues. Says what it did."""
         said = []
         self.stop_apps()
+        if self.broker_url and not broker.is_redis(self.broker_url):
+            try:
+                broker.delete_queues(self.broker_url, [*self.queues.values(), *self.other_queues])
+                said.append(f"deleted this run's queues from {self.broker_url}")
+            except Exception as exc:  # kombu's and py-amqp's errors share no base
+                said.append(f"could not delete this run's queues from {self.broker_url}: {exc}")
         if self._client is not None and not self.embedded_redis:
             try:
                 # Keys under the prefix, the queues and kombu's bindings of them, not

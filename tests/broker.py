@@ -18,6 +18,7 @@ from django.conf import settings
 from kombu import pools
 from kombu.utils.collections import eqhash
 
+from devtools.broker import amqp_connection, delete_queues, is_redis
 from devtools.processes import free_port, wait_for
 from tests.celery import app as celery_app
 from tests.utils import live_leases
@@ -37,7 +38,7 @@ def _set_pools(app: Celery, saved: tuple[Any, Any]) -> None:
 
 @contextmanager
 def broker_unreachable(app: Celery = celery_app) -> Iterator[str]:
-    """Point ``app`` at a port where nothing listens, as if its Redis had stopped.
+    """Point ``app`` at a port where nothing listens, as if its broker had stopped.
 
     Setting ``broker_url`` alone changes nothing: the app keeps publishing through the
     connection and producer pools it already holds. So those are set aside for the
@@ -45,7 +46,7 @@ def broker_unreachable(app: Celery = celery_app) -> Iterator[str]:
     app: what it publishes meanwhile fails too.)
     """
     saved_url, saved_pools = app.conf.broker_url, _pools(app)
-    url = f"redis://127.0.0.1:{free_port()}/0"
+    url = url_of(scheme_of(saved_url), free_port())
     app.conf.update(broker_url=url)
     _set_pools(app, (None, None))
     try:
@@ -87,7 +88,8 @@ def probe_app(queue: str, broker_url: str | None = None) -> Iterator[Celery]:
     """A Celery app on the tests' broker (or ``broker_url``, a way to it) whose default queue
     is ``queue``, one no worker reads.
 
-    Its one task, PROBE_TASK, never runs: a test reads what was sent with ``queued()``.
+    Its one task, PROBE_TASK, never runs: a test reads what was sent with ``queued()``, in
+    the block (a RabbitMQ queue goes away with it).
     """
     app = Celery(
         "toot-probe", broker=broker_url or settings.CELERY_BROKER_URL, set_as_current=False
@@ -102,18 +104,39 @@ def probe_app(queue: str, broker_url: str | None = None) -> Iterator[Celery]:
         yield app
     finally:
         app.close()
-        # Messages under the run's KEY_PREFIX go with the `redis` fixture; kombu's bindings don't.
-        get_redis().delete(f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+        if is_redis(settings.CELERY_BROKER_URL):
+            # Messages under the run's KEY_PREFIX go with the `redis` fixture; kombu's
+            # bindings don't.
+            get_redis().delete(f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+        else:
+            delete_queues(settings.CELERY_BROKER_URL, [queue])
 
 
 def queued(queue: str) -> list[tuple[str, list[Any], dict[str, Any]]]:
-    """The (task name, args, kwargs) of every message waiting on ``queue``, oldest first."""
+    """The (task name, args, kwargs) of every message waiting on ``queue`` of the tests'
+    broker, oldest first, left there."""
+    url = settings.CELERY_BROKER_URL
     messages: list[tuple[str, list[Any], dict[str, Any]]] = []
-    for raw in reversed(get_redis().lrange(queue, 0, -1)):
-        message = json.loads(raw)
-        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-        messages.append((message["headers"]["task"], args, kwargs))
+    if is_redis(url):
+        for raw in reversed(get_redis().lrange(queue, 0, -1)):
+            message = json.loads(raw)
+            args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+            messages.append((message["headers"]["task"], args, kwargs))
+        return messages
+    with amqp_connection(url) as connection:
+        channel: Any = connection.channel()  # py-amqp's, beyond kombu's StdChannel
+        try:
+            # Taken unacknowledged: closing the connection puts them back, in their places.
+            while (message := channel.basic_get(queue, no_ack=False)) is not None:
+                args, kwargs, _ = json.loads(message.body)
+                messages.append((message.headers["task"], args, kwargs))
+        except connection.channel_errors:  # 404: nothing was ever sent to it
+            pass
     return messages
+
+
+def scheme_of(url: str) -> str:
+    return "redis" if is_redis(url) else "amqp"
 
 
 def url_of(scheme: str, port: int) -> str:
@@ -191,15 +214,27 @@ class SilentBroker:
                 sock.close()
 
 
-class HushingProxy:
-    """A way to a real broker that passes everything on both ways until ``hush()``; from
-    then on, until ``resume()``, it swallows whatever either side sends, on connections
-    old and new: a broker that falls silent once connected, without closing anything."""
+# Where a broker listens when its URL names no port.
+DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671}
+
+
+class BrokerProxy:
+    """A way to a real broker (Redis or RabbitMQ), on a port of its own, that a test controls.
+
+    It passes everything on both ways until ``hush()``; from then on, until ``resume()``, it
+    swallows whatever either side sends, on connections old and new: a broker that falls
+    silent once connected, without closing anything. ``kill()`` closes its port and every
+    connection through it, as a broker that crashed: the broker behind it, shared with
+    others (the machine's RabbitMQ), stays up. ``start()`` opens the same port again.
+    """
 
     def __init__(self, url: str) -> None:
         upstream = urlsplit(url)
-        self._upstream = (upstream.hostname or "127.0.0.1", upstream.port or 6379)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._upstream = (
+            upstream.hostname or "127.0.0.1",
+            upstream.port or DEFAULT_PORTS[upstream.scheme],
+        )
+        self._listener: socket.socket | None = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         netloc = upstream.netloc.rpartition("@")[0]
         self.url = upstream._replace(
@@ -207,14 +242,15 @@ class HushingProxy:
         ).geturl()
         self.hushed = threading.Event()
         self._lock = threading.Lock()
+        self._passed = 0
         self._sockets: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, name="proxy", daemon=True)]
+        self._threads: list[threading.Thread] = []
 
     @property
     def connections(self) -> int:
         """How many connections it has passed on so far."""
         with self._lock:
-            return len(self._sockets) // 2
+            return self._passed
 
     def hush(self) -> None:
         self.hushed.set()
@@ -222,10 +258,39 @@ class HushingProxy:
     def resume(self) -> None:
         self.hushed.clear()
 
-    def _accept(self) -> None:
+    def start(self) -> None:
+        """Accept connections on its port: the first time, or again after ``kill()``."""
+        with self._lock:
+            if self._listener is None:
+                self._listener = socket.create_server(("127.0.0.1", self.port))
+            listener = self._listener
+            thread = threading.Thread(
+                target=self._accept, args=(listener,), name="proxy", daemon=True
+            )
+            self._threads.append(thread)
+        thread.start()
+
+    def kill(self) -> None:
+        """Close its port and hang up every connection through it, on both sides."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._sockets = self._sockets, []
+        if listener is not None:
+            _hang_up(listener)
+        for sock in sockets:
+            _hang_up(sock)
+
+    def stop(self) -> None:
+        self.kill()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(10)
+
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
                 server = socket.create_connection(self._upstream, timeout=10)
             except OSError:  # the listener was closed
                 return
@@ -235,8 +300,15 @@ class HushingProxy:
                 for pair in ((client, server), (server, client))
             ]
             with self._lock:
-                self._sockets += [client, server]
-                self._threads += pumps
+                killed = self._listener is not listener
+                if not killed:
+                    self._passed += 1
+                    self._sockets += [client, server]
+                    self._threads += pumps
+            if killed:  # accepted just as kill() closed the port
+                _hang_up(client)
+                _hang_up(server)
+                return
             for pump in pumps:
                 pump.start()
 
@@ -249,15 +321,9 @@ class HushingProxy:
         _hang_up(source)
         _hang_up(target)
 
-    def __enter__(self) -> HushingProxy:
-        self._threads[0].start()
+    def __enter__(self) -> BrokerProxy:
+        self.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        _hang_up(self._listener)
-        with self._lock:
-            sockets, threads = list(self._sockets), list(self._threads)
-        for sock in sockets:
-            _hang_up(sock)
-        for thread in threads:
-            thread.join(10)
+        self.stop()

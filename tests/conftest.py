@@ -13,6 +13,7 @@ from django.conf import settings
 from django.test import Client
 from pytest_django import live_server_helper
 
+from devtools import broker
 from devtools.processes import wait_for
 from tests.celery import app as celery_app
 from tests.utils import addrinfo, relaying_lanes, spy_pushes
@@ -83,8 +84,7 @@ def _worker_session(django_db_setup, django_db_blocker):
         relay.start(celery_app, [relay.wake])
         yield worker
         relay.stop()
-    client = connection.get_redis()
-    client.delete(settings.CELERY_TASK_DEFAULT_QUEUE)
+    broker.delete_queues(settings.CELERY_BROKER_URL, [settings.CELERY_TASK_DEFAULT_QUEUE])
 
 
 @pytest.fixture
@@ -189,7 +189,9 @@ def no_drain_at_work(eventually):
     queued = settings.CELERY_TASK_DEFAULT_QUEUE
 
     def idle():
-        return not (worker_state.requests or connection.get_redis().llen(queued))
+        return not (
+            worker_state.requests or broker.queue_length(settings.CELERY_BROKER_URL, queued)
+        )
 
     eventually(idle, what="the worker's drains to end")
 

@@ -78,8 +78,10 @@ STATIC_URL = "/static/"
 # most tests need; tests/test_checks.py unsilences the warning where it tests it.
 SILENCED_SYSTEM_CHECKS = ["toot.W003"]
 
-# The broker is toot's Redis unless given apart: a Redis Cluster (TOOT_TEST_REDIS_URL of
-# .ci/run's Cluster pass) cannot be Celery's broker.
+# Celery's broker: the tests' Redis, unless $TOOT_TEST_BROKER_URL names another, such as
+# the RabbitMQ of .ci/run's last pass (amqp://guest:guest@127.0.0.1:5672//). toot's queues
+# stay in Redis whichever it is. A Redis Cluster (toot's Redis in .ci/run's Cluster pass)
+# cannot be Celery's broker.
 CELERY_BROKER_URL = env("TOOT_TEST_BROKER_URL", default=REDIS_URL)
 CELERY_TASK_DEFAULT_QUEUE = f"toot-test-{RUN_ID}"
 CELERY_TASK_IGNORE_RESULT = True

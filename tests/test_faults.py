@@ -191,7 +191,11 @@ def test_a_subscriber_worker_killed_mid_batch_costs_at_most_its_lease(topology):
     "topology", [{"name": "broker", "options": {"own_broker": True}}], indirect=True
 )
 def test_publish_while_the_broker_is_down_loses_nothing(topology):
-    """Only Celery's broker is down: events wait in toot's Redis queue, not the outbox."""
+    """Only Celery's broker is down: events wait in toot's Redis queue, not the outbox.
+
+    A Redis of the publisher's own, killed; or, when the tests' broker is RabbitMQ, a proxy
+    in front of it that closes its port and every connection through it, as a RabbitMQ that
+    crashed would."""
     topology.broker.kill()
 
     sent = topology.publish("users.updated.v1", {"id": 1}, count=100)  # raises nothing
@@ -211,7 +215,8 @@ def test_publish_while_the_broker_is_down_loses_nothing(topology):
     "topology", [{"name": "store", "options": {"own_store": True}}], indirect=True
 )
 def test_publish_while_redis_is_down_loses_nothing(topology):
-    """toot's Redis (and so the broker, which shares it) is down: events wait in the outbox."""
+    """toot's Redis (and the broker, when it is that Redis) is down: events wait in the
+    outbox."""
     topology.store.kill()
 
     sent = topology.publish("users.updated.v1", {"id": 1}, count=100)  # raises nothing

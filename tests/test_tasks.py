@@ -13,6 +13,7 @@ from celery import Celery
 from celery.signals import task_postrun
 from django.conf import settings
 
+from devtools.broker import delete_queues
 from devtools.processes import free_port
 from tests.broker import probe_app, queued
 from tests.http_server import HTTPServer, Reply, in_order
@@ -29,7 +30,6 @@ from tests.utils import (
 from toot.conf import conf
 from toot.engine import drain as tasks
 from toot.engine import queue
-from toot.engine.connection import get_redis
 from toot.models import DeadLetter
 from toot.protocol.events import Event
 from toot.publisher import lanes, sending, store
@@ -425,7 +425,7 @@ def test_a_lanes_drain_goes_to_the_celery_queue_its_handler_is_subscribed_with()
         assert queued(default) == [
             ("toot.drain", [handling.lane(handling.handler_name(fast)), "drain-fast"], {})
         ]
-    get_redis().delete(routed, default)
+    delete_queues(settings.CELERY_BROKER_URL, [routed, default])
 
 
 # How a drain works through its queue

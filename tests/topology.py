@@ -1,11 +1,12 @@
 """The example project as real processes (devtools/topology.py), for the end-to-end and
-fault tests, on the tests' Redis, with what only the tests need: logs read for delivery
-attempts, toot's queues read for what drains hold, counts by event id, and a side's
-metrics scraped.
+fault tests, on the tests' Redis and Celery broker, with what only the tests need: logs
+read for delivery attempts, toot's queues read for what drains hold, counts by event id,
+and a side's metrics scraped.
 
-The publisher may get a Redis of its own, for a fault test to kill: as its Celery broker
-only (``own_broker``), or as toot's store, which its broker then shares as it does by
-default (``own_store``).
+The publisher may get a broker of its own, for a fault test to kill (``own_broker``): a
+Redis, or on RabbitMQ a proxy in front of the tests' RabbitMQ, which other users share
+and must stay up. Or it may get a Redis of its own as toot's store (``own_store``), which
+its broker then shares as it does by default, unless the tests' broker is RabbitMQ.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from django.conf import settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools import topology as base
+from devtools.broker import is_redis
 from devtools.processes import WORKER_READY, Process, celery_worker_argv, free_port, wait_for
 from devtools.redis_server import redis_server_binary
+from tests.broker import BrokerProxy
 from tests.http_server import RecordedRequest, Reply
 from toot.engine.connection import new_client
 
@@ -121,18 +124,26 @@ class Topology(base.Topology):
         own_store: bool = False,
         env: dict[str, str] | None = None,
     ) -> None:
+        # The example's broker defaults to toot's Redis: set only when it is another.
+        other_broker = settings.CELERY_BROKER_URL != settings.REDIS_URL
         super().__init__(
             "test",
             run_id=f"{settings.RUN_ID}-{name}",
             redis_url=settings.REDIS_URL,
+            broker_url=settings.CELERY_BROKER_URL if other_broker else None,
             retry_schedule=retry_schedule,
-            env={"CELERY_BROKER_URL": settings.CELERY_BROKER_URL, **(env or {})},
+            env=env,
             log_dir=Path(tempfile.mkdtemp(prefix=f"toot-{name}-")),
         )
-        self.broker = RedisServer("broker", self.log_dir) if own_broker else None
+        self.broker: RedisServer | BrokerProxy | None = None
+        if own_broker and is_redis(settings.CELERY_BROKER_URL):
+            self.broker = RedisServer("broker", self.log_dir)
+        elif own_broker:
+            self.broker = BrokerProxy(settings.CELERY_BROKER_URL)
         self.store = RedisServer("store", self.log_dir) if own_store else None
         if self.store is not None:
-            # The example's broker defaults to toot's Redis: the two go down together.
+            # The example's broker defaults to toot's Redis: the two go down together, but
+            # for a broker_url of the topology's.
             self.role_env["publisher"]["TOOT_REDIS_URL"] = self.store.url
         if self.broker is not None:
             self.role_env["publisher"]["CELERY_BROKER_URL"] = self.broker.url
@@ -156,6 +167,7 @@ class Topology(base.Topology):
         """A Celery worker of ``role``, named ``name``, that consumes ``celery_queue`` only."""
         argv = celery_worker_argv("example_project", f"{self.prefix}-{name}@%h", self.concurrency)
         process = self.project_process(name, role, [*argv, "--queues", celery_queue])
+        self.other_queues.append(celery_queue)
         process.wait_for_log(WORKER_READY)
         return process
 
