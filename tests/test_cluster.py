@@ -8,21 +8,16 @@ The end-to-end tests also run on a cluster: .ci/run's Cluster pass.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import threading
-import time
-from typing import Any
 
 import pytest
 from django.core.checks import run_checks
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from devtools.processes import wait_for
 from devtools.redis_cluster import Cluster
-from tests.topology import Topology, attempts, count, running
+from tests.topology import Topology, running, stream_through_failover
 from tests.utils import WatchedLease, toot_settings
 from toot import status
 from toot.conf import conf
@@ -204,12 +199,6 @@ def test_the_deploy_checks_look_at_every_master(cluster, on_cluster):
 # A master failover while events stream through real processes --------------------------
 
 EVENTS = 1000
-PACED_PUBLISH = """
-import time, toot
-for n in range({count}):
-    print(toot.publish("users.updated.v1", {{"id": 1, "n": n}}).to_json(), flush=True)
-    time.sleep(0.004)
-"""
 
 
 @pytest.mark.failover
@@ -226,43 +215,15 @@ def test_the_stream_goes_on_when_a_master_dies(redis):
     prefix = topology.key_prefixes["publisher"]
     try:
         with running(topology):
-            log = topology.log_from_now("publisher-worker")
-            sent: list[dict[str, Any]] = []
-            outboxed = []
-
-            def publish() -> None:
-                code = PACED_PUBLISH.format(count=EVENTS)
-                result = topology.manage("publisher", "shell", "-c", code)
-                lines = result.stdout.splitlines()
-                sent.extend(json.loads(line) for line in lines if line[:1] == "{")
-                outboxed.append(result.stderr.count("kept in the outbox"))
-
-            publishing = threading.Thread(target=publish)
-            publishing.start()
-            wait_for(lambda: topology.receipt_count() >= EVENTS // 3, 60, "a third handled")
-            killed = time.monotonic()
-            old = cluster.kill_master_of(f"{prefix}queue:{{{prefix}out}}:ready")
-            cluster.wait_for_failover(old)
-            promoted = time.monotonic() - killed
-            publishing.join(120)
-            assert len(sent) == EVENTS
-            counts = lambda: count(sent, topology.receipts())  # noqa: E731
-            wait_for(lambda: counts()["lost"] == 0, 120, "every event to reach the handler")
-            delivered = [i for a in attempts(log()) if a.ok for i in a.event_ids]
-            resent = len(delivered) - len(set(delivered))
-            handled_at = sorted(receipt["received_at"] for receipt in topology.receipts())
-            pause = max(b - a for a, b in zip(handled_at, handled_at[1:], strict=False))
-            print(
-                f"\nCLUSTER FAILOVER: replica took over in {promoted:.1f}s, "
-                + " ".join(f"{key}={value}" for key, value in counts().items())
-                + f" delivered_twice={resent} published_to_the_outbox={outboxed[0]}"
-                + f" longest_pause={pause:.1f}s"
+            figures = stream_through_failover(
+                topology,
+                EVENTS,
+                lambda: cluster.wait_for_failover(
+                    cluster.kill_master_of(f"{prefix}queue:{{{prefix}out}}:ready")
+                ),
             )
-            assert counts() == {
-                "published": EVENTS,
-                "delivered": EVENTS,
-                "duplicated": 0,
-                "lost": 0,
-            }
+            print("\nCLUSTER FAILOVER: " + " ".join(f"{k}={v}" for k, v in figures.items()))
+            assert (figures["published"], figures["delivered"]) == (EVENTS, EVENTS)
+            assert (figures["duplicated"], figures["lost"], figures["delivered_twice"]) == (0, 0, 0)
     finally:
         cluster.stop()

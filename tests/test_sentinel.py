@@ -5,8 +5,6 @@ master, a replica and three sentinels on loopback)."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 import uuid
 from typing import Any
 
@@ -16,9 +14,8 @@ from django.core.checks import run_checks
 from django.test import override_settings
 
 import toot
-from devtools.processes import wait_for
 from devtools.redis_sentinel import SentinelGroup
-from tests.topology import Topology, attempts, count, running
+from tests.topology import Topology, running, stream_through_failover
 from tests.utils import patch_toot
 from toot.engine import connection, queue
 from toot.engine.connection import NotReplicated, SentinelURL, parse_sentinel_url
@@ -166,12 +163,6 @@ def test_the_callbacks_endpoint_answers_503_for_an_event_no_replica_took(
 # A failover while events stream through real processes -----------------------------------
 
 EVENTS = 1000
-PACED_PUBLISH = """
-import time, toot
-for n in range({count}):
-    print(toot.publish("users.updated.v1", {{"id": 1, "n": n}}).to_json(), flush=True)
-    time.sleep(0.004)
-"""
 
 
 @pytest.mark.failover
@@ -190,41 +181,14 @@ def test_the_stream_goes_on_when_the_master_dies(redis, wait_replicas):
     topology.role_env["publisher"]["TOOT_REDIS_WAIT_REPLICAS"] = str(wait_replicas)
     try:
         with running(topology):
-            log = topology.log_from_now("publisher-worker")
-            sent: list[dict[str, Any]] = []
-            outboxed = []
-
-            def publish() -> None:
-                code = PACED_PUBLISH.format(count=EVENTS)
-                result = topology.manage("publisher", "shell", "-c", code)
-                lines = result.stdout.splitlines()
-                sent.extend(json.loads(line) for line in lines if line[:1] == "{")
-                outboxed.append(result.stderr.count("kept in the outbox"))
-
-            publishing = threading.Thread(target=publish)
-            publishing.start()
-            wait_for(lambda: topology.receipt_count() >= EVENTS // 3, 60, "a third handled")
-            killed = time.monotonic()
-            old = group.kill_master()
-            group.wait_for_failover(old)
-            promoted = time.monotonic() - killed
-            publishing.join(120)
-            assert len(sent) == EVENTS
-            counts = lambda: count(sent, topology.receipts())  # noqa: E731
-            wait_for(lambda: counts()["lost"] == 0, 120, "every event to reach the handler")
-            delivered = [i for a in attempts(log()) if a.ok for i in a.event_ids]
-            resent = len(delivered) - len(set(delivered))
-            print(
-                f"\nFAILOVER wait_replicas={wait_replicas}: promoted in {promoted:.1f}s, "
-                + " ".join(f"{key}={value}" for key, value in counts().items())
-                + f" delivered_twice={resent}"
-                + f" published_to_the_outbox={outboxed[0]}"
+            figures = stream_through_failover(
+                topology, EVENTS, lambda: group.wait_for_failover(group.kill_master())
             )
-            assert counts() == {
-                "published": EVENTS,
-                "delivered": EVENTS,
-                "duplicated": 0,
-                "lost": 0,
-            }
+            print(
+                f"\nFAILOVER wait_replicas={wait_replicas}: "
+                + " ".join(f"{key}={value}" for key, value in figures.items())
+            )
+            assert (figures["published"], figures["delivered"]) == (EVENTS, EVENTS)
+            assert (figures["duplicated"], figures["lost"], figures["delivered_twice"]) == (0, 0, 0)
     finally:
         group.stop()

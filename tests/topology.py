@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -333,4 +336,51 @@ def count(sent: list[dict[str, Any]], receipts: list[dict[str, Any]]) -> dict[st
         "delivered": len(set(received)),
         "duplicated": len(received) - len(set(received)),
         "lost": len(sent_ids - set(received)),
+    }
+
+
+PACED_PUBLISH = """
+import time, toot
+for n in range({count}):
+    print(toot.publish("users.updated.v1", {{"id": 1, "n": n}}).to_json(), flush=True)
+    time.sleep(0.004)
+"""
+
+
+def stream_through_failover(
+    topology: Topology, events: int, fail: Callable[[], object]
+) -> dict[str, Any]:
+    """Publish ``events`` events at about 200 a second from the publisher's shell; once a
+    third are handled, ``fail()`` (a Redis master killed, returning once another took
+    over); then wait until every event is handled. What it took: the counts (``count``),
+    ``delivered_twice`` (by the publisher's log), ``published_to_the_outbox``,
+    ``failover_seconds`` (what ``fail()`` took) and ``longest_pause`` between two handled
+    events."""
+    log = topology.log_from_now("publisher-worker")
+    sent: list[dict[str, Any]] = []
+    outboxed: list[int] = []
+
+    def publish() -> None:
+        result = topology.manage("publisher", "shell", "-c", PACED_PUBLISH.format(count=events))
+        sent.extend(json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{")
+        outboxed.append(result.stderr.count("kept in the outbox"))
+
+    publishing = threading.Thread(target=publish)
+    publishing.start()
+    wait_for(lambda: topology.receipt_count() >= events // 3, 60, "a third handled")
+    started = time.monotonic()
+    fail()
+    failover = time.monotonic() - started
+    publishing.join(120)
+    assert len(sent) == events
+    counts = lambda: count(sent, topology.receipts())  # noqa: E731
+    wait_for(lambda: counts()["lost"] == 0, 120, "every event to reach the handler")
+    delivered = [i for a in attempts(log()) if a.ok for i in a.event_ids]
+    handled_at = sorted(receipt["received_at"] for receipt in topology.receipts())
+    return {
+        **counts(),
+        "delivered_twice": len(delivered) - len(set(delivered)),
+        "published_to_the_outbox": outboxed[0],
+        "failover_seconds": round(failover, 1),
+        "longest_pause": round(max(b - a for a, b in pairwise(handled_at)), 1),
     }

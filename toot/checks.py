@@ -6,7 +6,7 @@ import importlib.util
 import ipaddress
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -274,42 +274,51 @@ def _url_errors() -> list[CheckMessage]:
             messages.append(
                 Error(f"{error}: {url!r}.", hint="Give an absolute http(s) URL.", id="toot.E005")
             )
-    if conf.REDIS_URL.startswith(connection.SENTINEL_SCHEMES):
-        try:
-            connection.parse_sentinel_url(conf.REDIS_URL)
-        except ValueError as exc:
-            messages.append(
-                Error(
-                    f'TOOT["REDIS_URL"] is not a Sentinel URL toot can use: {exc}.',
-                    hint="For example redis+sentinel://:password@10.0.0.1:26379,"
-                    "10.0.0.2:26379,10.0.0.3:26379/mymaster/0.",
-                    id="toot.E005",
-                )
+    return messages + _redis_url_errors()
+
+
+# The URLs of many hosts: their schemes, parser, name and an example.
+_MANY_HOSTS: list[tuple[tuple[str, ...], Callable[[str], object], str, str]] = [
+    (
+        connection.SENTINEL_SCHEMES,
+        connection.parse_sentinel_url,
+        "Sentinel",
+        "redis+sentinel://:password@10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/mymaster/0",
+    ),
+    (
+        connection.CLUSTER_SCHEMES,
+        connection.parse_cluster_url,
+        "Redis Cluster",
+        "redis+cluster://:password@10.0.0.1:6379,10.0.0.2:6379,10.0.0.3:6379",
+    ),
+]
+
+
+def _redis_url_errors() -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    if conf.REDIS_URL.startswith(connection.CLUSTER_SCHEMES) and conf.REDIS_WAIT_REPLICAS:
+        messages.append(
+            Error(
+                'TOOT["REDIS_WAIT_REPLICAS"] works with one master (redis:// or '
+                "redis+sentinel://), not with Redis Cluster: WAIT counts the writes of "
+                "one connection, and a cluster's pushes go to several masters.",
+                hint='Set TOOT["REDIS_WAIT_REPLICAS"] to 0.',
+                id="toot.E005",
             )
-        return messages
-    if conf.REDIS_URL.startswith(connection.CLUSTER_SCHEMES):
-        try:
-            connection.parse_cluster_url(conf.REDIS_URL)
-        except ValueError as exc:
-            messages.append(
-                Error(
-                    f'TOOT["REDIS_URL"] is not a Redis Cluster URL toot can use: {exc}.',
-                    hint="For example redis+cluster://:password@10.0.0.1:6379,"
-                    "10.0.0.2:6379,10.0.0.3:6379.",
-                    id="toot.E005",
+        )
+    for schemes, parse, kind, example in _MANY_HOSTS:
+        if conf.REDIS_URL.startswith(schemes):
+            try:
+                parse(conf.REDIS_URL)
+            except ValueError as exc:
+                messages.append(
+                    Error(
+                        f'TOOT["REDIS_URL"] is not a {kind} URL toot can use: {exc}.',
+                        hint=f"For example {example}.",
+                        id="toot.E005",
+                    )
                 )
-            )
-        if conf.REDIS_WAIT_REPLICAS:
-            messages.append(
-                Error(
-                    'TOOT["REDIS_WAIT_REPLICAS"] works with one master (redis:// or '
-                    "redis+sentinel://), not with Redis Cluster: WAIT counts the writes of "
-                    "one connection, and a cluster's pushes go to several masters.",
-                    hint='Set TOOT["REDIS_WAIT_REPLICAS"] to 0.',
-                    id="toot.E005",
-                )
-            )
-        return messages
+            return messages
     try:
         redis_scheme = urlsplit(conf.REDIS_URL).scheme
     except ValueError:  # e.g. an unclosed IPv6 bracket: report it, don't crash the checks
