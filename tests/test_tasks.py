@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
 import pytest
+import redis as redis_py
 from celery import Celery
 from celery.signals import task_postrun
 from django.conf import settings
@@ -17,6 +19,7 @@ from devtools.broker import delete_queues
 from devtools.processes import free_port
 from tests.broker import probe_app, queued
 from tests.http_server import HTTPServer, Reply, in_order
+from tests.topology import RedisServer
 from tests.utils import (
     callback_urls,
     expire,
@@ -28,8 +31,8 @@ from tests.utils import (
     toot_settings,
 )
 from toot.conf import conf
+from toot.engine import connection, queue
 from toot.engine import drain as tasks
-from toot.engine import queue
 from toot.models import DeadLetter
 from toot.protocol.events import Event
 from toot.publisher import lanes, sending, store
@@ -680,3 +683,51 @@ def test_the_relay_starts_a_drain_for_a_due_lane_when_none_runs(
         lanes.push({subscriber.url: (False, ["S" + json.dumps(make_event(channel))])})
         sending.relay_step(celery_worker.app)
         eventually(lambda: len(subscriber.requests) == 1, what="the lane's event sent")
+
+
+def test_a_drain_that_lost_redis_gives_its_batch_back_once_redis_answers(
+    tmp_path, fresh_clients, monkeypatch
+):
+    """Redis restarts (or fails over) while a drain holds a batch: the drain fails, and puts
+    the batch back, due at once, as soon as Redis answers again: seconds, not a lease."""
+    server = RedisServer("store", tmp_path)  # keeps its data across the kill
+    server.start()
+    name = "out:lost"  # a lane of the out queue of the test's own, which no relay wakes
+    with toot_settings(REDIS_URL=server.url, REDIS_TIMEOUT=1.0, LEASE_SECONDS=60):
+        channel = f"org.example.test.lost.{uuid.uuid4().hex[:8]}.v1"
+        store.add(channel, "http://sub.example/toot/callbacks")
+        event = Event(channel, {"n": 1}).to_dict()
+        drain_id = queue.push(name, [{"event": event}])
+        assert drain_id is not None
+        lost = threading.Event()
+
+        def lose_redis(by_url):  # the drain's next step, with Redis gone
+            server.kill()
+            lost.set()
+            connection.get_redis().ping()
+
+        monkeypatch.setattr(lanes, "push", lose_redis)
+        failed: list[BaseException] = []
+        draining = threading.Thread(target=lambda: raised(failed, tasks.drain, name, drain_id))
+        started = time.monotonic()
+        draining.start()
+        assert lost.wait(10)
+        server.start()  # from this thread: a server dies with the thread that started it
+        draining.join(30)
+
+        assert isinstance(failed[0], redis_py.ConnectionError)  # for Celery to log
+        assert time.monotonic() - started < conf.LEASE_SECONDS / 4
+        client = connection.get_redis()
+        [(waiting, due)] = client.zrange(queue._keys(name)[1], 0, -1, withscores=True)
+        assert json.loads(waiting) == {"event": event}  # its batch, a retry due at once
+        seconds, micro = client.time()
+        assert due <= seconds + micro / 1e6
+        assert client.zcard(queue.leases_key(name)) == 0  # and its lease given up
+    server.stop()
+
+
+def raised(into: list[BaseException], function: Any, *args: Any) -> None:
+    try:
+        function(*args)
+    except BaseException as exc:
+        into.append(exc)
