@@ -8,15 +8,19 @@ run it again.
 A claim belongs to whoever took it, so that a crash costs no more than the lease of the
 drain that died:
 
-- a drain claims every handler of its batch at once, under its lease id: such a claim
-  lives as long as the lease. Once the drain dies and the relay gives its batch back, the
-  drain that claims the batch next takes those claims over and runs the handlers;
+- a drain of a handler's lane claims the handler for its whole batch at once, under its
+  lease id: such a claim lives as long as the lease. Once the drain dies and the relay
+  gives its batch back, the drain that claims the batch next takes those claims over and
+  runs the handler;
 - a handler that is running holds its claim through this process's heartbeat (a thread
   that renews it every quarter of ``LEASE_SECONDS``), detached from the lease: a slow
   handler in a live process never runs twice, even once its drain's lease has gone, and
   one in a process that died is free to run again a lease later;
-- a run outside a drain (a dead letter replayed) holds its claims through the heartbeat
-  from the start.
+- a run outside a drain (a dead letter replayed), or a drain of the in queue itself (one
+  replayed for every handler), holds its claims through the heartbeat from the start.
+
+A handler's claims and done marks are in the Redis Cluster slot of its lane, with its
+lane's leases: the claims of a batch take a script per handler, in one round trip.
 
 A handler found running elsewhere is not a failure: its work is deferred, without
 spending an attempt of ``RETRY_SCHEDULE``, and checked again ``DEFER_SECONDS`` later.
