@@ -718,7 +718,8 @@ def test_a_drain_that_lost_redis_gives_its_batch_back_once_redis_answers(
         assert isinstance(failed[0], redis_py.ConnectionError)  # for Celery to log
         assert time.monotonic() - started < conf.LEASE_SECONDS / 4
         client = connection.get_redis()
-        [(waiting, due)] = client.zrange(queue._keys(name)[1], 0, -1, withscores=True)
+        retries: Any = client.zrange(queue._keys(name)[1], 0, -1, withscores=True)
+        [(waiting, due)] = retries
         assert json.loads(waiting) == {"event": event}  # its batch, a retry due at once
         seconds, micro = client.time()
         assert due <= seconds + micro / 1e6
