@@ -170,7 +170,9 @@ def fresh_clients(monkeypatch):
     clients: dict[tuple[str, float], Any] = {}
     monkeypatch.setattr(connection, "_clients", clients)
     yield clients
-    for client in clients.values():
+    # A copy: the tests' worker threads may still add a client (the suite's own URL, once
+    # a test's settings are gone), which the original cache then serves.
+    for client in list(clients.values()):
         client.close()
 
 
